@@ -1,0 +1,171 @@
+"""Image loading and CLIP preprocessing in numpy/PIL: the one implementation.
+
+Training, export (parity checks) and the runtime all call :func:`preprocess`.
+It reproduces transformers' ``CLIPImageProcessor`` (resize the shortest edge,
+bicubic; center crop; rescale; normalize), which a test checks to 1e-6, and
+LLaVA's ``expand2square`` (pad to a square filled with the image mean) for
+checkpoints trained with ``image_aspect_ratio = pad``. It is written here rather
+than calling transformers because the runtime must not import torch or
+transformers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+PAD_MODES = ("pad", "square")  # LLaVA's image_aspect_ratio: pad to square, or CLIP's crop
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the vision tower expects; stored in the bundle manifest."""
+
+    resize: int  # shortest edge after resizing
+    crop: int  # square crop size == the tower's image size
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad: str = "square"  # one of PAD_MODES
+    rescale: float = 1 / 255
+    resample: int = 3  # PIL bicubic, as CLIP
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageSpec":
+        d = dict(d)
+        d["mean"] = tuple(d["mean"])
+        d["std"] = tuple(d["std"])
+        return cls(**d)
+
+    @classmethod
+    def from_processor_config(cls, cfg: dict, pad: str = "square") -> "ImageSpec":
+        """From a Hugging Face ``preprocessor_config.json`` (CLIPImageProcessor)."""
+        size = cfg.get("size", 224)
+        resize = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else int(size)
+        crop = cfg.get("crop_size", resize)
+        crop = crop.get("height", crop.get("width")) if isinstance(crop, dict) else int(crop)
+        if not cfg.get("do_center_crop", True):
+            crop = resize
+        if pad not in PAD_MODES:
+            raise UserError(f"unknown image pad mode {pad!r}; known: {', '.join(PAD_MODES)}")
+        return cls(
+            resize=int(resize),
+            crop=int(crop),
+            mean=tuple(float(x) for x in cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+            std=tuple(float(x) for x in cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+            pad=pad,
+            rescale=float(cfg.get("rescale_factor", 1 / 255)),
+            resample=int(cfg.get("resample", 3)),
+        )
+
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Any image Pillow reads, as 8-bit RGB, upright (EXIF orientation applied).
+
+    Transparent pixels are composited onto white, as transformers' ``convert_to_rgb``
+    does; 16-bit and float images are scaled to 8 bits; decompression bombs are refused.
+    """
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    path = Path(image)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                return _to_rgb(im)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"image too large (decompression bomb guard): {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"not a readable image: {path} ({type(e).__name__})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _array_to_rgb(np.asarray(im))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _array_to_rgb(a: np.ndarray) -> Image.Image:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise UserError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, not {a.shape}")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating):
+            a = np.clip(a, 0.0, 1.0) * 255.0 + 0.5 if a.max(initial=0) <= 1.0 else np.clip(a, 0, 255)
+        elif a.dtype in (np.uint16, np.int32, np.uint32, np.int64) and a.max(initial=0) > 255:
+            a = a / 257.0 + 0.5 if a.max(initial=0) <= 65535 else a * (255.0 / a.max())
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.shape[2] == 4:
+        return _to_rgb(Image.fromarray(a, "RGBA"))
+    return Image.fromarray(a, "RGB")
+
+
+def expand2square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's pad-to-square: the image centred on a square of ``fill``."""
+    w, h = im.size
+    if w == h:
+        return im
+    side = max(w, h)
+    out = Image.new(im.mode, (side, side), fill)
+    out.paste(im, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess(image: ImageInput, spec: ImageSpec) -> np.ndarray:
+    """One image as the tower's ``pixel_values``: float32, shape (3, crop, crop)."""
+    im = load_image(image)
+    if spec.pad == "pad":
+        im = expand2square(im, tuple(int(x * 255) for x in spec.mean))
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.resize, int(spec.resize * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    if size != im.size:
+        im = im.resize(size, resample=spec.resample)
+    w, h = im.size
+    a = np.asarray(im)
+    if h < spec.crop or w < spec.crop:  # pad as transformers' center_crop does
+        ph, pw = max(h, spec.crop), max(w, spec.crop)
+        padded = np.zeros((ph, pw, 3), a.dtype)
+        top, left = (ph - h) // 2, (pw - w) // 2
+        padded[top : top + h, left : left + w] = a
+        a, h, w = padded, ph, pw
+    top, left = (h - spec.crop) // 2, (w - spec.crop) // 2
+    a = a[top : top + spec.crop, left : left + spec.crop]
+    x = (a.astype(np.float64) * spec.rescale).astype(np.float32)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def preprocess_batch(images: list[ImageInput], spec: ImageSpec) -> np.ndarray:
+    return np.stack([preprocess(im, spec) for im in images])

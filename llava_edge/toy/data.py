@@ -1,0 +1,167 @@
+"""Toy datasets in LLaVA's own JSON conversation format.
+
+Like LLaVA, which turned COCO captions and boxes into instructions with GPT-4,
+the instructions here are generated from ground truth (the scene), in the
+paper's three categories: multi-turn conversation, detailed description and
+complex reasoning. Stage 1 gets brief captions; the held-out evaluation file
+asks short questions (LLaVA-1.5's "single word or phrase" prompt) whose gold
+answers are scored exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .. import atomic
+from .scenes import CELLS, COLORS, NUMBER_WORDS, SHAPES, Scene, random_scene, render
+
+SHORT = "Answer the question using a single word or phrase."
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short caption for the image.",
+    "Summarize the picture in one sentence.",
+    "What does the image show?",
+)
+DETAIL_PROMPTS = (
+    "Describe the image in detail.",
+    "Explain everything you see in the picture.",
+    "Give a detailed description of the scene.",
+)
+FILES = {"stage1": "stage1_captions.json", "stage2": "stage2_instruct.json", "eval": "eval.json"}
+
+
+def plural(word: str, n: int) -> str:
+    return word if n == 1 else word + "s"
+
+
+def join_phrases(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption(scene: Scene) -> str:
+    return join_phrases([f"{o.phrase()} at the {o.cell}" for o in scene.objects]) + "."
+
+
+def detail(scene: Scene) -> str:
+    n = len(scene.objects)
+    lines = [f"The image shows {NUMBER_WORDS[n]} {plural('shape', n)} on a light background."]
+    for o in scene.objects:
+        lines.append(f"At the {o.cell} there is {o.phrase()}.")
+    empty = [c for c in CELLS if scene.at(c) is None]
+    if empty:
+        lines.append(f"The {join_phrases(empty)} {'is' if len(empty) == 1 else 'are'} empty.")
+    return " ".join(lines)
+
+
+def short_qa(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """One question with a one-word gold answer: (kind, question, answer)."""
+    o = rng.choice(scene.objects)
+    kind = rng.choice(("shape", "color", "size", "count", "count_color", "exists"))
+    if kind == "shape":
+        return kind, f"What shape is at the {o.cell}?", o.shape
+    if kind == "color":
+        return kind, f"What color is the {o.shape} at the {o.cell}?", o.color
+    if kind == "size":
+        return kind, f"Is the {o.shape} at the {o.cell} large or small?", o.size
+    if kind == "count":
+        return kind, "How many shapes are there?", str(len(scene.objects))
+    if kind == "count_color":
+        c = rng.choice(list(COLORS))
+        return kind, f"How many {c} shapes are there?", str(scene.count(color=c))
+    shape, color = (o.shape, o.color) if rng.random() < 0.5 else (rng.choice(SHAPES), rng.choice(list(COLORS)))
+    return kind, f"Is there a {color} {shape}?", "Yes" if scene.count(shape, color) else "No"
+
+
+def long_answer(scene: Scene, kind: str, question: str, answer: str) -> str:
+    """The same fact as a full sentence, for the conversation category."""
+    if kind == "count":
+        n = int(answer)
+        return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {plural('shape', n)} in the image."
+    if kind == "count_color":
+        n, c = int(answer), question.split()[2]
+        return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {c} {plural('shape', n)}."
+    if kind == "exists":
+        what = " ".join(question.rstrip("?").split()[3:])
+        return f"Yes, there is a {what} in the image." if answer == "Yes" else f"No, there is no {what}."
+    return f"It is {'a ' if kind == 'shape' else ''}{answer}."
+
+
+def reasoning(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(SHAPES, 2)
+    na, nb = scene.count(a), scene.count(b)
+    q = f"Are there more {a}s than {b}s?"
+    verdict = "Yes" if na > nb else "No"
+    relation = "more" if na > nb else ("as many" if na == nb else "fewer")
+    than = "as" if na == nb else "than"
+    return q, (
+        f"{verdict}. There {'is' if na == 1 else 'are'} {NUMBER_WORDS[na]} {plural(a, na)} and "
+        f"{NUMBER_WORDS[nb]} {plural(b, nb)}, so there are {relation} {a}s {than} {b}s."
+    )
+
+
+def record(rid: str, image: str | None, turns: list[tuple[str, str]], image_first: bool = True) -> dict:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        if i == 0 and image is not None:
+            q = f"<image>\n{q}" if image_first else f"{q}\n<image>"
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    out = {"id": rid}
+    if image is not None:
+        out["image"] = image
+    out["conversations"] = conv
+    return out
+
+
+TEXT_ONLY = (
+    ("What shapes can appear in these pictures?", "Circles, squares and triangles."),
+    ("Which colors do the shapes have?", "Red, green, blue or yellow."),
+    ("How many places can hold a shape?", "Four: the top left, top right, bottom left and bottom right."),
+)
+
+
+def make_split(split: str, n: int, out: Path, seed: int, image_size: int) -> list[dict]:
+    rng = random.Random(f"llava-edge-toy-{seed}-{split}")
+    records = []
+    for i in range(n):
+        scene = random_scene(rng)
+        name = f"images/{split}_{i:05d}.png"
+        render(scene, image_size, rng).save(out / name)
+        rid = f"{split}_{i:05d}"
+        if split == "stage1":
+            records.append(record(rid, name, [(rng.choice(CAPTION_PROMPTS), caption(scene))], rng.random() < 0.5))
+        elif split == "eval":
+            kind, q, a = short_qa(scene, rng)
+            rec = record(rid, name, [(f"{q}\n{SHORT}", a)])
+            rec.update(category=kind, answer=a, scene=scene.to_dict())
+            records.append(rec)
+        else:
+            category = rng.choice(("conversation", "detail", "reasoning"))
+            if category == "detail":
+                turns = [(rng.choice(DETAIL_PROMPTS), detail(scene))]
+            elif category == "reasoning":
+                turns = [reasoning(scene, rng)]
+            else:
+                turns = []
+                for _ in range(rng.randint(1, 3)):
+                    kind, q, a = short_qa(scene, rng)
+                    turns.append((f"{q}\n{SHORT}", a) if rng.random() < 0.5 else (q, long_answer(scene, kind, q, a)))
+            rec = record(rid, name, turns)
+            rec["category"] = category
+            records.append(rec)
+            if rng.random() < 0.02:
+                records.append(record(f"text_{i:05d}", None, [rng.choice(TEXT_ONLY)]))
+    return records
+
+
+def write_dataset(out: str | Path, seed: int = 0, n_stage1: int = 2000, n_stage2: int = 2000,
+                  n_eval: int = 200, image_size: int = 128) -> dict[str, Path]:
+    """Write images and the three JSON files under ``out``; returns the JSON paths."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in (("stage1", n_stage1), ("stage2", n_stage2), ("eval", n_eval)):
+        records = make_split(split, n, out, seed, image_size)
+        paths[split] = out / FILES[split]
+        atomic.write_json(paths[split], records)
+    return paths

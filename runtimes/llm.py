@@ -1,0 +1,204 @@
+"""The language model in llama.cpp, fed token ids and image embeddings directly.
+
+llama-cpp-python's high-level ``Llama`` class takes only tokens, and its
+multimodal path needs llama.cpp's own CLIP (an mmproj). Here image embeddings
+from the bundle's vision graph go straight into the context through a
+``llama_batch`` that carries embeddings instead of token ids, so the image is
+encoded by ONNX Runtime / TensorRT and the text by llama.cpp.
+
+The context keeps a list of what each position holds (a token id, or one slot
+of an image identified by its hash), so a follow-up turn only decodes what
+differs from what is already in the KV cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge.errors import UserError
+
+
+def _silence_llama_logs() -> None:
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _quiet(level, text, user_data):  # noqa: ARG001 - llama.cpp's signature
+        return None
+
+    _silence_llama_logs.callback = _quiet  # keep a reference: llama.cpp holds the pointer
+    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+
+
+@dataclass
+class LlamaOptions:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0  # 0: all physical cores seen by this process
+    n_gpu_layers: int = 0
+    kv_cache: str = "f16"  # llama.cpp's default; "f32" for exact parity with an f32 reference
+    verbose: bool = False
+
+
+Slot = object  # an int (token id) or a (image hash, index) tuple
+
+
+class LlamaText:
+    def __init__(self, gguf_path: str | Path, options: LlamaOptions | None = None):
+        import llama_cpp
+
+        self._c = llama_cpp
+        o = options or LlamaOptions()
+        if not o.verbose:
+            _silence_llama_logs()
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = o.n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mp)
+        if not self.model:
+            raise UserError(f"llama.cpp could not load {gguf_path}")
+        threads = o.n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = o.n_ctx
+        cp.n_batch = o.n_batch
+        cp.n_ubatch = o.n_batch
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        if o.kv_cache not in ("f16", "f32"):
+            raise UserError(f"unknown KV cache type {o.kv_cache!r} (f16 or f32)")
+        kv = llama_cpp.GGML_TYPE_F32 if o.kv_cache == "f32" else llama_cpp.GGML_TYPE_F16
+        cp.type_k = cp.type_v = kv
+        if o.kv_cache == "f32":  # llama.cpp's CPU flash attention rounds Q to f16
+            cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise UserError(f"llama.cpp could not create a context of {o.n_ctx} tokens")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = o.n_batch
+        self._tok_batch = llama_cpp.llama_batch_init(o.n_batch, 0, 1)
+        self._emb_batch = llama_cpp.llama_batch_init(o.n_batch, self.n_embd, 1)
+        self.slots: list[Slot] = []  # what the KV cache holds, position by position
+
+    # -- the KV cache -------------------------------------------------------
+    def keep_prefix(self, slots: list[Slot]) -> int:
+        """Drop cached positions that differ from ``slots``; returns how many are kept."""
+        n = 0
+        for a, b in zip(self.slots, slots):
+            if a != b:
+                break
+            n += 1
+        if n < len(self.slots):
+            mem = self._c.llama_get_memory(self.ctx)
+            if not self._c.llama_memory_seq_rm(mem, 0, n, -1):
+                self._c.llama_memory_clear(mem, True)
+                n = 0
+            self.slots = self.slots[:n]
+        return n
+
+    def reset(self) -> None:
+        self._c.llama_memory_clear(self._c.llama_get_memory(self.ctx), True)
+        self.slots = []
+
+    # -- decoding -----------------------------------------------------------
+    def _fill(self, batch, i: int, pos: int, logits: bool) -> None:
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = logits
+
+    def _decode(self, batch, n: int) -> None:
+        batch.n_tokens = n
+        rc = self._c.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def feed_tokens(self, ids: list[int], logits: str = "last") -> np.ndarray | None:
+        """Decode ``ids`` after what is cached; ``logits`` is 'last', 'all' or 'none'."""
+        out = []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            self._check_room(len(chunk))
+            last_chunk = start + self.n_batch >= len(ids)
+            for i, t in enumerate(chunk):
+                self._tok_batch.token[i] = t
+                want = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
+                self._fill(self._tok_batch, i, len(self.slots) + i, want)
+            self._decode(self._tok_batch, len(chunk))
+            if logits == "all":
+                out += [self._logits(i) for i in range(len(chunk))]
+            self.slots += list(chunk)
+        if logits == "all":
+            return np.stack(out) if out else np.zeros((0, self.n_vocab), np.float32)
+        if logits == "last" and ids:
+            return self._logits(-1)
+        return None
+
+    def feed_embeddings(self, emb: np.ndarray, key: str, logits: str = "none") -> np.ndarray | None:
+        """Decode image embeddings (n, n_embd) after what is cached, tagged ``key`` for reuse."""
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.n_embd:
+            raise UserError(f"image embeddings of shape {emb.shape} do not fit a model of width {self.n_embd}")
+        out = []
+        for start in range(0, len(emb), self.n_batch):
+            chunk = emb[start : start + self.n_batch]
+            self._check_room(len(chunk))
+            ctypes.memmove(self._emb_batch.embd, chunk.ctypes.data, chunk.nbytes)
+            last_chunk = start + self.n_batch >= len(emb)
+            for i in range(len(chunk)):
+                want = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
+                self._fill(self._emb_batch, i, len(self.slots) + i, want)
+            self._decode(self._emb_batch, len(chunk))
+            if logits == "all":
+                out += [self._logits(i) for i in range(len(chunk))]
+            self.slots += [(key, start + i) for i in range(len(chunk))]
+        if logits == "all":
+            return np.stack(out)
+        return self._logits(-1) if logits == "last" else None
+
+    def _check_room(self, n: int) -> None:
+        if len(self.slots) + n > self.n_ctx:
+            raise UserError(
+                f"the conversation needs more than the context's {self.n_ctx} tokens "
+                f"({len(self.slots) + n} so far); start a new one or raise --ctx"
+            )
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._c.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch index {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # -- llama.cpp's own tokenizer (for checking the GGUF's vocabulary) ------
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self._c.llama_token * cap)()
+        n = self._c.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise RuntimeError("llama_tokenize buffer too small")
+        return list(buf[:n])
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._c.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._c.llama_batch_free(self._tok_batch)
+            self._c.llama_batch_free(self._emb_batch)
+            self._c.llama_free(self.ctx)
+            self._c.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -1,0 +1,42 @@
+"""The checkpoint's tokenizer at run time, without torch or transformers.
+
+The runtime tokenizes exactly as the model was trained: with the bundled
+``tokenizer.json`` (the same file transformers' fast tokenizer is built from),
+not with llama.cpp's re-implementation, which differs from the non-legacy
+Hugging Face Llama tokenizer on leading spaces and on text after special tokens.
+Ids are then passed to llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llava_edge.errors import UserError
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer_json: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_json)
+        if not path.is_file():
+            raise UserError(f"tokenizer file not found: {path}")
+        self._tok = Tokenizer.from_file(str(path))
+        self._spec = json.loads(path.read_text())
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether encoding prepends a special token (BOS), read from the post-processor."""
+        post = self._spec.get("post_processor") or {}
+        single = post.get("single", [])
+        return bool(single) and "SpecialToken" in single[0]
