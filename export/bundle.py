@@ -65,8 +65,7 @@ def export_bundle(ckpt: Checkpoint, out: str | Path, target: str = "all", llm_ou
     if target in ("onnx", "all"):
         log(f"vision tower + projector -> ONNX (opset {OPSET})")
         model = load_hf_model(ckpt)
-        with atomic.atomic_path(out / "vision.fp32.onnx") as tmp:
-            export_vision_onnx(model, tmp, m.vision["image_size"])
+        export_vision_onnx(model, out / "vision.fp32.onnx", m.vision["image_size"])
         del model
         m.add_variant(out, "fp32", "vision", "fp32", "vision.fp32.onnx")
     if target in ("gguf", "all"):

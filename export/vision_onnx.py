@@ -9,10 +9,20 @@ graph neither carries nor computes them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
+from llava_edge import atomic
+
 OPSET = 17
+MAX_BATCH = 64
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB for the whole file
 
 
 def _positive_layer(layer: int, n_layers: int) -> int:
@@ -66,19 +76,53 @@ def vision_module(model):
 
 
 def export_vision_onnx(model, out_file: str | Path, image_size: int) -> None:
-    """Write the fp32 graph of ``model`` (a ``LlavaForConditionalGeneration``) to ``out_file``."""
+    """Write the fp32 graph of ``model`` (a ``LlavaForConditionalGeneration``) to ``out_file``.
+
+    Weights are stored inside the file while it stays under protobuf's 2 GB limit,
+    otherwise beside it as ``<name>.data``. Both are written under temporary names
+    in the destination folder and renamed, data first, when complete.
+    """
     import torch
 
+    out_file = Path(out_file)
     module = vision_module(model)
-    dummy = torch.zeros(1, 3, image_size, image_size, dtype=torch.float32)
-    with torch.no_grad():
-        torch.onnx.export(
+    # batch 2, not 1: the exporter specializes a dimension traced at size 1
+    dummy = torch.zeros(2, 3, image_size, image_size, dtype=torch.float32)
+    n_bytes = sum(p.numel() * 4 for p in module.parameters())
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
             module,
             (dummy,),
-            str(out_file),
+            None,
             input_names=["pixel_values"],
             output_names=["image_embeds"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}},
             opset_version=OPSET,
-            dynamo=False,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
         )
+    external = n_bytes > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=atomic.TMP_SUFFIX) as tmp:
+        staged = Path(tmp) / out_file.name
+        program.save(str(staged), external_data=external)
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            os.replace(data, out_file.with_name(data.name))
+        os.replace(staged, out_file)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx and onnxscript log every step at WARNING and print to stdout; keep the CLI readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)

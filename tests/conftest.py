@@ -1,0 +1,53 @@
+"""Shared fixtures: one toy checkpoint, dataset and bundle per test session, built here, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    from llava_edge.toy.data import write_dataset
+
+    out = tmp_path_factory.mktemp("toy_data")
+    write_dataset(out, seed=0, n_stage1=40, n_stage2=60, n_eval=20)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory):
+    from llava_edge.toy.model import write_toy_model
+
+    return write_toy_model(tmp_path_factory.mktemp("toy") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def bundle(toy_model, tmp_path_factory):
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_bundle(open_checkpoint(toy_model), out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_model(toy_model):
+    from llava_edge.checkpoint import load_hf_model, open_checkpoint
+
+    return load_hf_model(open_checkpoint(toy_model))
+
+
+@pytest.fixture(scope="session")
+def runtime(bundle):
+    """The CPU runtime in exact mode (f32 KV cache, no flash attention) for parity checks."""
+    from llava_edge import EdgeLLaVA
+
+    m = EdgeLLaVA.load(bundle, kv_cache="f32")
+    yield m
+    m.close()

@@ -1,0 +1,111 @@
+"""The command line: the runtime path is torch-free; bad input is one line and a non-zero exit."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BLOCK_TORCH = textwrap.dedent("""
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split('.')[0] in ('torch', 'transformers', 'sentencepiece'):
+                raise ImportError('blocked: ' + name)
+    sys.meta_path.insert(0, Block())
+    from llava_edge.cli import main
+    rc = main(sys.argv[1:])
+    assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
+    sys.exit(rc)
+""")
+
+
+def le(*args, block_torch=False):
+    code = BLOCK_TORCH if block_torch else "import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_chat_runs_without_torch(bundle, toy_data):
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    r = le("chat", "--bundle", bundle, "--image", image, "What shape is at the top left?", "--max-tokens", "5",
+           block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_bundle_from_environment(bundle, toy_data, monkeypatch):
+    monkeypatch.setenv("LLAVA_EDGE_BUNDLE", str(bundle))
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    r = le("chat", "--image", image, "Hi", "--max-tokens", "3", block_torch=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_model_directory(tmp_path):
+    assert_one_line_error(le("export", "--model", tmp_path / "nope", "--out", tmp_path / "b"), "not found")
+
+
+def test_non_llava_model_directory(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert_one_line_error(le("export", "--model", tmp_path / "bert", "--out", tmp_path / "b"), "bert", "llava")
+    assert not (tmp_path / "b").exists()
+
+
+def test_unrelated_output_directory_is_left_alone(toy_model, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"mine")
+    assert_one_line_error(le("export", "--model", toy_model, "--out", out), "not a bundle")
+    assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
+
+
+@pytest.mark.parametrize("content", [b"", b"plain text, not pixels", b"\x89PNG\r\n\x1a\n broken"])
+def test_non_image(bundle, tmp_path, content):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(content)
+    assert_one_line_error(le("chat", "--bundle", bundle, "--image", bad, "Hi", block_torch=True), "x.png")
+
+
+def test_missing_image(bundle, tmp_path):
+    assert_one_line_error(le("chat", "--bundle", bundle, "--image", tmp_path / "no.png", "Hi"), "no.png")
+
+
+def test_bundle_missing_a_file(bundle, toy_data, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "llm.f32.gguf").unlink()
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    assert_one_line_error(le("chat", "--bundle", broken, "--image", image, "Hi"), "llm.f32.gguf")
+
+
+def test_not_a_bundle(tmp_path, toy_data):
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    assert_one_line_error(le("chat", "--bundle", tmp_path, "--image", image, "Hi"), "manifest.json")
+
+
+def test_info_lists_variants(bundle):
+    r = le("info", bundle, block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert "vision.fp32.onnx" in r.stdout and "llm.f32.gguf" in r.stdout
+
+
+def test_export_then_chat_with_the_default_bundle(toy_model, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("LLAVA_EDGE_BUNDLE", raising=False)
+    r = le("export", "--model", toy_model, "--out", tmp_path / "bundle", "--set-default")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    r = le("chat", "--image", image, "What shape is at the top left?", "--max-tokens", "3", block_torch=True)
+    assert r.returncode == 0, r.stderr

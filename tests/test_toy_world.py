@@ -1,0 +1,90 @@
+"""The toy world: deterministic data in LLaVA's format, and a real llava-hf style checkpoint."""
+
+import hashlib
+import json
+
+import numpy as np
+from PIL import Image
+
+from llava_edge.checkpoint import open_checkpoint
+from llava_edge.toy.data import FILES, write_dataset
+from llava_edge.toy.scenes import CELLS
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_dataset(tmp_path / name, seed=seed, n_stage1=5, n_stage2=5, n_eval=5)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+
+
+def test_llava_schema_and_categories(toy_data):
+    stage1 = json.loads((toy_data / FILES["stage1"]).read_text())
+    stage2 = json.loads((toy_data / FILES["stage2"]).read_text())
+    for rec in stage1 + stage2:
+        assert set(rec) >= {"id", "conversations"}
+        conv = rec["conversations"]
+        assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
+        if "image" in rec:
+            assert (toy_data / rec["image"]).is_file()
+            assert conv[0]["value"].count("<image>") == 1
+            assert all("<image>" not in c["value"] for c in conv[1:])
+    assert {r.get("category") for r in stage2 if "image" in r} == {"conversation", "detail", "reasoning"}
+    assert any(len(r["conversations"]) > 2 for r in stage2)  # multi-turn present
+    assert any(r["conversations"][0]["value"].endswith("<image>") for r in stage1)  # both placements
+
+
+def test_eval_answers_follow_from_the_scene(toy_data):
+    records = json.loads((toy_data / FILES["eval"]).read_text())
+    assert len(records) == 20
+    for r in records:
+        objs = r["scene"]["objects"]
+        q = r["conversations"][0]["value"].split("\n")[1]
+        assert r["conversations"][1]["value"] == r["answer"]
+        if r["category"] == "count":
+            assert r["answer"] == str(len(objs))
+        elif r["category"] == "shape":
+            cell = next(c for c in CELLS if c in q)
+            assert r["answer"] == next(o["shape"] for o in objs if o["cell"] == cell)
+        elif r["category"] == "exists":
+            color, shape = q.rstrip("?").split()[-2:]
+            present = any(o["color"] == color and o["shape"] == shape for o in objs)
+            assert r["answer"] == ("Yes" if present else "No")
+
+
+def test_images_show_their_scene(toy_data):
+    r = json.loads((toy_data / FILES["eval"]).read_text())[0]
+    im = np.asarray(Image.open(toy_data / r["image"]).convert("RGB"))
+    assert im.shape == (128, 128, 3)
+    for o in r["scene"]["objects"]:
+        col, row = CELLS.index(o["cell"]) % 2, CELLS.index(o["cell"]) // 2
+        centre = im[row * 64 + 24 : row * 64 + 40, col * 64 + 24 : col * 64 + 40].reshape(-1, 3).mean(0)
+        assert np.abs(centre - 245).max() > 40  # something is drawn where the scene says
+
+
+def test_toy_model_is_a_llava_hf_checkpoint(toy_model):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    ckpt = open_checkpoint(toy_model)
+    model = LlavaForConditionalGeneration.from_pretrained(toy_model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1e6 < n_params < 2e7
+    proc = AutoProcessor.from_pretrained(toy_model)
+    tok = proc.tokenizer
+    assert tok.convert_tokens_to_ids("<image>") == ckpt.image_token_id == len(tok) - 2
+    assert tok.pad_token == "<pad>" and tok.convert_tokens_to_ids("<pad>") == len(tok) - 1
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert model.config.text_config.vocab_size % 64 == 0 and model.config.text_config.vocab_size >= len(tok)
+    assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
+    # the processor expands <image> to one token per patch, as for llava-1.5
+    ids = proc(text="USER: <image>\nHi ASSISTANT:", images=Image.new("RGB", (128, 128)), return_tensors="pt")["input_ids"]
+    assert int((ids == ckpt.image_token_id).sum()) == ckpt.num_image_tokens() == 64
+    assert tok.encode("unseen words ✓")[0] == 1  # BOS added; byte fallback covers any text
+    assert tok.decode(tok.encode("unseen words ✓"), skip_special_tokens=True) == "unseen words ✓"
