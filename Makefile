@@ -26,11 +26,14 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(LE) toy data --out $(DEMO)/data --n-stage1 200 --n-stage2 200 --n-eval 20
-	$(LE) toy model --out $(DEMO)/model
+	# the whole recipe on the toy world: pretrain the halves, stage 1, stage 2 (about 5 minutes on 2 cores)
+	$(LE) toy build --out $(DEMO)
 	$(LE) export --model $(DEMO)/model --out $(DEMO)/bundle --set-default
-	@echo "--- llava-edge chat --image $(DEMO)/data/images/eval_00000.png \"What shape is at the top left?\""
-	$(LE) chat --image $(DEMO)/data/images/eval_00000.png "What shape is at the top left?" --max-tokens 32
+	$(LE) info $(DEMO)/bundle
+	@echo "--- llava-edge chat --image $(DEMO)/data/images/eval_00000.png \"Describe the image in detail.\""
+	@$(LE) chat --image $(DEMO)/data/images/eval_00000.png "Describe the image in detail."
+	@echo "--- llava-edge chat --image $(DEMO)/data/images/eval_00003.png \"How many shapes are there?\""
+	@$(LE) chat --image $(DEMO)/data/images/eval_00003.png "How many shapes are there?"
 
 clean:
 	rm -rf $(DEMO) build *.egg-info

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 toy_app = typer.Typer(help="The toy world: synthetic data and small real LLaVA checkpoints.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+train_app = typer.Typer(help="LLaVA's two training stages, and LoRA merging.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 
 def say(msg: str) -> None:
@@ -64,6 +66,116 @@ def toy_model(
         raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     write_toy_model(out, preset, seed)
     say(f"wrote {out}")
+
+
+@toy_app.command("build")
+def toy_build(
+    out: Path = typer.Option(..., "--out", help="Folder for data, every stage's output and the final model"),
+    seed: int = typer.Option(0),
+):
+    """The whole recipe on the toy world: pretrain the halves, stage 1, stage 2, evaluate."""
+    from .toy.build import build
+
+    build(out, seed=seed, log=say)
+
+
+def _stage_config(stage: str, preset: str, **overrides):
+    from .train.presets import get_preset
+
+    return getattr(get_preset(preset), stage).with_(**overrides)
+
+
+def _model_arg(model: Optional[str], vision: Optional[str], llm: Optional[str], projector_type: str, output: Path) -> str:
+    """--model, or --vision + --llm assembled into a fresh LLaVA under OUTPUT/base."""
+    if model and (vision or llm):
+        raise UserError("give either --model or --vision with --llm, not both")
+    if model:
+        return model
+    if not (vision and llm):
+        raise UserError("give --model, or --vision and --llm to assemble a fresh LLaVA")
+    from .train.model_setup import assemble
+
+    m, tok, improc = assemble(vision, llm, projector_type)
+    base = output / "base"
+    m.save_pretrained(base)
+    tok.save_pretrained(base)
+    improc.save_pretrained(base)
+    return str(base)
+
+
+@train_app.command("stage1")
+def train_stage1(
+    data: Path = typer.Option(..., "--data", help="LLaVA JSON caption file (blip_laion_cc_sbu_558k.json schema)"),
+    image_folder: Path = typer.Option(..., "--image-folder"),
+    output: Path = typer.Option(..., "--output"),
+    model: Optional[str] = typer.Option(None, "--model", help="llava-hf style directory or hub id"),
+    vision: Optional[str] = typer.Option(None, "--vision", help="CLIP vision model to start from"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="causal language model to start from"),
+    projector_type: str = typer.Option("mlp2x_gelu", help="mlp2x_gelu (LLaVA-1.5) | linear (LLaVA)"),
+    preset: str = typer.Option("llava-1.5-7b"),
+    lr: Optional[float] = typer.Option(None), global_batch: Optional[int] = typer.Option(None),
+    per_device_batch: Optional[int] = typer.Option(None), epochs: Optional[float] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None), max_length: Optional[int] = typer.Option(None),
+    save_steps: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    image_aspect: str = typer.Option("square", help="square | pad"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint-last"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (and count them) instead of stopping"),
+    stop_after: int = typer.Option(0, help="Checkpoint and stop at this step (continue later with --resume)"),
+):
+    """Stage 1, feature alignment: only the projector learns, on image-caption pairs."""
+    from .train import stages
+
+    cfg = _stage_config("stage1", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
+                        epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed)
+    m = _model_arg(model, vision, llm, projector_type, output)
+    done = stages.stage1(m, data, image_folder, output, cfg, projector_type=projector_type, pad=image_aspect,
+                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, log=say)
+    if done:
+        say(f"stage 1 done: {output} (projector: {output / 'mm_projector.safetensors'})")
+
+
+@train_app.command("stage2")
+def train_stage2(
+    model: str = typer.Option(..., "--model", help="llava-hf style directory or hub id (base LLaVA)"),
+    data: Path = typer.Option(..., "--data", help="LLaVA JSON instruction file (llava_v1_5_mix665k.json schema)"),
+    image_folder: Path = typer.Option(..., "--image-folder"),
+    output: Path = typer.Option(..., "--output"),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="Stage-1 mm_projector.safetensors"),
+    preset: str = typer.Option("llava-1.5-7b"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="LoRA on the language model"),
+    lora_r: Optional[int] = typer.Option(None), lora_alpha: Optional[int] = typer.Option(None),
+    projector_lr: Optional[float] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None), global_batch: Optional[int] = typer.Option(None),
+    per_device_batch: Optional[int] = typer.Option(None), epochs: Optional[float] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None), max_length: Optional[int] = typer.Option(None),
+    save_steps: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    image_aspect: str = typer.Option("pad", help="pad (LLaVA-1.5) | square"),
+    resume: bool = typer.Option(False, "--resume"),
+    skip_bad: bool = typer.Option(False, "--skip-bad"),
+    stop_after: int = typer.Option(0, help="Checkpoint and stop at this step (continue later with --resume)"),
+):
+    """Stage 2, visual instruction tuning: projector + language model (or LoRA) learn."""
+    from .train import stages
+
+    cfg = _stage_config("stage2", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
+                        epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed,
+                        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr)
+    out = stages.stage2(model, data, image_folder, output, cfg, projector=projector, pad=image_aspect,
+                        resume=resume, skip_bad=skip_bad, stop_after=stop_after, log=say)
+    if out:
+        say(f"stage 2 done: {out}")
+
+
+@train_app.command("merge-lora")
+def train_merge_lora(
+    base: str = typer.Option(..., "--base"),
+    adapter: Path = typer.Option(..., "--adapter"),
+    output: Path = typer.Option(..., "--output"),
+):
+    """Fold a stage-2 LoRA adapter (and its projector) into a plain Hugging Face checkpoint."""
+    from .train import stages
+
+    stages.merge_lora(base, adapter, output, log=say)
 
 
 @app.command("export")

@@ -56,11 +56,12 @@ class Template:
             if t.role == "user":
                 out += f"{self.user_role}: {t.text}{self.sep}"
             else:
-                out += f"{self.assistant_role}: "
+                out += f"{self.assistant_role}:"
                 start = len(out)
-                out += f"{t.text}{self.sep2}"
-                # The target is the answer and its stop string. A token overlapping it
-                # (the first answer token carries SentencePiece's '▁') is learned.
+                out += f" {t.text}{self.sep2}"
+                # The target is everything the model must generate after "ASSISTANT:",
+                # the space included: a tokenizer may emit that space as a token of its
+                # own ('▁' before a digit), and generation must learn to produce it.
                 targets.append((start, len(out)))
         if open_assistant:
             if turns[-1].role != "user":

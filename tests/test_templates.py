@@ -20,7 +20,7 @@ def test_vicuna_v1_targets_are_answers_with_stop():
         {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A two."},
     ])
     r = VICUNA_V1.render(turns)
-    assert r.target_texts() == ["A one.</s>", "A two.</s>"]
+    assert r.target_texts() == [" A one.</s>", " A two.</s>"]  # all that follows "ASSISTANT:"
     assert "Q1" not in "".join(r.target_texts())
 
 

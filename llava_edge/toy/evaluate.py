@@ -1,0 +1,64 @@
+"""Score a model on the toy's held-out questions (exact match, LLaVA's VQA normalisation).
+
+The answer is compared after stripping whitespace and a final period and
+lower-casing, as LLaVA's short-answer evaluation does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def normalize(answer: str) -> str:
+    return answer.strip().rstrip(".").strip().lower()
+
+
+def question_of(record: dict) -> str:
+    return record["conversations"][0]["value"].replace("<image>", "").strip()
+
+
+def score(records: list[dict], answers: list[str]) -> dict:
+    per = defaultdict(lambda: [0, 0])
+    for r, a in zip(records, answers):
+        ok = normalize(a) == normalize(r["answer"])
+        per[r.get("category", "all")][0] += ok
+        per[r.get("category", "all")][1] += 1
+    right = sum(v[0] for v in per.values())
+    return {
+        "accuracy": right / max(1, len(records)),
+        "n": len(records),
+        "per_category": {k: v[0] / v[1] for k, v in sorted(per.items())},
+    }
+
+
+def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: int = 12) -> dict:
+    """Greedy answers of the Hugging Face model, prompted exactly as the runtime prompts."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..checkpoint import load_hf_model, open_checkpoint
+    from ..preprocess import preprocess
+    from ..templates import get_template
+
+    ckpt = open_checkpoint(model_dir)
+    model = load_hf_model(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    spec, template = ckpt.image_spec(), get_template(ckpt.recipe["template"])
+    eval_file = Path(eval_file)
+    records = json.loads(eval_file.read_text())
+    n_img, img_id = ckpt.num_image_tokens(), ckpt.image_token_id
+    answers = []
+    for r in records:
+        ids = tok(template.prompt(question_of(r)))["input_ids"]
+        i = ids.index(img_id)
+        ids = ids[:i] + [img_id] * n_img + ids[i + 1:]
+        px = torch.from_numpy(preprocess(eval_file.parent / r["image"], spec))[None]
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), pixel_values=px, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+    result = score(records, answers)
+    result["answers"] = [{"id": r["id"], "gold": r["answer"], "answer": a} for r, a in zip(records, answers)]
+    return result

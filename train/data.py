@@ -1,0 +1,195 @@
+"""LLaVA's JSON conversation files -> tokenized, label-masked training examples.
+
+The file format is LLaVA's own (``blip_laion_cc_sbu_558k.json``,
+``llava_v1_5_mix665k.json``): records with ``id``, optional ``image`` and
+``conversations`` of ``human``/``gpt`` turns, ``<image>`` somewhere in the first
+human turn, text-only records allowed.
+
+Label masks come from the template's target spans and the tokenizer's character
+offsets: a token is learned when it overlaps an assistant span. Every example is
+checked (the learned tokens cover each answer exactly); a mismatch is an error
+naming the record, where LLaVA prints "tokenization mismatch" and zeroes the
+sample's loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge.errors import UserError
+from llava_edge.preprocess import ImageSpec, preprocess
+from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, turns_from_llava
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Record:
+    id: str
+    image: Path | None
+    turns: list[Turn]
+
+
+def _image_first(turns: list[Turn]) -> list[Turn]:
+    """LLaVA's ``preprocess_multimodal``: move ``<image>`` to the start of the first turn."""
+    first = turns[0].text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{first}"), *turns[1:]]
+
+
+def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bool = False) -> tuple[list[Record], int]:
+    """Validated records and the number skipped (only with ``skip_bad``; otherwise the first problem raises)."""
+    data = Path(data)
+    if not data.is_file():
+        raise UserError(f"data file not found: {data}")
+    try:
+        raw = json.loads(data.read_text()) if data.suffix != ".jsonl" else [
+            json.loads(line) for line in data.read_text().splitlines() if line.strip()
+        ]
+    except ValueError as e:
+        raise UserError(f"{data} is not valid JSON ({e})") from None
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{data} holds no records")
+    root = Path(image_folder).resolve() if image_folder else None
+    records, skipped = [], 0
+    for n, r in enumerate(raw):
+        try:
+            records.append(_record(r, n, root))
+        except UserError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not records:
+        raise UserError(f"{data}: every record was skipped")
+    return records, skipped
+
+
+def _record(r: dict, n: int, root: Path | None) -> Record:
+    rid = str(r.get("id", f"#{n}")) if isinstance(r, dict) else f"#{n}"
+    if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
+        raise UserError(f"record {rid}: no 'conversations' list")
+    try:
+        turns = turns_from_llava(r["conversations"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"record {rid}: {e}") from None
+    turns = [t for t in turns if t.text is not None]
+    if len(turns) % 2:  # a trailing question without an answer teaches nothing
+        turns = turns[:-1]
+    if not any(t.role == "assistant" for t in turns):
+        raise UserError(f"record {rid}: no assistant turn")
+    for i, t in enumerate(turns):
+        if t.role != ("user" if i % 2 == 0 else "assistant"):
+            raise UserError(f"record {rid}: turns do not alternate human/gpt")
+    image = None
+    if "image" in r and r["image"] is not None:
+        if root is None:
+            raise UserError(f"record {rid} has an image but no --image-folder was given")
+        image = (root / str(r["image"])).resolve()
+        if root not in image.parents:
+            raise UserError(f"record {rid}: image path {r['image']!r} escapes --image-folder")
+        if not image.is_file():
+            raise UserError(f"record {rid}: image not found: {image}")
+        turns = _image_first(turns)
+    elif any(IMAGE_PLACEHOLDER in t.text for t in turns):
+        raise UserError(f"record {rid}: text has {IMAGE_PLACEHOLDER} but the record names no image")
+    return Record(rid, image, turns)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    has_image: bool
+
+
+def encode(record: Record, template: Template, tokenizer, image_token_id: int, n_image_tokens: int,
+           max_length: int) -> Encoded:
+    """Token ids with the image expanded to ``n_image_tokens`` slots, and labels masked to the answers."""
+    rendered = template.render(record.turns)
+    enc = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [
+        t if a < b and any(a < te and b > ts for ts, te in rendered.targets) else IGNORE_INDEX
+        for t, (a, b) in zip(ids, offsets)
+    ]
+    _check_labels(record, rendered.text, rendered.targets, offsets, labels)
+    if record.image is not None:
+        where = [i for i, t in enumerate(ids) if t == image_token_id]
+        if len(where) != 1:
+            raise UserError(f"record {record.id}: expected one {IMAGE_PLACEHOLDER} token, found {len(where)}")
+        i = where[0]
+        ids = ids[:i] + [image_token_id] * n_image_tokens + ids[i + 1 :]
+        labels = labels[:i] + [IGNORE_INDEX] * n_image_tokens + labels[i + 1 :]
+        if i + n_image_tokens > max_length:
+            raise UserError(f"record {record.id}: the image does not fit in max length {max_length}")
+    elif image_token_id in ids:
+        raise UserError(f"record {record.id}: {IMAGE_PLACEHOLDER} in a text-only record")
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE_INDEX for x in labels):
+        raise UserError(f"record {record.id}: no answer token fits in max length {max_length}")
+    return Encoded(ids, labels, record.image is not None)
+
+
+def _check_labels(record: Record, text: str, targets, offsets, labels) -> None:
+    """The learned tokens cover each answer's characters and nothing but whitespace besides."""
+    learned = np.zeros(len(text) + 1, bool)
+    for (a, b), lab in zip(offsets, labels):
+        if lab != IGNORE_INDEX:
+            learned[a:b] = True
+    wanted = np.zeros(len(text) + 1, bool)
+    for a, b in targets:
+        wanted[a:b] = True
+    extra = [text[i] for i in np.flatnonzero(learned & ~wanted) if not text[i].isspace()]
+    missing = [text[i] for i in np.flatnonzero(wanted & ~learned) if not text[i].isspace()]
+    if extra or missing:
+        raise UserError(
+            f"record {record.id}: tokenization mismatch between answers and labels "
+            f"(extra {''.join(extra)[:20]!r}, missing {''.join(missing)[:20]!r})"
+        )
+
+
+class LlavaDataset:
+    """Map-style dataset: tokenized upfront (cheap), images read per item."""
+
+    def __init__(self, records: list[Record], template: Template, tokenizer, image_token_id: int,
+                 n_image_tokens: int, spec: ImageSpec, max_length: int):
+        self.records = records
+        self.spec = spec
+        self.items = [encode(r, template, tokenizer, image_token_id, n_image_tokens, max_length) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def lengths(self) -> list[int]:
+        """Signed lengths as LLaVA's modality grouping wants them: negative for text-only."""
+        return [len(e.input_ids) if e.has_image else -len(e.input_ids) for e in self.items]
+
+    def __getitem__(self, i: int) -> dict:
+        e, r = self.items[i], self.records[i]
+        try:
+            pixels = preprocess(r.image, self.spec) if r.image is not None else None
+        except UserError as e:
+            raise UserError(f"record {r.id}: {e}") from None
+        return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": pixels}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    import torch
+
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):  # right padding, as LLaVA trains
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        labels[i, :k] = torch.tensor(b["labels"])
+        mask[i, :k] = 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    if pixels:
+        out["pixel_values"] = torch.from_numpy(np.stack(pixels))
+    return out

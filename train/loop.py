@@ -1,0 +1,182 @@
+"""The training loop, readable top to bottom, on Hugging Face accelerate.
+
+accelerate supplies the distributed engine (DDP, FSDP, DeepSpeed ZeRO-2/3,
+chosen by ``accelerate launch --config_file train/configs/...`` or plain
+``torchrun``), mixed precision, gradient accumulation and checkpoint state.
+This file adds only what LLaVA's recipe needs on top: a global batch that stays
+the same for any number of processes, the modality-grouped order of
+``sampler.py``, exact resumption, and a loss log (CSV + PNG).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from llava_edge.errors import UserError
+
+from .data import LlavaDataset, collate
+from .presets import StageConfig
+from .sampler import EpochSampler
+
+STATE_DIR = "checkpoint-last"
+
+
+def _accumulation(cfg: StageConfig, world: int) -> int:
+    micro = cfg.per_device_batch * world
+    if cfg.global_batch % micro:
+        raise UserError(
+            f"global batch {cfg.global_batch} is not a multiple of per-device batch {cfg.per_device_batch} "
+            f"x {world} processes"
+        )
+    return cfg.global_batch // micro
+
+
+def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConfig, output: Path, pad_id: int,
+          resume: bool = False, progress: bool = True, stop_after: int = 0, log=print):
+    """Run the stage; returns (accelerator, trained model). Only the main process writes files.
+
+    ``stop_after`` > 0 saves a checkpoint at that step and stops, for jobs with a time
+    limit: ``--resume`` continues exactly where it stopped.
+    """
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from transformers import get_cosine_schedule_with_warmup
+
+    # without a GPU, torchrun's processes meet over gloo only when accelerate is told it runs on CPU
+    cpu = not torch.cuda.is_available()
+    accum = _accumulation(cfg, PartialState(cpu=cpu).num_processes)  # the world size fixes the accumulation
+    mixed = "bf16" if cfg.bf16 and torch.cuda.is_available() else "no"
+    if cfg.bf16 and mixed == "no":
+        log("bf16 asked for but no GPU: training in fp32")
+    # The schedule counts global optimizer steps; accelerate's default would step it once per process.
+    acc = Accelerator(gradient_accumulation_steps=accum, mixed_precision=mixed, cpu=cpu,
+                      step_scheduler_with_optimizer=False)
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.seed)
+    output.mkdir(parents=True, exist_ok=True)
+
+    sampler = EpochSampler(dataset.lengths(), cfg.global_batch, cfg.seed, cfg.group_by_modality)
+    loader = DataLoader(dataset, batch_size=cfg.per_device_batch, sampler=sampler,
+                        collate_fn=lambda b: collate(b, pad_id), num_workers=cfg.dataloader_workers, drop_last=False)
+    steps_per_epoch = math.ceil(len(dataset) / cfg.global_batch)
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+
+    step, epoch, done_in_epoch = 0, 0, 0
+    state = output / STATE_DIR
+    if resume:
+        if not (state / "progress.json").is_file():
+            raise UserError(f"--resume: no checkpoint in {state}")
+        acc.load_state(str(state))
+        p = json.loads((state / "progress.json").read_text())
+        step, epoch, done_in_epoch = p["step"], p["epoch"], p["micro_batches_in_epoch"]
+        log(f"resuming at step {step} (epoch {epoch}, {done_in_epoch} micro-batches in)")
+
+    log_file = output / "loss.csv"
+    if acc.is_main_process and not (resume and log_file.is_file()):
+        with open(log_file, "w", newline="") as f:
+            csv.writer(f).writerow(["step", "epoch", "loss", "lr", "samples", "seconds"])
+    bar = _progress(total, step, progress and acc.is_local_main_process)
+    t0, window = time.time(), []
+    model.train()
+    while step < total:
+        sampler.set_epoch(epoch)
+        batches = acc.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+        for batch in batches:
+            with acc.accumulate(model):
+                loss = model(**batch).loss
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step() if acc.sync_gradients else None
+                optimizer.zero_grad()
+            done_in_epoch += 1
+            window.append(loss.detach())
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            mean = acc.reduce(torch.stack(window).mean(), reduction="mean").item()
+            window = []
+            if acc.is_main_process:
+                with open(log_file, "a", newline="") as f:
+                    csv.writer(f).writerow([step, epoch, f"{mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                            step * cfg.global_batch, f"{time.time() - t0:.1f}"])
+            bar.update(1, loss=mean)
+            if step % cfg.save_steps == 0 or step == total or step == stop_after:
+                _save_state(acc, state, step, epoch, done_in_epoch)
+            if step >= total or step == stop_after:
+                break
+        else:
+            epoch, done_in_epoch = epoch + 1, 0
+            continue
+        break
+    bar.close()
+    if stop_after and step == stop_after < total:
+        log(f"stopped at step {step} of {total}; continue with --resume")
+        return acc, None
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        plot_loss(log_file, output / "loss.png")
+        (output / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return acc, acc.unwrap_model(model)
+
+
+def _save_state(acc, state: Path, step: int, epoch: int, done_in_epoch: int) -> None:
+    acc.save_state(str(state))
+    if acc.is_main_process:
+        (state / "progress.json").write_text(
+            json.dumps({"step": step, "epoch": epoch, "micro_batches_in_epoch": done_in_epoch})
+        )
+
+
+class _progress:
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, loss: float) -> None:
+        if self.bar:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def plot_loss(csv_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(csv_file)))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(csv_file.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""Which parameters each LLaVA stage trains, projector save/load, and assembling a fresh LLaVA.
+
+transformers' ``LlavaMultiModalProjector`` is always linear -> act -> linear.
+LLaVA's original ``linear`` projector is represented exactly inside it: the
+activation is the identity and ``linear_2`` is an identity matrix that is never
+trained, so the learned map is LLaVA's single linear layer and the checkpoint
+still loads as a plain ``LlavaForConditionalGeneration`` everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llava_edge.errors import UserError
+
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+PROJECTOR_FILE = "mm_projector.safetensors"
+PROJECTOR_CONFIG = "mm_projector.json"
+
+
+def projector_type(model) -> str:
+    return "linear" if model.config.projector_hidden_act == "linear" else "mlp2x_gelu"
+
+
+def _require_modules(model) -> None:
+    for name in ("vision_tower", "multi_modal_projector", "language_model"):
+        if not hasattr(model.model, name):
+            raise UserError(f"the model has no {name}: not a LlavaForConditionalGeneration")
+
+
+def make_linear_projector(model) -> None:
+    """Turn the projector into LLaVA's ``linear`` one (identity activation, fixed identity second layer)."""
+    import torch
+
+    model.config.projector_hidden_act = "linear"
+    proj = model.model.multi_modal_projector
+    from transformers.activations import ACT2FN
+
+    proj.act = ACT2FN["linear"]
+    with torch.no_grad():
+        proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0], dtype=proj.linear_2.weight.dtype))
+        if proj.linear_2.bias is not None:
+            proj.linear_2.bias.zero_()
+
+
+def projector_parameters(model) -> list:
+    proj = model.model.multi_modal_projector
+    if projector_type(model) == "linear":
+        return list(proj.linear_1.parameters())
+    return list(proj.parameters())
+
+
+def setup_stage1(model) -> list[dict]:
+    """Feature alignment: everything frozen but the projector."""
+    _require_modules(model)
+    model.requires_grad_(False)
+    params = projector_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return [{"params": params}]
+
+
+def setup_stage2(model, lr: float, lora: dict | None = None, projector_lr: float | None = None):
+    """End-to-end fine-tuning: vision tower frozen; projector + language model (or LoRA on it) train.
+
+    Returns (model, param groups); with LoRA the model is a peft model.
+    """
+    _require_modules(model)
+    model.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        lin = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama's linears
+        cfg = LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none",
+            # every linear layer of the language model; not the vision tower, not the projector
+            target_modules=r".*language_model.*\.(" + "|".join(lin) + ")",
+        )
+        model = get_peft_model(model, cfg)
+        lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+        base = model.get_base_model()
+        proj = projector_parameters(base)
+        for p in proj:
+            p.requires_grad_(True)
+        return model, [{"params": lora_params, "lr": lr}, {"params": proj, "lr": projector_lr or lr}]
+    model.model.language_model.requires_grad_(True)
+    model.lm_head.requires_grad_(True)
+    proj = projector_parameters(model)
+    for p in proj:
+        p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, [{"params": params, "lr": lr}]
+
+
+def save_projector(model, out: Path, state_dict: dict | None = None) -> Path:
+    """``mm_projector.safetensors`` (+ its config), as LLaVA's stage 1 hands to stage 2."""
+    from safetensors.torch import save_file
+
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {}
+    for k, v in sd.items():
+        i = k.find("multi_modal_projector.")
+        if i >= 0:
+            tensors[k[i:]] = v.detach().to("cpu").contiguous()
+    if not tensors:
+        raise UserError("the model has no multi_modal_projector weights to save")
+    save_file(tensors, str(out / PROJECTOR_FILE))
+    (out / PROJECTOR_CONFIG).write_text(json.dumps({
+        "projector_type": projector_type(model),
+        "vision_hidden_size": model.config.vision_config.hidden_size,
+        "text_hidden_size": model.config.text_config.hidden_size,
+    }, indent=2))
+    return out / PROJECTOR_FILE
+
+
+def load_projector(model, path: str | Path) -> None:
+    """Load a stage-1 projector before the model is wrapped (so it also works under ZeRO-3)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"projector file not found: {path}")
+    cfg_file = path.with_name(PROJECTOR_CONFIG)
+    if cfg_file.is_file():
+        want = json.loads(cfg_file.read_text())["projector_type"]
+        if want == "linear" and projector_type(model) != "linear":
+            make_linear_projector(model)
+    sd = {k[len("multi_modal_projector."):]: v for k, v in load_file(str(path)).items()
+          if k.startswith("multi_modal_projector.")}
+    proj = model.model.multi_modal_projector
+    try:
+        missing, unexpected = proj.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"projector {path} does not fit this model ({str(e).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise UserError(f"projector {path} does not fit this model (missing {missing}, unexpected {unexpected})")
+
+
+def assemble(vision: str, llm: str, projector: str = "mlp2x_gelu", image_pad: str = "pad"):
+    """A fresh LLaVA from a CLIP vision model and a causal LM, as LLaVA's stage 1 starts.
+
+    Returns (model, tokenizer, image processor) with ``<image>`` and ``<pad>`` added the llava-hf way.
+    """
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor,
+                              CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration)
+
+    if projector not in PROJECTOR_TYPES:
+        raise UserError(f"unknown --projector-type {projector!r}; choose {', '.join(PROJECTOR_TYPES)}")
+    try:
+        vcfg = AutoConfig.from_pretrained(vision)
+        tower = CLIPVisionModel.from_pretrained(vision)
+        lm = AutoModelForCausalLM.from_pretrained(llm)
+        tok = AutoTokenizer.from_pretrained(llm)
+        improc = CLIPImageProcessor.from_pretrained(vision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the base models: {str(e).splitlines()[0]}") from None
+    vcfg = getattr(vcfg, "vision_config", vcfg)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    n = -(-len(tok) // 64) * 64
+    lm.resize_token_embeddings(n)
+    config = LlavaConfig(vision_config=vcfg, text_config=lm.config, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if projector == "linear":
+        make_linear_projector(model)
+    return model, tok, improc

@@ -1,0 +1,69 @@
+"""Hyperparameter presets. ``llava-1.5-*`` carry LLaVA-1.5's published recipe
+(scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh); ``toy`` is sized for
+the toy world on 2 CPU cores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    lr: float
+    global_batch: int
+    per_device_batch: int
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: from epochs
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 2048  # counting the image tokens
+    bf16: bool = True
+    tf32: bool = True
+    gradient_checkpointing: bool = True
+    group_by_modality: bool = True
+    lora: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    projector_lr: float | None = None  # LoRA runs: the projector's own rate
+    save_steps: int = 500
+    seed: int = 42
+    dataloader_workers: int = 4
+
+    def with_(self, **kw) -> "StageConfig":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Preset:
+    stage1: StageConfig
+    stage2: StageConfig
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_S1 = StageConfig(lr=1e-3, global_batch=256, per_device_batch=32)
+_S2 = StageConfig(lr=2e-5, global_batch=128, per_device_batch=16)
+
+PRESETS: dict[str, Preset] = {
+    "llava-1.5-7b": Preset(_S1, _S2, "8xA100: stage 1 ~3.5 h, stage 2 ~10 h"),
+    "llava-1.5-13b": Preset(_S1, _S2.with_(per_device_batch=16), "8xA100 (80G)"),
+    "llava-1.5-7b-lora": Preset(
+        _S1, _S2.with_(lr=2e-4, lora=True, projector_lr=2e-5), "LoRA r=128 alpha=256 on the language model"
+    ),
+    "toy": Preset(
+        StageConfig(lr=2e-3, global_batch=32, per_device_batch=16, bf16=False, tf32=False,
+                    gradient_checkpointing=False, save_steps=200, dataloader_workers=0),
+        StageConfig(lr=1e-3, global_batch=32, per_device_batch=16, epochs=2.0, bf16=False, tf32=False,
+                    gradient_checkpointing=False, save_steps=200, dataloader_workers=0),
+        "2 CPU cores, minutes",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    from llava_edge.errors import UserError
+
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,131 @@
+"""LLaVA's two training stages and LoRA merging, as the CLI runs them.
+
+stage 1 (feature alignment): ``plain`` template, only the projector learns.
+stage 2 (visual instruction tuning): ``vicuna_v1`` template, projector +
+language model learn (or LoRA adapters on the language model), vision tower frozen.
+Each stage writes a checkpoint directory that ``export`` and the next stage take.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from llava_edge.checkpoint import open_checkpoint, write_recipe
+from llava_edge.errors import UserError
+from llava_edge.templates import get_template
+
+from . import model_setup
+from .data import LlavaDataset, load_records
+from .loop import train
+from .presets import StageConfig
+
+SIDE_FILES = (  # tokenizer and processor files that travel with a checkpoint
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _load(model: str):
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    ckpt = open_checkpoint(model)
+    try:
+        m = LlavaForConditionalGeneration.from_pretrained(ckpt.path, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load {ckpt.path}: {str(e).splitlines()[0]}") from None
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    return ckpt, m, tok
+
+
+def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_length: int, skip_bad: bool, log):
+    from llava_edge.preprocess import ImageSpec
+
+    records, skipped = load_records(data, image_folder, skip_bad=skip_bad)
+    if skipped:
+        log(f"skipped {skipped} bad record(s) of {skipped + len(records)}")
+    spec = ImageSpec.from_dict({**ckpt.image_spec().to_dict(), "pad": pad})
+    return LlavaDataset(records, get_template(template), tok, model.config.image_token_index,
+                        ckpt.num_image_tokens(), spec, max_length)
+
+
+def _save_full(acc, model, ckpt, out: Path, template: str, pad: str) -> None:
+    sd = acc.get_state_dict(model)  # gathers partitioned parameters (FSDP, ZeRO-3)
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(out, state_dict=sd, safe_serialization=True)
+        model_setup.save_projector(acc.unwrap_model(model), out, sd)
+        copy_side_files(ckpt.path, out)
+        write_recipe(out, template=template, image_pad=pad)
+
+
+def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_type: str | None = None,
+           pad: str = "square", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
+           log=print) -> Path | None:
+    output = Path(output)
+    ckpt, m, tok = _load(model)
+    if projector_type == "linear" and model_setup.projector_type(m) != "linear":
+        model_setup.make_linear_projector(m)
+    ds = _dataset(ckpt, m, tok, "plain", data, image_folder, pad, cfg.max_length, skip_bad, log)
+    groups = model_setup.setup_stage1(m)
+    for g in groups:
+        g["lr"] = cfg.lr
+    acc, trained = train(m, groups, ds, cfg, output, tok.pad_token_id, resume=resume, stop_after=stop_after, log=log)
+    if trained is None:  # stopped early on request: the checkpoint is in OUTPUT/checkpoint-last
+        return None
+    _save_full(acc, trained, ckpt, output, "plain", pad)
+    return output
+
+
+def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: str | None = None,
+           pad: str = "pad", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
+           log=print) -> Path | None:
+    output = Path(output)
+    ckpt, m, tok = _load(model)
+    if projector:
+        model_setup.load_projector(m, projector)
+    ds = _dataset(ckpt, m, tok, "vicuna_v1", data, image_folder, pad, cfg.max_length, skip_bad, log)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.lora else None
+    m, groups = model_setup.setup_stage2(m, cfg.lr, lora, cfg.projector_lr)
+    acc, trained = train(m, groups, ds, cfg, output, tok.pad_token_id, resume=resume, stop_after=stop_after, log=log)
+    if trained is None:  # stopped early on request: the checkpoint is in OUTPUT/checkpoint-last
+        return None
+    if lora:
+        sd = acc.get_state_dict(trained)
+        if acc.is_main_process:
+            trained.save_pretrained(output / "adapter", state_dict=sd)
+            model_setup.save_projector(trained.get_base_model(), output, sd)
+            copy_side_files(ckpt.path, output / "adapter")
+            write_recipe(output / "adapter", template="vicuna_v1", image_pad=pad)
+        return output / "adapter"
+    _save_full(acc, trained, ckpt, output, "vicuna_v1", pad)
+    return output
+
+
+def merge_lora(base: str, adapter: str, output, log=print) -> Path:
+    """Base model + stage-2 LoRA adapter (+ its projector) -> a plain Hugging Face checkpoint."""
+    from peft import PeftModel
+
+    output = Path(output)
+    ckpt, m, _ = _load(base)
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"not a LoRA adapter directory (no adapter_config.json): {adapter}")
+    proj = adapter.parent / model_setup.PROJECTOR_FILE
+    if proj.is_file():
+        model_setup.load_projector(m, proj)
+    merged = PeftModel.from_pretrained(m, str(adapter)).merge_and_unload()
+    merged.save_pretrained(output, safe_serialization=True)
+    copy_side_files(ckpt.path, output)
+    recipe = adapter / "llava_edge.json"
+    if recipe.is_file():
+        shutil.copyfile(recipe, output / "llava_edge.json")
+    log(f"merged {adapter} into {output}")
+    return output
