@@ -36,7 +36,7 @@ def test_llava_schema_and_categories(toy_data):
             assert (toy_data / rec["image"]).is_file()
             assert conv[0]["value"].count("<image>") == 1
             assert all("<image>" not in c["value"] for c in conv[1:])
-    assert {r.get("category") for r in stage2 if "image" in r} == {"conversation", "detail", "reasoning"}
+    assert {r.get("category") for r in stage2 if "image" in r} == {"conversation", "detail", "reasoning", "vqa"}
     assert any(len(r["conversations"]) > 2 for r in stage2)  # multi-turn present
     assert any(r["conversations"][0]["value"].endswith("<image>") for r in stage1)  # both placements
 

@@ -196,3 +196,33 @@ def test_generation_prompt_is_the_prefix_training_learns_from(toy_data, toy_mode
         n = len(prompt)
         assert item.input_ids[:n] == prompt, rec.id
         assert all(x == IGNORE_INDEX for x in item.labels[:n]) and item.labels[n] != IGNORE_INDEX, rec.id
+
+
+def test_assemble_from_a_clip_tower_and_a_causal_lm(toy_model, toy_data, tmp_path):
+    """--vision + --llm: a fresh LLaVA from separate base models, with a linear projector, through stage 1."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    from llava_edge.cli import main
+
+    vision, llm = tmp_path / "clip", tmp_path / "llama"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=112, patch_size=14)).save_pretrained(vision)
+    CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(vision)
+    tok = AutoTokenizer.from_pretrained(toy_model)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2)).save_pretrained(llm)
+    tok.save_pretrained(llm)
+    out = tmp_path / "s1"
+    rc = main(["train", "stage1", "--vision", str(vision), "--llm", str(llm), "--projector-type", "linear",
+               "--data", str(toy_data / FILES["stage1"]), "--image-folder", str(toy_data), "--output", str(out),
+               "--preset", "toy", "--max-steps", "2", "--global-batch", "4", "--per-device-batch", "2"])
+    assert rc == 0
+    from transformers import LlavaForConditionalGeneration
+
+    m = LlavaForConditionalGeneration.from_pretrained(out)
+    assert m.config.projector_hidden_act == "linear"
+    eye = torch.eye(32)
+    assert torch.equal(m.model.multi_modal_projector.linear_2.weight, eye)  # LLaVA's single linear layer
+    assert m.config.text_config.vocab_size % 64 == 0
+    assert (out / "mm_projector.json").is_file()

@@ -3,7 +3,8 @@
 Like LLaVA, which turned COCO captions and boxes into instructions with GPT-4,
 the instructions here are generated from ground truth (the scene), in the
 paper's three categories: multi-turn conversation, detailed description and
-complex reasoning. Stage 1 gets brief captions; the held-out evaluation file
+complex reasoning; plus, as in LLaVA-1.5's mix, short-answer VQA questions
+packed several to an image. Stage 1 gets brief captions; the held-out evaluation file
 asks short questions (LLaVA-1.5's "single word or phrase" prompt) whose gold
 answers are scored exactly.
 """
@@ -28,6 +29,9 @@ DETAIL_PROMPTS = (
     "Explain everything you see in the picture.",
     "Give a detailed description of the scene.",
 )
+# LLaVA's three instruction categories, plus LLaVA-1.5's short-answer VQA (the bulk of its 665k mix)
+CATEGORIES = ("conversation", "detail", "reasoning", "vqa")
+CATEGORY_WEIGHTS = (0.2, 0.2, 0.2, 0.4)
 FILES = {"stage1": "stage1_captions.json", "stage2": "stage2_instruct.json", "eval": "eval.json"}
 
 
@@ -136,16 +140,18 @@ def make_split(split: str, n: int, out: Path, seed: int, image_size: int) -> lis
             rec.update(category=kind, answer=a, scene=scene.to_dict())
             records.append(rec)
         else:
-            category = rng.choice(("conversation", "detail", "reasoning"))
+            category = rng.choices(CATEGORIES, weights=CATEGORY_WEIGHTS)[0]
             if category == "detail":
                 turns = [(rng.choice(DETAIL_PROMPTS), detail(scene))]
             elif category == "reasoning":
                 turns = [reasoning(scene, rng)]
+            elif category == "vqa":  # LLaVA-1.5 packs an image's short VQA questions into one conversation
+                turns = [(f"{q}\n{SHORT}", a) for _, q, a in (short_qa(scene, rng) for _ in range(rng.randint(3, 6)))]
             else:
                 turns = []
                 for _ in range(rng.randint(1, 3)):
                     kind, q, a = short_qa(scene, rng)
-                    turns.append((f"{q}\n{SHORT}", a) if rng.random() < 0.5 else (q, long_answer(scene, kind, q, a)))
+                    turns.append((q, long_answer(scene, kind, q, a)))
             rec = record(rid, name, turns)
             rec["category"] = category
             records.append(rec)

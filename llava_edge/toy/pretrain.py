@@ -4,9 +4,11 @@ LLaVA begins with a CLIP ViT that already sees and a Vicuna that already
 speaks. The toy's tower and language model start random, so before the LLaVA
 stages they get a short pretraining of their own:
 
-- vision: the CLIP tower learns to recognise what is in each quadrant (shape,
-  colour, size) from its layer -2 features, the layer LLaVA reads;
-- language: the Llama learns the toy world's sentences (next-token prediction).
+- vision: every patch token of the CLIP tower's layer -2 (the layer LLaVA reads)
+  learns to tell its quadrant and the shape, colour and size of what is there;
+- language: the Llama learns the toy world's sentences, and chats in the
+  ``vicuna_v1`` format that answer questions from a scene description given in
+  the prompt (Vicuna's in-context reading, which LLaVA relies on).
 
 Both run on freshly rendered scenes / generated text, never on the evaluation split.
 """
@@ -40,9 +42,16 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
     hidden = tower.config.hidden_size
     side = tower.config.image_size // tower.config.patch_size
     half = side // 2
-    cell_dim = hidden * half * half  # a quadrant's patch tokens, concatenated: the head sees where each one is
-    heads = torch.nn.ModuleList([torch.nn.Linear(cell_dim, n) for n in (1 + len(SHAPES), 1 + len(COLORS), 1 + len(SIZES))])
-    params = list(tower.parameters()) + list(heads.parameters())
+    # Dense targets: every patch token learns where it is and what its quadrant holds,
+    # so each image token the language model later sees describes itself.
+    n_classes = (len(CELLS), 1 + len(SHAPES), 1 + len(COLORS), 1 + len(SIZES))
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in n_classes])
+    # Shapes need a quadrant's tokens together (a 14-pixel patch sees an edge, not a shape):
+    # one more head reads each quadrant's tokens concatenated, position by position.
+    quad_shape = torch.nn.Linear(hidden * half * half, 1 + len(SHAPES))
+    rows, cols = np.divmod(np.arange(side * side), side)
+    token_cell = torch.from_numpy((rows >= half) * 2 + (cols >= half))  # CELLS order, per patch token
+    params = list(tower.parameters()) + list(heads.parameters()) + list(quad_shape.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(f"vision-pretrain-{seed}")
@@ -51,54 +60,95 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
     for step in range(steps):
         scenes = [random_scene(rng) for _ in range(batch)]
         px = torch.from_numpy(np.stack([preprocess(render(s, image_size, rng), spec) for s in scenes]))
-        y = torch.tensor([_labels(s) for s in scenes])  # (batch, 4 cells, 3 attributes)
+        per_cell = torch.tensor([_labels(s) for s in scenes])  # (batch, 4 cells, 3 attributes)
+        y = torch.cat([token_cell.expand(batch, -1)[..., None], per_cell[:, token_cell]], -1)  # (batch, tokens, 4)
         h = tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]  # the features LLaVA uses
-        grid = h.reshape(batch, side, side, hidden)
-        cells = torch.stack([grid[:, r * half:(r + 1) * half, c * half:(c + 1) * half].flatten(1)
-                             for r in (0, 1) for c in (0, 1)], 1)  # (batch, 4, hidden) in CELLS order
-        logits = [head(cells) for head in heads]
+        logits = [head(h) for head in heads]
         loss = sum(F.cross_entropy(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits))
         acc = [float((lg.argmax(-1) == y[..., k]).float().mean()) for k, lg in enumerate(logits)]
+        grid = h.reshape(batch, side, side, hidden)
+        quads = torch.stack([grid[:, r * half:(r + 1) * half, c * half:(c + 1) * half].flatten(1)
+                             for r in (0, 1) for c in (0, 1)], 1)  # (batch, 4, half*half*hidden), CELLS order
+        q_logits = quad_shape(quads)
+        loss = loss + F.cross_entropy(q_logits.flatten(0, 1), per_cell[..., 0].flatten())
+        acc.append(float((q_logits.argmax(-1) == per_cell[..., 0]).float().mean()))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 50 == 0:
             log(f"vision pretraining step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.3f}, "
-                f"accuracy shape {acc[0]:.2f} colour {acc[1]:.2f} size {acc[2]:.2f}")
+                f"per-token accuracy cell {acc[0]:.2f} shape {acc[1]:.2f} colour {acc[2]:.2f} size {acc[3]:.2f}, "
+                f"per-quadrant shape {acc[4]:.2f}")
     tower.eval()
     return losses
 
 
-def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: float = 2e-3, seed: int = 0,
-                      log=print) -> list[float]:
-    """Next-token training of ``model.model.language_model`` + ``lm_head`` on toy sentences."""
-    import torch
+def language_examples(n: int, seed: int) -> list:
+    """What the stand-in for Vicuna learns: toy sentences (str), and chats (list of turns)
+    whose answers come from a scene description in the prompt.
 
+    Vicuna arrives at LLaVA already able to answer questions about text in its
+    context; the chats teach the toy model that (the image tokens later take the
+    description's place). Chats are learned on their answers only, as in instruction tuning.
+    """
+    from ..templates import Turn
+    from . import data
     from .tokenizer import corpus
 
-    lines = corpus(n_scenes=4000, seed=10_000 + seed)
     rng = random.Random(f"language-pretrain-{seed}")
+    lines = corpus(n_scenes=2000, seed=10_000 + seed)
+    out: list = []
+    for _ in range(n):
+        if rng.random() < 0.2:
+            out.append(" ".join(rng.sample(lines, 3)))
+            continue
+        scene = random_scene(rng)
+        turns = []
+        for k in range(rng.randint(1, 4)):
+            kind, q, a = data.short_qa(scene, rng)
+            if rng.random() < 0.5:
+                q = f"{q}\n{data.SHORT}"
+            else:
+                a = data.long_answer(scene, kind, q, a)
+            turns += [Turn("user", f"{data.detail(scene)}\n{q}" if k == 0 else q), Turn("assistant", a)]
+        out.append(turns)
+    return out
+
+
+def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: float = 2e-3, seed: int = 0,
+                      log=print) -> list[float]:
+    """Next-token training of ``model.model.language_model`` + ``lm_head`` on :func:`language_examples`."""
+    import torch
+
+    from ..templates import VICUNA_V1
+    from ..train.data import Record, collate, encode
+
+    def example(x) -> dict:
+        if isinstance(x, str):
+            ids = tokenizer(x)["input_ids"]
+            return {"input_ids": ids, "labels": ids, "pixel_values": None}
+        e = encode(Record("pretrain", None, x), VICUNA_V1, tokenizer, -1, 0, 2048)
+        return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": None}
+
+    examples = language_examples(steps * batch, seed)
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(lm_params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    pad = tokenizer.pad_token_id
     losses = []
     model.train()
     for step in range(steps):
-        texts = [" ".join(rng.sample(lines, 3)) for _ in range(batch)]
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        labels = ids.masked_fill(ids == pad, -100)
-        out = model.model.language_model(input_ids=ids, attention_mask=mask)
+        b = collate([example(x) for x in examples[step * batch:(step + 1) * batch]], tokenizer.pad_token_id)
+        out = model.model.language_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         logits = model.lm_head(out.last_hidden_state)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                                 ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 50 == 0:
             log(f"language pretraining step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.3f}")
     model.eval()
