@@ -79,6 +79,18 @@ def toy_build(
     build(out, seed=seed, log=say)
 
 
+@toy_app.command("ablation")
+def toy_ablation(
+    build: Path = typer.Option(..., "--build", help="A `toy build` folder (its base, stage 1 and data are reused)"),
+    variant: Optional[list[str]] = typer.Option(None, "--variant", help="Only these (mix, no-stage1, only-<category>)"),
+):
+    """LLaVA's ablations on the toy: no stage 1, each instruction category alone, the mix."""
+    from .toy.ablation import run
+
+    run(build, log=say, variants=variant)
+    say(f"results: {build / 'ablation.md'}")
+
+
 def _stage_config(stage: str, preset: str, **overrides):
     from .train.presets import get_preset
 

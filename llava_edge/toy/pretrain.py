@@ -23,6 +23,21 @@ from ..preprocess import ImageSpec, preprocess
 from .scenes import CELLS, COLORS, SHAPES, SIZES, random_scene, render
 
 
+def _optimizer(params, lr: float, steps: int):
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
+def _update(opt, sched, loss) -> float:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def _labels(scene) -> list[tuple[int, int, int]]:
     out = []
     for cell in CELLS:
@@ -52,8 +67,7 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
     rows, cols = np.divmod(np.arange(side * side), side)
     token_cell = torch.from_numpy((rows >= half) * 2 + (cols >= half))  # CELLS order, per patch token
     params = list(tower.parameters()) + list(heads.parameters()) + list(quad_shape.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt, sched = _optimizer(params, lr, steps)
     rng = random.Random(f"vision-pretrain-{seed}")
     tower.train()
     losses = []
@@ -72,11 +86,7 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
         q_logits = quad_shape(quads)
         loss = loss + F.cross_entropy(q_logits.flatten(0, 1), per_cell[..., 0].flatten())
         acc.append(float((q_logits.argmax(-1) == per_cell[..., 0]).float().mean()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(opt, sched, loss))
         if (step + 1) % 50 == 0:
             log(f"vision pretraining step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.3f}, "
                 f"per-token accuracy cell {acc[0]:.2f} shape {acc[1]:.2f} colour {acc[2]:.2f} size {acc[3]:.2f}, "
@@ -134,8 +144,7 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
 
     examples = language_examples(steps * batch, seed)
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    opt = torch.optim.AdamW(lm_params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt, sched = _optimizer(lm_params, lr, steps)
     losses = []
     model.train()
     for step in range(steps):
@@ -144,11 +153,7 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
         logits = model.lm_head(out.last_hidden_state)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
                                                  ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(opt, sched, loss))
         if (step + 1) % 50 == 0:
             log(f"language pretraining step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.3f}")
     model.eval()
