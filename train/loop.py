@@ -90,7 +90,7 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
     if acc.is_main_process and not (resume and log_file.is_file()):
         with open(log_file, "w", newline="") as f:
             csv.writer(f).writerow(["step", "epoch", "loss", "lr", "samples", "seconds"])
-    bar = _progress(total, step, progress and acc.is_local_main_process)
+    bar = _progress(total, step, progress and acc.is_local_main_process, log)
     t0, window = time.time(), []
     model.train()
     while step < total:
@@ -145,17 +145,25 @@ def _save_state(acc, state: Path, step: int, epoch: int, done_in_epoch: int) -> 
 
 
 class _progress:
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        if enabled:
+    """A tqdm bar on a terminal; in a log file, one line every tenth of the run instead."""
+
+    def __init__(self, total: int, start: int, enabled: bool, log=print):
+        import sys
+
+        self.bar, self.total, self.step, self.log = None, total, start, log
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     def update(self, n: int, loss: float) -> None:
+        self.step += n
         if self.bar:
             self.bar.update(n)
             self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif self.enabled and (self.step % max(1, self.total // 10) == 0 or self.step == self.total):
+            self.log(f"step {self.step}/{self.total}: loss {loss:.4f}")
 
     def close(self) -> None:
         if self.bar:
