@@ -109,3 +109,14 @@ def test_export_then_chat_with_the_default_bundle(toy_model, toy_data, tmp_path,
     image = sorted((toy_data / "images").glob("eval_*.png"))[0]
     r = le("chat", "--image", image, "What shape is at the top left?", "--max-tokens", "3", block_torch=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_interactive_session(bundle, toy_data, tmp_path):
+    images = sorted((toy_data / "images").glob("eval_*.png"))
+    script = f"What shape is at the top left?\n/image {tmp_path / 'nope.png'}\n/image {images[1]}\nHow many shapes?\n/reset\n/quit\n"
+    code = "import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "chat", "--bundle", str(bundle), "--image", str(images[0]),
+                        "--max-tokens", "3"], input=script, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "error: image not found" in r.stderr  # a bad /image keeps the session going
+    assert r.stdout.count("> ") >= 5
