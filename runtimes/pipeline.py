@@ -200,17 +200,21 @@ class ChatSession:
     model: EdgeLLaVA
     image: ImageInput | None = None
     history: list[Turn] = field(default_factory=list)
+    _embedded: tuple | None = None  # (key, embeddings) of ``image``, computed on the first question
 
     def set_image(self, image: ImageInput | None) -> None:
         self.image = image
         self.history = []
+        self._embedded = None
 
     def reset(self) -> None:
         self.history = []
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         m = self.model
-        key, emb = m.image_embeddings(self.image) if self.image is not None else (None, None)
+        if self.image is not None and self._embedded is None:
+            self._embedded = m.image_embeddings(self.image)  # decode + preprocess once per image
+        key, emb = self._embedded if self.image is not None else (None, None)
         text = m.template.prompt(prompt, image=self.image is not None, history=self.history)
         slots = m.slots_for(text, key, 0 if emb is None else len(emb))
         answer = ""

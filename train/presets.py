@@ -4,7 +4,7 @@ the toy world on 2 CPU cores."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,6 @@ class Preset:
     stage1: StageConfig
     stage2: StageConfig
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 _S1 = StageConfig(lr=1e-3, global_batch=256, per_device_batch=32)
