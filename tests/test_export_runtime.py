@@ -152,3 +152,17 @@ def test_context_overflow_is_a_clear_error(bundle, toy_data):
     with pytest.raises(UserError, match="context"):
         m.chat(sorted((toy_data / "images").glob("eval_*.png"))[0], "Describe the image.")
     m.close()
+
+
+def test_llama_cpp_agrees_with_hf_except_where_documented(runtime, toy_model):
+    """llama.cpp's own tokenizer equals HF's on text without a leading space or special tokens, and differs
+    exactly where docs/DESIGN.md says (which is why the runtime tokenizes with tokenizer.json and passes ids)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(toy_model)
+    specials = ("<image>", "</s>", "<s>")
+    plain = [s for s in BATTERY if s and not s.startswith(" ") and not any(t in s for t in specials)]
+    assert len(plain) >= 10
+    for s in plain:
+        assert runtime.llm.tokenize(s) == hf.encode(s, add_special_tokens=False), repr(s)
+    assert runtime.llm.tokenize(" hello") != hf.encode(" hello", add_special_tokens=False)
