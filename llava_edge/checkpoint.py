@@ -162,14 +162,17 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
     return ckpt
 
 
-def load_hf_model(ckpt: Checkpoint, dtype: str = "float32"):
-    """The Hugging Face reference model (needs the ``export`` extra: torch + transformers)."""
+def load_hf_model(ckpt: Checkpoint, dtype: str = "float32", attn_implementation: str = "eager"):
+    """The Hugging Face model (needs the ``export`` extra: torch + transformers).
+
+    Eager attention by default: the ONNX exporter traces it and it is the exact reference.
+    """
     import torch
     from transformers import LlavaForConditionalGeneration
 
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            ckpt.path, dtype=getattr(torch, dtype), attn_implementation="eager"
+            ckpt.path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
         )
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -116,6 +116,15 @@ def get_template(name: str) -> Template:
         raise UserError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
+def expand_image(ids: list, image_token_id: int, slots: list) -> list:
+    """``ids`` with its one ``<image>`` token replaced by ``slots`` (image token copies, labels, KV slots...)."""
+    where = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(where) != 1:
+        raise ValueError(f"expected one {IMAGE_PLACEHOLDER} token, found {len(where)}")
+    i = where[0]
+    return ids[:i] + list(slots) + ids[i + 1 :]
+
+
 def turns_from_llava(conversations: list[dict]) -> list[Turn]:
     """LLaVA's JSON ``conversations`` (``from``: human/gpt) as turns."""
     roles = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}

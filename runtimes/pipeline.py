@@ -23,7 +23,7 @@ import numpy as np
 from llava_edge import manifest as bundle_manifest
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageInput, ImageSpec, preprocess
-from llava_edge.templates import IMAGE_PLACEHOLDER, Turn, get_template
+from llava_edge.templates import IMAGE_PLACEHOLDER, Turn, expand_image, get_template
 
 from .llm import LlamaOptions, LlamaText
 from .tokenizer import TextTokenizer
@@ -116,15 +116,10 @@ class EdgeLLaVA:
     def slots_for(self, text: str, image_key: str | None, n_image: int) -> list:
         """Token ids of ``text`` with the one ``<image>`` token replaced by image slots."""
         ids = self.tokenizer.encode(text)
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if image_key is None:
-            if where:
-                raise UserError(f"the prompt contains {IMAGE_PLACEHOLDER} but no image was given")
-            return ids
-        if len(where) != 1:
-            raise UserError(f"the prompt must contain {IMAGE_PLACEHOLDER} exactly once, not {len(where)} times")
-        i = where[0]
-        return ids[:i] + [(image_key, j) for j in range(n_image)] + ids[i + 1 :]
+        try:
+            return expand_image(ids, self.image_token_id, [(image_key, j) for j in range(n_image)])
+        except ValueError:
+            raise UserError(f"the prompt must contain {IMAGE_PLACEHOLDER} exactly once") from None
 
     def prefill(self, slots: list, embeds: np.ndarray | None, logits: str = "last") -> np.ndarray | None:
         """Bring the KV cache to ``slots``, decoding only what is not cached yet."""

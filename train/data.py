@@ -22,7 +22,7 @@ import numpy as np
 
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec, preprocess
-from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, turns_from_llava
+from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, expand_image, turns_from_llava
 
 IGNORE_INDEX = -100
 
@@ -117,12 +117,13 @@ def encode(record: Record, template: Template, tokenizer, image_token_id: int, n
     ]
     _check_labels(record, rendered.text, rendered.targets, offsets, labels)
     if record.image is not None:
-        where = [i for i, t in enumerate(ids) if t == image_token_id]
-        if len(where) != 1:
-            raise UserError(f"record {record.id}: expected one {IMAGE_PLACEHOLDER} token, found {len(where)}")
-        i = where[0]
-        ids = ids[:i] + [image_token_id] * n_image_tokens + ids[i + 1 :]
+        try:
+            expanded = expand_image(ids, image_token_id, [image_token_id] * n_image_tokens)
+        except ValueError as e:
+            raise UserError(f"record {record.id}: {e}") from None
+        i = ids.index(image_token_id)
         labels = labels[:i] + [IGNORE_INDEX] * n_image_tokens + labels[i + 1 :]
+        ids = expanded
         if i + n_image_tokens > max_length:
             raise UserError(f"record {record.id}: the image does not fit in max length {max_length}")
     elif image_token_id in ids:

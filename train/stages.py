@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from llava_edge.checkpoint import open_checkpoint, write_recipe
+from llava_edge.checkpoint import load_hf_model, open_checkpoint, write_recipe
 from llava_edge.errors import UserError
 from llava_edge.templates import get_template
 
@@ -34,25 +34,20 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def _load(model: str):
-    import torch
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
     ckpt = open_checkpoint(model)
-    try:
-        m = LlavaForConditionalGeneration.from_pretrained(ckpt.path, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load {ckpt.path}: {str(e).splitlines()[0]}") from None
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
-    return ckpt, m, tok
+    m = load_hf_model(ckpt, attn_implementation="sdpa")
+    return ckpt, m, AutoTokenizer.from_pretrained(ckpt.path)
 
 
 def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_length: int, skip_bad: bool, log):
-    from llava_edge.preprocess import ImageSpec
+    from dataclasses import replace
 
     records, skipped = load_records(data, image_folder, skip_bad=skip_bad)
     if skipped:
         log(f"skipped {skipped} bad record(s) of {skipped + len(records)}")
-    spec = ImageSpec.from_dict({**ckpt.image_spec().to_dict(), "pad": pad})
+    spec = replace(ckpt.image_spec(), pad=pad)
     return LlavaDataset(records, get_template(template), tok, model.config.image_token_index,
                         ckpt.num_image_tokens(), spec, max_length)
 

@@ -12,7 +12,6 @@ A step whose output is complete is not run again.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, replace

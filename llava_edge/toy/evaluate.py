@@ -40,7 +40,7 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
 
     from ..checkpoint import load_hf_model, open_checkpoint
     from ..preprocess import preprocess
-    from ..templates import get_template
+    from ..templates import expand_image, get_template
 
     ckpt = open_checkpoint(model_dir)
     model = load_hf_model(ckpt)
@@ -51,9 +51,7 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
     n_img, img_id = ckpt.num_image_tokens(), ckpt.image_token_id
     answers = []
     for r in records:
-        ids = tok(template.prompt(question_of(r)))["input_ids"]
-        i = ids.index(img_id)
-        ids = ids[:i] + [img_id] * n_img + ids[i + 1:]
+        ids = expand_image(tok(template.prompt(question_of(r)))["input_ids"], img_id, [img_id] * n_img)
         px = torch.from_numpy(preprocess(eval_file.parent / r["image"], spec))[None]
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), pixel_values=px, max_new_tokens=max_new_tokens,
