@@ -126,3 +126,32 @@ def _quiet_exporter():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+def parity_vs_hf(model, onnx_file: str | Path, pixel_values) -> dict:
+    """Compare the graph in onnxruntime (CPU) with Hugging Face's ``get_image_features`` on the same pixels.
+
+    ``pixel_values``: (N, 3, S, S) float32 numpy. Returns ``min_cosine`` (over
+    every image token of every image), ``max_abs`` (largest element-wise error)
+    and ``max_ref`` (largest reference magnitude, to read ``max_abs`` against).
+    The graph may be the fp32 or the fp16 variant: both take and return float32.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    cfg = model.config
+    px = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=torch.from_numpy(px), vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
+        ).pooler_output
+    ref = torch.stack(list(feats)).float().numpy()
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: px})[0].astype(np.float32)
+    if got.shape != ref.shape:
+        raise RuntimeError(f"ONNX output shape {got.shape} differs from Hugging Face's {ref.shape}")
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    return {"min_cosine": float(cos.min()), "max_abs": float(np.abs(got - ref).max()),
+            "max_ref": float(np.abs(ref).max())}
