@@ -1,0 +1,383 @@
+"""Vision tower + projector of a LLaVA checkpoint -> llama.cpp's multimodal projector GGUF ("mmproj").
+
+The file is what llama.cpp's ``tools/mtmd`` (``clip.cpp``) loads beside the
+language-model GGUF: ``llama-mtmd-cli -m llm.gguf --mmproj mmproj.gguf``,
+llama-cpp-python's ``mtmd_cpp`` and Ollama (a second ``FROM`` line) all take it.
+
+llama.cpp's current ``convert_hf_to_gguf.py`` converts llava-hf checkpoints only
+for Pixtral/Mistral towers; LLaVA-1.5 (CLIP tower + 2-layer MLP) is left to its
+legacy ``convert_image_encoder_to_gguf.py``. This module writes what that
+legacy route writes, with the key names of gguf-py's current constants:
+
+- ``general.architecture = clip``, ``general.type = mmproj``,
+  ``clip.projector_type = mlp``, ``clip.has_vision_encoder``;
+- ``clip.vision.*``: image and patch size, width, FFN width, heads, layer-norm
+  epsilon, image mean/std (the checkpoint's processor config), ``projection_dim``
+  = the language model's width; ``clip.use_gelu`` false for CLIP's quick-GELU;
+- ``clip.vision.feature_layer``: LLaVA's ``vision_feature_layer`` as a
+  non-negative ``hidden_states`` index, and ``clip.vision.block_count`` equal to
+  the deepest one. clip.cpp's LLaVA graph runs exactly that many encoder
+  layers and takes the hidden state there, so the layers after it are neither
+  written nor computed, and CLIP's ``post_layernorm`` (which LLaVA does not
+  apply to ``hidden_states[-2]``) is not written either: clip.cpp would apply
+  it if present;
+- tensors ``v.*`` named by gguf-py's MMPROJ tensor map, and the projector as
+  ``mm.0`` / ``mm.2`` (the indices of LLaVA-1.5's ``nn.Sequential``, which
+  clip.cpp's ``mlp`` projector reads; gguf-py's map says ``mm.1`` for
+  ``linear_1``, the Pixtral convention, so these two names are set here).
+
+Tensors are read one at a time from the safetensors files and written in
+streaming order (tensor infos, then data), as :mod:`llava_edge.export.llm_gguf`
+does, so memory stays of the order of one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge import atomic
+from llava_edge.checkpoint import Checkpoint, read_safetensors_header_bytes
+from llava_edge.errors import UserError
+from llava_edge.preprocess import ImageSpec
+
+OUTTYPES = ("f32", "f16")
+PROJECTOR_TYPE = "mlp"  # clip.cpp's name for LLaVA-1.5's Linear-GELU-Linear projector
+SUPPORTED = "LLaVA-1.5 style: a CLIP vision tower and the 2-layer MLP projector (projector type 'mlp')"
+FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # read by clip.cpp; gguf-py 0.19 has no constant for it
+# written by llama.cpp's legacy LLaVA converter and read by older clip.cpp builds; current ones ignore them
+HAS_LLAVA_PROJECTOR_KEY = "clip.has_llava_projector"
+HAS_TEXT_ENCODER_KEY = "clip.has_text_encoder"
+LLAMA_CPP_PAD_COLOR = (122, 116, 104)  # clip.cpp's fixed letterbox colour for the 'mlp' projector
+# llama.cpp defects that change what this file computes there (measured in docs/MMPROJ.md)
+LLAMA_CPP_KNOWN_ISSUES = (
+    "llama.cpp's LLaVA graph places the class token last (ggml-org/llama.cpp#25814, present in "
+    "llama-cpp-python 0.3.36): image tokens come out shifted by one patch, see docs/MMPROJ.md",
+)
+
+# checkpoint key prefixes -> the canonical llava-hf (transformers 4) names gguf-py's map knows
+_TOWER_PREFIXES = (
+    "model.vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.vision_model.",
+    "vision_tower.",
+)
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+_PROJECTOR_NAMES = {"linear_1": "mm.0", "linear_2": "mm.2"}
+_GELU_PROJECTOR_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_TOWER_ACTS = {"quick_gelu": False, "gelu": True}  # hidden_act -> clip.use_gelu
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One GGUF tensor: where it comes from and how it is stored."""
+
+    gguf_name: str
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # "f32" or "f16"
+
+
+def positive_feature_layers(config: dict) -> list[int]:
+    """LLaVA's ``vision_feature_layer`` (int or list, negative from the end) as ``hidden_states`` indices >= 0.
+
+    ``hidden_states[0]`` is the input of the first encoder layer (after CLIP's
+    pre-layernorm), ``hidden_states[i]`` the output of layer ``i - 1``: the
+    numbering clip.cpp uses for ``clip.vision.feature_layer``.
+    """
+    n = int(config["vision_config"]["num_hidden_layers"])
+    raw = config.get("vision_feature_layer", -2)
+    layers = [int(x) for x in (raw if isinstance(raw, (list, tuple)) else [raw])]
+    out = [x if x >= 0 else n + 1 + x for x in layers]
+    if not out or any(not 0 <= x <= n for x in out):
+        raise UserError(f"vision_feature_layer {raw!r} is outside the tower's {n} layers")
+    if out != sorted(set(out)):
+        # clip.cpp concatenates the selected hidden states in layer order; Hugging Face in list order
+        raise UserError(f"vision_feature_layer {raw!r} must list distinct layers in increasing order for llama.cpp")
+    return out
+
+
+def llama_cpp_preprocessing_notes(spec: ImageSpec, image_size: int) -> list[str]:
+    """Where llama.cpp's own image path will differ from this checkpoint's preprocessing (empty: none known).
+
+    llama.cpp (``mtmd`` fixed-size path for 'mlp') scales the image to fit
+    ``image_size`` x ``image_size`` with a Pillow-equivalent bicubic, then pads it
+    centred with ``LLAMA_CPP_PAD_COLOR``. It never center-crops.
+    """
+    notes = []
+    if spec.pad == "square":
+        notes.append("the checkpoint center-crops non-square images (pad mode 'square'); llama.cpp letterboxes them")
+    else:
+        fill = tuple(int(x * 255) for x in spec.mean)
+        if fill != LLAMA_CPP_PAD_COLOR:
+            notes.append(f"the checkpoint pads with {fill}; llama.cpp always pads with {LLAMA_CPP_PAD_COLOR}")
+        notes.append("non-square images: the checkpoint pads then resizes, llama.cpp resizes then pads "
+                     "(the edges of the picture are resampled differently)")
+    if spec.resize != spec.crop or spec.crop != image_size:
+        notes.append(f"the checkpoint resizes to {spec.resize} and crops {spec.crop}; llama.cpp resizes the whole "
+                     f"image to {image_size} and crops nothing")
+    return notes
+
+
+def check_supported(ckpt: Checkpoint) -> None:
+    """Refuse, in one line, what clip.cpp's LLaVA graph would compute differently."""
+    cfg, vc = ckpt.config, ckpt.vision_config
+    if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise UserError(f"unsupported vision tower {vc.get('model_type')!r} for --target mmproj; "
+                        f"supported: {SUPPORTED}")
+    if vc.get("hidden_act", "quick_gelu") not in _TOWER_ACTS:
+        raise UserError(f"unsupported vision activation {vc.get('hidden_act')!r} for --target mmproj; "
+                        f"supported: {', '.join(_TOWER_ACTS)}")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act not in _GELU_PROJECTOR_ACTS:
+        raise UserError(f"unsupported projector activation {act!r} for --target mmproj; supported: {SUPPORTED}")
+    if not cfg.get("multimodal_projector_bias", True):
+        raise UserError(f"unsupported projector without bias for --target mmproj; supported: {SUPPORTED}")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported by llama.cpp's 'mlp' "
+                        "projector (it always drops the class token); supported: 'default'")
+
+
+def _canonical(key: str) -> tuple[str, str] | None:
+    """A checkpoint key -> ("tower", name under vision_model.) or ("projector", name), else None."""
+    for p in _TOWER_PREFIXES:
+        if key.startswith(p):
+            return "tower", key[len(p):]
+    for p in _PROJECTOR_PREFIXES:
+        if key.startswith(p):
+            return "projector", key[len(p):]
+    return None
+
+
+def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[PlannedTensor]:
+    """Every tensor the mmproj holds, from the safetensors headers only (no weights read)."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, int(ckpt.vision_config["num_hidden_layers"]))
+    plan: list[PlannedTensor] = []
+    seen_projector = set()
+    for f in ckpt.weight_files():
+        for key, info in json.loads(read_safetensors_header_bytes(f)).items():
+            if key == "__metadata__":
+                continue
+            hit = _canonical(key)
+            if hit is None:
+                continue
+            part, rest = hit
+            shape = tuple(int(s) for s in info["shape"])
+            if part == "tower":
+                if rest.startswith("post_layernorm.") or rest.endswith("position_ids"):
+                    continue  # LLaVA's features are taken before post_layernorm
+                m = re.match(r"encoder\.layers\.(\d+)\.", rest)
+                if m and int(m.group(1)) >= block_count:
+                    continue  # after the feature layer: LLaVA never uses it
+                new = name_map.get_name("vision_tower.vision_model." + rest, try_suffixes=(".weight", ".bias"))
+                if new is None:
+                    raise UserError(f"cannot map vision tensor {key!r} to GGUF; supported: {SUPPORTED}")
+            else:
+                m = re.match(r"(linear_[12])\.(weight|bias)$", rest)
+                if not m:
+                    raise UserError(f"unsupported projector tensor {key!r}; supported: {SUPPORTED}")
+                new = f"{_PROJECTOR_NAMES[m.group(1)]}.{m.group(2)}"
+                seen_projector.add(new)
+            # 1-D tensors (norms, biases, class embedding) stay f32, as llama.cpp's converters keep them
+            dtype = "f32" if len(shape) == 1 or outtype == "f32" else "f16"
+            plan.append(PlannedTensor(new, f, key, shape, dtype))
+    missing = {"mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} - seen_projector
+    if missing:
+        raise UserError(f"{ckpt.path} lacks projector tensors {', '.join(sorted(missing))}; supported: {SUPPORTED}")
+    if not any(t.gguf_name == "v.patch_embd.weight" for t in plan):
+        raise UserError(f"no vision tower weights found in {ckpt.path}")
+    return plan
+
+
+def export_mmproj_gguf(
+    ckpt: Checkpoint,
+    path: str | Path,
+    outtype: str = "f32",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Write ``path`` (atomically); return what the manifest may record about it.
+
+    ``outtype`` ``f16`` stores matrices and the patch convolution in f16 and
+    keeps 1-D tensors in f32, like llama.cpp's own mmproj files.
+    """
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"unknown mmproj outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    check_supported(ckpt)
+    vc, tc = ckpt.vision_config, ckpt.text_config
+    feature_layers = positive_feature_layers(ckpt.config)
+    block_count = max(feature_layers)
+    plan = plan_tensors(ckpt, outtype, block_count)
+    spec = ckpt.image_spec()
+    image_size = int(vc.get("image_size", 336))
+    patch_size = int(vc.get("patch_size", 14))
+    n_embd_text = int(tc["hidden_size"])
+    proj_out = next(t.shape[0] for t in plan if t.gguf_name == "mm.2.weight")
+    if proj_out != n_embd_text:
+        raise UserError(f"projector output width {proj_out} differs from the language model's {n_embd_text}")
+
+    notes = llama_cpp_preprocessing_notes(spec, image_size)
+    path = Path(path)
+    log(f"vision tower ({block_count} of {vc['num_hidden_layers']} layers) + projector -> mmproj GGUF ({outtype})")
+    with atomic.atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "clip")
+        w.add_type(gguf.GGUFType.MMPROJ)
+        w.add_name(ckpt.path.name)
+        w.add_description("image encoder for LLaVA (llava-edge)")
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_clip_projector_type(PROJECTOR_TYPE)
+        w.add_clip_has_vision_encoder(True)
+        w.add_bool(HAS_TEXT_ENCODER_KEY, False)
+        w.add_bool(HAS_LLAVA_PROJECTOR_KEY, True)
+        w.add_vision_projection_dim(n_embd_text)
+        w.add_vision_image_size(image_size)
+        w.add_vision_patch_size(patch_size)
+        w.add_vision_embedding_length(int(vc["hidden_size"]))
+        w.add_vision_feed_forward_length(int(vc["intermediate_size"]))
+        w.add_vision_block_count(block_count)
+        w.add_vision_head_count(int(vc["num_attention_heads"]))
+        w.add_vision_attention_layernorm_eps(float(vc.get("layer_norm_eps", 1e-5)))
+        w.add_vision_image_mean(list(spec.mean))
+        w.add_vision_image_std(list(spec.std))
+        w.add_vision_use_gelu(_TOWER_ACTS[vc.get("hidden_act", "quick_gelu")])
+        w.add_array(FEATURE_LAYER_KEY, feature_layers)
+        for t in plan:
+            dt = np.dtype(np.float32 if t.dtype == "f32" else np.float16)
+            w.add_tensor_info(t.gguf_name, t.shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        handles: dict[Path, object] = {}
+        try:
+            for t in plan:
+                if t.file not in handles:
+                    handles[t.file] = safe_open(str(t.file), framework="pt")
+                a = handles[t.file].get_tensor(t.key).to(torch.float32).numpy()
+                w.write_tensor_data(a.astype(np.float32 if t.dtype == "f32" else np.float16))
+                del a
+        finally:
+            handles.clear()
+            w.close()
+    for note in notes:
+        log(f"note: llama.cpp's image preprocessing differs: {note}")
+    for issue in LLAMA_CPP_KNOWN_ISSUES:
+        log(f"note: {issue}")
+    return dict(
+        projector_type=PROJECTOR_TYPE, outtype=outtype, feature_layers=feature_layers, block_count=block_count,
+        image_size=image_size, patch_size=patch_size, n_image_tokens=(image_size // patch_size) ** 2,
+        n_embd=n_embd_text, n_tensors=len(plan), llama_cpp_preprocessing_notes=notes,
+    )
+
+
+def _silence_mtmd_logs() -> None:
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    @llama_cpp.llama_log_callback
+    def _quiet(level, text, user_data):  # noqa: ARG001 - ggml's log signature
+        return None
+
+    _silence_mtmd_logs.callback = _quiet  # keep a reference: llama.cpp holds the pointer
+    llama_cpp.llama_log_set(_quiet, None)
+    mtmd_cpp.mtmd_log_set(_quiet, None)
+    mtmd_cpp.mtmd_helper_log_set(_quiet, None)
+
+
+def llama_cpp_image_embeddings(
+    mmproj: str | Path,
+    text_gguf: str | Path,
+    images: list[np.ndarray],
+    flash_attn: bool = False,
+    n_threads: int = 2,
+    verbose: bool = False,
+) -> list[np.ndarray]:
+    """Encode RGB uint8 images (H, W, 3) with llama.cpp's own CLIP; one (tokens, width) array per image.
+
+    This is llama.cpp's whole image path (its preprocessing, then its graph), as
+    ``llama-mtmd-cli`` runs it: the bitmap is tokenized with the media marker
+    and the image chunk encoded with ``mtmd_encode_chunk``. An image of exactly
+    the tower's size is not resized by llama.cpp, so its pixels reach the graph
+    as ``(u8 / 255 - mean) / std``: the same values Hugging Face gets. The text
+    model is loaded vocabulary-only: mtmd needs it for its width and tokens.
+    ``flash_attn`` off by default: ggml's CPU flash attention rounds to f16.
+    """
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
+    if not verbose:
+        _silence_mtmd_logs()
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), mp)
+    if not model:
+        raise UserError(f"llama.cpp could not load {text_gguf}")
+    ctx = None
+    try:
+        p = M.mtmd_context_params_default()
+        p.use_gpu = False
+        p.n_threads = n_threads
+        p.print_timings = False
+        p.warmup = False
+        fa = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = fa
+        ctx = M.mtmd_init_from_file(str(mmproj).encode(), model, p)
+        if not ctx:
+            raise UserError(f"llama.cpp's mtmd could not load {mmproj} with {text_gguf}")
+        n_embd = _projection_dim(mmproj)  # a vocabulary-only model reports width 0
+        return [_encode_one(M, ctx, np.ascontiguousarray(im, dtype=np.uint8), n_embd) for im in images]
+    finally:
+        if ctx:
+            M.mtmd_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+def _projection_dim(mmproj: str | Path) -> int:
+    import gguf
+
+    field = gguf.GGUFReader(str(mmproj)).get_field(gguf.Keys.ClipVision.PROJECTION_DIM)
+    if field is None:
+        raise UserError(f"{mmproj} has no {gguf.Keys.ClipVision.PROJECTION_DIM}")
+    return int(field.contents())
+
+
+def _encode_one(M, ctx, rgb: np.ndarray, n_embd: int) -> np.ndarray:
+    import ctypes
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise UserError(f"expected an RGB image array (H, W, 3), got shape {rgb.shape}")
+    h, w, _ = rgb.shape
+    data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+    bitmap = M.mtmd_bitmap_init(w, h, data)
+    chunks = M.mtmd_input_chunks_init()
+    try:
+        text = M.mtmd_default_marker()
+        inp = M.mtmd_input_text(text, len(text), False, True)
+        bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        if M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1) != 0:
+            raise UserError("llama.cpp's mtmd could not tokenize the image")
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(chunk) != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                continue
+            n = M.mtmd_input_chunk_get_n_tokens(chunk)
+            if M.mtmd_encode_chunk(ctx, chunk) != 0:
+                raise UserError("llama.cpp's mtmd failed to encode the image")
+            out = M.mtmd_get_output_embd(ctx)
+            return np.ctypeslib.as_array(out, shape=(n * n_embd,)).reshape(n, n_embd).copy()
+        raise UserError("llama.cpp's mtmd produced no image chunk")
+    finally:
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bitmap)
