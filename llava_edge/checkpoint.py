@@ -1,16 +1,24 @@
 """A LLaVA checkpoint on disk: find it, validate it, read its settings, load it.
 
-Everything except :func:`load_hf_model` works without torch. A checkpoint is a
-llava-hf style directory (``config.json`` with ``model_type: llava``,
-safetensors weights, tokenizer and processor files) or a hub id already in the
-local Hugging Face cache. The toy model is such a directory: there is no other path.
+Everything except :func:`load_hf_model` and the conversion in :func:`resolve_model`
+works without torch. A checkpoint is a llava-hf style directory (``config.json``
+with ``model_type: llava``, safetensors weights, one file or shards with an
+index, tokenizer and processor files) or a hub id (read from the local Hugging
+Face cache when ``HF_HUB_OFFLINE=1``). The toy model and ``llava-edge train``
+outputs are such directories. An original LLaVA repository checkpoint
+(``LlavaLlamaForCausalLM``) is converted into one by :func:`resolve_model`
+(see :mod:`llava_edge.original_llava`).
+
+Every problem found here is a one-line :class:`UserError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +29,13 @@ from .templates import TEMPLATES
 
 RECIPE_FILE = "llava_edge.json"  # what the config does not say: template and pad mode
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
+SUPPORTED = (  # said in every "unsupported model" error
+    "LlavaForConditionalGeneration (model_type 'llava', llava-hf layout) with a llama or mistral language model; "
+    "original LLaVA LlavaLlamaForCausalLM / LlavaMistralForCausalLM checkpoints (converted on export)"
+)
+HUB_SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]  # configs, tokenizer, processor, templates
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 DEFAULT_RECIPE = {"template": "vicuna_v1", "image_pad": "pad"}
 
 
@@ -37,6 +52,7 @@ class Checkpoint:
     path: Path
     config: dict
     recipe: dict
+    origin: Path | None = None  # the original LLaVA checkpoint this one was converted from, if any
 
     @property
     def text_config(self) -> dict:
@@ -69,11 +85,23 @@ class Checkpoint:
         n = (v.get("image_size", 336) // v.get("patch_size", 14)) ** 2
         return n + (1 if self.config.get("vision_feature_select_strategy", "default") == "full" else 0)
 
-    def weight_files(self) -> list[Path]:
+    def weight_map(self) -> dict[str, str] | None:
+        """Tensor name -> shard file name from ``model.safetensors.index.json``; None for one file."""
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [self.path / n for n in names]
+        if not index.is_file():
+            return None
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"unreadable weight index {index} (no weight_map)") from None
+        return wm
+
+    def weight_files(self) -> list[Path]:
+        wm = self.weight_map()
+        if wm is not None:
+            files = [self.path / n for n in sorted(set(wm.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise UserError(f"missing weight shard(s) in {self.path}: {', '.join(missing)}")
@@ -81,7 +109,20 @@ class Checkpoint:
         single = self.path / "model.safetensors"
         if single.is_file():
             return [single]
+        bins = sorted(p.name for p in self.path.glob("pytorch_model*.bin"))
+        if bins:
+            raise UserError(f"{self.path} has only PyTorch .bin weights ({bins[0]}); llava-edge reads safetensors: "
+                            "re-save it with save_pretrained(safe_serialization=True)")
         raise UserError(f"no safetensors weights in {self.path} (model.safetensors or an index)")
+
+    def check_weights(self) -> None:
+        """Every shard present and whole, every indexed tensor in its shard: headers only, cheap at 7B."""
+        wm = self.weight_map()
+        headers = {f.name: check_safetensors(f) for f in self.weight_files()}
+        if wm is not None:
+            for name, shard in wm.items():
+                if name not in headers[shard]:
+                    raise UserError(f"{self.path / shard} lacks tensor {name} (its index lists it there)")
 
     def fingerprint(self) -> str:
         """sha256 over config.json and every safetensors header (names, dtypes, shapes, offsets).
@@ -98,7 +139,11 @@ class Checkpoint:
 
 
 def read_safetensors_header_bytes(path: Path) -> bytes:
-    with open(path, "rb") as fh:
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read weights {path}: {e.strerror}") from None
+    with fh:
         raw = fh.read(8)
         if len(raw) != 8:
             raise UserError(f"corrupt safetensors file (truncated header): {path}")
@@ -115,50 +160,175 @@ def read_safetensors_header_bytes(path: Path) -> bytes:
     return header
 
 
-def _resolve_path(model: str | Path) -> Path:
+def check_safetensors(path: Path) -> dict:
+    """The parsed header of a safetensors file, after checking it describes the file exactly.
+
+    A truncated download keeps a valid header but loses data: every tensor's byte
+    range must match its dtype and shape, the ranges must tile the data without
+    gaps, and the data must end where the file ends (as the safetensors library
+    itself requires when it opens the file).
+    """
+    raw = read_safetensors_header_bytes(path)
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise UserError(f"corrupt safetensors file (header is not an object): {path}")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            size = SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            for d in info["shape"]:
+                size *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"corrupt safetensors file (bad entry for {name}): {path}") from None
+        if end - begin != size:
+            raise UserError(f"corrupt safetensors file ({name} has {end - begin} bytes, its shape needs {size}): "
+                            f"{path}")
+        spans.append((begin, end))
+    expected = 0
+    for begin, end in sorted(spans):
+        if begin != expected:
+            raise UserError(f"corrupt safetensors file (tensor data overlaps or has gaps): {path}")
+        expected = end
+    actual = path.stat().st_size - 8 - len(raw)
+    if actual != expected:
+        kind = "truncated" if actual < expected else "trailing bytes"
+        raise UserError(f"corrupt safetensors file ({kind}: {actual} data bytes, header says {expected}): {path}")
+    return header
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and all(s.split("/"))
+
+
+def hub_snapshot(repo_id: str, what: str = "model") -> Path:
+    """A hub repository's local folder: from the Hugging Face cache only when ``HF_HUB_OFFLINE=1``.
+
+    Online, one weight format is downloaded: safetensors when the repository has
+    them, else PyTorch ``.bin`` (original LLaVA and older CLIP repositories).
+    """
+    from huggingface_hub import constants, list_repo_files, snapshot_download
+
+    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        if offline:
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        files = list_repo_files(repo_id)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_SIDE_FILES + weights))
+    except Exception as e:  # not cached, unknown repo, gated, no network...
+        if offline:
+            raise UserError(f"{what} {repo_id!r} is not a directory and not in the local Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE is set") from None
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{what} {repo_id!r} is neither a directory nor a reachable hub id "
+                        f"({type(e).__name__}{': ' + first if first else ''})") from None
+
+
+def resolve_path(model: str | Path, what: str = "model") -> Path:
+    """A local directory, or a hub id's snapshot folder; a one-line error otherwise."""
     p = Path(model).expanduser()
     if p.exists():
         return p
-    s = str(model)
-    if s.count("/") == 1 and not s.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.model"]))
-        except Exception as e:  # offline, unknown repo, gated...
-            raise UserError(f"model {s!r} is neither a directory nor a reachable hub id ({type(e).__name__})") from None
-    raise UserError(f"model directory not found: {p}")
+    if _looks_like_hub_id(str(model)):
+        return hub_snapshot(str(model), what)
+    raise UserError(f"{what} directory not found: {p}")
 
 
-def open_checkpoint(model: str | Path) -> Checkpoint:
-    """Find and validate a LLaVA checkpoint; a one-line :class:`UserError` when it is not one."""
-    path = _resolve_path(model)
+def _read_config(path: Path) -> dict:
     if not path.is_dir():
         raise UserError(f"not a model directory: {path}")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
+        if (path / "adapter_config.json").is_file():
+            raise UserError(f"{path} is a LoRA adapter, not a model: merge it into its base first "
+                            "(llava-edge train merge-lora)")
+        if any(path.glob("random_states*.pkl")) or (path / "optimizer.bin").is_file():
+            raise UserError(f"{path} is a training state (continue it with --resume), not a model")
         raise UserError(f"not a LLaVA model directory (no config.json): {path}")
     try:
         config = json.loads(cfg_file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError
     except ValueError:
         raise UserError(f"unreadable config.json in {path}") from None
+    return config
+
+
+def _is_original_llava(config: dict) -> bool:
+    from .original_llava import is_original_llava  # torch-free at import
+
+    return is_original_llava(config)
+
+
+def open_checkpoint(model: str | Path) -> Checkpoint:
+    """Find and validate a llava-hf style checkpoint; a one-line :class:`UserError` when it is not one."""
+    path = resolve_path(model)
+    config = _read_config(path)
     mtype = config.get("model_type")
-    if mtype in ("llava_llama", "llava_mistral"):
+    if _is_original_llava(config):
+        arch = (config.get("architectures") or [mtype])[0]
         raise UserError(
-            f"{path} is an original LLaVA repository checkpoint ({mtype}); "
-            "convert it to the llava-hf layout first (supported: model_type 'llava')"
+            f"{path} is an original LLaVA repository checkpoint ({arch}); `llava-edge export` converts it "
+            "(with --vision for its CLIP tower), other commands need the llava-hf layout"
         )
     if mtype != "llava":
-        raise UserError(f"not a LLaVA model directory: {path} has model_type {mtype!r} (supported: 'llava')")
-    tmt = config.get("text_config", {}).get("model_type", "llama")
+        arch = (config.get("architectures") or [None])[0]
+        what = f"{arch!r} (model_type {mtype!r})" if arch else f"model_type {mtype!r}"
+        raise UserError(f"unsupported model {path}: {what}; supported: {SUPPORTED}")
+    tc = config.get("text_config") or {}
+    tmt = tc.get("model_type", "llama")
     if tmt not in SUPPORTED_TEXT_MODELS:
         raise UserError(f"unsupported language model {tmt!r} in {path} (supported: {', '.join(SUPPORTED_TEXT_MODELS)})")
+    vmt = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if vmt not in ("clip_vision_model", "clip"):
+        raise UserError(f"unsupported vision tower {vmt!r} in {path} (supported: clip_vision_model)")
     recipe = dict(DEFAULT_RECIPE)
     rf = path / RECIPE_FILE
     if rf.is_file():
-        recipe.update(json.loads(rf.read_text()))
+        try:
+            recipe.update(json.loads(rf.read_text()))
+        except ValueError:
+            raise UserError(f"unreadable {RECIPE_FILE} in {path}") from None
     ckpt = Checkpoint(path, config, recipe)
-    ckpt.weight_files()  # fail early on missing weights
+    ckpt.check_weights()  # fail early on missing shards and damaged files
+    return ckpt
+
+
+def resolve_model(model: str | Path, vision: str | Path | None = None, cache_dir: str | Path | None = None,
+                  log: Callable[[str], None] = print) -> Checkpoint:
+    """What ``export`` takes: a llava-hf checkpoint as it is, an original LLaVA one converted.
+
+    An original LLaVA checkpoint (``LlavaLlamaForCausalLM``) is converted with its
+    CLIP tower (``vision``, else the config's ``mm_vision_tower``: a directory or
+    a hub id) into ``cache_dir/converted/NAME-KEY`` (default
+    :func:`llava_edge.original_llava.default_cache_dir`, i.e. ``$LLAVA_EDGE_CACHE``
+    or ``~/.cache/llava-edge``). The key hashes both sources' file names, sizes
+    and times, so a second export reuses the conversion and a changed source
+    converts again. The folder is written under a temporary name and renamed when
+    complete. ``vision`` with a llava-hf checkpoint is an error (it has its tower).
+    """
+    path = resolve_path(model)
+    config = _read_config(path)
+    if not _is_original_llava(config):
+        if vision is not None:
+            raise UserError(f"--vision is only for original LLaVA checkpoints; {path} already has its vision tower")
+        return open_checkpoint(path)
+    from . import original_llava
+
+    original_llava.inspect_original(path)  # unsupported variants fail before anything is fetched
+    if vision is None:
+        vision = config.get("mm_vision_tower")
+        if not vision:
+            raise UserError(f"{path} does not name its vision tower (mm_vision_tower): give --vision DIR")
+    vision_path = resolve_path(vision, what="vision tower")
+    if not vision_path.is_dir():
+        raise UserError(f"vision tower is not a directory: {vision_path}")
+    out = original_llava.convert_cached(path, vision_path, Path(cache_dir) if cache_dir else None, log=log)
+    ckpt = open_checkpoint(out)
+    ckpt.origin = path
     return ckpt
 
 
