@@ -1,17 +1,29 @@
 """The language model of a LLaVA checkpoint -> GGUF for llama.cpp, one tensor at a time.
 
-Written with the ``gguf`` package: Llama tensor names from its tensor-name map,
-Q/K rows permuted to llama.cpp's rotary layout, the SentencePiece vocabulary
-with its scores and token types plus the checkpoint's added tokens (``<image>``,
-``<pad>``) and ``[PAD*]`` fillers up to the embedding's row count. Tensors are
-read from the safetensors files and written one by one (tensor infos first,
-then data), so memory stays of the order of the largest tensor, not the model:
-``GGUFWriter.add_tensor`` would keep every array until the end.
+Covers the Llama family LLaVA is built on (Vicuna / Llama 2, Llama 3, Mistral): all
+are llama.cpp's ``llama`` architecture, as in llama.cpp's own converter. Written with
+the ``gguf`` package: tensor names from its tensor-name map; Q/K rows (and biases)
+permuted from Hugging Face's rotate-half layout to llama.cpp's interleaved pairs, K with
+its own head count under grouped-query attention; rope base, linear scaling and Llama
+3.1's ``llama3`` scaling (as the ``rope_freqs`` tensor of per-frequency divisors) from
+``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (4.x); RMS-norm
+epsilon; head width when it is not ``hidden / heads``. The vocabulary is
+:mod:`gguf_vocab`'s.
+
+Memory: tensor infos are written first, then each tensor is read from its safetensors
+file with plain reads, converted and written before the next is read, so an export
+needs memory of the order of the largest tensor, not of the model
+(``GGUFWriter.add_tensor`` keeps every array until the end).
+
+Output types (``--llm-outtype``) as llama.cpp's converter chooses them: 1-D tensors
+(norms, rope factors) stay f32; q8_0 falls back to f16 for a tensor whose rows are not
+a multiple of its 32-value block.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +34,8 @@ from llava_edge import atomic
 from llava_edge.checkpoint import Checkpoint
 from llava_edge.errors import UserError
 
+from .gguf_vocab import read_vocab
+
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _TEXT_PREFIXES = {  # saved llava-hf layout and transformers 5's in-memory layout
     "language_model.model.": "model.",
@@ -29,6 +43,8 @@ _TEXT_PREFIXES = {  # saved llava-hf layout and transformers 5's in-memory layou
     "language_model.lm_head.": "lm_head.",
     "lm_head.": "lm_head.",
 }
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+_QUANT_CHUNK = 1 << 20  # values quantized per call: gguf's numpy quantizer makes several temporaries
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,8 @@ class SourceTensor:
     file: Path
     key: str
     shape: tuple[int, ...]
+    dtype: str = "F32"  # safetensors dtype name
+    offset: int = 0  # absolute byte offset of the data in ``file``
 
 
 def text_tensors(ckpt: Checkpoint) -> dict[str, SourceTensor]:
@@ -44,204 +62,230 @@ def text_tensors(ckpt: Checkpoint) -> dict[str, SourceTensor]:
 
     out: dict[str, SourceTensor] = {}
     for f in ckpt.weight_files():
-        for key, info in json.loads(read_safetensors_header_bytes(f)).items():
+        header = read_safetensors_header_bytes(f)
+        data_start = 8 + len(header)
+        for key, info in json.loads(header).items():
             if key == "__metadata__":
                 continue
             for prefix, canon in _TEXT_PREFIXES.items():
                 if key.startswith(prefix):
-                    out[canon + key[len(prefix) :]] = SourceTensor(f, key, tuple(info["shape"]))
+                    begin, end = info["data_offsets"]
+                    st = SourceTensor(f, key, tuple(info["shape"]), info["dtype"], data_start + begin)
+                    if st.dtype not in _SAFETENSORS_DTYPES:
+                        raise UserError(f"unsupported weight dtype {st.dtype} for {key} in {f.name} "
+                                        f"(supported: {', '.join(_SAFETENSORS_DTYPES)})")
+                    if end - begin != math.prod(st.shape) * np.dtype(_SAFETENSORS_DTYPES[st.dtype]).itemsize:
+                        raise UserError(f"corrupt safetensors file {f}: {key} has the wrong byte size")
+                    out[canon + key[len(prefix) :]] = st
                     break
     if not any(k.startswith("model.layers.") for k in out):
         raise UserError(f"no language-model weights found in {ckpt.path}")
     return out
 
 
+def read_tensor(st: SourceTensor) -> np.ndarray:
+    """One tensor as float32, read with ordinary file reads.
+
+    Not through ``safetensors.safe_open``: it memory-maps the file, and every page a
+    tensor read touches stays mapped, counted as resident memory of the exporting process,
+    until the handle closes; over a whole model that is the model's size. ``np.fromfile``
+    reads exactly this tensor's bytes. bfloat16 (numpy has no such type) is widened by
+    shifting its 16 bits into the high half of a float32.
+    """
+    raw = np.fromfile(st.file, dtype=_SAFETENSORS_DTYPES[st.dtype], count=math.prod(st.shape), offset=st.offset)
+    if raw.size != math.prod(st.shape):
+        raise UserError(f"corrupt safetensors file {st.file}: {st.key} is truncated")
+    if st.dtype == "BF16":
+        wide = raw.astype(np.uint32)
+        del raw
+        wide <<= 16  # in place: one float32-sized buffer, not two
+        return wide.view(np.float32).reshape(st.shape)
+    return raw.astype(np.float32, copy=False).reshape(st.shape)
+
+
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Hugging Face's Q/K rows (rotate-half pairs) -> llama.cpp's interleaved pairs."""
+    """Hugging Face's Q/K rows (rotate-half pairs) -> llama.cpp's interleaved pairs; weights or biases."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_theta(tc: dict) -> float:
-    if "rope_theta" in tc:
-        return float(tc["rope_theta"])
-    return float((tc.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+@dataclass(frozen=True)
+class Rope:
+    theta: float
+    linear_factor: float | None = None  # positions divided by this (rope_type "linear")
+    freq_factors: np.ndarray | None = None  # per-frequency divisors (rope_type "llama3"), llama.cpp's rope_freqs
 
 
-def _vocab(ckpt: Checkpoint, n_rows: int):
-    """Tokens, scores and types: SentencePiece pieces, then added tokens, then fillers."""
-    import gguf
-    import sentencepiece as spm
+def llama3_freq_factors(theta: float, head_dim: int, p: dict) -> np.ndarray:
+    """Llama 3.1's rope scaling as divisors of the base frequencies (what llama.cpp's ``rope_freqs`` holds).
 
-    sp_file = ckpt.path / "tokenizer.model"
-    if not sp_file.is_file():
-        raise UserError(f"{ckpt.path} has no tokenizer.model (only SentencePiece vocabularies are exported so far)")
-    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
-    T = gguf.TokenType
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i).encode("utf-8"))
-        scores.append(sp.get_score(i))
-        types.append(
-            T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else T.UNUSED if sp.is_unused(i)
-            else T.BYTE if sp.is_byte(i) else T.NORMAL
-        )
-    added = {}
-    tj = ckpt.path / "tokenizer.json"
-    if tj.is_file():
-        for t in json.loads(tj.read_text()).get("added_tokens", []):
-            added[int(t["id"])] = (t["content"], bool(t.get("special", False)))
-    n_vocab = max([len(tokens) - 1, *added]) + 1
-    if n_vocab > n_rows:
-        raise UserError(f"the tokenizer has {n_vocab} tokens but the embedding matrix only {n_rows} rows")
-    for i in range(n_rows):
-        if i in added:
-            text, special = added[i]
-            if i < len(tokens):
-                tokens[i] = text.encode("utf-8")
-                types[i] = T.CONTROL if special else T.USER_DEFINED
-                continue
-            tokens.append(text.encode("utf-8"))
-            scores.append(-1000.0)
-            types.append(T.CONTROL if special else T.USER_DEFINED)
-        elif i >= len(tokens):
-            tokens.append(f"[PAD{i}]".encode())
-            scores.append(-1000.0)
-            types.append(T.UNUSED)
-    add_space_prefix = True
-    try:  # the SentencePiece model's own normalizer settings, as llama.cpp's converter reads them
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
-        proto = pb.ModelProto()
-        proto.ParseFromString(sp_file.read_bytes())
-        add_space_prefix = proto.normalizer_spec.add_dummy_prefix
-    except Exception:  # noqa: BLE001 - older protobuf builds; Llama's default stands
-        pass
-    ids = dict(bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id())
-    return tokens, scores, types, ids, add_space_prefix
+    Frequencies whose wavelength is shorter than ``original_max_position_embeddings /
+    high_freq_factor`` are kept, those longer than ``... / low_freq_factor`` divided by
+    ``factor``, and those between interpolated smoothly (Meta's published rule, as
+    transformers' ``_compute_llama3_parameters`` implements it).
+    """
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    old_ctx = float(p["original_max_position_embeddings"])
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
+    return out.astype(np.float32)
 
 
-def _target_type(name: str, shape: tuple[int, ...], outtype: str):
+def rope_settings(tc: dict, head_dim: int) -> Rope:
+    """Rope base and scaling from a text config of transformers 5 (``rope_parameters``) or 4.x."""
+    p = {**(tc.get("rope_scaling") or {}), **(tc.get("rope_parameters") or {})}
+    theta = float(p.get("rope_theta", tc.get("rope_theta", 10000.0)))
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind == "default":
+        return Rope(theta)
+    if kind == "linear":
+        return Rope(theta, linear_factor=float(p["factor"]))
+    if kind == "llama3":
+        return Rope(theta, freq_factors=llama3_freq_factors(theta, head_dim, p))
+    raise UserError(f"rope scaling {kind!r} is not supported by the GGUF export (supported: default, linear, llama3)")
+
+
+def target_type(shape: tuple[int, ...], outtype: str):
+    """The GGML type a tensor is stored as for ``outtype`` (llama.cpp's converter's choices)."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1 or outtype == "f32":
         return Q.F32
-    if outtype == "q8_0" and shape[-1] % 32 != 0:
+    if outtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] != 0:
         return Q.F16
     return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
 
 
-def _encode(a: np.ndarray, qtype) -> np.ndarray:
+def encode(a: np.ndarray, qtype) -> np.ndarray:
+    """A float32 array in ``qtype``: f32/f16 as numpy arrays, bf16/q8_0 as gguf's packed bytes."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
     if qtype == Q.F32:
-        return a.astype(np.float32)
+        return np.ascontiguousarray(a, dtype=np.float32)
     if qtype == Q.F16:
         return a.astype(np.float16)
-    return gguf.quants.quantize(a.astype(np.float32), qtype)
+    rows = a.reshape(-1, a.shape[-1])
+    out = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, qtype), dtype=np.uint8)
+    step = max(1, _QUANT_CHUNK // rows.shape[1])
+    for r in range(0, rows.shape[0], step):  # in row chunks: the quantizer's temporaries stay small
+        out[r : r + step] = gguf.quants.quantize(rows[r : r + step], qtype)
+    return out.reshape(gguf.quant_shape_to_byte_shape(a.shape, qtype))
 
 
-def export_llm_gguf(
-    ckpt: Checkpoint,
-    out_file: str | Path,
-    outtype: str = "f32",
-    add_bos: bool = True,
-    chat_template: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Write the GGUF; returns the dims the manifest records."""
+@dataclass(frozen=True)
+class _Planned:
+    name: str  # GGUF name
+    shape: tuple[int, ...]
+    qtype: object
+    load: Callable[[], np.ndarray]  # float32, already in llama.cpp's layout
+
+
+def _plan(src: dict[str, SourceTensor], n_layer: int, n_head: int, n_head_kv: int, rope: Rope, outtype: str):
     import gguf
-    import torch
-    from safetensors import safe_open
-
-    if outtype not in OUTTYPES:
-        raise UserError(f"unknown --llm-outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    tc = ckpt.text_config
-    n_layer, n_head = int(tc["num_hidden_layers"]), int(tc["num_attention_heads"])
-    n_head_kv = int(tc.get("num_key_value_heads") or n_head)
-    n_embd = int(tc["hidden_size"])
-    head_dim = int(tc.get("head_dim") or n_embd // n_head)
-    src = text_tensors(ckpt)
-    emb = src.get("model.embed_tokens.weight")
-    if emb is None:
-        raise UserError(f"{ckpt.path} has no language-model token embedding")
-    n_rows = emb.shape[0]
-    tokens, scores, types, ids, add_space_prefix = _vocab(ckpt, n_rows)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-    plan = []  # (gguf name, source, target type)
+    plan: list[_Planned] = []
     for name, st in src.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UserError(f"cannot map language-model tensor {name!r} to GGUF")
-        plan.append((new, name, st, _target_type(new, st.shape, outtype)))
+        heads = n_head if ".self_attn.q_proj." in name else n_head_kv if ".self_attn.k_proj." in name else None
+
+        def load(st=st, heads=heads) -> np.ndarray:
+            a = read_tensor(st)
+            return permute_rotary(a, heads) if heads else a
+
+        plan.append(_Planned(new, st.shape, target_type(st.shape, outtype), load))
+    if rope.freq_factors is not None:
+        ff = rope.freq_factors
+        plan.append(_Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", ff.shape,
+                             gguf.GGMLQuantizationType.F32, lambda: ff))
+    return plan
+
+
+def export_llm_gguf(
+    ckpt: Checkpoint,
+    out_file: str | Path,
+    outtype: str = "f32",
+    add_bos: bool | None = None,
+    chat_template: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the GGUF; returns the dims the manifest records.
+
+    ``add_bos`` and ``chat_template`` default to what the checkpoint's tokenizer files say.
+    """
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"unknown --llm-outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    tc = ckpt.text_config
+    if tc.get("hidden_act", "silu") != "silu":
+        raise UserError(f"unsupported language-model activation {tc['hidden_act']!r} (the Llama family uses silu)")
+    n_layer, n_head = int(tc["num_hidden_layers"]), int(tc["num_attention_heads"])
+    n_head_kv = int(tc.get("num_key_value_heads") or n_head)
+    n_embd = int(tc["hidden_size"])
+    head_dim = int(tc.get("head_dim") or n_embd // n_head)
+    n_ctx_train = int(tc.get("max_position_embeddings", 4096))
+    rope = rope_settings(tc, head_dim)
+    src = text_tensors(ckpt)
+    emb = src.get("model.embed_tokens.weight")
+    if emb is None:
+        raise UserError(f"{ckpt.path} has no language-model token embedding")
+    n_rows = emb.shape[0]
+    vocab = read_vocab(ckpt.path, n_rows)
+    plan = _plan(src, n_layer, n_head, n_head_kv, rope, outtype)
 
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     out_file = Path(out_file)
     with atomic.atomic_path(out_file) as tmp:
-        w = gguf.GGUFWriter(tmp, "llama")
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         w.add_name(ckpt.path.name)
-        w.add_context_length(int(tc.get("max_position_embeddings", 4096)))
+        w.add_context_length(n_ctx_train)
         w.add_embedding_length(n_embd)
         w.add_block_count(n_layer)
         w.add_feed_forward_length(int(tc["intermediate_size"]))
-        w.add_rope_dimension_count(head_dim)
         w.add_head_count(n_head)
         w.add_head_count_kv(n_head_kv)
+        if head_dim != n_embd // n_head:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(rope.theta)
+        if rope.linear_factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope.linear_factor)
         w.add_layer_norm_rms_eps(float(tc.get("rms_norm_eps", 1e-6)))
-        w.add_rope_freq_base(_rope_theta(tc))
         w.add_vocab_size(n_rows)
         w.add_file_type(ftype)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(ids["bos"])
-        w.add_eos_token_id(ids["eos"])
-        w.add_unk_token_id(ids["unk"])
-        pad = tc.get("pad_token_id")
-        if pad is not None and 0 <= int(pad) < n_rows:
-            w.add_pad_token_id(int(pad))
-        w.add_add_bos_token(add_bos)
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(add_space_prefix)
-        if chat_template:
-            w.add_chat_template(chat_template)
-        if outtype == "q8_0":
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for new, _, st, qt in plan:
-            if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                dt = np.float32 if qt == gguf.GGMLQuantizationType.F32 else np.float16
-                w.add_tensor_info(new, st.shape, np.dtype(dt), int(np.prod(st.shape)) * np.dtype(dt).itemsize)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.write(w, add_bos=add_bos, chat_template=chat_template)
+        for t in plan:
+            if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dt = np.dtype(np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+                w.add_tensor_info(t.name, t.shape, dt, math.prod(t.shape) * dt.itemsize)
             else:
-                byte_shape = gguf.quant_shape_to_byte_shape(st.shape, qt)
-                w.add_tensor_info(new, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
+                byte_shape = gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=t.qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        handles: dict[Path, object] = {}
         try:
-            for i, (new, name, st, qt) in enumerate(plan):
-                if st.file not in handles:
-                    handles[st.file] = safe_open(str(st.file), framework="pt")
-                a = handles[st.file].get_tensor(st.key).to(torch.float32).numpy()
-                if name.endswith("self_attn.q_proj.weight"):
-                    a = permute_rotary(a, n_head)
-                elif name.endswith("self_attn.k_proj.weight"):
-                    a = permute_rotary(a, n_head_kv)
-                w.write_tensor_data(_encode(a, qt))
-                del a
+            for i, t in enumerate(plan):
+                w.write_tensor_data(encode(t.load(), t.qtype))  # one tensor in memory at a time
                 if progress:
                     progress(i + 1, len(plan))
         finally:
-            handles.clear()
             w.close()
+    ids = vocab.special_ids
     return dict(
         arch="llama", n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, n_vocab=n_rows,
-        n_ctx_train=int(tc.get("max_position_embeddings", 4096)), bos_id=ids["bos"], eos_id=ids["eos"],
+        n_ctx_train=n_ctx_train, bos_id=ids.get("bos"), eos_id=ids.get("eos"),
     )
