@@ -4,6 +4,17 @@ A bundle is a directory of exported files plus this manifest. Export creates
 it, quantize adds variants, the runtime and the drift tools read it. The
 manifest is always written last and atomically, so a bundle whose manifest
 lists a file has that file complete.
+
+While an export runs, its state so far (the same schema) is kept in
+``manifest.incomplete.json`` instead: it marks the directory as a bundle being
+written (so a re-run continues there instead of refusing an "unrelated"
+directory) and lists the files already finished, but nothing reads it as a
+bundle. When the export is done it writes ``manifest.json`` and deletes this file.
+
+Schema version 1. Later additions are optional keys (variant kinds ``mmproj``,
+``format``, ``options``, the vision section's ``parity``), so readers of the
+first version of schema 1 still read newer manifests; a manifest with a higher
+schema version is refused with a message that says to upgrade.
 """
 
 from __future__ import annotations
@@ -18,6 +29,16 @@ from .errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+IN_PROGRESS = "manifest.incomplete.json"  # an export's state until it finishes
+KINDS = ("vision", "llm", "mmproj")
+
+
+def human_size(n: int) -> str:
+    """Bytes as people read them in a table: 812 B, 1.23 MB, 4.07 GB (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -31,7 +52,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 @dataclass
 class Variant:
     name: str  # what users pass: --vision-variant fp32, --llm-variant f32
-    kind: str  # "vision" or "llm"
+    kind: str  # one of KINDS: "vision" (ONNX graph or TensorRT engine), "llm" (GGUF), "mmproj" (llama.cpp's CLIP GGUF)
     precision: str
     file: str
     size: int
@@ -48,6 +69,11 @@ class Variant:
         base = {k: d[k] for k in ("name", "kind", "precision", "file", "size", "sha256")}
         return cls(**base, extra={k: v for k, v in d.items() if k not in base})
 
+    @property
+    def device_specific(self) -> bool:
+        """A TensorRT engine: runs only where it was built, so never picked without being named."""
+        return self.extra.get("format") == "tensorrt" or self.file.endswith(".engine")
+
 
 @dataclass
 class Manifest:
@@ -62,22 +88,42 @@ class Manifest:
     created_by: str = f"llava-edge {__version__}"
 
     def variant(self, kind: str, name: str | None = None) -> Variant:
+        """The variant ``name`` of ``kind``; without a name the first registered one that is not device-specific."""
         options = [v for v in self.variants if v.kind == kind]
         if not options:
             raise UserError(f"the bundle has no {kind} variant; export one first")
         if name is None:
-            return options[0]
+            portable = [v for v in options if not v.device_specific]
+            return (portable or options)[0]
         for v in options:
             if v.name == name:
                 return v
         raise UserError(f"no {kind} variant {name!r} in the bundle; it has: {', '.join(v.name for v in options)}")
 
     def add_variant(self, bundle: str | Path, name: str, kind: str, precision: str, file: str, **extra) -> Variant:
-        """Register ``file`` (already complete in the bundle) as a variant, replacing one of the same name."""
+        """Register ``file`` (already complete in the bundle) as a variant, replacing one of the same name.
+
+        A replaced variant keeps its place in the list, so the default variant of a kind
+        (the first one) does not change when a later one is re-exported.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown variant kind {kind!r}; known: {', '.join(KINDS)}")
         path = Path(bundle) / file
         v = Variant(name, kind, precision, file, path.stat().st_size, sha256_file(path), extra)
-        self.variants = [x for x in self.variants if not (x.kind == kind and x.name == name)] + [v]
+        self.remove_file(file, keep=(kind, name))
+        for i, x in enumerate(self.variants):
+            if x.kind == kind and x.name == name:
+                self.variants[i] = v
+                break
+        else:
+            self.variants.append(v)
         return v
+
+    def remove_file(self, file: str, keep: tuple[str, str] | None = None) -> list[Variant]:
+        """Unregister every variant stored in ``file`` (except the ``(kind, name)`` in ``keep``); return them."""
+        gone = [v for v in self.variants if v.file == file and (v.kind, v.name) != keep]
+        self.variants = [v for v in self.variants if v not in gone]
+        return gone
 
     def to_dict(self) -> dict:
         return {
@@ -95,8 +141,12 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         version = d.get("schema_version")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise UserError(f"bundle manifest schema {version} was written by a newer llava-edge (this one reads "
+                            f"schema {SCHEMA_VERSION}): upgrade llava-edge, or export the bundle again with this one")
         if version != SCHEMA_VERSION:
-            raise UserError(f"bundle manifest schema {version!r} is not supported (this llava-edge reads {SCHEMA_VERSION})")
+            raise UserError(f"bundle manifest schema {version!r} is not supported "
+                            f"(this llava-edge reads {SCHEMA_VERSION})")
         return cls(
             source=d["source"], template=d["template"], image=d["image"], vision=d["vision"], llm=d["llm"],
             tokenizer=d["tokenizer"], variants=[Variant.from_dict(v) for v in d.get("variants", [])],
@@ -105,7 +155,13 @@ class Manifest:
 
 
 def is_bundle(path: str | Path) -> bool:
+    """A finished bundle: it has ``manifest.json``."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_incomplete(path: str | Path) -> bool:
+    """An export into ``path`` started and has not finished (it continues when run again)."""
+    return (Path(path) / IN_PROGRESS).is_file()
 
 
 def read(bundle: str | Path) -> Manifest:
@@ -114,15 +170,53 @@ def read(bundle: str | Path) -> Manifest:
     if not bundle.is_dir():
         raise UserError(f"bundle not found: {bundle}")
     if not f.is_file():
+        if is_incomplete(bundle):
+            raise UserError(f"bundle {bundle} is incomplete (an export into it did not finish): "
+                            "run the same `llava-edge export` again to finish it")
         raise UserError(f"not a bundle (no {MANIFEST}): {bundle}")
+    return _parse(f, bundle)
+
+
+def _parse(f: Path, bundle: Path) -> Manifest:
     try:
         return Manifest.from_dict(json.loads(f.read_text()))
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"corrupt {MANIFEST} in {bundle} ({type(e).__name__}: {e})") from None
+        raise UserError(f"corrupt {f.name} in {bundle} ({type(e).__name__}: {e})") from None
 
 
 def write(bundle: str | Path, manifest: Manifest) -> None:
     atomic.write_json(Path(bundle) / MANIFEST, manifest.to_dict())
+
+
+def read_incomplete(bundle: str | Path) -> Manifest | None:
+    """The state an unfinished export left (see the module docstring), or None when there is none."""
+    f = Path(bundle) / IN_PROGRESS
+    return _parse(f, Path(bundle)) if f.is_file() else None
+
+
+def write_incomplete(bundle: str | Path, manifest: Manifest) -> None:
+    atomic.write_json(Path(bundle) / IN_PROGRESS, manifest.to_dict())
+
+
+def finish(bundle: str | Path, manifest: Manifest) -> bool:
+    """Write ``manifest.json`` (only when its content changes) and drop the unfinished-export state.
+
+    Returns whether ``manifest.json`` was written. Skipping an identical write keeps
+    a re-run that changed nothing from touching the bundle at all.
+    """
+    bundle = Path(bundle)
+    f = bundle / MANIFEST
+    changed = True
+    if f.is_file():
+        try:
+            # through JSON on both sides: tuples in memory are lists on disk
+            changed = json.loads(f.read_text()) != json.loads(json.dumps(manifest.to_dict()))
+        except ValueError:
+            pass
+    if changed:
+        write(bundle, manifest)
+    (bundle / IN_PROGRESS).unlink(missing_ok=True)
+    return changed
 
 
 def check_files(bundle: str | Path, manifest: Manifest, files: list[str], verify_hash: bool = False) -> None:

@@ -34,7 +34,7 @@ def test_manifest_describes_the_bundle(bundle, toy_model):
     assert m.vision["num_image_tokens"] == 64 and m.vision["feature_layer"] == -2
     assert m.image["crop"] == 112 and m.image["pad"] == "pad"
     assert m.llm["image_token_id"] == json.loads((toy_model / "config.json").read_text())["image_token_index"]
-    assert {(v.kind, v.name) for v in m.variants} == {("vision", "fp32"), ("llm", "f32")}
+    assert {(v.kind, v.name) for v in m.variants} == {("vision", "fp32"), ("llm", "f32"), ("mmproj", "f32")}
     for v in m.variants:
         assert (bundle / v.file).stat().st_size == v.size
         assert manifest.sha256_file(bundle / v.file) == v.sha256
