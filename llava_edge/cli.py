@@ -56,15 +56,22 @@ def toy_data(
 @toy_app.command("model")
 def toy_model(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write"),
-    preset: str = typer.Option("toy", help="Model shape"),
+    preset: str = typer.Option("toy", help="Model shape: toy | llava-1.5-7b | llava-1.5-13b | tinyllava-1.1b"),
     seed: int = typer.Option(0, help="Weight initialisation seed"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Shorten the language model to N decoder layers"),
+    dtype: str = typer.Option("bfloat16", help="Real-size presets' stored weights: bfloat16 | float16 (toy: fp32)"),
 ):
-    """A random-weight LlavaForConditionalGeneration checkpoint in the llava-hf layout."""
-    from .toy.model import PRESETS, write_toy_model
+    """A random-weight LlavaForConditionalGeneration checkpoint in the llava-hf layout.
 
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    write_toy_model(out, preset, seed)
+    Real-size presets carry the published configuration (CLIP ViT-L/14-336, 576 image
+    tokens, ...) and are written tensor by tensor, never held in memory.
+    """
+    from .toy.model import DTYPES, preset_shape, write_toy_model
+
+    preset_shape(preset, layers)  # unknown preset or bad --layers: one-line error
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    write_toy_model(out, preset, seed, layers=layers, dtype=dtype)
     say(f"wrote {out}")
 
 
@@ -192,23 +199,38 @@ def train_merge_lora(
 
 @app.command("export")
 def export(
-    model: str = typer.Option(..., "--model", help="llava-hf style directory or hub id"),
-    out: Path = typer.Option(..., "--out", help="Bundle directory"),
-    target: str = typer.Option("all", help="onnx | gguf | all"),
-    llm_outtype: str = typer.Option("f32", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
+    model: str = typer.Option(..., "--model", help="llava-hf directory, hub id in the local cache, a `llava-edge "
+                              "train` output, or an original LLaVA checkpoint (converted; see --vision)"),
+    out: Path = typer.Option(..., "--out", help="Bundle directory (new, empty, or a bundle to update or finish)"),
+    target: str = typer.Option("all", "--target", help="onnx | tensorrt | gguf | mmproj | all  (all = onnx + gguf "
+                               "+ mmproj, plus tensorrt where TensorRT is installed)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16: fp16 adds vision.fp16.onnx and makes the "
+                              "mmproj GGUF and the TensorRT engine fp16"),
+    llm_outtype: str = typer.Option("f32", "--llm-outtype", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
+    vision: Optional[str] = typer.Option(None, "--vision", help="CLIP tower (directory or hub id) for an original "
+                                         "LLaVA checkpoint; default: its mm_vision_tower"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where original LLaVA checkpoints are "
+                                             "converted (default: $LLAVA_EDGE_CACHE or ~/.cache/llava-edge)"),
+    trt_max_batch: int = typer.Option(8, "--trt-max-batch", help="TensorRT: largest batch of images"),
+    trt_opt_batch: int = typer.Option(1, "--trt-opt-batch", help="TensorRT: the batch the kernels are tuned for"),
+    int8: bool = typer.Option(False, "--int8", help="TensorRT: an INT8 engine (needs a calibration cache)"),
+    calibration_cache: Optional[Path] = typer.Option(None, "--calibration-cache", help="TensorRT INT8 calibration "
+                                                     "cache (default: BUNDLE/tensorrt.int8.calib)"),
+    trt_workspace_mib: Optional[int] = typer.Option(None, "--trt-workspace-mib", help="TensorRT builder workspace"),
     set_default: bool = typer.Option(False, "--set-default", help="Make this the bundle `chat` uses by default"),
 ):
-    """Split a LLaVA checkpoint into an ONNX vision graph and a GGUF language model."""
-    from .checkpoint import open_checkpoint
-    from .export.bundle import export_bundle
+    """Split a LLaVA checkpoint into the files an edge device runs, under one manifest.json."""
+    from .checkpoint import resolve_model
+    from .export.bundle import ExportOptions, TensorRTOptions, check_out_dir, export_bundle, terminal_progress
 
-    ckpt = open_checkpoint(model)
-    m = export_bundle(ckpt, out, target, llm_outtype, log=say)
-    for v in m.variants:
-        say(f"  {v.kind:6} {v.name:6} {v.file:24} {v.size / 1e6:9.2f} MB")
+    trt = TensorRTOptions(max_batch=trt_max_batch, opt_batch=trt_opt_batch, int8=int8,
+                          calibration_cache=calibration_cache, workspace_mib=trt_workspace_mib)
+    ExportOptions(target, dtype, llm_outtype, trt).validate()
+    check_out_dir(out)  # before a conversion writes anything
+    ckpt = resolve_model(model, vision=vision, cache_dir=cache_dir, log=say)
+    export_bundle(ckpt, out, target, dtype, llm_outtype, tensorrt=trt, log=say, progress=terminal_progress(say))
     if set_default:
         _set_default(out)
-
 
 def _set_default(bundle: Path) -> None:
     from . import atomic
@@ -220,20 +242,76 @@ def _set_default(bundle: Path) -> None:
 
 @app.command("info")
 def info(bundle: Path = typer.Argument(..., help="Bundle directory")):
-    """What a bundle holds."""
+    """What a bundle holds: its manifest's fields and every variant."""
     from rich.console import Console
     from rich.table import Table
 
     from . import manifest
 
     m = manifest.read(bundle)
-    t = Table(title=f"{bundle}  (template {m.template}, {m.vision.get('num_image_tokens')} image tokens)")
-    for col in ("kind", "variant", "precision", "file", "MB", "sha256"):
-        t.add_column(col)
+    console = Console()
+    fields = Table(title=str(bundle), show_header=False, box=None)
+    fields.add_column(style="bold")
+    fields.add_column(overflow="fold")
+    for key, value in _manifest_fields(m):
+        fields.add_row(key, value)
+    console.print(fields)
+    t = Table(title="variants")
+    for col in ("variant", "kind", "precision", "size", "file", "sha256"):
+        t.add_column(col, justify="right" if col == "size" else "left")
     for v in m.variants:
-        t.add_row(v.kind, v.name, v.precision, v.file, f"{v.size / 1e6:.2f}", v.sha256[:12])
-    Console().print(t)
+        t.add_row(v.name, v.kind, v.precision, manifest.human_size(v.size), v.file, v.sha256[:12])
+    console.print(t)
+    engines = [v for v in m.variants if v.device_specific]
+    if engines:
+        e = Table(title="TensorRT engines (run only with this TensorRT on this GPU)")
+        for col in ("variant", "TensorRT", "GPU", "compute capability", "batch (min/opt/max)", "image size"):
+            e.add_column(col)
+        for v in engines:
+            x = v.extra
+            e.add_row(v.name, str(x.get("tensorrt_version", "?")), str(x.get("gpu", "?")),
+                      str(x.get("compute_capability", "?")),
+                      f"{x.get('min_batch', '?')}/{x.get('opt_batch', '?')}/{x.get('max_batch', '?')}",
+                      str(x.get("image_size", "?")))
+        console.print(e)
+    if manifest.is_incomplete(bundle):
+        say(f"note: an export into {bundle} did not finish; run it again to finish it (the table shows the last "
+            "finished state)")
 
+
+def _manifest_fields(m) -> list[tuple[str, str]]:
+    """The manifest's sections as (name, text) rows for `info`."""
+    s, im, vi, llm, tok = m.source, m.image, m.vision, m.llm, m.tokenizer
+    rows = [
+        ("schema", f"{m.schema_version} ({m.created_by})"),
+        ("source", str(s.get("model", "?"))),
+        ("fingerprint", str(s.get("fingerprint", "?"))),
+    ]
+    if s.get("converted"):
+        rows.append(("converted copy", str(s["converted"])))
+    rows += [
+        ("template", m.template),
+        ("image", f"{vi.get('image_size', im.get('crop'))} px; resize {im.get('resize')}, crop {im.get('crop')}, "
+                  f"pad mode {im.get('pad')}"),
+        ("mean / std", f"{_floats(im.get('mean'))} / {_floats(im.get('std'))}"),
+        ("vision", f"feature layer {vi.get('feature_layer')} ({vi.get('select_strategy')}), "
+                   f"{vi.get('num_image_tokens')} image tokens x {vi.get('embed_dim')}, opset {vi.get('opset')}"),
+    ]
+    for name, p in (vi.get("parity") or {}).items():
+        rows.append((f"parity {name}", f"vs Hugging Face on {p.get('images', '?')} images: min cosine "
+                                       f"{p.get('min_cosine', float('nan')):.8f}, max abs {p.get('max_abs', '?')}"))
+    if llm:
+        dims = ", ".join(f"{k} {llm[k]}" for k in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_vocab",
+                                                   "n_ctx_train") if k in llm)
+        ids = ", ".join(f"{k} {llm[k]}" for k in ("bos_id", "eos_id", "image_token_id") if k in llm)
+        rows.append(("language model", f"{llm.get('arch', '?')}: {dims}"))
+        rows.append(("token ids", ids))
+    rows.append(("tokenizer", f"{tok.get('file')} (adds BOS: {'yes' if tok.get('adds_bos') else 'no'})"))
+    return rows
+
+
+def _floats(xs) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in xs or ()) + ")"
 
 @app.command("chat")
 def chat(
@@ -290,6 +368,35 @@ def chat(
             print()
         except UserError as e:
             say(f"error: {e}")
+
+
+@app.command("quantize")
+def quantize(
+    bundle: Path = typer.Argument(..., help="Bundle directory (from `llava-edge export`)"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="GGUF types, comma-separated: q8_0, q6_k, q5_k_m, q5_k_s, "
+                                      "q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k"),
+    vision: Optional[str] = typer.Option(None, "--vision", help="Vision ONNX types, comma-separated: fp16, int8 "
+                                         "(dynamic), int8-static (QDQ, calibrated), int4 (weight-only)"),
+    calib_images: Optional[Path] = typer.Option(None, "--calib-images", help="Folder of calibration images for "
+                                                "int8-static and TensorRT (default: toy scenes rendered here)"),
+    calib_count: int = typer.Option(32, "--calib-count", help="Calibration images to use (the first N by name)"),
+    threads: int = typer.Option(0, "--threads", help="llama.cpp quantizer threads; 0: all cores"),
+    block_size: int = typer.Option(32, "--block-size", help="int4 block size: 16 | 32 | 64 | 128 | 256"),
+    optimize: bool = typer.Option(False, "--optimize", help="Fuse the CLIP graph (onnxruntime's transformer "
+                                  "optimizer) before int8/int4; the result runs in onnxruntime only"),
+    trt_calib_cache: bool = typer.Option(False, "--trt-calib-cache", help="Also write TensorRT's INT8 calibration "
+                                         "cache for `export --target tensorrt --int8` (needs TensorRT)"),
+):
+    """Add quantized variants (llama.cpp GGUF types, int8/int4/fp16 ONNX) to a bundle; finished ones are kept."""
+    from .quantize.command import quantize_bundle
+
+    outcomes = quantize_bundle(bundle, llm, vision, calib_images=calib_images, calib_count=calib_count,
+                               threads=threads, block_size=block_size, optimize=optimize,
+                               trt_calib_cache=trt_calib_cache, log=say)
+    for o in outcomes:
+        state = "new" if o.made else "up to date"
+        say(f"  {o.kind:8} {o.name:16} {o.file:28} {o.size / 1e6:8.2f} MB  {state}"
+            f"{'  ' + o.note if o.note and o.made else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,354 @@
+"""``llava-edge quantize``: add quantized variants of a bundle's language model and vision graph.
+
+    llava-edge quantize BUNDLE --llm q8_0,q4_k_m --vision fp16,int8,int8-static,int4
+
+Each variant becomes a file of the bundle registered in ``manifest.json``
+(name as the user passes it, kind, precision, size, sha256) together with the
+parameters that made it (``params``: type, the base file's sha256, block size,
+calibration fingerprint, fusion). The order of operations keeps the bundle
+consistent whatever happens:
+
+1. A variant whose registered file still has its sha256 and whose ``params``
+   equal the requested ones is up to date: nothing is redone.
+2. A registered variant that must be redone is first unregistered (manifest
+   written), so no entry ever describes a file being rewritten.
+3. The file is written under a temporary name and renamed when complete.
+4. It is registered and the manifest written (atomically). If that write
+   fails, the new file is removed.
+
+A kill leaves at most a hidden ``.partial`` temporary, removed by the next
+run; a full disk fails the variant with a one-line error and leaves the bundle
+as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge import atomic, manifest
+from llava_edge.errors import UserError
+from llava_edge.preprocess import ImageSpec
+
+from . import llm as llm_quant
+from . import vision as vision_quant
+
+CHECK_IMAGES = 8  # images the vision variants are compared on against fp32
+COSINE_WARNING = 0.99  # below this (worst image token), a vision variant is reported as degraded
+
+
+@dataclass
+class Outcome:
+    """One requested variant: made now, or already up to date."""
+
+    kind: str
+    name: str
+    file: str
+    size: int
+    made: bool
+    note: str = ""
+
+
+def parse_types(text: str | Sequence[str] | None, valid: Sequence[str], option: str) -> list[str]:
+    """``"q8_0, Q4_K_M"`` -> ``["q8_0", "q4_k_m"]``, in order, without repeats; unknown names list the valid ones."""
+    if text is None:
+        return []
+    parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    out: list[str] = []
+    for raw in parts:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in valid:
+            raise UserError(f"unknown {option} type {raw.strip()!r}; valid: {', '.join(valid)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def quantize_bundle(
+    bundle: str | Path,
+    llm: str | Sequence[str] | None = None,
+    vision: str | Sequence[str] | None = None,
+    *,
+    calib_images: str | Path | None = None,
+    calib_count: int = vision_quant.DEFAULT_CALIB_COUNT,
+    threads: int = 0,
+    block_size: int = vision_quant.DEFAULT_BLOCK_SIZE,
+    optimize: bool = False,
+    trt_calib_cache: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Outcome]:
+    """Make (or find up to date) every requested variant of ``bundle``; see the module docstring."""
+    bundle = Path(bundle)
+    llm_types = parse_types(llm, tuple(llm_quant.LLM_TYPES), "--llm")
+    vision_types = parse_types(vision, vision_quant.VISION_TYPES, "--vision")
+    if not (llm_types or vision_types or trt_calib_cache):
+        raise UserError("nothing to quantize: pass --llm TYPES and/or --vision TYPES (or --trt-calib-cache)")
+    vision_quant.check_block_size(block_size)
+    if calib_count < 1:
+        raise UserError("--calib-count must be at least 1")
+    if threads < 0:
+        raise UserError("--threads must be 0 (all cores) or more")
+    if calib_images is not None and not Path(calib_images).is_dir():
+        raise UserError(f"--calib-images {calib_images} is not a directory")
+    m = manifest.read(bundle)
+    llm_base = _llm_base(bundle, m) if llm_types else None
+    vision_base = _vision_base(bundle, m) if (vision_types or trt_calib_cache) else None
+    if trt_calib_cache:
+        from llava_edge.runtimes.tensorrt_vision import import_tensorrt
+
+        try:
+            import_tensorrt()
+        except UserError as e:
+            raise UserError(f"--trt-calib-cache needs TensorRT on this machine: {e}") from None
+    atomic.remove_partials(bundle)
+
+    job = _Job(bundle, m, log)
+    job.vision_base = vision_base
+    for t in llm_types:
+        job.llm_variant(t, llm_base, threads)
+    if vision_types or trt_calib_cache:
+        job.spec = ImageSpec.from_dict(m.image)
+        job.calib_dir, job.calib_count = calib_images, calib_count
+        for t in vision_types:
+            job.vision_variant(t, vision_base, block_size, optimize)
+        if trt_calib_cache:
+            job.tensorrt_calibration(vision_base)
+    return job.outcomes
+
+
+def _llm_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
+    bases = [v for v in m.variants if v.kind == "llm" and v.precision in llm_quant.BASE_PRECISIONS]
+    if not bases:
+        have = ", ".join(v.name for v in m.variants if v.kind == "llm") or "none"
+        raise UserError(f"the bundle has no f32/bf16/f16 GGUF to quantize from (it has: {have}); export one first: "
+                        f"llava-edge export --model MODEL --out {bundle} --target gguf --llm-outtype f16")
+    base = min(bases, key=lambda v: llm_quant.BASE_PRECISIONS.index(v.precision))
+    manifest.check_files(bundle, m, [base.file])
+    return base
+
+
+def _vision_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
+    bases = [v for v in m.variants if v.kind == "vision" and v.precision == "fp32" and v.file.endswith(".onnx")]
+    if not bases:
+        raise UserError("the bundle has no fp32 vision ONNX to quantize from; export one first: "
+                        f"llava-edge export --model MODEL --out {bundle} --target onnx")
+    manifest.check_files(bundle, m, [bases[0].file])
+    return bases[0]
+
+
+class _Job:
+    """One run: the manifest in memory, written after every variant; calibration pixels loaded once."""
+
+    def __init__(self, bundle: Path, m: manifest.Manifest, log: Callable[[str], None]):
+        self.bundle, self.m, self.log = bundle, m, log
+        self.outcomes: list[Outcome] = []
+        self.spec: ImageSpec | None = None
+        self.calib_dir: str | Path | None = None
+        self.calib_count = vision_quant.DEFAULT_CALIB_COUNT
+        self._calib: tuple[np.ndarray, str, str] | None = None
+        self._check: tuple[np.ndarray, str] | None = None
+        self._graphs: dict[bool, tuple[object, dict]] = {}
+        self.vision_base: manifest.Variant | None = None
+
+    # -- the bookkeeping every variant shares ---------------------------------------------------------------
+    def _registered(self, kind: str, name: str) -> manifest.Variant | None:
+        return next((v for v in self.m.variants if v.kind == kind and v.name == name), None)
+
+    def _up_to_date(self, kind: str, name: str, file: str, params: dict) -> bool:
+        v = self._registered(kind, name)
+        path = self.bundle / file
+        if v is None or v.file != file or not path.is_file():
+            return False
+        same = v.extra.get("params") == params or (
+            # `export --dtype fp16` makes the same fp16 graph; it records its source as options.from_sha256
+            name == "fp16" and (v.extra.get("options") or {}).get("from_sha256") == params.get("base_sha256")
+        )
+        if not same:
+            return False
+        if path.stat().st_size != v.size:
+            return False
+        return manifest.sha256_file(path) == v.sha256
+
+    def _unregister(self, kind: str, name: str, file: str) -> None:
+        """Drop the entry for (kind, name) and any entry naming ``file``, before ``file`` is rewritten."""
+        keep = [v for v in self.m.variants if not ((v.kind == kind and v.name == name) or v.file == file)]
+        if len(keep) != len(self.m.variants):
+            self.m.variants = keep
+            manifest.write(self.bundle, self.m)
+
+    def _produce(self, kind: str, name: str, precision: str, file: str, params: dict, label: str,
+                 make: Callable[[Path], dict]) -> manifest.Variant | None:
+        """Unless up to date: unregister, ``make(temporary path)``, rename into place, register."""
+        params = json.loads(json.dumps(params))  # as the manifest will hold it
+        if self._up_to_date(kind, name, file, params):
+            v = self._registered(kind, name)
+            self.outcomes.append(Outcome(kind, name, file, v.size, made=False, note="up to date"))
+            self.log(f"{kind} {name}: up to date ({file})")
+            return None
+        self.log(f"{kind} {name}: {label}")
+        self._unregister(kind, name, file)
+        path = self.bundle / file
+        try:
+            with atomic.atomic_path(path) as tmp:  # made and checked under a temporary name
+                record = make(tmp)
+        except OSError as e:
+            raise UserError(f"could not write {path}: {_os_error(e)}") from None
+        try:
+            fmt = "gguf" if kind == "llm" else "onnx"
+            v = self.m.add_variant(self.bundle, name, kind, precision, file, format=fmt, params=params, **record)
+            manifest.write(self.bundle, self.m)
+        except OSError as e:
+            self.m.variants = [x for x in self.m.variants if not (x.kind == kind and x.name == name)]
+            path.unlink(missing_ok=True)
+            raise UserError(f"could not register {file} in {manifest.MANIFEST}: {_os_error(e)}") from None
+        self.outcomes.append(Outcome(kind, name, file, v.size, made=True))
+        return v
+
+    # -- the language model ---------------------------------------------------------------------------------
+    def llm_variant(self, type_name: str, base: manifest.Variant, threads: int) -> None:
+        params = {"type": type_name, "base": base.file, "base_sha256": base.sha256}
+        src = self.bundle / base.file
+        v = self._produce("llm", type_name, type_name, llm_quant.llm_file_name(type_name), params,
+                          f"llama.cpp quantizes {base.file}",
+                          lambda path: llm_quant.quantize_gguf(src, path, type_name, threads))
+        if v is not None:
+            fallback = v.extra["fallback_tensors"]
+            note = f"{fallback} of {v.extra['tensors']} tensors fell back to other types" if fallback else ""
+            self.outcomes[-1].note = note
+            self.log(f"llm {type_name}: {v.size / 1e6:.2f} MB ({v.size / base.size:.2f}x of {base.name}) "
+                     f"{v.extra['tensor_types']}{'; ' + note if note else ''}")
+
+    # -- the vision graph -----------------------------------------------------------------------------------
+    def calibration(self) -> tuple[np.ndarray, str, str]:
+        """(pixels, where from, sha256 of the pixels): what int8-static and TensorRT calibrate on."""
+        if self._calib is None:
+            pixels, source = vision_quant.calibration_pixels(self.spec, self.calib_dir, self.calib_count, seed=0)
+            if self.calib_dir is None:
+                self.log(f"calibrating on {len(pixels)} toy scenes; pass --calib-images DIR for a real model")
+            digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+            self._calib = (pixels, source, digest)
+        return self._calib
+
+    def check_pixels(self) -> tuple[np.ndarray, str]:
+        """Images the variants are compared to fp32 on: held-out toy scenes, or the user's calibration images."""
+        if self._check is None:
+            if self.calib_dir is None:
+                pixels, _ = vision_quant.calibration_pixels(self.spec, None, CHECK_IMAGES, seed=1)
+                self._check = (pixels, "toy scenes not used for calibration")
+            else:
+                self._check = (self.calibration()[0][:CHECK_IMAGES], "the calibration images")
+        return self._check
+
+    def graph(self, optimize: bool):
+        """A fresh copy of the fp32 graph (fused when ``optimize``) for one quantizer to consume."""
+        import onnx
+
+        if optimize not in self._graphs:
+            model = onnx.load(str(self.bundle / self.vision_base.file))
+            stats = {}
+            if optimize:
+                model, stats = vision_quant.optimize_clip(model)
+                self.log(f"vision: fused with onnxruntime's transformer optimizer: {stats}")
+            self._graphs[optimize] = (model, stats)
+        model, stats = self._graphs[optimize]
+        return onnx.ModelProto.FromString(model.SerializeToString()), stats
+
+    def vision_variant(self, name: str, base: manifest.Variant, block_size: int, optimize: bool) -> None:
+        src = self.bundle / base.file
+        fused = optimize and name != "fp16"  # fp16 is the GPU/TensorRT path: standard ops only
+        params: dict = {"type": name, "base_sha256": base.sha256}
+        if name != "fp16":
+            params["optimize"] = "clip" if fused else None
+        if name == "int4":
+            params["block_size"] = block_size
+        if name == "int8-static":
+            params["calibration"] = self.calibration()[2]
+
+        def make(path: Path) -> dict:
+            if name == "fp16":
+                from llava_edge.export.vision_fp16 import convert_vision_fp16
+
+                record = {"method": "fp16, LayerNorm/Softmax in fp32", **convert_vision_fp16(src, path)}
+            else:
+                model, stats = self.graph(fused)
+                if name == "int8":
+                    record = vision_quant.quantize_int8_dynamic(model, path)
+                elif name == "int8-static":
+                    pixels, source, _ = self.calibration()
+                    record = {**vision_quant.quantize_int8_static(model, path, pixels), "calibrated_on": source}
+                else:
+                    record = vision_quant.quantize_int4(model, path, block_size)
+                if fused:
+                    record["fused"] = stats
+            pixels, where = self.check_pixels()
+            cos = vision_quant.compare_to_reference(src, path, pixels)  # also proves it loads and runs
+            return {**record, "vs_fp32": {**cos, "on": where}}
+
+        v = self._produce("vision", name, vision_quant.PRECISION[name], vision_quant.vision_file_name(name),
+                          params, f"from {base.file}{' (fused)' if fused else ''}", make)
+        if v is not None:
+            c = v.extra["vs_fp32"]
+            self.outcomes[-1].note = f"cosine vs fp32: min {c['min_cosine']:.4f}, mean {c['mean_cosine']:.4f}"
+            self.log(f"vision {name}: {v.size / 1e6:.2f} MB ({v.size / base.size:.2f}x of fp32), "
+                     f"{self.outcomes[-1].note} on {c['images']} {c['on']}")
+            if c["min_cosine"] < COSINE_WARNING:
+                self.log(f"warning: vision {name} moves some image tokens far from fp32 "
+                         f"(worst cosine {c['min_cosine']:.4f}); check answers with it before using it")
+
+    # -- TensorRT's INT8 calibration cache --------------------------------------------------------------------
+    def tensorrt_calibration(self, base: manifest.Variant) -> None:
+        """``tensorrt.int8.calib``, read by ``export --target tensorrt --int8``.
+
+        Not a variant of the manifest (it is no model); what made it is kept beside
+        it in ``tensorrt.int8.calib.json`` so a re-run with the same images skips it.
+        """
+        from llava_edge.export import tensorrt_engine
+
+        pixels, source, digest = self.calibration()
+        params = {"base_sha256": base.sha256, "calibration": digest}
+        file = tensorrt_engine.CALIBRATION_CACHE
+        path, record_path = self.bundle / file, self.bundle / (file + ".json")
+        if path.is_file() and record_path.is_file():
+            try:
+                rec = json.loads(record_path.read_text())
+            except ValueError:
+                rec = {}
+            if rec.get("params") == params and rec.get("sha256") == manifest.sha256_file(path):
+                self.outcomes.append(Outcome("tensorrt", "int8-calibration", file, path.stat().st_size, made=False,
+                                            note="up to date"))
+                self.log(f"tensorrt int8-calibration: up to date ({file})")
+                return
+        self.log(f"tensorrt int8-calibration: TensorRT calibrates on {len(pixels)} images")
+        record_path.unlink(missing_ok=True)  # the cache is about to change
+        try:
+            # TensorRT writes the cache while it builds an INT8 engine; this engine is thrown away
+            # (`export --target tensorrt --int8` builds the real one on the device, reading the cache).
+            with tempfile.TemporaryDirectory(dir=self.bundle, prefix=".trt-calib.", suffix=atomic.TMP_SUFFIX) as tmp:
+                cache = Path(tmp) / file
+                tensorrt_engine.build_engine(self.bundle / base.file, Path(tmp) / "calibration.engine",
+                                             precision="int8", calibration_images=pixels, calibration_cache=cache,
+                                             log=self.log)
+                if not cache.is_file():
+                    raise UserError("TensorRT built the INT8 engine but wrote no calibration cache")
+                os.replace(cache, path)
+            atomic.write_json(record_path, {"params": params, "sha256": manifest.sha256_file(path),
+                                            "calibrated_on": source})
+        except OSError as e:
+            raise UserError(f"could not write {path}: {_os_error(e)}") from None
+        self.outcomes.append(Outcome("tensorrt", "int8-calibration", file, path.stat().st_size, made=True))
+
+
+def _os_error(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"no space left ({e.strerror})"
+    return e.strerror or str(e)

@@ -1,0 +1,314 @@
+"""The vision tower + projector: the fp32 ONNX graph -> int8 and int4 variants, by onnxruntime's quantizers.
+
+- ``int8`` (dynamic): ``quantize_dynamic``, weights int8 per output channel,
+  activations quantized at run time per tensor (``MatMulInteger``). No
+  calibration.
+- ``int8-static``: ``quantize_static`` in QDQ form (QuantizeLinear /
+  DequantizeLinear pairs around the int8 ops, the form TensorRT and other
+  accelerators read), weights per channel, activation ranges calibrated
+  (MinMax) on preprocessed images, symmetric activations (zero point 0, as
+  TensorRT requires).
+- ``int4``: ``MatMulNBitsQuantizer``: weight-only 4-bit blocks of
+  ``block_size`` along the input dimension (``com.microsoft.MatMulNBits``,
+  onnxruntime only); activations stay float.
+- ``fp16`` is :func:`llava_edge.export.vision_fp16.convert_vision_fp16`.
+
+What stays float (``protect=True``, the default), measured on the toy (see
+docs/QUANTIZE.md): int8 activations are the hazard with CLIP. The quantized
+ops are the weight matmuls only (the Linear layers); these stay fp32:
+
+- LayerNorm and Softmax (row reductions; quantizing LayerNorm's input was the
+  largest single loss measured on the trained toy),
+- the patch embedding ``Conv`` (raw pixels in, every token depends on it),
+- the activation-by-activation matmuls of attention (Q.K^T and attention.V:
+  both sides have outliers; int8 there collapsed the worst token's cosine),
+- the projector's last matmul (its output is what the language model reads).
+
+Optional ``optimize``: onnxruntime's transformer optimizer (``model_type
+"clip"``) fuses attention, SkipLayerNorm and QuickGelu before quantizing; the
+fused graph holds ``com.microsoft`` ops, so it runs in onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from llava_edge import atomic
+from llava_edge.errors import UserError
+from llava_edge.preprocess import ImageSpec, load_image, preprocess
+
+VISION_TYPES = ("fp16", "int8", "int8-static", "int4")
+PRECISION = {"fp16": "fp16", "int8": "int8", "int8-static": "int8", "int4": "int4"}
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_CALIB_COUNT = 32
+CALIB_BATCH = 8
+
+
+def vision_file_name(name: str) -> str:
+    return f"vision.{name}.onnx"
+
+
+# ---- what int8/int4 must not touch ------------------------------------------------------------------
+
+
+@dataclass
+class KeepFloat:
+    """Names of the nodes left in float, by reason."""
+
+    patch_embedding: list[str] = field(default_factory=list)
+    attention_matmuls: list[str] = field(default_factory=list)
+    projector_out: list[str] = field(default_factory=list)
+
+    def nodes(self) -> list[str]:
+        return self.patch_embedding + self.attention_matmuls + self.projector_out
+
+    def summary(self) -> dict:
+        return {k: len(v) for k, v in asdict(self).items()}
+
+
+def keep_float(model) -> KeepFloat:
+    """Find the patch embedding, attention's activation matmuls and the projector's last matmul in ``model``.
+
+    - patch embedding: a ``Conv`` reading a graph input (the pixels);
+    - attention matmuls: ``MatMul`` nodes neither of whose inputs is a constant;
+    - projector output: the first ``MatMul`` met walking back from the graph output.
+    """
+    g = model.graph
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    inputs = {i.name for i in g.input}
+    keep = KeepFloat()
+    for n in g.node:
+        if n.op_type == "Conv" and n.input[0] in inputs:
+            keep.patch_embedding.append(n.name)
+        elif n.op_type == "MatMul" and not any(i in constants for i in n.input):
+            keep.attention_matmuls.append(n.name)
+    producer = {o: n for n in g.node for o in n.output}
+    frontier, seen = [o.name for o in g.output], set()
+    while frontier:
+        node = producer.get(frontier.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "MatMul" and any(i in constants for i in node.input):
+            keep.projector_out.append(node.name)
+            break
+        frontier += [i for i in node.input if i and i not in constants]
+    return keep
+
+
+def _named(model):
+    """The quantizers exclude nodes by name: name the unnamed ones (in place) and return the model."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return model
+
+
+# ---- graph fusion ---------------------------------------------------------------------------------------------
+
+
+def tower_shape(model) -> tuple[int, int]:
+    """(hidden width, attention heads) of the CLIP tower, read from the graph.
+
+    The width is the patch ``Conv``'s output channels; the heads are the third
+    dimension of the ``Reshape`` to (batch, tokens, heads, head width) that
+    splits Q, K and V. The optimizer needs both to recognise attention.
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    init = {t.name: t for t in g.initializer}
+    convs = [n for n in g.node if n.op_type == "Conv" and n.input[1] in init]
+    if not convs:
+        raise UserError("--optimize: no patch embedding Conv in the vision graph")
+    hidden = int(init[convs[0].input[1]].dims[0])
+    for n in g.node:
+        if n.op_type == "Reshape" and n.input[1] in init:
+            shape = numpy_helper.to_array(init[n.input[1]]).tolist()
+            if len(shape) == 4 and shape[2] > 0 and shape[2] * shape[3] == hidden:
+                return hidden, int(shape[2])
+    raise UserError("--optimize: could not find the attention head count in the vision graph")
+
+
+def optimize_clip(model) -> tuple[object, dict]:
+    """Fuse the CLIP tower with onnxruntime's transformer optimizer; returns (model, fused op counts)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    hidden, heads = tower_shape(model)
+    with _quiet():
+        opt = optimize_model(model, model_type="clip", num_heads=heads, hidden_size=hidden, opt_level=0)
+    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    model = opt.model
+    # The optimizer declares the contrib-op domain only when it saves a file; declare it here.
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+        o.domain == "com.microsoft" for o in model.opset_import
+    ):
+        model.opset_import.add(domain="com.microsoft", version=1)
+    return model, stats
+
+
+# ---- quantizers -----------------------------------------------------------------------------------------------
+
+
+def quantize_int8_dynamic(model, dst: str | Path, protect: bool = True) -> dict:
+    """Dynamic int8 (weights per channel). ``protect=False``: onnxruntime's defaults (every op it can)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _named(model)
+    keep = keep_float(model) if protect else KeepFloat()
+    fused = any(n.op_type == "Attention" for n in model.graph.node)
+    ops = (["MatMul", "Attention"] if fused else ["MatMul"]) if protect else None
+    with atomic.atomic_path(dst) as tmp, _quiet():
+        quantize_dynamic(model, tmp, op_types_to_quantize=ops, per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=keep.nodes())
+    return {"method": "dynamic", "per_channel": True, "kept_float": keep.summary() if protect else "none"}
+
+
+class PixelReader(CalibrationDataReader):
+    """onnxruntime's calibration data reader over preprocessed pixels, ``CALIB_BATCH`` images a batch."""
+
+    def __init__(self, pixels: np.ndarray, input_name: str = "pixel_values"):
+        self.batches = [{input_name: pixels[i : i + CALIB_BATCH]} for i in range(0, len(pixels), CALIB_BATCH)]
+        self.i = 0
+
+    def get_next(self) -> dict | None:
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def quantize_int8_static(model, dst: str | Path, pixels: np.ndarray, protect: bool = True) -> dict:
+    """Static int8 QDQ calibrated (MinMax) on ``pixels``. ``protect=False``: every op onnxruntime's QDQ can take."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if len(pixels) == 0:
+        raise UserError("int8-static needs at least one calibration image")
+    model = _named(model)
+    keep = keep_float(model) if protect else KeepFloat()
+    reader = PixelReader(pixels, model.graph.input[0].name)
+    with atomic.atomic_path(dst) as tmp, _quiet():
+        quantize_static(
+            model, tmp, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=["MatMul"] if protect else None, nodes_to_exclude=keep.nodes(),
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+    return {"method": "static-qdq-minmax", "per_channel": True, "activations": "int8 symmetric",
+            "calibration_images": int(len(pixels)), "kept_float": keep.summary() if protect else "none"}
+
+
+def quantize_int4(model, dst: str | Path, block_size: int = DEFAULT_BLOCK_SIZE, protect: bool = True) -> dict:
+    """Weight-only int4 (``MatMulNBits``, asymmetric, blocks of ``block_size`` input channels)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from llava_edge.export.vision_fp16 import save_onnx
+
+    check_block_size(block_size)
+    model = _named(model)
+    keep = KeepFloat(projector_out=keep_float(model).projector_out) if protect else KeepFloat()
+    with _quiet():
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False,
+                                 nodes_to_exclude=keep.nodes(), op_types_to_quantize=("MatMul",))
+        q.process()
+    save_onnx(q.model.model, dst)
+    return {"method": "weight-only MatMulNBits", "bits": 4, "block_size": block_size, "symmetric": False,
+            "kept_float": keep.summary() if protect else "none"}
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size not in INT4_BLOCK_SIZES:
+        raise UserError(f"--block-size {block_size} is not supported; valid: {', '.join(map(str, INT4_BLOCK_SIZES))}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantization tools print progress and log advice at WARNING; keep the CLI's output clean."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+# ---- images and measurement -------------------------------------------------------------------------------
+
+
+def calibration_pixels(spec: ImageSpec, directory: str | Path | None = None, count: int = DEFAULT_CALIB_COUNT,
+                       seed: int = 0) -> tuple[np.ndarray, str]:
+    """(N, 3, S, S) float32 pixels preprocessed as the runtime does, and where they came from.
+
+    From ``directory``: its image files in name order, the first ``count``.
+    Without one: ``count`` toy scenes rendered here with ``seed`` (right for the
+    toy; a real model should be calibrated on its own kind of images).
+    """
+    if count < 1:
+        raise UserError("--calib-count must be at least 1")
+    if directory is None:
+        from llava_edge.toy.scenes import random_scene, render
+
+        rng = random.Random(seed)
+        images = [render(random_scene(rng), rng=rng) for _ in range(count)]
+        return np.stack([preprocess(im, spec) for im in images]), f"toy scenes (seed {seed})"
+    from PIL import Image
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"--calib-images {directory} is not a directory")
+    suffixes = {ext.lower() for ext in Image.registered_extensions()}
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in suffixes)[:count]
+    if not files:
+        raise UserError(f"--calib-images {directory} holds no image files")
+    return np.stack([preprocess(load_image(p), spec) for p in files]), f"{len(files)} images from {directory}"
+
+
+def compare_to_reference(reference: str | Path, variant: str | Path, pixels: np.ndarray) -> dict:
+    """Per image token cosine (min, mean) and relative L2 error of ``variant``'s embeddings against ``reference``'s.
+
+    Both graphs run in onnxruntime on the CPU, so this also proves the variant loads and runs.
+    """
+    ref = _run(reference, pixels)
+    got = _run(variant, pixels)
+    if got.shape != ref.shape:
+        raise UserError(f"{Path(variant).name} returns shape {got.shape}, the fp32 graph {ref.shape}")
+    cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
+    return {
+        "min_cosine": round(float(cos.min()), 6),
+        "mean_cosine": round(float(cos.mean()), 6),
+        "rel_l2": round(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), 6),
+        "images": int(len(pixels)),
+    }
+
+
+def _run(path: str | Path, pixels: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        raise UserError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from None
+    inp = sess.get_inputs()[0]
+    x = pixels.astype(np.float16 if "float16" in inp.type else np.float32)
+    return sess.run(None, {inp.name: x})[0].astype(np.float32)
