@@ -26,6 +26,62 @@ from .sampler import EpochSampler
 STATE_DIR = "checkpoint-last"
 
 
+# --- bf16 policy -----------------------------------------------------------------------------
+# LLaVA loads the model with torch_dtype=bf16 under --bf16 and lets DeepSpeed keep fp32 master
+# copies of what trains. llava-edge decides per engine (only on a GPU; on CPU all is fp32):
+#
+# - single GPU, DDP, FSDP2 ("plain"): frozen weights stay bf16 (half the memory, no per-step
+#   casts), trainable parameters are upcast to fp32 and the forward runs in bf16 (autocast;
+#   under FSDP2 its MixedPrecisionPolicy casts the fp32 shards to bf16 for compute). AdamW on
+#   bf16 weights would lose updates (8-bit mantissa: a 2e-5 step vanishes on a 1e-2 weight),
+#   and plain DDP has no master copy of its own; upcasting after a bf16 load starts from the
+#   same values as LLaVA's fp32 master. peft already keeps LoRA adapters fp32 on a bf16 base.
+#   FSDP2 shards parameter by parameter, so bf16 and fp32 parameters may sit in one unit
+#   (seen working with train/configs/fsdp.yaml on an H200, docs/BENCHMARKS.md).
+# - FSDP1: its flat parameters need one dtype per unit: load fp32 and let its mixed-precision
+#   policy compute in bf16 (the sharded fp32 copy is divided by the number of GPUs).
+# - DeepSpeed ZeRO-2/3: load bf16 as LLaVA does; DeepSpeed's bf16 mode casts the module to bf16
+#   itself and its ZeRO optimizer holds (partitioned) fp32 master weights of the trainable ones.
+
+def precision_engine() -> str:
+    """'cpu', 'deepspeed', 'fsdp1' or 'plain' (one GPU, DDP, FSDP2), from the launcher's environment."""
+    import os
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    if PartialState().distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    # PartialState reports FSDP as MULTI_GPU (only the Accelerator upgrades it): read what the launcher set
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") == "1":
+        return "fsdp1"
+    return "plain"
+
+
+def load_dtype(cfg: StageConfig) -> str:
+    """The dtype to load the checkpoint in for this stage config and launcher (policy above)."""
+    if not cfg.bf16 or precision_engine() in ("cpu", "fsdp1"):
+        return "float32"
+    return "bfloat16"
+
+
+def upcast_trainable(model, cfg: StageConfig) -> int:
+    """fp32 for every parameter that trains, on a bf16-loaded model outside DeepSpeed; returns how many."""
+    import torch
+
+    if load_dtype(cfg) != "bfloat16" or precision_engine() == "deepspeed":
+        return 0
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 def _accumulation(cfg: StageConfig, world: int) -> int:
     micro = cfg.per_device_batch * world
     if cfg.global_batch % micro:
@@ -37,11 +93,15 @@ def _accumulation(cfg: StageConfig, world: int) -> int:
 
 
 def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConfig, output: Path, pad_id: int,
-          resume: bool = False, progress: bool = True, stop_after: int = 0, log=print):
-    """Run the stage; returns (accelerator, trained model). Only the main process writes files.
+          resume: bool = False, progress: bool = True, stop_after: int = 0, log=print, checkpoint: bool = True):
+    """Run the stage; returns (accelerator, prepared model). Only the main process writes files.
 
+    The model comes back as ``accelerator.prepare`` made it (DDP/FSDP/DeepSpeed engine):
+    gather its weights with ``accelerator.get_state_dict(model)`` (under ZeRO-3 that needs
+    the engine, not the unwrapped module) and ``accelerator.unwrap_model(model)`` for the rest.
     ``stop_after`` > 0 saves a checkpoint at that step and stops, for jobs with a time
-    limit: ``--resume`` continues exactly where it stopped.
+    limit: ``--resume`` continues exactly where it stopped. ``checkpoint=False`` saves no
+    state at all (benchmarks).
     """
     import torch
     from accelerate import Accelerator, PartialState
@@ -52,7 +112,7 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
     # without a GPU, torchrun's processes meet over gloo only when accelerate is told it runs on CPU
     cpu = not torch.cuda.is_available()
     accum = _accumulation(cfg, PartialState(cpu=cpu).num_processes)  # the world size fixes the accumulation
-    mixed = "bf16" if cfg.bf16 and torch.cuda.is_available() else "no"
+    mixed = "bf16" if cfg.bf16 and torch.cuda.is_available() else "no"  # autocast (plain/DDP), FSDP or DeepSpeed bf16
     if cfg.bf16 and mixed == "no":
         log("bf16 asked for but no GPU: training in fp32")
     # The schedule counts global optimizer steps; accelerate's default would step it once per process.
@@ -115,9 +175,9 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
             if acc.is_main_process:
                 with open(log_file, "a", newline="") as f:
                     csv.writer(f).writerow([step, epoch, f"{mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
-                                            step * cfg.global_batch, f"{time.time() - t0:.1f}"])
+                                            step * cfg.global_batch, f"{time.time() - t0:.3f}"])
             bar.update(1, loss=mean)
-            if step % cfg.save_steps == 0 or step == total or step == stop_after:
+            if checkpoint and (step % cfg.save_steps == 0 or step == total or step == stop_after):
                 _save_state(acc, state, step, epoch, done_in_epoch)
             if step >= total or step == stop_after:
                 break
@@ -133,7 +193,7 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
     if acc.is_main_process:
         plot_loss(log_file, output / "loss.png")
         (output / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    return acc, acc.unwrap_model(model)
+    return acc, model
 
 
 def _save_state(acc, state: Path, step: int, epoch: int, done_in_epoch: int) -> None:

@@ -17,7 +17,7 @@ from llava_edge.templates import get_template
 
 from . import model_setup
 from .data import LlavaDataset, load_records
-from .loop import train
+from .loop import load_dtype, precision_engine, train, upcast_trainable
 from .presets import StageConfig
 
 SIDE_FILES = (  # tokenizer and processor files that travel with a checkpoint
@@ -33,11 +33,12 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _load(model: str):
+def _load(model: str, dtype: str = "float32"):
+    """Checkpoint, model (in ``dtype``: see the bf16 policy in loop.py) and tokenizer."""
     from transformers import AutoTokenizer
 
     ckpt = open_checkpoint(model)
-    m = load_hf_model(ckpt, attn_implementation="sdpa")
+    m = load_hf_model(ckpt, dtype=dtype, attn_implementation="sdpa")
     return ckpt, m, AutoTokenizer.from_pretrained(ckpt.path)
 
 
@@ -52,7 +53,14 @@ def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_
                         ckpt.num_image_tokens(), spec, max_length)
 
 
+def _log_precision(model, cfg: StageConfig, upcast: int, log) -> None:
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
+    log(f"precision: engine {precision_engine()}, loaded {load_dtype(cfg)}, {upcast} trainable tensors upcast, "
+        f"trainable dtypes {', '.join(dtypes)}, autocast bf16 {cfg.bf16 and precision_engine() != 'cpu'}")
+
+
 def _save_full(acc, model, ckpt, out: Path, template: str, pad: str) -> None:
+    """``model`` as prepared: under ZeRO-3 only the engine can gather the partitioned weights."""
     sd = acc.get_state_dict(model)  # gathers partitioned parameters (FSDP, ZeRO-3)
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(out, state_dict=sd, safe_serialization=True)
@@ -65,11 +73,12 @@ def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_t
            pad: str = "square", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
            log=print) -> Path | None:
     output = Path(output)
-    ckpt, m, tok = _load(model)
+    ckpt, m, tok = _load(model, load_dtype(cfg))
     if projector_type == "linear" and model_setup.projector_type(m) != "linear":
         model_setup.make_linear_projector(m)
     ds = _dataset(ckpt, m, tok, "plain", data, image_folder, pad, cfg.max_length, skip_bad, log)
     groups = model_setup.setup_stage1(m)
+    _log_precision(m, cfg, upcast_trainable(m, cfg), log)
     for g in groups:
         g["lr"] = cfg.lr
     acc, trained = train(m, groups, ds, cfg, output, tok.pad_token_id, resume=resume, stop_after=stop_after, log=log)
@@ -83,20 +92,22 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
            pad: str = "pad", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
            log=print) -> Path | None:
     output = Path(output)
-    ckpt, m, tok = _load(model)
-    if projector:
+    ckpt, m, tok = _load(model, load_dtype(cfg))
+    if projector:  # before accelerate.prepare: under ZeRO-3 the parameters are still whole here
         model_setup.load_projector(m, projector)
     ds = _dataset(ckpt, m, tok, "vicuna_v1", data, image_folder, pad, cfg.max_length, skip_bad, log)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.lora else None
     m, groups = model_setup.setup_stage2(m, cfg.lr, lora, cfg.projector_lr)
+    _log_precision(m, cfg, upcast_trainable(m, cfg), log)
     acc, trained = train(m, groups, ds, cfg, output, tok.pad_token_id, resume=resume, stop_after=stop_after, log=log)
     if trained is None:  # stopped early on request: the checkpoint is in OUTPUT/checkpoint-last
         return None
     if lora:
-        sd = acc.get_state_dict(trained)
+        sd = acc.get_state_dict(trained)  # the engine gathers ZeRO-3 partitions; the unwrapped module cannot
         if acc.is_main_process:
-            trained.save_pretrained(output / "adapter", state_dict=sd)
-            model_setup.save_projector(trained.get_base_model(), output, sd)
+            peft_model = acc.unwrap_model(trained)
+            peft_model.save_pretrained(output / "adapter", state_dict=sd)
+            model_setup.save_projector(peft_model.get_base_model(), output, sd)
             copy_side_files(ckpt.path, output / "adapter")
             write_recipe(output / "adapter", template="vicuna_v1", image_pad=pad)
         return output / "adapter"

@@ -1,30 +1,81 @@
-"""Write a toy LLaVA: a real ``LlavaForConditionalGeneration`` checkpoint, a few M parameters.
+"""Write a random-weight LLaVA: a real ``LlavaForConditionalGeneration`` checkpoint.
 
 It has the llava-hf layout (config.json, safetensors, tokenizer and processor
 files), so every later stage loads it through the same code as
 ``llava-hf/llava-1.5-7b-hf``. Weights are random here; ``llava-edge toy build``
 (training issue) makes one that has learned.
+
+Two sizes of preset:
+
+- ``toy``: a few M parameters, built as a torch model and saved with
+  ``save_pretrained`` (fp32), small enough for tests on 2 CPU cores.
+- real shapes (``llava-1.5-7b``, ``llava-1.5-13b``, ``tinyllava-1.1b``): the
+  published configurations, so every stage can be timed at real size without
+  downloading anything. These are written tensor by tensor from numpy random
+  data (bf16 or fp16 on disk) and never held in memory: a 7B checkpoint is
+  14 GB, the writer's peak memory is one chunk of one tensor. ``layers``
+  shortens the language model where the full one does not fit.
+
+The tokenizer is always the toy's SentencePiece one (a real Llama vocabulary
+cannot be made without a download); the embedding is padded to the real
+model's row count (32064 for LLaVA-1.5), as llava-hf pads its own.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from .. import atomic
 from ..checkpoint import write_recipe
+from ..errors import UserError
 from .tokenizer import IMAGE_TOKEN, build_hf_tokenizer, train_sentencepiece
 
-# The shape of the toy. Real presets (llava-1.5-7b, ...) join this table in the
-# benchmarks issue; every entry goes through the same builder.
+_CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and TinyLLaVA
+    image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_ffn=4096,
+    projection_dim=768, resize=336,
+)
+
+# The shape of each model. ``real`` presets are streamed to disk (see the module docstring).
 PRESETS = {
     "toy": dict(
         image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
         hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
         projector_act="gelu", resize=128,
     ),
+    # llava-hf/llava-1.5-7b-hf: Vicuna-7B v1.5 (Llama-2 7B shape) + CLIP-L/14-336, 576 image tokens
+    "llava-1.5-7b": dict(
+        _CLIP_L_336, hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, sp_vocab=1000,
+        max_positions=4096, projector_act="gelu", vocab=32064, real=True,
+    ),
+    # llava-hf/llava-1.5-13b-hf: Vicuna-13B v1.5 + CLIP-L/14-336
+    "llava-1.5-13b": dict(
+        _CLIP_L_336, hidden=5120, layers=40, heads=40, kv_heads=40, ffn=13824, sp_vocab=1000,
+        max_positions=4096, projector_act="gelu", vocab=32064, real=True,
+    ),
+    # bczhou/tiny-llava-v1-hf: TinyLlama-1.1B (grouped-query attention, 4 KV heads) + CLIP-L/14-336
+    "tinyllava-1.1b": dict(
+        _CLIP_L_336, hidden=2048, layers=22, heads=32, kv_heads=4, ffn=5632, sp_vocab=1000,
+        max_positions=2048, projector_act="gelu", vocab=32064, real=True,
+    ),
 }
+
+DTYPES = {"bfloat16": "BF16", "float16": "F16"}  # what real presets store, as safetensors names it
+SHARD_BYTES = 5_000_000_000  # llava-hf's 7B ships as shards of about this size
+
+
+def preset_shape(preset: str, layers: int | None = None) -> dict:
+    """The preset's shape, with the language model cut to ``layers`` decoder layers if given."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    p = dict(PRESETS[preset])
+    if layers is not None:
+        if layers < 1:
+            raise UserError(f"--layers must be at least 1, not {layers}")
+        p["layers"] = layers
+    return p
 
 
 def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int):
@@ -33,7 +84,7 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
     vision = CLIPVisionConfig(
         hidden_size=p["vision_hidden"], intermediate_size=p["vision_ffn"], num_hidden_layers=p["vision_layers"],
         num_attention_heads=p["vision_heads"], image_size=p["image_size"], patch_size=p["patch_size"],
-        projection_dim=p["vision_hidden"], hidden_act="quick_gelu",
+        projection_dim=p.get("projection_dim", p["vision_hidden"]), hidden_act="quick_gelu",
     )
     text = LlamaConfig(
         vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["ffn"],
@@ -49,31 +100,192 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
     )
 
 
-def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0) -> Path:
-    """Build and save the checkpoint directory ``out`` (replaced atomically)."""
-    import torch
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+def _tokenizer_and_config(tmp: Path, p: dict):
+    """Train the toy SentencePiece model into ``tmp``; returns (HF tokenizer, LlavaConfig)."""
+    with tempfile.TemporaryDirectory() as sp_dir:
+        train_sentencepiece(Path(sp_dir) / "tokenizer.model", p["sp_vocab"])
+        tok = build_hf_tokenizer(sp_dir)
+        shutil.copy(Path(sp_dir) / "tokenizer.model", tmp / "tokenizer.model")
+    vocab = -(-len(tok) // 64) * 64  # llava-hf pads the embedding to a multiple of 64 (32064)
+    vocab = max(vocab, p.get("vocab", 0))
+    return tok, build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
 
-    p = PRESETS[preset]
+
+def _write_processor(tmp: Path, p: dict, tok) -> None:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": p["resize"]}, crop_size={"height": p["image_size"], "width": p["image_size"]}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=p["patch_size"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(tmp)
+    write_recipe(tmp, template="vicuna_v1", image_pad="pad")
+
+
+def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,
+                    dtype: str = "bfloat16") -> Path:
+    """Build and save the checkpoint directory ``out`` (replaced atomically).
+
+    ``toy`` is saved in fp32 through ``save_pretrained``; real presets are streamed in ``dtype``.
+    """
+    p = preset_shape(preset, layers)
+    if p.get("real"):
+        return write_streamed_model(out, preset, seed, layers, dtype)
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
     out = Path(out)
     with atomic.atomic_path(out) as tmp:
         tmp.mkdir()
-        with tempfile.TemporaryDirectory() as sp_dir:
-            train_sentencepiece(Path(sp_dir) / "tokenizer.model", p["sp_vocab"])
-            tok = build_hf_tokenizer(sp_dir)
-            shutil.copy(Path(sp_dir) / "tokenizer.model", tmp / "tokenizer.model")
-        vocab = -(-len(tok) // 64) * 64  # llava-hf pads the embedding to a multiple of 64 (32064)
-        config = build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
+        tok, config = _tokenizer_and_config(tmp, p)
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
         model.save_pretrained(tmp, safe_serialization=True)
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": p["resize"]}, crop_size={"height": p["image_size"], "width": p["image_size"]}
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tok, patch_size=p["patch_size"],
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        )
-        processor.save_pretrained(tmp)
-        write_recipe(tmp, template="vicuna_v1", image_pad="pad")
+        _write_processor(tmp, p, tok)
+    return out
+
+
+def write_skeleton(out: str | Path, preset: str, layers: int | None = None, dtype: str = "bfloat16"):
+    """config.json, tokenizer, processor and recipe files, no weights; returns the ``LlavaConfig``.
+
+    For benchmarks that build the weights directly on the GPU instead of reading 14 GB from disk.
+    """
+    p = preset_shape(preset, layers)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, config = _tokenizer_and_config(out, p)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    _write_processor(out, p, tok)
+    return config
+
+
+# --- streaming safetensors writer -------------------------------------------------------------
+# safetensors' own writers (save_file, save_model) take every tensor at once, in memory; a 7B
+# checkpoint would need 14 GB of RAM to write. The format is simple (8-byte header length, a JSON
+# header of names/dtypes/shapes/byte ranges, then the raw data), so it is written here by hand:
+# the header first, computed from the shapes alone, then each tensor's bytes chunk by chunk.
+
+_CHUNK = 1 << 22  # values generated at a time: 16 MB of float32
+
+
+def saved_tensor_names(config) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, named as ``save_pretrained`` writes a llava-hf checkpoint.
+
+    The shapes come from the model built on the meta device (no memory); the names are mapped
+    from the in-memory layout (``model.language_model.*``) to the saved one
+    (``language_model.model.*``), which the toy's ``save_pretrained`` output is tested against.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+    shapes = {}
+    for name, t in model.state_dict().items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        shapes[name] = tuple(t.shape)
+    return shapes
+
+
+def _fill(name: str, shape: tuple[int, ...]) -> float | None:
+    """A constant for norms (1) and biases (0); None: random with std 0.02, as transformers' init."""
+    if len(shape) == 1:
+        leaf = name.rsplit(".", 2)
+        if leaf[-1] == "weight" and "norm" in leaf[-2]:  # layernorm / RMSNorm gains (and CLIP's pre_layrnorm)
+            return 1.0
+        if leaf[-1] == "bias":
+            return 0.0
+    return None
+
+
+def _write_tensor(f, name: str, shape: tuple[int, ...], st_dtype: str, rng) -> None:
+    import numpy as np
+
+    n = int(np.prod(shape, dtype=np.int64))
+    const = _fill(name, shape)
+    done = 0
+    while done < n:
+        k = min(_CHUNK, n - done)
+        if const is not None:
+            x = np.full(k, const, np.float32)
+        else:  # uniform with std 0.02: numpy draws it 6x faster than a normal, and weights are random anyway
+            x = rng.random(k, np.float32)
+            x -= 0.5
+            x *= 0.02 * 12**0.5
+        if st_dtype == "BF16":  # the upper half of a float32 is its bfloat16 (truncated)
+            f.write((x.view(np.uint32) >> 16).astype("<u2").tobytes())
+        else:
+            f.write(x.astype("<f2").tobytes())
+        done += k
+
+
+def _shard_plan(shapes: dict[str, tuple[int, ...]], item: int, shard_bytes: int) -> list[list[str]]:
+    import numpy as np
+
+    shards, cur, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * item
+        if cur and size + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nbytes
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _write_shard(path: Path, names: list[str], shapes: dict, st_dtype: str, item: int, seed: int,
+                 order: dict[str, int]) -> int:
+    import struct
+
+    import numpy as np
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * item
+        header[name] = {"dtype": st_dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:  # one generator per tensor: the values do not depend on the sharding
+            _write_tensor(f, name, shapes[name], st_dtype, np.random.default_rng([seed, order[name]]))
+    return offset
+
+
+def write_streamed_model(out: str | Path, preset: str, seed: int = 0, layers: int | None = None,
+                         dtype: str = "bfloat16", shard_bytes: int = SHARD_BYTES) -> Path:
+    """A real-size checkpoint written tensor by tensor (peak memory: one chunk), replaced atomically."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    preset_shape(preset, layers)  # a bad preset or layer count fails before anything is written
+    st_dtype, item = DTYPES[dtype], 2
+    out = Path(out)
+    with atomic.atomic_path(out) as tmp:
+        config = write_skeleton(tmp, preset, layers, dtype)
+        shapes = saved_tensor_names(config)
+        order = {name: i for i, name in enumerate(sorted(shapes))}
+        plan = _shard_plan(shapes, item, shard_bytes)
+        if len(plan) == 1:
+            _write_shard(tmp / "model.safetensors", plan[0], shapes, st_dtype, item, seed, order)
+        else:
+            weight_map, total = {}, 0
+            for i, names in enumerate(plan, 1):
+                file = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+                total += _write_shard(tmp / file, names, shapes, st_dtype, item, seed, order)
+                weight_map.update({n: file for n in names})
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out

@@ -1,0 +1,163 @@
+"""Real-size presets (``llava-edge toy model --preset llava-1.5-7b --layers N``) without downloads.
+
+The 7B preset cut to one language-model layer is still a 1.6 GB checkpoint at LLaVA-1.5's
+real widths (CLIP ViT-L/14-336 whole, 4096-wide Llama, 32064-row embedding): it must be
+written without holding it in memory, load through the same code as llava-hf checkpoints,
+and carry LLaVA-1.5-7B's configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from llava_edge.errors import UserError
+
+
+def _write_in_child(out, preset: str, layers: int, **kw) -> dict:
+    """Write in a fresh process and report its memory: peak RSS, and RSS once the libraries are imported."""
+    code = textwrap.dedent(f"""
+        import json, resource, sys
+        import torch, transformers, numpy  # the baseline: what any writer pays to start
+        from llava_edge.toy.model import write_streamed_model
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+        base = rss()
+        write_streamed_model({str(out)!r}, {preset!r}, layers={layers}, **{kw!r})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({{"base": base, "peak": peak}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def llava7b_1layer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "llava7b"
+    mem = _write_in_child(out, "llava-1.5-7b", 1)
+    return out, mem
+
+
+def test_7b_preset_writes_in_little_memory(llava7b_1layer):
+    out, mem = llava7b_1layer
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size > 1.4e9  # CLIP-L (0.3B) + one 4096-wide layer + two 32064x4096 matrices, 2 bytes each
+    grown = mem["peak"] - mem["base"]  # ~165 MB seen (tokenizer training, meta model, 16 MB chunks); the same at 14 GB
+    assert grown < size / 4, f"writing grew memory by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+def test_7b_preset_has_llava_1_5_7b_configuration(llava7b_1layer):
+    from llava_edge.checkpoint import check_safetensors, open_checkpoint
+
+    ckpt = open_checkpoint(llava7b_1layer[0])
+    t, v = ckpt.text_config, ckpt.vision_config
+    assert (v["image_size"], v["patch_size"], ckpt.num_image_tokens()) == (336, 14, 576)
+    assert (v["hidden_size"], v["num_hidden_layers"], v["num_attention_heads"], v["intermediate_size"]) == (
+        1024, 24, 16, 4096)
+    assert (t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["intermediate_size"]) == (
+        4096, 32, 32, 11008)
+    assert t["vocab_size"] == 32064 and t["num_hidden_layers"] == 1  # --layers cut the language model only
+    assert ckpt.config["vision_feature_layer"] == -2 and ckpt.config["projector_hidden_act"] == "gelu"
+    spec = ckpt.image_spec()
+    assert (spec.resize, spec.crop) == (336, 336)
+    for f in ckpt.weight_files():  # stored in bf16, as the config says
+        header = check_safetensors(f)
+        assert {h["dtype"] for k, h in header.items() if k != "__metadata__"} == {"BF16"}
+    assert ckpt.config.get("dtype", ckpt.config.get("torch_dtype")) == "bfloat16"
+
+
+def test_7b_preset_loads_every_tensor_from_the_file(llava7b_1layer):
+    """Loaded weights equal the stored ones: a misnamed tensor would be silently re-initialised."""
+    import torch
+    from safetensors import safe_open
+
+    from llava_edge.checkpoint import load_hf_model, open_checkpoint
+
+    ckpt = open_checkpoint(llava7b_1layer[0])
+    model = load_hf_model(ckpt, dtype="bfloat16")
+    state = model.state_dict()
+    stored = {}
+    for f in ckpt.weight_files():
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                stored[name] = (f, name)
+    assert len(stored) == len(state)
+    saved = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+             "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+    picks = [n for n in stored if n.endswith(("lm_head.weight", "layers.0.mlp.down_proj.weight",
+                                              "layers.23.self_attn.q_proj.weight", "linear_2.weight"))]
+    assert len(picks) == 4
+    for name in picks:
+        f, key = stored[name]
+        with safe_open(str(f), "pt") as st:
+            want = st.get_tensor(key)
+        prefix = next(p for p in saved if name.startswith(p))
+        got = state[saved[prefix] + name[len(prefix):]]
+        assert torch.equal(got, want), name
+        assert 0.015 < want.float().std().item() < 0.025  # random weights at transformers' init scale
+
+
+def test_saved_names_match_save_pretrained(toy_model):
+    """The streaming writer names tensors exactly as save_pretrained does (checked on the toy)."""
+    from safetensors import safe_open
+    from transformers import LlavaConfig
+
+    from llava_edge.toy.model import saved_tensor_names
+
+    with safe_open(str(toy_model / "model.safetensors"), "pt") as st:
+        written = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    assert saved_tensor_names(LlavaConfig.from_pretrained(toy_model)) == written
+
+
+def test_tinyllava_fp16_shards_with_an_index(tmp_path):
+    from llava_edge.checkpoint import check_safetensors, open_checkpoint
+
+    out = tmp_path / "tiny"
+    _write_in_child(out, "tinyllava-1.1b", 1, dtype="float16", shard_bytes=300_000_000)
+    ckpt = open_checkpoint(out)  # checks every shard against the index
+    files = ckpt.weight_files()
+    assert len(files) >= 3 and (out / "model.safetensors.index.json").is_file()
+    assert all(f.stat().st_size < 400_000_000 for f in files)
+    t = ckpt.text_config
+    assert (t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"]) == (2048, 32, 4)
+    assert {h["dtype"] for f in files for k, h in check_safetensors(f).items() if k != "__metadata__"} == {"F16"}
+
+
+def test_bad_preset_and_layers_are_one_line_errors(tmp_path, capsys):
+    from llava_edge.cli import main
+    from llava_edge.toy.model import preset_shape
+
+    with pytest.raises(UserError, match="--layers"):
+        preset_shape("llava-1.5-7b", 0)
+    assert main(["toy", "model", "--out", str(tmp_path / "m"), "--preset", "llava-3-70b"]) == 2
+    assert "unknown preset 'llava-3-70b'" in capsys.readouterr().err
+    assert main(["toy", "model", "--out", str(tmp_path / "m"), "--preset", "llava-1.5-7b", "--dtype", "int8"]) == 2
+    assert "--dtype" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_throughput_bench_runs_the_real_loop_on_cpu(tmp_path):
+    """bench/train_throughput.py end to end at toy size: samples/s from the loop's own step log."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    rc = bench.main(["--preset", "toy", "--runs", "s1,s2lora", "--steps", "2", "--warmup", "1", "--batch-s1", "2",
+                     "--batch-s2", "2", "--text-tokens-s2", "24", "--workers", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report
+    s1, s2 = report["runs"]
+    assert s1["stage"] == "s1" and s2["lora"] and s2["params_trainable"] > s1["params_trainable"]
+    for r in (s1, s2):
+        assert r["steps"] == 2 and r["samples_per_s"] > 0 and len(r["losses"]) == 2
+        assert r["mean_tokens_per_sample"] > 64  # the toy's 64 image tokens + text
+        assert r["ratio_to_llava"] == pytest.approx(r["samples_per_s"] / r["llava_reference_samples_per_s"], rel=0.01)
