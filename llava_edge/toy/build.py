@@ -46,11 +46,11 @@ def build_base(out: Path, seed: int, size: BuildSize, log=print) -> Path:
     with atomic.atomic_path(out) as tmp:
         write_toy_model(tmp, seed=seed)
         ckpt = open_checkpoint(tmp)
-        model = load_hf_model(ckpt)
+        model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")  # a GPU, where there is one
         tok = AutoTokenizer.from_pretrained(tmp)
         pretrain_vision(model, ckpt.image_spec(), steps=size.vision_steps, seed=seed, log=log)
         pretrain_language(model, tok, steps=size.language_steps, seed=seed, log=log)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.cpu().save_pretrained(tmp, safe_serialization=True)
     return out
 
 

@@ -43,7 +43,7 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
     from ..templates import expand_image, get_template
 
     ckpt = open_checkpoint(model_dir)
-    model = load_hf_model(ckpt)
+    model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     spec, template = ckpt.image_spec(), get_template(ckpt.recipe["template"])
     eval_file = Path(eval_file)
@@ -52,9 +52,9 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
     answers = []
     for r in records:
         ids = expand_image(tok(template.prompt(question_of(r)))["input_ids"], img_id, [img_id] * n_img)
-        px = torch.from_numpy(preprocess(eval_file.parent / r["image"], spec))[None]
+        px = torch.from_numpy(preprocess(eval_file.parent / r["image"], spec))[None].to(model.device)
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), pixel_values=px, max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=torch.tensor([ids], device=model.device), pixel_values=px, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
     result = score(records, answers)

@@ -54,18 +54,19 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
     import torch.nn.functional as F
 
     tower = model.model.vision_tower
+    dev = next(tower.parameters()).device
     hidden = tower.config.hidden_size
     side = tower.config.image_size // tower.config.patch_size
     half = side // 2
     # Dense targets: every patch token learns where it is and what its quadrant holds,
     # so each image token the language model later sees describes itself.
     n_classes = (len(CELLS), 1 + len(SHAPES), 1 + len(COLORS), 1 + len(SIZES))
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in n_classes])
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in n_classes]).to(dev)
     # Shapes need a quadrant's tokens together (a 14-pixel patch sees an edge, not a shape):
     # one more head reads each quadrant's tokens concatenated, position by position.
-    quad_shape = torch.nn.Linear(hidden * half * half, 1 + len(SHAPES))
+    quad_shape = torch.nn.Linear(hidden * half * half, 1 + len(SHAPES)).to(dev)
     rows, cols = np.divmod(np.arange(side * side), side)
-    token_cell = torch.from_numpy((rows >= half) * 2 + (cols >= half))  # CELLS order, per patch token
+    token_cell = torch.from_numpy((rows >= half) * 2 + (cols >= half)).to(dev)  # CELLS order, per patch token
     params = list(tower.parameters()) + list(heads.parameters()) + list(quad_shape.parameters())
     opt, sched = _optimizer(params, lr, steps)
     rng = random.Random(f"vision-pretrain-{seed}")
@@ -73,8 +74,8 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
     losses = []
     for step in range(steps):
         scenes = [random_scene(rng) for _ in range(batch)]
-        px = torch.from_numpy(np.stack([preprocess(render(s, image_size, rng), spec) for s in scenes]))
-        per_cell = torch.tensor([_labels(s) for s in scenes])  # (batch, 4 cells, 3 attributes)
+        px = torch.from_numpy(np.stack([preprocess(render(s, image_size, rng), spec) for s in scenes])).to(dev)
+        per_cell = torch.tensor([_labels(s) for s in scenes], device=dev)  # (batch, 4 cells, 3 attributes)
         y = torch.cat([token_cell.expand(batch, -1)[..., None], per_cell[:, token_cell]], -1)  # (batch, tokens, 4)
         h = tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]  # the features LLaVA uses
         logits = [head(h) for head in heads]
@@ -143,12 +144,14 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
         return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": None}
 
     examples = language_examples(steps * batch, seed)
+    dev = next(model.parameters()).device
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt, sched = _optimizer(lm_params, lr, steps)
     losses = []
     model.train()
     for step in range(steps):
         b = collate([example(x) for x in examples[step * batch:(step + 1) * batch]], tokenizer.pad_token_id)
+        b = {k: v.to(dev) for k, v in b.items() if v is not None}
         out = model.model.language_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         logits = model.lm_head(out.last_hidden_state)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
