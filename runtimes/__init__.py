@@ -1,7 +1,11 @@
 """What runs on the device: torch-free.
 
 ``tokenizer``: the checkpoint's own tokenizer (``tokenizer.json``) through the
-``tokenizers`` library. ``vision``: the vision+projector graph in onnxruntime.
-``llm``: llama.cpp through llama-cpp-python, fed token ids and image embeddings.
-``pipeline``: ``EdgeLLaVA``, the Python API that ``llava-edge chat`` wraps.
+``tokenizers`` library. ``vision``: the vision+projector graph in onnxruntime;
+``tensorrt_vision``: the same as a native TensorRT engine. ``llm``: llama.cpp
+through llama-cpp-python, fed token ids and image embeddings. ``devices``:
+hardware detection and the device profiles (cpu, laptop-gpu, jetson) that pick
+providers, offload, threads, batch sizes and variants, with the reasons
+``chat --explain`` prints. ``pipeline``: ``EdgeLLaVA``, the Python API that
+``llava-edge chat`` wraps. See docs/RUNTIME.md.
 """

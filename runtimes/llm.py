@@ -37,9 +37,10 @@ def _silence_llama_logs() -> None:
 @dataclass
 class LlamaOptions:
     n_ctx: int = 2048
-    n_batch: int = 512
-    n_threads: int = 0  # 0: all physical cores seen by this process
-    n_gpu_layers: int = 0
+    n_batch: int = 512  # tokens per llama_decode call (and the size of the batches allocated here)
+    n_ubatch: int = 0  # tokens per compute graph; 0: n_batch
+    n_threads: int = 0  # 0: all CPUs this process may use
+    n_gpu_layers: int = 0  # -1: all (llama.h: "a negative value means all layers")
     kv_cache: str = "f16"  # llama.cpp's default; "f32" for exact parity with an f32 reference
     verbose: bool = False
 
@@ -65,7 +66,7 @@ class LlamaText:
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = o.n_ctx
         cp.n_batch = o.n_batch
-        cp.n_ubatch = o.n_batch
+        cp.n_ubatch = min(o.n_ubatch or o.n_batch, o.n_batch)
         cp.n_threads = threads
         cp.n_threads_batch = threads
         if o.kv_cache not in ("f16", "f32"):
@@ -81,7 +82,9 @@ class LlamaText:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        # llama.cpp pads its KV cache (to a multiple of 256 in this version); the context the runtime
+        # enforces is the one asked for, so --ctx N means N tokens
+        self.n_ctx = min(o.n_ctx, llama_cpp.llama_n_ctx(self.ctx))
         self.n_batch = o.n_batch
         self._tok_batch = llama_cpp.llama_batch_init(o.n_batch, 0, 1)
         self._emb_batch = llama_cpp.llama_batch_init(o.n_batch, self.n_embd, 1)

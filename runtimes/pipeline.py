@@ -4,10 +4,21 @@
     m = EdgeLLaVA.load("bundle")
     print(m.chat("photo.png", "What is in the image?"))
 
-The image goes through the bundle's vision graph (onnxruntime); the prompt is
-tokenized with the checkpoint's tokenizer and rendered with the bundle's
-conversation template (the same module training used); the language model runs
-in llama.cpp with the image embeddings injected where ``<image>`` stands.
+The image goes through the bundle's vision graph (onnxruntime, or a TensorRT
+engine); the prompt is tokenized with the checkpoint's tokenizer and rendered
+with the bundle's conversation template (the same module training used); the
+language model runs in llama.cpp with the image embeddings injected where
+``<image>`` stands.
+
+``device`` names a profile (``auto``, ``cpu``, ``laptop-gpu``, ``jetson``; see
+``devices.py``) that picks providers, GPU offload, threads, batch sizes and
+the variants; ``m.explain()`` says what was chosen and why.
+
+Context policy: a conversation that no longer fits the context is refused
+before anything is decoded (:class:`ContextOverflowError`, a one-line
+``UserError``), or, with ``on_overflow="drop-oldest"``, its oldest exchanges
+are forgotten until it fits (the image stays at the start, so its KV cache is
+kept). An answer that fills the context stops there; ``last_stop`` says so.
 """
 
 from __future__ import annotations
@@ -25,11 +36,17 @@ from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageInput, ImageSpec, preprocess
 from llava_edge.templates import IMAGE_PLACEHOLDER, Turn, expand_image, get_template
 
+from .devices import Hardware, RuntimePlan, plan_runtime
 from .llm import LlamaOptions, LlamaText
 from .tokenizer import TextTokenizer
 from .vision import VisionEncoder
 
 BUNDLE_ENV = "LLAVA_EDGE_BUNDLE"
+OVERFLOW_POLICIES = ("error", "drop-oldest")
+
+
+class ContextOverflowError(UserError):
+    """The conversation does not fit the context (and the policy is not to drop turns, or no turn is left)."""
 
 
 def default_bundle_file() -> Path:
@@ -73,13 +90,24 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 
 
 class EdgeLLaVA:
+    """One loaded bundle: vision encoder + llama.cpp context + tokenizer, chosen by a device profile."""
+
     def __init__(self, bundle: Path, vision_variant: str | None = None, llm_variant: str | None = None,
-                 n_ctx: int | None = None, threads: int = 0, n_gpu_layers: int = 0,
-                 vision_providers: list[str] | None = None, kv_cache: str = "f16"):
+                 n_ctx: int | None = None, threads: int = 0, n_gpu_layers: int | None = None,
+                 vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
+                 n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None):
+        if on_overflow not in OVERFLOW_POLICIES:
+            raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
         self.manifest = m = bundle_manifest.read(self.bundle)
-        self.vision_variant = m.variant("vision", vision_variant)
-        self.llm_variant = m.variant("llm", llm_variant)
+        self.plan: RuntimePlan = plan_runtime(
+            m, device, vision_variant=vision_variant, llm_variant=llm_variant, hardware=hardware, threads=threads,
+            n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, vision_providers=vision_providers,
+            kv_cache=kv_cache,
+        )
+        self.vision_variant = self.plan.vision
+        self.llm_variant = self.plan.llm
+        self.on_overflow = on_overflow
         bundle_manifest.check_files(
             self.bundle, m, [self.vision_variant.file, self.llm_variant.file, m.tokenizer["file"]]
         )
@@ -88,18 +116,37 @@ class EdgeLLaVA:
         self.tokenizer = TextTokenizer(self.bundle / m.tokenizer["file"])
         self.image_token_id = int(m.llm["image_token_id"])
         self.eos_id = int(m.llm["eos_id"])
-        self.vision = VisionEncoder(self.bundle / self.vision_variant.file, vision_providers, threads)
-        opts = LlamaOptions(n_ctx=n_ctx or min(int(m.llm["n_ctx_train"]), 4096), n_threads=threads,
-                            n_gpu_layers=n_gpu_layers, kv_cache=kv_cache)
+        vision_file = self.bundle / self.vision_variant.file
+        if self.plan.vision_backend == "tensorrt":
+            from .tensorrt_vision import TensorRTVisionEncoder
+
+            self.vision = TensorRTVisionEncoder(vision_file, self.vision_variant.extra)
+        else:
+            self.vision = VisionEncoder(vision_file, self.plan.providers, self.plan.threads)
+        p = self.plan
+        opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
+                            n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache)
         self.llm = LlamaText(self.bundle / self.llm_variant.file, opts)
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0}
+        self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
+        self.last_ids: list[int] = []  # token ids of the last answer
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, device: str = "auto", **kw) -> "EdgeLLaVA":
-        if device not in ("auto", "cpu"):
-            raise UserError(f"device {device!r} is not available in this build (available: auto, cpu)")
-        return cls(resolve_bundle(bundle), **kw)
+        """Load ``bundle`` (else ``$LLAVA_EDGE_BUNDLE``, else the default) for the device profile ``device``.
+
+        Keywords: ``vision_variant``, ``llm_variant`` (names as ``quantize`` gives
+        them), ``n_ctx``, ``threads``, ``n_gpu_layers``, ``n_batch``,
+        ``vision_providers`` (override the profile), ``kv_cache`` (``f16`` or
+        ``f32``), ``on_overflow`` (``error`` or ``drop-oldest``).
+        """
+        return cls(resolve_bundle(bundle), device=device, **kw)
+
+    def explain(self) -> str:
+        """What was chosen for this load and why (``llava-edge chat --explain``)."""
+        running = getattr(self.vision, "providers", None) if self.plan.vision_backend == "onnxruntime" else None
+        return self.plan.explain(running)
 
     # -- image ---------------------------------------------------------------
     def image_embeddings(self, image: ImageInput) -> tuple[str, np.ndarray]:
@@ -157,26 +204,42 @@ class EdgeLLaVA:
 
     # -- generation --------------------------------------------------------------
     def generate(self, slots: list, embeds: np.ndarray | None, sampling: Sampling) -> Iterator[str]:
+        """Stream the answer to ``slots``; stops at EOS, ``max_tokens`` or a full context (see ``last_stop``)."""
         logits = self.prefill(slots, embeds)
         rng = np.random.default_rng(sampling.seed)
         out: list[int] = []
+        self.last_ids = out
+        self.last_stop = "max_tokens"
         shown = ""
         for _ in range(sampling.max_tokens):
             tok = sample(logits, sampling, rng)
             if tok == self.eos_id or self.llm.is_eog(tok):
+                self.last_stop = "eos"
                 break
             out.append(tok)
-            text = self.tokenizer.decode(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(shown):]
-                shown = text
+            # Hold text back while it can still change: an unfinished multi-byte character (U+FFFD at the end)
+            # or trailing byte-fallback pieces, which the next byte may turn into U+FFFDs. What is yielded is
+            # then always a prefix of the final decode, so the pieces add up to it.
+            if tok not in self.tokenizer.byte_token_ids:
+                text = self.tokenizer.decode(out)
+                if not text.endswith("\ufffd") and text.startswith(shown):
+                    yield text[len(shown):]
+                    shown = text
+            if len(out) == sampling.max_tokens:
+                break
+            if len(self.llm.slots) >= self.llm.n_ctx:  # no room to decode this token: the answer ends here
+                self.last_stop = "context"
+                break
             logits = self.llm.feed_tokens([tok])
         text = self.tokenizer.decode(out)
         if len(text) > len(shown):
             yield text[len(shown):]
 
-    def session(self, image: ImageInput | None = None) -> "ChatSession":
-        return ChatSession(self, image)
+    def session(self, image: ImageInput | None = None, on_overflow: str | None = None) -> "ChatSession":
+        policy = on_overflow or self.on_overflow
+        if policy not in OVERFLOW_POLICIES:
+            raise UserError(f"unknown context policy {policy!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
+        return ChatSession(self, image, on_overflow=policy)
 
     def chat(self, image: ImageInput | None, prompt: str, **sampling) -> str:
         return self.session(image).ask(prompt, **sampling)
@@ -186,6 +249,20 @@ class EdgeLLaVA:
 
     def close(self) -> None:
         self.llm.close()
+        if hasattr(self.vision, "close"):
+            self.vision.close()
+
+
+def drop_oldest_exchange(history: list[Turn]) -> list[Turn]:
+    """``history`` without its first (user, assistant) exchange; the image moves to the new first user turn.
+
+    Keeping ``<image>`` at the start keeps the system prompt and the image at the
+    same positions, so their KV cache entries survive the drop.
+    """
+    first, rest = history[0], list(history[2:])
+    if rest and IMAGE_PLACEHOLDER in first.text and IMAGE_PLACEHOLDER not in rest[0].text:
+        rest[0] = Turn(rest[0].role, f"{IMAGE_PLACEHOLDER}\n{rest[0].text}")
+    return rest
 
 
 @dataclass
@@ -195,6 +272,9 @@ class ChatSession:
     model: EdgeLLaVA
     image: ImageInput | None = None
     history: list[Turn] = field(default_factory=list)
+    on_overflow: str = "error"  # or "drop-oldest"
+    dropped_turns: int = 0  # exchanges forgotten to fit the last question (drop-oldest)
+    last_stop: str | None = None  # why the last answer ended: "eos", "max_tokens" or "context"
     _embedded: tuple | None = None  # (key, embeddings) of ``image``, computed on the first question
 
     def set_image(self, image: ImageInput | None) -> None:
@@ -205,18 +285,54 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
+    def _fit(self, prompt: str, key: str | None, n_image: int, max_tokens: int) -> list:
+        """The slots of the next prompt, dropping old exchanges or refusing as the policy says."""
+        m, n_ctx = self.model, self.model.llm.n_ctx
+        # drop-oldest also keeps room for the answer (up to a quarter of the context)
+        reserve = min(max_tokens, n_ctx // 4) if self.on_overflow == "drop-oldest" else 1
+        self.dropped_turns = 0
+        while True:
+            text = m.template.prompt(prompt, image=self.image is not None, history=self.history)
+            slots = m.slots_for(text, key, n_image)
+            if len(slots) + reserve <= n_ctx or (self.on_overflow == "drop-oldest" and not self.history
+                                                 and len(slots) < n_ctx):
+                return slots
+            if self.on_overflow == "drop-oldest" and self.history:
+                self.history = drop_oldest_exchange(self.history)
+                self.dropped_turns += 1
+                continue
+            raise ContextOverflowError(self._overflow_message(len(slots), n_image, n_ctx))
+
+    def _overflow_message(self, need: int, n_image: int, n_ctx: int) -> str:
+        parts = [f"{n_image} for the image"] if n_image else []
+        if self.history:
+            n = len(self.history) // 2
+            parts.append(f"{n} earlier exchange{'s' if n != 1 else ''}")
+        detail = f" ({', '.join(parts)})" if parts else ""
+        fixes = ("start a new conversation (/reset), drop the oldest exchanges (--drop-oldest), or raise --ctx"
+                 if self.history else "shorten the question or raise --ctx")
+        trained = self.model.manifest.llm.get("n_ctx_train")
+        return (f"the conversation needs {need} tokens{detail} but the context holds {n_ctx}: {fixes}"
+                + (f" (the model was trained with {trained})" if trained else ""))
+
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         m = self.model
+        s = Sampling(**sampling)
+        if m.template.drop_user_text:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
+            self.history = []
         if self.image is not None and self._embedded is None:
             self._embedded = m.image_embeddings(self.image)  # decode + preprocess once per image
         key, emb = self._embedded if self.image is not None else (None, None)
-        text = m.template.prompt(prompt, image=self.image is not None, history=self.history)
-        slots = m.slots_for(text, key, 0 if emb is None else len(emb))
+        slots = self._fit(prompt, key, 0 if emb is None else len(emb), s.max_tokens)
         answer = ""
-        for piece in m.generate(slots, emb, Sampling(**sampling)):
+        for piece in m.generate(slots, emb, s):
             answer += piece
             yield piece
-        user = prompt if self.history or self.image is None else f"{IMAGE_PLACEHOLDER}\n{prompt}"
+        self.last_stop = m.last_stop
+        if IMAGE_PLACEHOLDER in "".join(t.text for t in self.history) or self.image is None:
+            user = prompt
+        else:
+            user = f"{IMAGE_PLACEHOLDER}\n{prompt}"
         self.history += [Turn("user", user), Turn("assistant", answer)]
 
     def ask(self, prompt: str, **sampling) -> str:

@@ -10,6 +10,7 @@ Ids are then passed to llama.cpp.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from llava_edge.errors import UserError
@@ -24,6 +25,11 @@ class TextTokenizer:
             raise UserError(f"tokenizer file not found: {path}")
         self._tok = Tokenizer.from_file(str(path))
         self._spec = json.loads(path.read_text())
+        # SentencePiece byte-fallback pieces "<0xE6>": consecutive ones decode together, so text ending in
+        # them can still change (a valid "r" becomes U+FFFD when an invalid byte follows it)
+        byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+        self.byte_token_ids = frozenset(i for t, i in self._tok.get_vocab(with_added_tokens=False).items()
+                                        if byte_piece.fullmatch(t))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -1,4 +1,11 @@
-"""The vision tower + projector graph in onnxruntime."""
+"""The vision tower + projector graph in onnxruntime.
+
+Providers are names or ``(name, options)`` pairs, in onnxruntime's order of
+preference; those this onnxruntime build does not have are left out (the
+device profile in ``devices.py`` explains which and why), and the CPU provider
+is always the last resort. ``providers`` after loading is what onnxruntime
+actually runs on: a GPU provider that fails to start falls back to the CPU.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from llava_edge.errors import UserError
 
 
 class VisionEncoder:
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, onnx_path: str | Path, providers: list | None = None, threads: int = 0):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -18,7 +25,9 @@ class VisionEncoder:
         if threads:
             so.intra_op_num_threads = threads
         available = ort.get_available_providers()
-        providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+        providers = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available]
+        if not any((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers):
+            providers.append("CPUExecutionProvider")
         try:
             self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types

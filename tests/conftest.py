@@ -48,6 +48,6 @@ def runtime(bundle):
     """The CPU runtime in exact mode (f32 KV cache, no flash attention) for parity checks."""
     from llava_edge import EdgeLLaVA
 
-    m = EdgeLLaVA.load(bundle, kv_cache="f32")
+    m = EdgeLLaVA.load(bundle, device="cpu", kv_cache="f32", threads=1)  # exact: no GPU offload; 1 thread on a busy CPU
     yield m
     m.close()

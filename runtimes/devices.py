@@ -1,0 +1,495 @@
+"""Which machine this is, which device profile fits it, and what the runtime will run on it (and why).
+
+A *device profile* (``cpu``, ``laptop-gpu``, ``jetson``) decides everything the
+runtime can choose for the hardware: onnxruntime execution providers for the
+vision graph, llama.cpp GPU offload, threads, llama.cpp batch sizes, a context
+cap and which of the bundle's variants to prefer. ``auto`` (the default) picks
+the profile from what it finds:
+
+- a Jetson: ``/etc/nv_tegra_release`` (written by L4T/JetPack) or a device-tree
+  model or ``compatible`` string naming a Jetson / Tegra (``/proc/device-tree``
+  or ``/sys/firmware/devicetree/base``);
+- else a GPU the runtime can use: llama.cpp built with GPU offload (CUDA,
+  Metal, Vulkan...), or onnxruntime's CUDA/TensorRT provider with an NVIDIA
+  driver loaded;
+- else the CPU.
+
+:func:`plan_runtime` turns (bundle manifest, profile, explicit overrides,
+detected hardware) into a :class:`RuntimePlan` without loading anything heavy;
+``RuntimePlan.explain`` is what ``llava-edge chat --explain`` prints. Every
+choice carries its reason, so the explanation is the decision log, not a
+re-derivation of it.
+
+Torch-free; onnxruntime and llama_cpp are asked what they support, TensorRT only
+when the bundle holds an engine a GPU profile would use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llava_edge.errors import UserError
+from llava_edge.manifest import Manifest, Variant
+
+DEVICES = ("auto", "cpu", "laptop-gpu", "jetson")
+CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+# A quantized vision variant whose worst image token moved this far from fp32 (cosine, recorded by
+# `llava-edge quantize` as vs_fp32) is never chosen without being named. Same bar as quantize's warning.
+VISION_MIN_COSINE = 0.99
+
+
+# -- the hardware ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JetsonInfo:
+    model: str | None  # "NVIDIA Jetson Orin Nano Developer Kit", from the device tree
+    l4t: str | None  # "35.4.1", from /etc/nv_tegra_release
+    evidence: str  # the file that said so
+
+
+@dataclass(frozen=True)
+class Hardware:
+    jetson: JetsonInfo | None
+    nvidia_driver: bool  # an NVIDIA kernel driver is loaded (/proc/driver/nvidia/version or /dev/nvidia0)
+    ort_providers: tuple[str, ...]  # onnxruntime.get_available_providers()
+    llama_gpu_offload: bool  # llama_cpp.llama_supports_gpu_offload()
+    llama_backends: tuple[str, ...]  # backends llama.cpp was built with, from llama_print_system_info
+    cpus: int  # logical CPUs this process may run on
+    physical_cores: int
+    tensorrt_python: bool  # TensorRT's Python package is importable (not imported here)
+
+    def describe(self) -> str:
+        parts = []
+        if self.jetson:
+            j = self.jetson
+            parts.append(f"Jetson ({j.model or 'model unknown'}{f', L4T {j.l4t}' if j.l4t else ''}; {j.evidence})")
+        parts.append(f"{self.physical_cores} physical cores / {self.cpus} CPUs")
+        parts.append("NVIDIA driver loaded" if self.nvidia_driver else "no NVIDIA driver")
+        parts.append("onnxruntime providers: " + ", ".join(self.ort_providers))
+        parts.append("llama.cpp backends: " + (", ".join(self.llama_backends) or "?")
+                     + ("; GPU offload supported" if self.llama_gpu_offload else "; no GPU offload"))
+        parts.append("TensorRT Python package " + ("present" if self.tensorrt_python else "absent"))
+        return "; ".join(parts)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().replace(b"\0", b"\n").decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def read_jetson(root: str | Path = "/") -> JetsonInfo | None:
+    """A Jetson's model and L4T release, or ``None`` on anything else. ``root`` lets tests fake the files."""
+    root = Path(root)
+    model = compatible = None
+    for base in ("proc/device-tree", "sys/firmware/devicetree/base"):
+        model = model or _read_text(root / base / "model")
+        compatible = compatible or _read_text(root / base / "compatible")
+    release = _read_text(root / "etc/nv_tegra_release")
+    l4t = None
+    if release:  # "# R35 (release), REVISION: 4.1, GCID: ..."
+        m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", release)
+        l4t = f"{m.group(1)}.{m.group(2)}" if m else None
+    if release is not None:
+        evidence = "/etc/nv_tegra_release"
+    elif model and re.search(r"jetson", model, re.I):
+        evidence = "device-tree model"
+    elif compatible and "nvidia,tegra" in compatible.lower():
+        evidence = "device-tree compatible nvidia,tegra"
+    else:
+        return None
+    return JetsonInfo(model=model.splitlines()[0] if model else None, l4t=l4t, evidence=evidence)
+
+
+def nvidia_driver_loaded(root: str | Path = "/") -> bool:
+    root = Path(root)
+    return (root / "proc/driver/nvidia/version").exists() or (root / "dev/nvidia0").exists()
+
+
+def usable_cpus() -> set[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: set[int], root: str | Path = "/") -> int:
+    """Cores (not SMT threads) among ``cpus``, from sysfs topology; ``len(cpus)`` where sysfs says nothing.
+
+    llama.cpp's own default is one thread per physical core: token generation is
+    memory-bound and a second hyper-thread on a core mostly contends for it.
+    """
+    seen = set()
+    for c in cpus:
+        topo = Path(root) / f"sys/devices/system/cpu/cpu{c}/topology"
+        pkg, core = _read_text(topo / "physical_package_id"), _read_text(topo / "core_id")
+        if pkg is None or core is None:
+            return len(cpus)
+        seen.add((pkg, core))
+    return max(1, len(seen))
+
+
+def llama_capabilities() -> tuple[bool, tuple[str, ...]]:
+    """(GPU offload supported, backends llama.cpp was built with)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    # "CUDA : ARCHS = 890 | ... | CPU : SSE3 = 1 | ...": each backend's features start with "NAME : "
+    backends = tuple(dict.fromkeys(re.findall(r"(?:^|\|\s*)([A-Za-z][\w-]*) : ", info)))
+    return bool(llama_cpp.llama_supports_gpu_offload()), backends
+
+
+def detect_hardware(root: str | Path = "/") -> Hardware:
+    """What this machine offers the runtime. ``root`` replaces ``/`` for the files read (tests)."""
+    import onnxruntime as ort
+
+    offload, backends = llama_capabilities()
+    cpus = usable_cpus()
+    return Hardware(
+        jetson=read_jetson(root),
+        nvidia_driver=nvidia_driver_loaded(root),
+        ort_providers=tuple(ort.get_available_providers()),
+        llama_gpu_offload=offload,
+        llama_backends=backends,
+        cpus=len(cpus),
+        physical_cores=physical_cores(cpus, root),
+        tensorrt_python=importlib.util.find_spec("tensorrt") is not None,
+    )
+
+
+# -- the profiles ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    purpose: str
+    providers: tuple[str, ...]  # onnxruntime execution providers in order of preference (CPU always last)
+    gpu_offload: bool  # offload every llama.cpp layer where llama.cpp was built with a GPU backend
+    n_batch: int  # llama.cpp logical batch (tokens per llama_decode call)
+    n_ubatch: int  # llama.cpp physical batch (tokens per compute graph)
+    max_ctx: int  # context cap when none is asked for (KV cache memory)
+    vision_preference: tuple[str, ...]  # variant names, best first; then the bundle's default
+    llm_preference: tuple[str, ...]
+
+
+# Q4_K_M: llama.cpp's usual size/quality point for edge chat (about 4.8 bits per weight).
+_LLM_EDGE = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        name="cpu", purpose="CPU only: onnxruntime's CPU provider, llama.cpp on all physical cores",
+        providers=(CPU_EP,), gpu_offload=False, n_batch=512, n_ubatch=512, max_ctx=4096,
+        # int8 matmuls are what a CPU runs fastest; fp16 ONNX has few fast CPU kernels (casts around them).
+        vision_preference=("int8-static", "int8", "fp32"),
+        llm_preference=_LLM_EDGE,
+    ),
+    "laptop-gpu": Profile(
+        name="laptop-gpu", purpose="a discrete GPU: onnxruntime's CUDA provider, every llama.cpp layer offloaded",
+        providers=(CUDA_EP, CPU_EP), gpu_offload=True, n_batch=2048, n_ubatch=512, max_ctx=4096,
+        # a TensorRT engine when one was built for this GPU, else fp16 on CUDA (tensor cores)
+        vision_preference=("trt-fp16", "fp16", "fp32"),
+        llm_preference=_LLM_EDGE,
+    ),
+    "jetson": Profile(
+        name="jetson", purpose="NVIDIA Jetson: TensorRT for vision, llama.cpp offloaded to the integrated GPU",
+        providers=(TENSORRT_EP, CUDA_EP, CPU_EP), gpu_offload=True, n_batch=512, n_ubatch=512, max_ctx=2048,
+        # GPU and CPU share the board's memory: a smaller context keeps the KV cache small
+        vision_preference=("trt-fp16", "fp16", "fp32"),
+        llm_preference=_LLM_EDGE,
+    ),
+}
+
+
+def pick_profile(device: str, hw: Hardware) -> tuple[Profile, str]:
+    """The profile for ``device`` (one of :data:`DEVICES`) and why."""
+    device = (device or "auto").strip().lower()
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if device != "auto":
+        return PROFILES[device], f"asked for (--device {device})"
+    if hw.jetson:
+        return PROFILES["jetson"], f"auto: a Jetson ({hw.jetson.evidence})"
+    gpu_ep = [p for p in (CUDA_EP, TENSORRT_EP) if p in hw.ort_providers]
+    if hw.llama_gpu_offload:
+        return PROFILES["laptop-gpu"], (f"auto: llama.cpp can offload to a GPU "
+                                         f"({', '.join(b for b in hw.llama_backends if b != 'CPU') or 'GPU backend'})")
+    if gpu_ep and hw.nvidia_driver:
+        return PROFILES["laptop-gpu"], f"auto: onnxruntime has {gpu_ep[0]} and an NVIDIA driver is loaded"
+    why = "no Jetson, llama.cpp built without GPU offload"
+    if gpu_ep:
+        why += f", {gpu_ep[0]} present but no NVIDIA driver loaded"
+    else:
+        why += ", no CUDA/TensorRT provider in onnxruntime"
+    return PROFILES["cpu"], f"auto: {why}"
+
+
+# -- variants ---------------------------------------------------------------------------------------------------------
+def _find(m: Manifest, kind: str, name: str) -> Variant | None:
+    want = name.strip().lower()
+    return next((v for v in m.variants if v.kind == kind and v.name.lower() == want), None)
+
+
+def _names(m: Manifest, kind: str) -> str:
+    return ", ".join(v.name for v in m.variants if v.kind == kind) or "none"
+
+
+def vision_quality_problem(v: Variant) -> str | None:
+    """Why a quantized vision variant is too far from fp32 to pick by default (``None``: fine or unmeasured)."""
+    rec = v.extra.get("vs_fp32") or {}
+    worst = rec.get("min_cosine")
+    if worst is not None and worst < VISION_MIN_COSINE:
+        return f"worst image token cosine vs fp32 {worst:.4f} < {VISION_MIN_COSINE}"
+    return None
+
+
+def choose_variant(m: Manifest, kind: str, requested: str | None, preference: tuple[str, ...],
+                   problem: Callable[[Variant], str | None], flag: str) -> tuple[Variant, str]:
+    """The variant of ``kind`` to load and why.
+
+    ``requested`` (a name as ``quantize``/``export`` gave it, any case) wins, or is
+    an error listing the bundle's names. Otherwise the first of ``preference``
+    present in the bundle for which ``problem`` says nothing; otherwise the
+    bundle's default (the first portable variant ``problem`` accepts).
+    """
+    if not any(v.kind == kind for v in m.variants):
+        raise UserError(f"the bundle has no {kind} variant; export one first")
+    if requested:
+        v = _find(m, kind, requested)
+        if v is None:
+            raise UserError(f"no {kind} variant {requested!r} in the bundle ({flag}); it has: {_names(m, kind)}")
+        why_not = problem(v)
+        if why_not:
+            raise UserError(f"{kind} variant {v.name} cannot run here: {why_not}")
+        return v, f"asked for ({flag} {v.name})"
+    skipped = []
+    for name in preference:
+        v = _find(m, kind, name)
+        if v is None:
+            continue
+        why_not = problem(v) or (vision_quality_problem(v) if kind == "vision" else None)
+        if why_not:
+            skipped.append(f"{v.name}: {why_not}")
+            continue
+        return v, (f"the profile prefers {' > '.join(preference)}; the bundle has {_names(m, kind)}"
+                   + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+    for v in m.variants:
+        if v.kind == kind and not v.device_specific and not problem(v):
+            lead = "none of the profile's choices" if not skipped else "no usable choice of the profile"
+            return v, (f"{lead} ({', '.join(preference)}) in the bundle, which has {_names(m, kind)}: "
+                       "its default" + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+    raise UserError(f"no {kind} variant of this bundle can run here ({'; '.join(skipped) or _names(m, kind)})")
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------------
+Provider = str | tuple[str, dict]
+
+
+@dataclass
+class RuntimePlan:
+    """Everything chosen for one load, each with its reason."""
+
+    profile: Profile
+    profile_why: str
+    hardware: Hardware
+    vision: Variant
+    vision_why: str
+    vision_backend: str  # "onnxruntime" or "tensorrt"
+    providers: list[Provider]
+    providers_why: str
+    llm: Variant
+    llm_why: str
+    n_gpu_layers: int  # -1: all (llama.cpp: "a negative value means all layers")
+    offload_why: str
+    threads: int
+    threads_why: str
+    n_batch: int
+    n_ubatch: int
+    n_ctx: int
+    ctx_why: str
+    kv_cache: str
+    notes: list[str] = field(default_factory=list)
+
+    def provider_names(self) -> list[str]:
+        return [p if isinstance(p, str) else p[0] for p in self.providers]
+
+    def explain(self, running_providers: list[str] | None = None) -> str:
+        """What was chosen and why, one item a line (``llava-edge chat --explain``)."""
+        v, lm = self.vision, self.llm
+        layers = "all" if self.n_gpu_layers < 0 else str(self.n_gpu_layers)
+        lines = [
+            f"hardware: {self.hardware.describe()}",
+            f"profile: {self.profile.name} - {self.profile.purpose} ({self.profile_why})",
+            f"vision variant: {v.name} ({v.file}, {v.precision}) - {self.vision_why}",
+        ]
+        if self.vision_backend == "tensorrt":
+            lines.append("vision backend: TensorRT engine (TensorRTVisionEncoder) - the variant is an engine "
+                         f"built for {v.extra.get('gpu', '?')}, TensorRT {v.extra.get('tensorrt_version', '?')}")
+        else:
+            used = running_providers or self.provider_names()
+            lines.append(f"vision backend: onnxruntime, providers {', '.join(used)} - {self.providers_why}")
+            if running_providers and running_providers[0] != self.provider_names()[0]:
+                lines.append(f"  note: onnxruntime could not start {self.provider_names()[0]}; it runs on "
+                             f"{running_providers[0]}")
+        lines += [
+            f"language model variant: {lm.name} ({lm.file}, {lm.precision}) - {self.llm_why}",
+            f"llama.cpp GPU layers: {layers} - {self.offload_why}",
+            f"threads: {self.threads} - {self.threads_why}",
+            f"llama.cpp batch: {self.n_batch} (micro-batch {self.n_ubatch}) - profile {self.profile.name}",
+            f"context: {self.n_ctx} tokens - {self.ctx_why}; KV cache {self.kv_cache}",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def engine_problem_finder(platform: Callable[[], dict] | None = None) -> Callable[[Variant], str | None]:
+    """``variant -> why it cannot run here`` for TensorRT engines (``None`` for ONNX/GGUF and runnable engines).
+
+    ``platform`` returns the running TensorRT version / GPU / compute capability
+    (default: ``tensorrt_vision.running_platform``); it is called once, and only
+    when an engine is considered.
+    """
+    from .tensorrt_vision import engine_mismatch, running_platform
+
+    cache: list = []
+
+    def problem(v: Variant) -> str | None:
+        if not v.device_specific:
+            return None
+        if not cache:
+            try:
+                cache.append((platform or running_platform)())
+            except UserError as e:
+                cache.append(str(e))
+            except Exception as e:  # noqa: BLE001 - cuda-python raises RuntimeError without a GPU, others vary
+                cache.append(f"no usable CUDA GPU ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        running = cache[0]
+        if isinstance(running, str):
+            return running
+        return engine_mismatch(v.extra, running)
+
+    return problem
+
+
+def trt_cache_dir(v: Variant) -> Path:
+    """Where onnxruntime's TensorRT provider keeps the engines it builds for ``v`` (the bundle may be read-only)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "llava-edge" / "ort-tensorrt" / v.sha256[:16]
+
+
+def onnx_providers(profile: Profile, hw: Hardware, v: Variant) -> tuple[list[Provider], str]:
+    """onnxruntime providers (with options) for the ONNX variant ``v`` under ``profile``, and why."""
+    wanted = list(profile.providers)
+    why = []
+    if TENSORRT_EP in wanted and v.precision not in ("fp32", "fp16"):
+        wanted.remove(TENSORRT_EP)  # onnxruntime's int8/int4 quantization ops are not TensorRT layers
+        why.append(f"TensorRT provider not used for a {v.precision} graph (onnxruntime quantization ops)")
+    missing = [p for p in wanted if p not in hw.ort_providers]
+    if missing:
+        why.append(f"{', '.join(missing)} not in this onnxruntime (GPU providers come with onnxruntime-gpu, "
+                   "or on a Jetson the Jetson Zoo wheel)")
+    elif CUDA_EP in wanted and not hw.nvidia_driver and not hw.jetson:
+        why.append("no NVIDIA driver found: onnxruntime falls back to the CPU if the GPU provider cannot start")
+    chosen: list[Provider] = []
+    for p in wanted:
+        if p not in hw.ort_providers:
+            continue
+        if p == TENSORRT_EP:
+            cache = trt_cache_dir(v)
+            chosen.append((p, {"trt_fp16_enable": v.precision == "fp16", "trt_engine_cache_enable": True,
+                               "trt_engine_cache_path": str(cache)}))
+            why.append(f"TensorRT builds its engine on first use and caches it in {cache}")
+        else:
+            chosen.append(p)
+    if CPU_EP not in chosen:
+        chosen.append(CPU_EP)
+    lead = f"profile {profile.name} asks for {', '.join(profile.providers)}"
+    return chosen, "; ".join([lead, *why])
+
+
+def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | None = None,
+                 llm_variant: str | None = None, hardware: Hardware | None = None, threads: int = 0,
+                 n_gpu_layers: int | None = None, n_ctx: int | None = None, n_batch: int | None = None,
+                 vision_providers: list[Provider] | None = None, kv_cache: str = "f16",
+                 trt_platform: Callable[[], dict] | None = None) -> RuntimePlan:
+    """Choose profile, variants, providers, offload, threads, batch and context for the bundle ``m``.
+
+    Explicit arguments override the profile (each says so in the explanation);
+    nothing is loaded here. ``hardware`` and ``trt_platform`` replace detection (tests).
+    """
+    hw = hardware or detect_hardware()
+    profile, profile_why = pick_profile(device, hw)
+    notes: list[str] = []
+
+    engine_problem = engine_problem_finder(trt_platform)
+
+    def vision_problem(v: Variant) -> str | None:
+        if v.device_specific and profile.name == "cpu":
+            return "it is a TensorRT engine (GPU only) and the device profile is cpu"
+        return engine_problem(v)
+
+    vision_preference = profile.vision_preference
+    gpu_providers = [p for p in profile.providers if p != CPU_EP]
+    cpu_only_onnx = bool(gpu_providers) and not any(p in hw.ort_providers for p in gpu_providers)
+    if cpu_only_onnx:  # an ONNX graph would run on the CPU provider anyway: prefer what the CPU runs best
+        vision_preference = (tuple(n for n in profile.vision_preference if n.startswith("trt-"))
+                             + PROFILES["cpu"].vision_preference)
+    vision, vision_why = choose_variant(m, "vision", vision_variant, vision_preference, vision_problem,
+                                        "--vision-variant")
+    if cpu_only_onnx and not vision_variant:
+        vision_why += f" (this onnxruntime has no {' or '.join(gpu_providers)}: ONNX variants as for the CPU)"
+    llm, llm_why = choose_variant(m, "llm", llm_variant, profile.llm_preference, lambda _v: None, "--llm-variant")
+
+    if vision.device_specific:
+        backend, providers, providers_why = "tensorrt", [], "a TensorRT engine runs in TensorRT itself"
+    elif vision_providers:
+        backend = "onnxruntime"
+        providers = [p for p in vision_providers if (p if isinstance(p, str) else p[0]) in hw.ort_providers]
+        providers = providers or [CPU_EP]
+        providers_why = "asked for"
+    else:
+        backend = "onnxruntime"
+        providers, providers_why = onnx_providers(profile, hw, vision)
+
+    if n_gpu_layers is not None:
+        layers, offload_why = n_gpu_layers, "asked for"
+        if n_gpu_layers and not hw.llama_gpu_offload:
+            notes.append("GPU layers were asked for but this llama.cpp has no GPU offload: they run on the CPU")
+    elif not profile.gpu_offload:
+        layers, offload_why = 0, f"profile {profile.name} runs the language model on the CPU"
+    elif hw.llama_gpu_offload:
+        gpu = ", ".join(b for b in hw.llama_backends if b != "CPU") or "a GPU backend"
+        layers, offload_why = -1, f"llama.cpp was built with {gpu}: every layer on the GPU"
+    else:
+        layers, offload_why = 0, ("this llama.cpp was built without GPU offload (reinstall llama-cpp-python with "
+                                  "CMAKE_ARGS=\"-DGGML_CUDA=on\", or Metal/Vulkan): CPU only")
+
+    if threads and threads > 0:
+        n_threads, threads_why = int(threads), "asked for (--threads)"
+    else:
+        n_threads = hw.physical_cores
+        threads_why = f"one per physical core ({hw.physical_cores} of {hw.cpus} CPUs), as llama.cpp's default"
+
+    trained = int(m.llm.get("n_ctx_train") or profile.max_ctx)
+    if n_ctx:
+        if n_ctx < 1:
+            raise UserError(f"the context size must be positive, not {n_ctx}")
+        ctx, ctx_why = int(n_ctx), "asked for (--ctx)"
+        if n_ctx > trained:
+            notes.append(f"a context of {n_ctx} is beyond the {trained} tokens the model was trained with")
+    else:
+        ctx = min(trained, profile.max_ctx)
+        ctx_why = f"the model's training context {trained}, capped at {profile.max_ctx} by profile {profile.name}"
+
+    batch = int(n_batch) if n_batch else profile.n_batch
+    if batch < 1:
+        raise UserError(f"the batch size must be positive, not {batch}")
+    ubatch = min(batch, profile.n_ubatch)
+    return RuntimePlan(profile=profile, profile_why=profile_why, hardware=hw, vision=vision, vision_why=vision_why,
+                       vision_backend=backend, providers=providers, providers_why=providers_why, llm=llm,
+                       llm_why=llm_why, n_gpu_layers=layers, offload_why=offload_why, threads=n_threads,
+                       threads_why=threads_why, n_batch=batch, n_ubatch=ubatch, n_ctx=ctx, ctx_why=ctx_why,
+                       kv_cache=kv_cache, notes=notes)
