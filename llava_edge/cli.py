@@ -318,14 +318,23 @@ def chat(
     prompt: Optional[str] = typer.Argument(None, help="Question; without one, an interactive session opens"),
     image: Optional[str] = typer.Option(None, "--image", help="Image file (any format Pillow reads)"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Default: $LLAVA_EDGE_BUNDLE or the registered default"),
+    device: str = typer.Option("auto", "--device", help="Device profile: auto (detect) | cpu | laptop-gpu | jetson"),
+    vision_variant: Optional[str] = typer.Option(None, "--vision-variant", help="Vision variant by name (fp32, fp16, "
+                                                 "int8, int8-static, int4, trt-fp16...); default: the profile's"),
+    llm_variant: Optional[str] = typer.Option(None, "--llm-variant", help="Language-model variant by name (f32, "
+                                              "f16, q8_0, q4_k_m...); default: the profile's"),
+    explain: bool = typer.Option(False, "--explain", help="Print what was chosen (profile, variants, providers, "
+                                 "offload, threads, context) and why, on stderr; without a prompt, then exit"),
+    drop_oldest: bool = typer.Option(False, "--drop-oldest", help="When the conversation outgrows the context, "
+                                     "forget the oldest exchanges instead of stopping with an error"),
     temperature: float = typer.Option(0.0, help="0 is greedy and deterministic"),
     top_p: float = typer.Option(1.0),
     max_tokens: int = typer.Option(256),
     seed: Optional[int] = typer.Option(None),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens"),
-    threads: int = typer.Option(0, help="0: all cores"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the profile's)"),
+    threads: int = typer.Option(0, help="0: the profile's (one per physical core)"),
 ):
-    """Ask about an image: the vision graph in onnxruntime, the language model in llama.cpp."""
+    """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from .preprocess import load_image
     from .runtimes.pipeline import EdgeLLaVA
 
@@ -333,13 +342,26 @@ def chat(
         raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
     if image is not None:
         load_image(image)  # fail on a bad image before loading the model
-    m = EdgeLLaVA.load(bundle, n_ctx=ctx, threads=threads)
+    m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
+                       threads=threads, on_overflow="drop-oldest" if drop_oldest else "error")
+    if explain:
+        say(m.explain())
+        if prompt is None:
+            return
     sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     session = m.session(image)
-    if prompt is not None:
-        for piece in session.stream(prompt, **sampling):
+
+    def answer(question: str) -> None:
+        for piece in session.stream(question, **sampling):
             print(piece, end="", flush=True)
         print()
+        if session.dropped_turns:
+            say(f"(forgot the {session.dropped_turns} oldest exchange(s) to fit the context)")
+        if session.last_stop == "context":
+            say(f"(answer cut: the context of {m.llm.n_ctx} tokens is full; /reset, --drop-oldest or a larger --ctx)")
+
+    if prompt is not None:
+        answer(prompt)
         return
     say("llava-edge chat: /image PATH to change the image, /reset to forget, /quit to leave")
     while True:
@@ -363,9 +385,7 @@ def chat(
                 say(f"error: {e}")
             continue
         try:
-            for piece in session.stream(line, **sampling):
-                print(piece, end="", flush=True)
-            print()
+            answer(line)
         except UserError as e:
             say(f"error: {e}")
 
@@ -397,6 +417,66 @@ def quantize(
         state = "new" if o.made else "up to date"
         say(f"  {o.kind:8} {o.name:16} {o.file:28} {o.size / 1e6:8.2f} MB  {state}"
             f"{'  ' + o.note if o.note and o.made else ''}")
+
+
+@app.command("drift")
+def drift(
+    bundle: Path = typer.Argument(..., help="Bundle directory (from `llava-edge export` and `quantize`)"),
+    reference: str = typer.Option(..., "--reference", help="The Hugging Face model the bundle was made from "
+                                  "(fp16 on a GPU, fp32 on a CPU)"),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Questions: toy/LLaVA conversation JSON, ScienceQA "
+                                             "llava_test_CQM-A.json or POPE llava_pope_test.jsonl (default: 50 "
+                                             "generated toy questions)"),
+    eval_format: str = typer.Option("auto", "--format", help="auto | toy | scienceqa | pope"),
+    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="Images (default: the --eval file's "
+                                                "folder)"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="VISION:LLM pairs, comma-separated, * for all "
+                                           "of a kind (default: every combination)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="Folder for drift.json, drift.md and drift.png "
+                                          "(default: print the table)"),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when one of these gates fails: f16, q8_0, "
+                                          "q4_k_m, all"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions"),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="Longest answer, in tokens"),
+    kv_cache: str = typer.Option("f16", "--kv-cache", help="llama.cpp KV cache: f16 (its default, what devices "
+                                 "run) | f32"),
+    threads: int = typer.Option(0, "--threads", help="llama.cpp threads; 0: all cores"),
+):
+    """Accuracy drift of each vision/LLM variant pair against the Hugging Face model, with CI gates."""
+    from .drift.run import drift_bundle
+
+    _, failed = drift_bundle(bundle, reference, eval_file=eval_file, eval_format=eval_format,
+                             image_folder=image_folder, variants=variants, report=report, fail_on=fail_on,
+                             limit=limit, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads, log=say)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    device: str = typer.Option("auto", "--device", help="Device profile, as for `chat`"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="VISION:LLM pairs, comma-separated (a bare name: "
+                                           "that variant with the default of the other kind); default: every "
+                                           "portable variant once"),
+    runs: int = typer.Option(5, "--runs", help="Timed runs per pair (medians are reported)"),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs first"),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens to decode per run"),
+    image: Optional[Path] = typer.Option(None, "--image", help="Image to ask about (default: a rendered 640x480 "
+                                         "JPEG)"),
+    question: str = typer.Option("Describe the image in detail.", "--question"),
+    threads: int = typer.Option(0, "--threads", help="0: the profile's"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every run, the machine and versions here"),
+):
+    """Time preprocessing, vision encode, prefill, time to first token, decode and peak memory per variant."""
+    from .bench import BenchSettings, format_table, run_bench
+
+    settings = BenchSettings(runs=runs, warmup=warmup, decode_tokens=decode_tokens, question=question,
+                             threads=threads, device=device)
+    report = run_bench(bundle, settings, variants, image=image, json_out=json_out, log=say)
+    print(format_table(report))
+    if json_out is not None:
+        say(f"wrote {json_out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,118 @@
+"""The reference: the Hugging Face model's answers, next-token logits and image features on an evaluation set.
+
+fp16 on a GPU; fp32 on a CPU, because fp16 matrix products on a CPU are not a
+trustworthy reference (PyTorch's CPU kernels for half precision differ in
+accumulation and coverage from one build and instruction set to the next). The
+device and dtype used are recorded, and the report prints them.
+
+For each question the reference answers greedily (as LLaVA's evaluation
+scripts do with ``--temperature 0``), and the logits it produced at each answer
+step are kept: the variants are then fed the same answer (teacher forcing), so
+their next-token distributions are compared position by position on the same
+context. The prompt is the bundle's conversation template rendered by the same
+code the runtime uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge.errors import UserError
+
+from .formats import EvalItem
+
+CPU_REASON = "fp32 on the CPU (CPU fp16 matmul is not a trustworthy reference)"
+GPU_REASON = "fp16 on the GPU"
+
+
+@dataclass
+class ReferenceItem:
+    prompt_ids: list[int]  # the rendered prompt's token ids, one <image> token not yet expanded
+    answer_ids: list[int]  # greedy answer, ending with EOS when the model stopped by itself
+    answer: str
+    logits: np.ndarray  # (len(answer_ids), vocab) float32: the logits each answer token was chosen from
+    image_features: np.ndarray | None  # (image tokens, LM width) float32, what the projector gives the LM
+
+
+@dataclass
+class Reference:
+    model: str
+    fingerprint: str  # config + safetensors headers: the architecture, not the weights
+    stamp: str  # names, sizes and times of the checkpoint's files, as export records them
+    device: str
+    dtype: str
+    note: str
+    items: list[ReferenceItem] = field(default_factory=list)
+
+    def info(self) -> dict:
+        return {"model": self.model, "fingerprint": self.fingerprint, "stamp": self.stamp, "device": self.device,
+                "dtype": self.dtype, "note": self.note}
+
+
+def pick_device(device: str = "auto") -> tuple[str, str, str]:
+    """(torch device, dtype name, note): fp16 on CUDA, fp32 on the CPU."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown reference device {device!r} (auto, cpu, cuda)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("reference device cuda asked for, but PyTorch sees no GPU")
+        return "cuda", "float16", GPU_REASON
+    return "cpu", "float32", CPU_REASON
+
+
+def compute_reference(model: str | Path, items: list[EvalItem], template_name: str, *, max_new_tokens: int = 32,
+                      device: str = "auto", log: Callable[[str], None] = print) -> Reference:
+    """Run the Hugging Face model over ``items`` with the bundle's template ``template_name``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llava_edge.checkpoint import load_hf_model, resolve_model
+    from llava_edge.export.bundle import source_stamp
+    from llava_edge.preprocess import preprocess
+    from llava_edge.templates import expand_image, get_template
+
+    dev, dtype, note = pick_device(device)
+    ckpt = resolve_model(model, log=log)
+    hf = load_hf_model(ckpt, dtype=dtype).to(dev)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    template = get_template(template_name)
+    spec, n_img, img_id = ckpt.image_spec(), ckpt.num_image_tokens(), ckpt.image_token_id
+    eos = tok.eos_token_id
+    cfg = hf.config
+    ref = Reference(str(model), ckpt.fingerprint(), source_stamp(ckpt), dev, dtype, note)
+    log(f"reference: {ckpt.path} in {dtype} on {dev} ({len(items)} questions)")
+    for item in items:
+        text = template.prompt(item.question, image=item.image is not None)
+        ids = tok(text)["input_ids"]
+        kwargs = {}
+        feats = None
+        full = ids
+        if item.image is not None:
+            full = expand_image(ids, img_id, [img_id] * n_img)
+            px = torch.from_numpy(preprocess(item.image, spec))[None].to(dev, getattr(torch, dtype))
+            kwargs["pixel_values"] = px
+            with torch.no_grad():
+                f = hf.model.get_image_features(
+                    pixel_values=px, vision_feature_layer=cfg.vision_feature_layer,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
+                ).pooler_output
+            feats = torch.stack(list(f))[0].float().cpu().numpy()
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([full], device=dev), max_new_tokens=max_new_tokens,
+                              do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_token_id or eos,
+                              output_logits=True, return_dict_in_generate=True, **kwargs)
+        new = out.sequences[0, len(full):].tolist()
+        if eos in new:
+            new = new[: new.index(eos) + 1]
+        logits = torch.stack([s[0] for s in out.logits[: len(new)]]).float().cpu().numpy()
+        ref.items.append(ReferenceItem(ids, new, tok.decode(new, skip_special_tokens=True), logits, feats))
+    del hf
+    return ref

@@ -1,0 +1,292 @@
+"""``llava-edge drift``: measure every (vision, language model) variant pair of a bundle against the reference.
+
+For each pair the bundle is loaded through the runtime (``EdgeLLaVA``: the
+vision graph in onnxruntime, the GGUF in llama.cpp, with llama.cpp's default
+f16 KV cache unless told otherwise: what a device runs), and for each question:
+
+1. the image is encoded by the variant's vision graph and compared with the
+   reference's image features (cosine per image token, relative error);
+2. the reference's answer is fed after the prompt (teacher forcing) and the
+   logits at each answer position are compared with the reference's (KL,
+   top-1 agreement, change of the reference token's probability);
+3. the variant answers greedily on its own, and its answer is compared with the
+   reference's answer and, where the set has gold answers, scored.
+
+Pairs run one after the other, each with its own ``EdgeLLaVA`` (the runtime's
+public API; loading a GGUF is memory-mapped and quick).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge import manifest as bundle_manifest
+from llava_edge.errors import UserError
+
+from . import metrics
+from .formats import EvalSet
+from .reference import Reference
+
+WORST_TOKENS = 10  # positions with the largest KL kept per pair, for finding out why a gate fails
+WORST_IMAGES = 5  # images with the worst image-token cosine kept per pair
+FLIPS = 20  # positions where the variant's most likely token differs from the reference's, kept per pair
+DISAGREEMENTS = 20  # answers that differ from the reference's kept per pair
+
+
+@dataclass(frozen=True)
+class Pair:
+    vision: str
+    llm: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.vision}:{self.llm}"
+
+
+def runnable_variants(m: bundle_manifest.Manifest, kind: str) -> list[bundle_manifest.Variant]:
+    """The variants of ``kind`` the CPU runtime can run (TensorRT engines need their GPU)."""
+    return [v for v in m.variants if v.kind == kind and not v.device_specific]
+
+
+def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[Pair]:
+    """``"fp32:f32,int8:q8_0,*:q4_k_m"`` -> pairs (``*`` is every variant of that kind); None: every combination."""
+    vis = [v.name for v in runnable_variants(m, "vision")]
+    llm = [v.name for v in runnable_variants(m, "llm")]
+    if not vis or not llm:
+        raise UserError("the bundle needs a vision and a language model variant: export with --target all")
+    if text is None or not text.strip():
+        return [Pair(v, l) for l in llm for v in vis]
+    out: list[Pair] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.count(":") != 1:
+            raise UserError(f"--variants entry {part!r} is not VISION:LLM (e.g. int8:q8_0, *:q4_k_m)")
+        v, l = (s.strip() for s in part.split(":"))
+        for name, have, kind in ((v, vis, "vision"), (l, llm, "llm")):
+            if name != "*" and name not in have:
+                raise UserError(f"no {kind} variant {name!r} in the bundle; it has: {', '.join(have)}")
+        for ln in llm if l == "*" else [l]:
+            for vn in vis if v == "*" else [v]:
+                if Pair(vn, ln) not in out:
+                    out.append(Pair(vn, ln))
+    if not out:
+        raise UserError("--variants names no pair")
+    return out
+
+
+def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *, max_tokens: int,
+                 kv_cache: str = "f16", threads: int = 0) -> dict:
+    """Every metric of one pair (see the module docstring); answers included for scoring."""
+    from llava_edge.runtimes.pipeline import EdgeLLaVA, Sampling
+
+    t0 = time.time()
+    m = EdgeLLaVA.load(bundle, vision_variant=pair.vision, llm_variant=pair.llm, kv_cache=kv_cache, threads=threads)
+    try:
+        cosines, rel_errors, drifts, answers = [], [], [], []
+        worst: list[dict] = []
+        images: list[dict] = []
+        flips: list[dict] = []
+        prompt_mismatch = 0
+        for item, r in zip(eval_set.items, ref.items):
+            key, emb = m.image_embeddings(item.image) if item.image is not None else (None, None)
+            if emb is not None and r.image_features is not None:
+                cosines.append(metrics.cosine_rows(emb, r.image_features))
+                rel_errors.append(metrics.relative_error(emb, r.image_features))
+                images.append({"id": item.id, "cos_min": float(cosines[-1].min()),
+                               "worst_token": int(cosines[-1].argmin()), "rel_error": rel_errors[-1]})
+            text = m.template.prompt(item.question, image=item.image is not None)
+            prompt_mismatch += m.tokenizer.encode(text) != r.prompt_ids
+            # a text-only question has no <image> to expand (the runtime's slots_for insists on one)
+            slots = m.tokenizer.encode(text) if emb is None else m.slots_for(text, key, len(emb))
+            n = len(r.answer_ids)
+            if n:
+                m.llm.reset()
+                logits = m.prefill(slots + list(r.answer_ids[:-1]), emb, logits="all")[-n:]
+                d = metrics.token_drift(r.logits, logits, r.answer_ids)
+                drifts.append(d)
+                worst += _positions(item.id, np.argsort(-d.kl)[:WORST_TOKENS], d, r, logits, m.tokenizer)
+                worst = sorted(worst, key=lambda w: -w["kl"])[:WORST_TOKENS]
+                if len(flips) < FLIPS:
+                    flips += _positions(item.id, np.flatnonzero(~d.same_top1), d, r, logits, m.tokenizer)[
+                        : FLIPS - len(flips)]
+            answers.append("".join(m.generate(slots, emb, Sampling(max_tokens=max_tokens))).strip())
+    finally:
+        m.close()
+    same = [a == r.answer.strip() for a, r in zip(answers, ref.items)]
+    v_var, l_var = m.vision_variant, m.llm_variant
+    return {
+        "vision": pair.vision, "llm": pair.llm,
+        "vision_precision": v_var.precision, "llm_precision": l_var.precision,
+        "files": {"vision": v_var.file, "llm": l_var.file},
+        "llm_tensor_types": l_var.extra.get("tensor_types"),
+        "vision_drift": metrics.summarize_vision(cosines, rel_errors),
+        "token_drift": metrics.summarize_tokens(metrics.TokenDrift.concat(drifts)),
+        "answer_agreement": float(np.mean(same)) if same else None,
+        "disagreements": [{"id": i.id, "reference": r.answer.strip(), "variant": a}
+                          for i, r, a, s in zip(eval_set.items, ref.items, answers, same) if not s][:DISAGREEMENTS],
+        "worst_tokens": worst,
+        "top1_flips": flips,
+        "worst_images": sorted(images, key=lambda x: x["cos_min"])[:WORST_IMAGES],
+        "prompt_mismatches": prompt_mismatch,
+        "vision_providers": getattr(m.vision, "providers", None),
+        "answers": answers,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def _positions(item_id: str, where, d: metrics.TokenDrift, r, logits: np.ndarray, tokenizer) -> list[dict]:
+    """Answer positions ``where`` of one question, described for a person: tokens, both probabilities, the margin.
+
+    ``ref_margin``: the reference's probability of its top token minus that of
+    the variant's top token; a top-1 flip at a small margin is a near tie that
+    any rounding can tip, a flip at a large margin is real damage.
+    """
+    lp_ref = metrics.log_softmax(r.logits)
+
+    def text(t: int) -> str:
+        return tokenizer.decode([int(t)]) or f"<{int(t)}>"
+
+    out = []
+    for i in where:
+        i = int(i)
+        top_v = int(logits[i].argmax())
+        out.append({
+            "id": item_id, "position": i, "token": text(r.answer_ids[i]), "kl": float(d.kl[i]),
+            "p_ref": float(d.p_ref[i]), "p_variant": float(d.p_variant[i]), "top1_variant": text(top_v),
+            "ref_margin": float(np.exp(lp_ref[i]).max() - np.exp(lp_ref[i, top_v])),
+        })
+    return out
+
+
+def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pairs: list[Pair] | None = None, *,
+              max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
+              log: Callable[[str], None] = print) -> dict:
+    """Measure ``pairs`` (default: every combination) of ``bundle`` against the Hugging Face model ``reference``.
+
+    Returns the whole result (what ``drift.json`` holds), without gate verdicts
+    (:func:`llava_edge.drift.gates.evaluate` adds them).
+    """
+    from .reference import compute_reference
+
+    bundle = Path(bundle)
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    if kv_cache not in ("f16", "f32"):
+        raise UserError(f"unknown --kv-cache {kv_cache!r} (f16 or f32)")
+    m = bundle_manifest.read(bundle)
+    pairs = pairs or parse_pairs(None, m)
+    ref = compute_reference(reference, eval_set.items, m.template, max_new_tokens=max_tokens, device=device, log=log)
+    ref_score = eval_set.score([r.answer for r in ref.items])
+    notes = list(eval_set.notes)
+    for note in source_notes(m.source or {}, ref, reference):
+        notes.append(note)
+        log(f"warning: {note}")
+    results = []
+    for pair in pairs:
+        log(f"drift {pair.label}: {len(eval_set.items)} questions")
+        r = measure_pair(bundle, pair, eval_set, ref, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads)
+        score = eval_set.score(r.pop("answers"))
+        r["score"] = score
+        if score is not None and ref_score is not None:
+            r["accuracy"] = score["accuracy"]
+            r["accuracy_drop_points"] = round(100 * (ref_score["accuracy"] - score["accuracy"]), 6)
+        t, v = r["token_drift"], r["vision_drift"]
+        log(f"  vision cos mean {v.get('cos_mean', float('nan')):.6f} min {v.get('cos_min', float('nan')):.6f}; "
+            f"KL mean {t.get('kl_mean', float('nan')):.3g} p99 {t.get('kl_p99', float('nan')):.3g}; "
+            f"top-1 {t.get('top1', float('nan')):.2%}; answers as reference {r['answer_agreement']:.1%}"
+            + (f"; accuracy {r['accuracy']:.1%}" if "accuracy" in r else "") + f" ({r['seconds']} s)")
+        results.append(r)
+    return {
+        "bundle": str(bundle),
+        "reference": {**ref.info(), "score": ref_score,
+                      "answers_ending_in_eos": sum(bool(i.answer_ids) and i.answer_ids[-1] == m.llm["eos_id"]
+                                                   for i in ref.items)},
+        "eval": {"format": eval_set.format, "source": eval_set.source, "questions": len(eval_set.items),
+                 "with_image": sum(i.image is not None for i in eval_set.items), "gold": eval_set.has_gold},
+        "runtime": _runtime_info(kv_cache, threads, max_tokens),
+        "notes": notes,
+        "pairs": results,
+    }
+
+
+def source_notes(source: dict, ref: Reference, reference: str | Path) -> list[str]:
+    """Warnings when the reference is not (or may not be) the checkpoint the bundle was exported from.
+
+    The fingerprint covers config and tensor headers (the architecture); the
+    stamp, the checkpoint files' names, sizes and times (a copy or retrained
+    weights change it, so it is a hint, not proof).
+    """
+    if source.get("fingerprint") and source["fingerprint"] != ref.fingerprint:
+        return [f"the reference {reference} is not the checkpoint the bundle was exported from (fingerprint "
+                f"{ref.fingerprint[:12]}, the bundle's {source['fingerprint'][:12]})"]
+    if source.get("stamp") and source["stamp"] != ref.stamp:
+        return [f"the reference {reference} has the architecture of the bundle's source but other files (names, "
+                "sizes or times): a copy, or not the weights the bundle was exported from"]
+    return []
+
+
+def _runtime_info(kv_cache: str, threads: int, max_tokens: int) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(p: str) -> str:
+        try:
+            return version(p)
+        except PackageNotFoundError:
+            return "?"
+
+    return {"vision": f"onnxruntime {ver('onnxruntime')} (CPU)", "llm": f"llama-cpp-python {ver('llama-cpp-python')} "
+            "(CPU)", "kv_cache": kv_cache, "threads": threads or "all cores", "max_tokens": max_tokens,
+            "decoding": "greedy"}
+
+
+def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | Path | None = None,
+                 eval_format: str = "auto", image_folder: str | Path | None = None, variants: str | None = None,
+                 report: str | Path | None = None, fail_on: str | None = None, limit: int | None = None,
+                 max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
+                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+    """What ``llava-edge drift`` does: check the arguments, measure, judge the gates, write the report.
+
+    Returns (the result, the failed verdicts of the gates named in ``fail_on``).
+    Everything that can be checked before the (slow) measuring is checked first.
+    Without ``eval_file`` the questions are toy held-out questions generated here
+    (``limit`` of them, default 50).
+    """
+    import tempfile
+
+    from . import gates
+    from .diagnose import diagnose_failures
+    from .formats import read_eval, toy_eval_set
+    from .report import markdown, write_report
+
+    bundle = Path(bundle)
+    if limit is not None and limit < 1:
+        raise UserError("--limit must be at least 1")
+    m = bundle_manifest.read(bundle)
+    pairs = parse_pairs(variants, m)
+    precision = {(v.kind, v.name): v.precision for v in m.variants}
+    names = gates.parse_fail_on(fail_on, [(precision[("vision", p.vision)], precision[("llm", p.llm)]) for p in pairs])
+    with tempfile.TemporaryDirectory(prefix="llava-edge-drift-") as tmp:
+        if eval_file is None:
+            eval_set = toy_eval_set(tmp, n=limit or 50)
+        else:
+            eval_set = read_eval(eval_file, eval_format, image_folder, limit)
+        result = run_drift(bundle, reference, eval_set, pairs, max_tokens=max_tokens, kv_cache=kv_cache,
+                           threads=threads, device=device, log=log)
+    result["gates"] = gates.evaluate(result["pairs"])
+    diagnose_failures(bundle, result["pairs"], result["gates"])
+    result["fail_on"] = names
+    failed = gates.failures(result["gates"], names)
+    if report is not None:
+        for p in write_report(result, report, log=log):
+            log(f"wrote {p}")
+    else:
+        print(markdown(result), end="")
+    for v in failed:
+        log(f"FAILED {gates.describe(v)}")
+    return result, failed
