@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,19 @@ def runtime(bundle):
     m = EdgeLLaVA.load(bundle, device="cpu", kv_cache="f32", threads=1)  # exact: no GPU offload; 1 thread on a busy CPU
     yield m
     m.close()
+
+
+@pytest.fixture(scope="session")
+def trained_toy(tmp_path_factory):
+    """The toy recipe (`llava-edge toy build`) run once per session: a toy LLaVA that has learned.
+
+    About 6-10 minutes on 2 cores; the toy-gate and accuracy-drift tests share it.
+    ``LLAVA_EDGE_TRAINED_TOY=DIR`` keeps the build in DIR, so a second session reuses it
+    (finished steps are not run again; the evaluation is).
+    """
+    from llava_edge.toy.build import build
+
+    keep = os.environ.get("LLAVA_EDGE_TRAINED_TOY")
+    out = Path(keep) if keep else tmp_path_factory.mktemp("trained") / "toy"
+    result = build(out, seed=0, log=lambda _: None)
+    return out, result

@@ -339,20 +339,19 @@ def test_drift_bad_arguments_fail_before_measuring(drift_bundle, tmp_path, capsy
         assert w in err
 
 
-# ---- the accuracy-drift gates on a trained toy (slow: the build trains for 6-10 minutes on 2 cores) ------------
+# ---- the accuracy-drift gates on the trained toy (the session's `trained_toy` build; slow: it trains for -----
+# ---- 6-10 minutes on 2 cores, and joins the default suite with the toy gate of tests/test_toy_build.py) ------
 
 
 @pytest.fixture(scope="module")
-def trained_drift(tmp_path_factory):
-    """A toy built by the real recipe, exported and quantized, measured with every gate."""
+def trained_drift(trained_toy):
+    """The toy built by the real recipe, exported and quantized, measured with every gate."""
     from llava_edge.checkpoint import open_checkpoint
     from llava_edge.drift.run import drift_bundle
     from llava_edge.export.bundle import export_bundle
     from llava_edge.quantize.command import quantize_bundle
-    from llava_edge.toy.build import BuildSize, build
 
-    root = tmp_path_factory.mktemp("trained_toy")
-    built = build(root, seed=0, size=BuildSize(), log=lambda _: None)
+    root, built = trained_toy
     ckpt = open_checkpoint(root / "model")
     b = root / "bundle"
     for target, dtype, outtype in (("onnx", "fp16", "f32"), ("gguf", "fp32", "f32"), ("gguf", "fp32", "f16")):

@@ -48,15 +48,20 @@ def test_eval_answers_follow_from_the_scene(toy_data):
         objs = r["scene"]["objects"]
         q = r["conversations"][0]["value"].split("\n")[1]
         assert r["conversations"][1]["value"] == r["answer"]
+        assert len({(o["shape"], o["color"], o["size"]) for o in objs}) == 1  # one kind of object per scene
+        o = objs[0]
         if r["category"] == "count":
             assert r["answer"] == str(len(objs))
-        elif r["category"] == "shape":
-            cell = next(c for c in CELLS if c in q)
-            assert r["answer"] == next(o["shape"] for o in objs if o["cell"] == cell)
+        elif r["category"] in ("shape", "color", "size"):
+            assert r["answer"] == o[r["category"]]
+        elif r["category"] == "where":
+            assert len(objs) == 1 and r["answer"] == o["cell"]
         elif r["category"] == "exists":
             color, shape = q.rstrip("?").split()[-2:]
             present = any(o["color"] == color and o["shape"] == shape for o in objs)
             assert r["answer"] == ("Yes" if present else "No")
+        else:
+            raise AssertionError(f"unknown category {r['category']}")
 
 
 def test_images_show_their_scene(toy_data):

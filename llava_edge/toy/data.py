@@ -32,6 +32,7 @@ DETAIL_PROMPTS = (
 # LLaVA's three instruction categories, plus LLaVA-1.5's short-answer VQA (the bulk of its 665k mix)
 CATEGORIES = ("conversation", "detail", "reasoning", "vqa")
 CATEGORY_WEIGHTS = (0.2, 0.2, 0.2, 0.4)
+VQA_PER_IMAGE = (3, 6)  # short questions packed into one VQA record
 FILES = {"stage1": "stage1_captions.json", "stage2": "stage2_instruct.json", "eval": "eval.json"}
 
 
@@ -43,52 +44,65 @@ def join_phrases(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _what(scene: Scene) -> str:
+    """"a large red circle" / "three large red circles"."""
+    o, n = scene.objects[0], len(scene.objects)
+    return o.phrase() if n == 1 else f"{NUMBER_WORDS[n]} {o.size} {o.color} {plural(o.shape, n)}"
+
+
+def _where(scene: Scene) -> str:
+    return join_phrases([f"the {o.cell}" for o in scene.objects])
+
+
 def caption(scene: Scene) -> str:
-    return join_phrases([f"{o.phrase()} at the {o.cell}" for o in scene.objects]) + "."
+    return f"{_what(scene)} at {_where(scene)}."
 
 
 def detail(scene: Scene) -> str:
     n = len(scene.objects)
-    lines = [f"The image shows {NUMBER_WORDS[n]} {plural('shape', n)} on a light background."]
-    for o in scene.objects:
-        lines.append(f"At the {o.cell} there is {o.phrase()}.")
+    lines = [f"The image shows {_what(scene)} on a light background.",
+             f"{'It is' if n == 1 else 'They are'} at {_where(scene)}."]
     empty = [c for c in CELLS if scene.at(c) is None]
     if empty:
         lines.append(f"The {join_phrases(empty)} {'is' if len(empty) == 1 else 'are'} empty.")
     return " ".join(lines)
 
 
+KINDS = ("shape", "color", "size", "count", "where", "exists")
+
+
 def short_qa(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    """One question with a one-word gold answer: (kind, question, answer)."""
-    o = rng.choice(scene.objects)
-    kind = rng.choice(("shape", "color", "size", "count", "count_color", "exists"))
+    """One question with a one-word (or one-phrase) gold answer: (kind, question, answer)."""
+    o, n = scene.objects[0], len(scene.objects)
+    kind = rng.choice(KINDS if n == 1 else KINDS[:4] + KINDS[5:])  # "where" needs a single object
+    it = "the shape" if n == 1 else "the shapes"
     if kind == "shape":
-        return kind, f"What shape is at the {o.cell}?", o.shape
+        return kind, "What shape is in the image?", o.shape
     if kind == "color":
-        return kind, f"What color is the {o.shape} at the {o.cell}?", o.color
+        return kind, f"What color {'is' if n == 1 else 'are'} {it}?", o.color
     if kind == "size":
-        return kind, f"Is the {o.shape} at the {o.cell} large or small?", o.size
+        return kind, f"{'Is' if n == 1 else 'Are'} {it} large or small?", o.size
     if kind == "count":
-        return kind, "How many shapes are there?", str(len(scene.objects))
-    if kind == "count_color":
-        c = rng.choice(list(COLORS))
-        return kind, f"How many {c} shapes are there?", str(scene.count(color=c))
+        return kind, "How many shapes are there?", str(n)
+    if kind == "where":
+        return kind, "Where is the shape?", o.cell
     shape, color = (o.shape, o.color) if rng.random() < 0.5 else (rng.choice(SHAPES), rng.choice(list(COLORS)))
     return kind, f"Is there a {color} {shape}?", "Yes" if scene.count(shape, color) else "No"
 
 
 def long_answer(scene: Scene, kind: str, question: str, answer: str) -> str:
     """The same fact as a full sentence, for the conversation category."""
+    n = len(scene.objects)
     if kind == "count":
-        n = int(answer)
         return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {plural('shape', n)} in the image."
-    if kind == "count_color":
-        n, c = int(answer), question.split()[2]
-        return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {c} {plural('shape', n)}."
     if kind == "exists":
         what = " ".join(question.rstrip("?").split()[3:])
         return f"Yes, there is a {what} in the image." if answer == "Yes" else f"No, there is no {what}."
-    return f"It is {'a ' if kind == 'shape' else ''}{answer}."
+    if kind == "where":
+        return f"It is at the {answer}."
+    if kind == "shape":
+        return f"The image shows {_what(scene)}."
+    return f"{'It is' if n == 1 else 'They are'} {answer}."
 
 
 def reasoning(scene: Scene, rng: random.Random) -> tuple[str, str]:
@@ -146,7 +160,7 @@ def make_split(split: str, n: int, out: Path, seed: int, image_size: int) -> lis
             elif category == "reasoning":
                 turns = [reasoning(scene, rng)]
             elif category == "vqa":  # LLaVA-1.5 packs an image's short VQA questions into one conversation
-                turns = [(f"{q}\n{SHORT}", a) for _, q, a in (short_qa(scene, rng) for _ in range(rng.randint(3, 6)))]
+                turns = [(f"{q}\n{SHORT}", a) for _, q, a in (short_qa(scene, rng) for _ in range(rng.randint(*VQA_PER_IMAGE)))]
             else:
                 turns = []
                 for _ in range(rng.randint(1, 3)):

@@ -1,0 +1,20 @@
+"""The training issue's acceptance gate (slow: the build trains for 6-10 minutes on 2 cores): the toy recipe's model answers at least 90% of the held-out questions.
+
+The build (the session's ``trained_toy``) also records how long it took in ``eval.json``;
+the 10-minute budget on 2 cores is measured and documented (docs/TRAINING.md), not
+asserted here: a wall-clock limit in a unit test fails on a busy machine, not on a slow recipe.
+"""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow  # fails today (70.5% measured, docs/TRAINING.md); joins the default suite once it passes
+def test_toy_build_answers_90_percent_of_held_out_questions(trained_toy):
+    out, result = trained_toy
+    assert result["n"] == 200
+    assert result["accuracy"] >= 0.90, json.dumps(result["per_category"])
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == result["accuracy"]
+    for stage in ("stage1", "stage2"):
+        assert (out / stage / "loss.csv").is_file() and (out / stage / "loss.png").is_file()
