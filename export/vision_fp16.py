@@ -64,7 +64,7 @@ def to_fp16(model):
         raise UserError("the vision graph to convert to fp16 must have float32 inputs and outputs "
                         "(is it already fp16?)")
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    _name_nodes(model.graph)
+    name_nodes(model.graph)
     op_block = set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS)
     node_block = decomposed_layernorm_nodes(model.graph)
     if node_block:
@@ -130,7 +130,7 @@ def decomposed_layernorm_nodes(graph) -> set[str]:
     return blocked
 
 
-def _name_nodes(graph) -> None:
+def name_nodes(graph) -> None:
     """The converter blocks nodes by name: give unnamed nodes unique ones."""
     taken = {n.name for n in graph.node if n.name}
     for i, node in enumerate(graph.node):

@@ -108,14 +108,9 @@ def keep_float(model) -> KeepFloat:
 
 def _named(model):
     """The quantizers exclude nodes by name: name the unnamed ones (in place) and return the model."""
-    taken = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
+    from llava_edge.export.vision_fp16 import name_nodes
+
+    name_nodes(model.graph)
     return model
 
 

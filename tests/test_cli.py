@@ -4,22 +4,10 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-BLOCK_TORCH = textwrap.dedent("""
-    import sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split('.')[0] in ('torch', 'transformers', 'sentencepiece'):
-                raise ImportError('blocked: ' + name)
-    sys.meta_path.insert(0, Block())
-    from llava_edge.cli import main
-    rc = main(sys.argv[1:])
-    assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
-    sys.exit(rc)
-""")
+from torchless import BLOCK_TORCH  # tests/ is on sys.path under pytest
 
 
 def le(*args, block_torch=False):

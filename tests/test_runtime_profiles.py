@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torchless import BLOCK_TORCH  # tests/ is on sys.path under pytest
 
 from llava_edge import manifest
 from llava_edge.errors import UserError
@@ -180,18 +180,6 @@ def test_explicit_settings_override_the_profile_and_say_so(bundle):
 
 
 # -- the CLI: --explain, flags, errors (torch blocked, as on a device) ------------------------------------------------
-BLOCK_TORCH = textwrap.dedent("""
-    import sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split('.')[0] in ('torch', 'transformers', 'sentencepiece'):
-                raise ImportError('blocked: ' + name)
-    sys.meta_path.insert(0, Block())
-    from llava_edge.cli import main
-    rc = main(sys.argv[1:])
-    assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
-    sys.exit(rc)
-""")
 
 
 def chat_cli(*args):
