@@ -1,0 +1,646 @@
+"""llava-edge against its baselines, on the same weights, on this machine, in one run.
+
+    python bench/side_by_side.py --model CKPT --bundle BUNDLE --out DIR [--rounds 5]
+        [--sections vision,ttft,decode,export] [--export-model FULL_CKPT]
+
+``CKPT`` is the llava-hf checkpoint ``BUNDLE`` was exported from (``llava-edge toy
+model --preset llava-1.5-7b --layers N`` makes one at real shape); the bundle
+needs its ONNX vision variants, one or more language-model GGUFs and an mmproj
+GGUF. Sections (docs/BENCHMARKS.md, "CPU"):
+
+1. ``vision``: one image through each of the bundle's ONNX vision variants
+   (onnxruntime), Hugging Face's eager PyTorch model (``get_image_features``)
+   and llama.cpp's own CLIP (each mmproj, through ``mtmd_encode_chunk``: the
+   graph alone, its preprocessing done beforehand as for the others). Each
+   variant's worst image-token cosine against Hugging Face is measured here;
+   the drift gates decide which variants may be used.
+2. ``ttft``: image file + question -> first token, llava-edge's pipeline
+   (:func:`llava_edge.bench.time_chat_pass`) against llama.cpp's multimodal
+   pipeline (``Llama`` with ``Llava15ChatHandler``: the mmproj and the same text
+   GGUF; time to the first streamed chunk of ``create_chat_completion``).
+3. ``decode``: llava-edge's ``generate`` against raw ``llama_decode`` of one
+   token at a time on the same GGUF at the same context depth, and against the
+   memory-bandwidth bound: bytes read per token (every weight but the token
+   embedding table, plus the KV cache) over the copy bandwidth measured here.
+4. ``export``: ``llava-edge export`` in a child process per target: wall
+   time, output MB/s and the child's peak resident memory.
+
+Contestants of a comparison are timed interleaved (A, B, C, A, B, C, ... with
+the order rotated every round) after one untimed warm-up each, and medians
+are reported, so that a machine shared with other work slows all of them
+alike; how busy it was is recorded (``other_cpu_share``). Everything runs
+with the same thread count (``--threads``, default: every usable CPU).
+
+Results: ``DIR/side_by_side.json`` (every timing, machine, versions) and
+``DIR/side_by_side.md`` (the tables docs/BENCHMARKS.md quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from llava_edge import manifest as bundle_manifest
+from llava_edge.bench import CpuShare, machine_info, time_chat_pass, time_decode, versions, write_bench_image
+
+SECTIONS = ("vision", "ttft", "decode", "export")
+# Drift gates on the vision side (the drift issue): an unquantized graph (fp32/fp16 ONNX) must keep every
+# image token's cosine >= 0.999 against Hugging Face. Quantized graphs (int8, int4) are gated end to end
+# (KL and accuracy with q8_0/q4_k_m language models on a trained model); random weights cannot measure
+# that, so here they must pass the vision-side proxy `quantize` warns at: worst token cosine >= 0.99.
+UNQUANTIZED_MIN_COSINE = 0.999
+QUANTIZED_MIN_COSINE = 0.99
+GOALS = {"vision": 0.5, "ttft": 0.8, "decode_vs_raw": 0.97, "decode_vs_bound": 0.60}
+QUESTION = "Describe the image in detail."
+VERSION_EXTRA = ("torch", "transformers", "onnx", "gguf")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def interleaved(contestants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each contestant once untimed, then ``rounds`` rounds of all of them, order rotated each round.
+
+    A contestant returns what it measured (seconds, or a bandwidth), so it can leave its setup out.
+    """
+    names = list(contestants)
+    for n in names:
+        contestants[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            times[n].append(contestants[n]())
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.4g}" for n in names))
+    return times
+
+
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    return run
+
+
+def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+# -- llama.cpp -------------------------------------------------------------------------------------------
+
+
+class LlamaCppClip:
+    """llama.cpp's CLIP (an mmproj GGUF) on one image, with the graph timed apart from its preprocessing."""
+
+    def __init__(self, mmproj: Path, text_gguf: Path, rgb: np.ndarray, threads: int):
+        import llama_cpp
+        from llama_cpp import mtmd_cpp as M
+
+        from llava_edge.export.mmproj_gguf import _silence_mtmd_logs
+
+        _silence_mtmd_logs()
+        self.M = M
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.vocab_only = True  # mtmd needs the text model's vocabulary, not its weights
+        self.model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), mp)
+        p = M.mtmd_context_params_default()  # llama.cpp's defaults (flash attention: auto), on the CPU
+        p.use_gpu = False
+        p.n_threads = threads
+        p.print_timings = False
+        p.warmup = False
+        self.ctx = M.mtmd_init_from_file(str(mmproj).encode(), self.model, p)
+        if not self.ctx:
+            raise RuntimeError(f"mtmd could not load {mmproj}")
+        h, w, _ = rgb.shape
+        self._data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(np.ascontiguousarray(rgb).tobytes())
+        self.bitmap = M.mtmd_bitmap_init(w, h, self._data)
+        self.chunks = M.mtmd_input_chunks_init()
+        marker = M.mtmd_default_marker()
+        text = M.mtmd_input_text(marker, len(marker), False, True)
+        bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(self.bitmap)
+        if M.mtmd_tokenize(self.ctx, self.chunks, ctypes.byref(text), bitmaps, 1) != 0:  # preprocesses the image
+            raise RuntimeError("mtmd could not tokenize the image")
+        self.chunk = next(c for c in (M.mtmd_input_chunks_get(self.chunks, i)
+                                      for i in range(M.mtmd_input_chunks_size(self.chunks)))
+                          if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+        self.n_tokens = M.mtmd_input_chunk_get_n_tokens(self.chunk)
+
+    def encode(self) -> None:
+        if self.M.mtmd_encode_chunk(self.ctx, self.chunk) != 0:
+            raise RuntimeError("mtmd failed to encode the image")
+
+    def close(self) -> None:
+        import llama_cpp
+
+        self.M.mtmd_input_chunks_free(self.chunks)
+        self.M.mtmd_bitmap_free(self.bitmap)
+        self.M.mtmd_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+class LlamaCppChat:
+    """llama.cpp's own multimodal pipeline: ``Llama`` + ``Llava15ChatHandler`` (mmproj + text GGUF)."""
+
+    def __init__(self, text_gguf: Path, mmproj: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+        handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
+        # flash attention on: what llava-edge's context gets from llama.cpp's "auto" on a CPU
+        self.llama = Llama(model_path=str(text_gguf), chat_handler=handler, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+                           n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
+
+    def first_token(self, image: Path, question: str) -> tuple[float, int]:
+        """(seconds from the image file to the first streamed chunk, prompt positions in the cache)."""
+        t = time.perf_counter()
+        uri = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                 {"type": "text", "text": question}]}]
+        stream = self.llama.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0, stream=True)
+        next(iter(stream))
+        seconds = time.perf_counter() - t
+        for _ in stream:
+            pass
+        return seconds, self.llama.n_tokens
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+class RawDecode:
+    """``llama_decode`` of one token at a time in a bare llama.cpp context: the speed llava-edge's loop wraps.
+
+    Same GGUF and context settings as the runtime's ``LlamaText`` (context size, batch, threads, f16 KV
+    cache, flash attention auto); the prompt is stand-in token ids of the same length, decoded untimed.
+    """
+
+    def __init__(self, gguf: Path, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self.c = llama_cpp
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 512, 512
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = False  # llama.cpp's own eval timer, reported beside the wall clock
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    def _decode(self, ids: list[int]) -> None:
+        arr = (self.c.llama_token * len(ids))(*ids)
+        if self.c.llama_decode(self.ctx, self.c.llama_batch_get_one(arr, len(ids))) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def run(self, prompt_len: int, steps: int) -> tuple[float, float]:
+        """(wall seconds, llama.cpp's own eval seconds) of ``steps`` single-token decodes after ``prompt_len``."""
+        c = self.c
+        c.llama_memory_clear(c.llama_get_memory(self.ctx), True)
+        ids = [(i * 7919) % (self.n_vocab - 100) + 100 for i in range(prompt_len)]
+        for s in range(0, prompt_len, 512):
+            self._decode(ids[s : s + 512])
+        c.llama_perf_context_reset(self.ctx)
+        tok = ids[-1]
+        t = time.perf_counter()
+        for _ in range(steps):
+            self._decode([tok])
+            c.llama_get_logits_ith(self.ctx, -1)
+        wall = time.perf_counter() - t
+        return wall, c.llama_perf_context(self.ctx).t_eval_ms / 1e3
+
+    def close(self) -> None:
+        self.c.llama_free(self.ctx)
+        self.c.llama_model_free(self.model)
+
+
+# -- memory bandwidth --------------------------------------------------------------------------------------
+
+
+class Bandwidth:
+    """Memory bandwidth measured with ``threads`` threads, each on its own arrays (allocated once).
+
+    ``copy()``: STREAM's "copy" (bytes read plus bytes written per second); ``read()``: a read-only
+    reduction (the access pattern of a matrix-vector product's weights). numpy releases the GIL in both.
+    """
+
+    def __init__(self, threads: int, mb_per_thread: int = 512, reps: int = 4):
+        n = mb_per_thread * 1_000_000 // 8
+        self.bufs = [(np.ones(n), np.empty(n)) for _ in range(threads)]
+        for src, dst in self.bufs:
+            np.copyto(dst, src)  # touch every page first
+        self.n, self.reps = n, reps
+
+    def _run(self, fn) -> float:
+        barrier = threading.Barrier(len(self.bufs) + 1)
+
+        def work(src, dst):
+            barrier.wait()
+            for _ in range(self.reps):
+                fn(src, dst)
+
+        ts = [threading.Thread(target=work, args=b) for b in self.bufs]
+        for t in ts:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in ts:
+            t.join()
+        return 8 * self.n * self.reps * len(self.bufs) / (time.perf_counter() - t0)
+
+    def copy(self) -> float:
+        return 2 * self._run(lambda src, dst: np.copyto(dst, src))
+
+    def read(self) -> float:
+        return self._run(lambda src, dst: src.max())
+
+
+def bytes_per_token(gguf: Path, depth: int) -> dict:
+    """What one decode step reads: every tensor but the token embedding table (one row of it is read),
+    plus the f16 KV cache up to ``depth`` positions."""
+    import gguf as gg
+
+    r = gg.GGUFReader(str(gguf))
+    weights = sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
+    arch = r.get_field("general.architecture").contents()
+    n_layer = int(r.get_field(f"{arch}.block_count").contents())
+    n_embd = int(r.get_field(f"{arch}.embedding_length").contents())
+    n_head = int(r.get_field(f"{arch}.attention.head_count").contents())
+    kv_field = r.get_field(f"{arch}.attention.head_count_kv")
+    n_head_kv = int(kv_field.contents()) if kv_field is not None else n_head
+    kv = 2 * n_layer * depth * (n_embd // n_head) * n_head_kv * 2  # K and V, f16
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+# -- the sections ------------------------------------------------------------------------------------------
+
+
+def gate_threshold(precision: str) -> float:
+    return UNQUANTIZED_MIN_COSINE if precision in ("fp32", "fp16") else QUANTIZED_MIN_COSINE
+
+
+def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, tmp: Path) -> dict:
+    import torch
+
+    from llava_edge.checkpoint import load_hf_model, open_checkpoint
+    from llava_edge.preprocess import ImageSpec, load_image, preprocess
+    from llava_edge.runtimes.vision import VisionEncoder
+
+    size = int(m.vision["image_size"])
+    image = write_bench_image(tmp / "square.png", size=(size, size))  # the tower's size: nobody resizes
+    spec = ImageSpec.from_dict(m.image)
+    pixels = preprocess(image, spec)[None]
+    rgb = np.asarray(load_image(image).convert("RGB"))
+
+    torch.set_num_threads(threads)
+    hf = load_hf_model(open_checkpoint(model_dir))
+    hf.model.language_model = None  # only the tower and projector run here
+    hf.lm_head = None
+    gc.collect()
+    cfg = hf.config
+    px = torch.from_numpy(pixels)
+
+    def hf_encode():
+        with torch.inference_mode():
+            return torch.stack(list(hf.model.get_image_features(
+                pixel_values=px, vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
+            ).pooler_output)).float().numpy()
+
+    reference = hf_encode()
+    contestants: dict[str, Callable[[], float]] = {"PyTorch eager (HF)": timed(hf_encode)}
+    onnx, quality = {}, {}
+    for v in m.variants:
+        if v.kind == "vision" and v.extra.get("format", "onnx") == "onnx" and not v.device_specific:
+            enc = VisionEncoder(bundle / v.file, ["CPUExecutionProvider"], threads)
+            onnx[v.name] = enc
+            cos = token_cosines(enc.encode(pixels), reference)
+            quality[v.name] = {"precision": v.precision, "min_cosine": float(cos.min()),
+                               "mean_cosine": float(cos.mean()), "gate": gate_threshold(v.precision)}
+            quality[v.name]["passes"] = quality[v.name]["min_cosine"] >= quality[v.name]["gate"]
+            contestants[f"ONNX {v.name}"] = timed(lambda enc=enc: enc.encode(pixels))
+    text = bundle / m.variant("llm").file
+    clips = {}
+    for v in m.variants:
+        if v.kind == "mmproj":
+            clips[v.name] = LlamaCppClip(bundle / v.file, text, rgb, threads)
+            contestants[f"llama.cpp CLIP {v.name}"] = timed(clips[v.name].encode)
+    log(f"vision: {', '.join(contestants)}; {rounds} rounds")
+    with CpuShare() as busy:
+        times = interleaved(contestants, rounds)
+    for c in clips.values():
+        c.close()
+    hf = onnx = None  # free the models before the next section
+    gc.collect()
+    med = {k: median(v) for k, v in times.items()}
+    llama_best = min((k for k in med if k.startswith("llama.cpp")), key=med.get, default=None)
+    gated = [n for n, q in quality.items() if q["passes"]]
+    best = min(gated, key=lambda n: med[f"ONNX {n}"], default=None)
+    ratio = med[f"ONNX {best}"] / med[llama_best] if best and llama_best else None
+    return {"image": f"{size}x{size} PNG", "rounds": rounds, "threads": threads, "seconds": times,
+            "median_s": med, "quality_vs_hf": quality,
+            "llama_cpp_best": llama_best, "best_gated_onnx": best, "ratio_best_vs_llama_cpp": ratio,
+            "goal": GOALS["vision"], "busy": busy.to_dict()}
+
+
+def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[str], mmproj: str, rounds: int,
+                        threads: int, decode_tokens: int, n_ctx: int, tmp: Path, sections: set[str]) -> dict:
+    from llava_edge.runtimes.pipeline import EdgeLLaVA
+
+    image = write_bench_image(tmp / "photo.jpg")  # 640x480 JPEG: both pipelines decode, pad/resize it
+    mm = bundle / m.variant("mmproj", mmproj).file
+    out: dict = {"image": "640x480 JPEG", "question": QUESTION, "mmproj": mmproj, "llm": {}}
+    for llm in llms:
+        gguf = bundle / m.variant("llm", llm).file
+        res: dict = {}
+        ours = {v: EdgeLLaVA.load(bundle, device="cpu", vision_variant=v, llm_variant=llm, threads=threads,
+                                  n_ctx=n_ctx) for v in vision_variants}
+        prompt_tokens: dict = {}
+        res["llava_edge_plan"] = {v: x.explain() for v, x in ours.items() if hasattr(x, "explain")}
+        if "ttft" in sections:
+            theirs = LlamaCppChat(gguf, mm, threads, n_ctx)
+            contestants: dict[str, Callable[[], float]] = {}
+            phases: dict[str, list[dict]] = {}  # where llava-edge's time goes, seconds per phase
+            for v, model in ours.items():
+                def ours_ttft(model=model, v=v) -> float:
+                    r = time_chat_pass(model, image, QUESTION, decode_tokens=1)
+                    prompt_tokens[f"llava-edge ({v})"] = r["prefill_tokens"]
+                    phases.setdefault(f"llava-edge ({v})", []).append(
+                        {k: r[k] / 1e3 for k in ("preprocess_ms", "vision_encode_ms", "tokenize_ms", "prefill_ms")})
+                    return r["ttft_ms"] / 1e3
+                contestants[f"llava-edge ({v})"] = ours_ttft
+
+            def theirs_ttft() -> float:
+                s, n = theirs.first_token(image, QUESTION)
+                prompt_tokens["llama.cpp"] = n
+                return s
+            contestants["llama.cpp"] = theirs_ttft
+            log(f"ttft {llm}: {', '.join(contestants)}; {rounds} rounds")
+            with CpuShare() as busy:
+                times = interleaved(contestants, rounds)
+            theirs.close()
+            med = {k: median(v) for k, v in times.items()}
+            res["ttft"] = {"rounds": rounds, "threads": threads, "seconds": times, "median_s": med,
+                           "prompt_positions": prompt_tokens,
+                           "phases_median_s": {k: {p: median([r[p] for r in rs[1:]]) for p in rs[0]}
+                                               for k, rs in phases.items()},  # [0]: the warm-up
+                           "ratios_vs_llama_cpp": {k: med[k] / med["llama.cpp"] for k in med if k != "llama.cpp"},
+                           "goal": GOALS["ttft"], "busy": busy.to_dict()}
+        if "decode" in sections:
+            model = ours[vision_variants[0]]
+            key, emb = model.image_embeddings(image)
+            slots = model.slots_for(model.template.prompt(QUESTION, image=True, history=[]), key, len(emb))
+            raw = RawDecode(gguf, n_ctx, threads)
+            steps_seen, internal = [], []
+
+            def ours_decode() -> float:
+                model.llm.reset()
+                model.prefill(slots, emb)  # untimed: the prompt
+                steps, seconds = time_decode(model, slots, emb, decode_tokens)
+                steps_seen.append(steps)
+                return seconds / steps
+
+            def raw_decode() -> float:
+                wall, inside = raw.run(len(slots), decode_tokens)
+                internal.append(inside / decode_tokens)
+                return wall / decode_tokens
+
+            log(f"decode {llm}: llava-edge generate vs raw llama_decode vs memory bandwidth; {rounds} rounds")
+            bw = Bandwidth(threads)
+            with CpuShare() as busy:
+                got = interleaved({"llava-edge": ours_decode, "raw llama.cpp": raw_decode,
+                                   "copy bandwidth": bw.copy, "read bandwidth": bw.read}, rounds)
+            raw.close()
+            del bw
+            per_tok = {k: median(got[k]) for k in ("llava-edge", "raw llama.cpp")}
+            need = bytes_per_token(gguf, len(slots) + decode_tokens // 2)
+            copy_bw, read_bw = median(got["copy bandwidth"]), median(got["read bandwidth"])
+            ours_tps = 1 / per_tok["llava-edge"]
+            res["decode"] = {
+                "rounds": rounds, "threads": threads, "seconds_per_token": {k: got[k] for k in per_tok},
+                "tokens_per_s": {k: 1 / v for k, v in per_tok.items()},
+                "llama_cpp_internal_tokens_per_s": 1 / median(internal[1:] or internal),
+                "steps_per_run": steps_seen, "depth": len(slots), "bytes_per_token": need,
+                "copy_bandwidth_gb_s": [b / 1e9 for b in got["copy bandwidth"]],
+                "read_bandwidth_gb_s": [b / 1e9 for b in got["read bandwidth"]],
+                "bound_tokens_per_s": copy_bw / need["total"], "read_bound_tokens_per_s": read_bw / need["total"],
+                "ratio_vs_raw": ours_tps * per_tok["raw llama.cpp"],
+                "ratio_vs_bound": ours_tps * need["total"] / copy_bw,
+                "ratio_vs_read_bound": ours_tps * need["total"] / read_bw,
+                "goals": {"vs_raw": GOALS["decode_vs_raw"], "vs_bound": GOALS["decode_vs_bound"]},
+                "busy": busy.to_dict(),
+            }
+        for model in ours.values():
+            model.close()
+        out["llm"][llm] = res
+    return out
+
+
+def _export_child(args: list[str]) -> dict:
+    """Run ``llava-edge export ARGS`` as a child; wall seconds, its peak RSS (from wait4) and exit status."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", "from llava_edge.cli import run; run()", "export", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"export {' '.join(args)} failed: {err.strip().splitlines()[-1:]}")
+    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+
+
+def _dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
+
+
+def section_export(export_model: Path | None, small_model: Path, tmp: Path) -> dict:
+    """GGUF and mmproj of the full-size model (streamed), the ONNX graph of the shortened one."""
+    rows = []
+    jobs = []
+    if export_model is not None:
+        out = tmp / "export-full"
+        jobs += [(export_model, out, ["--target", "gguf", "--llm-outtype", "f16"], "llm.f16.gguf"),
+                 (export_model, out, ["--target", "mmproj", "--dtype", "fp16", "--llm-outtype", "f16"],
+                  "mmproj.f16.gguf")]
+    jobs.append((small_model, tmp / "export-small", ["--target", "onnx"], "vision.fp32.onnx*"))
+    for model, out, args, produced in jobs:
+        log(f"export {model.name} {' '.join(args)}")
+        with CpuShare() as busy:
+            r = _export_child(["--model", str(model), "--out", str(out), *args])
+        made = _dir_bytes(out, produced)
+        rows.append({"model": model.name, "checkpoint_gb": _dir_bytes(model, "*.safetensors") / 1e9,
+                     "args": " ".join(args), "output": produced, "output_gb": made / 1e9,
+                     "mb_per_s": made / 1e6 / r["seconds"], **r, "busy": busy.to_dict()})
+        log(f"  {made / 1e9:.2f} GB in {r['seconds']:.0f} s ({rows[-1]['mb_per_s']:.0f} MB/s), "
+            f"peak RSS {r['peak_rss_gb']:.2f} GB")
+    shutil.rmtree(tmp, ignore_errors=True)  # the outputs are large; the numbers are what is kept
+    return {"rows": rows}
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines: list[str] = []
+    mach, ver = report["machine"], report["versions"]
+    lines.append(f"Machine: {mach['cpu']}, {mach['usable_cpus']} CPUs, {mach.get('memory_gb')} GB, {mach['os']}; "
+                 f"Python {mach['python']}; " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + ".")
+    v = report.get("vision")
+    if v:
+        lines += ["", f"Vision encode, one {v['image']} ({_setup(v, report)}):", "",
+                  "| contestant | median s | vs llama.cpp best | worst token cosine vs HF | drift gate |",
+                  "| --- | --- | --- | --- | --- |"]
+        base = v["median_s"][v["llama_cpp_best"]] if v["llama_cpp_best"] else None
+        for name, s in sorted(v["median_s"].items(), key=lambda kv: kv[1]):
+            q = v["quality_vs_hf"].get(name.removeprefix("ONNX "), {}) if name.startswith("ONNX ") else {}
+            gate = (f"{'pass' if q['passes'] else 'fail'} (>= {q['gate']})" if q else "")
+            cos = f"{q['min_cosine']:.5f}" if q else ""
+            lines.append(f"| {name} | {s:.2f} | {s / base:.2f}x | {cos} | {gate} |" if base else
+                         f"| {name} | {s:.2f} | | {cos} | {gate} |")
+        lines.append(f"\nBest gated variant: {v['best_gated_onnx']}, **{_x(v['ratio_best_vs_llama_cpp'])}** of "
+                     f"{v['llama_cpp_best']} (goal <= {v['goal']}x); {_busy(v['busy'])}.")
+    t = report.get("ttft_decode")
+    if t:
+        for llm, res in t["llm"].items():
+            if "ttft" in res:
+                r = res["ttft"]
+                lines += ["", f"Time to first token, {t['image']} + question, language model {llm} "
+                          f"(mmproj {t['mmproj']} for llama.cpp; {_setup(r, report)}):", "",
+                          "| pipeline | median s | prompt positions | vs llama.cpp |", "| --- | --- | --- | --- |"]
+                lines[-2:] = ["| pipeline | median s | prompt positions | vs llama.cpp (ratio of medians) | "
+                              "median of per-round ratios | where the time goes (median s) |",
+                              "| --- | --- | --- | --- | --- | --- |"]
+                theirs = r["seconds"]["llama.cpp"]
+                for name, s in sorted(r["median_s"].items(), key=lambda kv: kv[1]):
+                    ratio = r["ratios_vs_llama_cpp"].get(name)
+                    paired = median([a / b for a, b in zip(r["seconds"][name], theirs)]) if ratio else None
+                    ph = r.get("phases_median_s", {}).get(name)
+                    where = ", ".join(f"{k.removesuffix('_ms')} {x:.2f}" for k, x in ph.items()) if ph else ""
+                    lines.append(f"| {name} | {s:.2f} | {r['prompt_positions'].get(name, '?')} | "
+                                 f"{_x(ratio) if ratio else '1'} | {_x(paired) if paired else ''} | {where} |")
+                lines.append(f"\nGoal <= {r['goal']}x; {_busy(r['busy'])}.")
+            if "decode" in res:
+                d = res["decode"]
+                lines += ["", f"Decode, {llm}, at depth {d['depth']} (tokens/s; {_setup(d, report)}):", "",
+                          "| llava-edge generate | raw llama_decode (wall) | llama.cpp's own eval timer | "
+                          "copy-bandwidth bound | read-bandwidth bound | vs raw | vs copy bound | vs read bound |",
+                          "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                          f"| {d['tokens_per_s']['llava-edge']:.2f} | {d['tokens_per_s']['raw llama.cpp']:.2f} | "
+                          f"{d['llama_cpp_internal_tokens_per_s']:.2f} | {d['bound_tokens_per_s']:.2f} | "
+                          f"{d['read_bound_tokens_per_s']:.2f} | **{d['ratio_vs_raw']:.3f}** | "
+                          f"**{d['ratio_vs_bound']:.0%}** | {d['ratio_vs_read_bound']:.0%} |",
+                          f"\nBytes read per token: {d['bytes_per_token']['total'] / 1e9:.3f} GB (weights "
+                          f"{d['bytes_per_token']['weights'] / 1e9:.3f} GB, KV cache "
+                          f"{d['bytes_per_token']['kv_cache'] / 1e6:.1f} MB); bandwidth per round, copy "
+                          f"{', '.join(f'{b:.1f}' for b in d['copy_bandwidth_gb_s'])} GB/s, read "
+                          f"{', '.join(f'{b:.1f}' for b in d['read_bandwidth_gb_s'])} GB/s; goals >= "
+                          f"{d['goals']['vs_raw']} and >= {d['goals']['vs_bound']:.0%}; {_busy(d['busy'])}."]
+    e = report.get("export")
+    if e:
+        lines += ["", "Export (`llava-edge export` in a child process):", "",
+                  "| checkpoint | target | checkpoint GB | output | output GB | seconds | MB/s | peak RSS GB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in e["rows"]:
+            lines.append(f"| {r['model']} | `{r['args']}` | {r['checkpoint_gb']:.2f} | {r['output']} | "
+                         f"{r['output_gb']:.2f} | {r['seconds']:.0f} | {r['mb_per_s']:.0f} | {r['peak_rss_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _setup(section: dict, report: dict) -> str:
+    return (f"{section.get('rounds', report['rounds'])} interleaved rounds, medians, "
+            f"{section.get('threads', report['threads'])} threads")
+
+
+def _x(r: float | None) -> str:
+    return "?" if r is None else f"{r:.2f}x"
+
+
+def _busy(b: dict) -> str:
+    s = b.get("other_cpu_share")
+    return (f"other processes used {'?' if s is None else f'{s:.0%}'} of the CPU meanwhile "
+            f"(load average {b['load_average_start']} -> {b['load_average_end']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="llava-hf checkpoint the bundle was exported from")
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--llm", default=None, help="language-model variants (default: every one in the bundle)")
+    ap.add_argument("--ttft-vision", default=None, help="llava-edge vision variants in the TTFT race (default: "
+                    "the fastest gated one from the vision section, and fp32)")
+    ap.add_argument("--mmproj", default=None, help="llama.cpp's mmproj in the TTFT race (default: the fastest "
+                    "in the vision section)")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--export-model", type=Path, default=None, help="full-size checkpoint for the export section")
+    a = ap.parse_args(argv)
+    sections = {s.strip() for s in a.sections.split(",") if s.strip()}
+    if not sections <= set(SECTIONS):
+        ap.error(f"sections: {', '.join(SECTIONS)}")
+    m = bundle_manifest.read(a.bundle)
+    a.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": machine_info(), "versions": {**versions(), **versions(VERSION_EXTRA)},
+                    "model": str(a.model), "bundle": str(a.bundle), "rounds": a.rounds, "threads": a.threads,
+                    "model_config": json.loads((a.model / "config.json").read_text())["text_config"]}
+    json_path = a.out / "side_by_side.json"
+    if json_path.is_file():  # sections run one at a time add up in one report
+        report = {**json.loads(json_path.read_text()), **report}
+
+    def save(key: str, value: dict) -> None:
+        if key == "ttft_decode" and key in report:  # one language model at a time: keep the others
+            old = report[key].get("llm", {})
+            value = {**report[key], **value,
+                     "llm": {**old, **{k: {**old.get(k, {}), **v} for k, v in value["llm"].items()}}}
+        report[key] = value
+        json_path.write_text(json.dumps(report, indent=2))
+
+    with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
+        tmp = Path(tmp)
+        if "vision" in sections:
+            save("vision", section_vision(a.model, a.bundle, m, a.rounds, a.threads, tmp))
+        if sections & {"ttft", "decode"}:
+            v = report.get("vision", {})
+            best = v.get("best_gated_onnx")
+            vis = a.ttft_vision.split(",") if a.ttft_vision else list(dict.fromkeys([x for x in (best, "fp32") if x]))
+            mmproj = a.mmproj or (v.get("llama_cpp_best") or "").removeprefix("llama.cpp CLIP ") or \
+                m.variant("mmproj").name
+            llms = a.llm.split(",") if a.llm else [x.name for x in m.variants if x.kind == "llm"]
+            save("ttft_decode", section_ttft_decode(a.bundle, m, llms, vis, mmproj, a.rounds, a.threads,
+                                                    a.decode_tokens, a.ctx, tmp, sections))
+        if "export" in sections:
+            save("export", section_export(a.export_model, a.model, Path(tempfile.mkdtemp(dir=a.out))))
+    md = markdown(report)
+    (a.out / "side_by_side.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
