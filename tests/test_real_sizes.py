@@ -19,7 +19,7 @@ from llava_edge.errors import UserError
 
 
 def _write_in_child(out, preset: str, layers: int, **kw) -> dict:
-    """Write in a fresh process and report its memory: peak RSS, and RSS once the libraries are imported."""
+    """Write in a fresh process and report its memory: its own peak RSS (VmHWM), and RSS once the libraries are imported."""
     code = textwrap.dedent(f"""
         import json, resource, sys
         import torch, transformers, numpy  # the baseline: what any writer pays to start
@@ -28,7 +28,9 @@ def _write_in_child(out, preset: str, layers: int, **kw) -> dict:
             return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
         base = rss()
         write_streamed_model({str(out)!r}, {preset!r}, layers={layers}, **{kw!r})
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM, not ru_maxrss: a child started by pytest carries the parent's RSS in ru_maxrss (Linux keeps
+        # the largest RSS across exec), which made this check depend on how big pytest had grown
+        peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         print(json.dumps({{"base": base, "peak": peak}}))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
