@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Protocol
 
 from llava_edge import __version__, atomic, manifest
-from llava_edge.checkpoint import Checkpoint, load_hf_model
+from llava_edge.checkpoint import Checkpoint, load_hf_vision_half
 from llava_edge.errors import UserError
 from llava_edge.runtimes.tokenizer import TextTokenizer
 
@@ -525,7 +525,7 @@ class _Export:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        return load_hf_model(self.ckpt)
+        return load_hf_vision_half(self.ckpt)  # the vision graph needs no language model (7B: 28 GB fp32)
 
     # -- one file ------------------------------------------------------------------------------------------------
     def _sha256(self, path: Path) -> str:

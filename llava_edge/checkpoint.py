@@ -332,6 +332,41 @@ def resolve_model(model: str | Path, vision: str | Path | None = None, cache_dir
     return ckpt
 
 
+def load_hf_vision_half(ckpt: Checkpoint, dtype: str = "float32", attn_implementation: str = "eager"):
+    """The Hugging Face model with its language model cut to nothing: vision tower + projector exactly.
+
+    Exporting the vision graph of a 7B LLaVA must not load 28 GB of fp32 language
+    model. transformers has no option to load part of a model, so the config's text
+    model gets zero decoder layers and a one-row vocabulary (the projector still
+    maps to its real width); ``from_pretrained`` then reads only the tensors that
+    exist (the language model's are reported unexpected or mismatched and skipped).
+    ``get_image_features`` equals the full model's (tested bit for bit).
+    """
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(ckpt.path)
+        text = config.text_config
+        text.num_hidden_layers, text.vocab_size, text.pad_token_id = 0, 1, None
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = []
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the load report lists every skipped language-model tensor
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                ckpt.path, config=config, ignore_mismatched_sizes=True, dtype=getattr(torch, dtype),
+                attn_implementation=attn_implementation,
+            )
+        finally:
+            hf_logging.set_verbosity(level)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {ckpt.path}: {first}") from None
+    return model.eval()
+
+
 def load_hf_model(ckpt: Checkpoint, dtype: str = "float32", attn_implementation: str = "eager"):
     """The Hugging Face model (needs the ``export`` extra: torch + transformers).
 

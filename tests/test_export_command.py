@@ -246,7 +246,7 @@ def test_rerun_is_a_noop(exported, ckpt, monkeypatch):
     def no_model(*_a, **_k):
         raise AssertionError("an up-to-date bundle must not load the model")
 
-    monkeypatch.setattr(bundle_mod, "load_hf_model", no_model)
+    monkeypatch.setattr(bundle_mod, "load_hf_vision_half", no_model)
     lines: list[str] = []
     again = export_bundle(ckpt, out, "all", dtype="fp16", log=lines.append)
     assert snapshot(out) == before  # manifest.json included: nothing was rewritten

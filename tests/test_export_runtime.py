@@ -166,3 +166,22 @@ def test_llama_cpp_agrees_with_hf_except_where_documented(runtime, toy_model):
     for s in plain:
         assert runtime.llm.tokenize(s) == hf.encode(s, add_special_tokens=False), repr(s)
     assert runtime.llm.tokenize(" hello") != hf.encode(" hello", add_special_tokens=False)
+
+
+def test_vision_half_equals_the_full_model_without_the_language_model(toy_model, hf_model):
+    """Export loads only the vision tower + projector (a 7B's language model would be 28 GB in fp32)."""
+    import torch
+
+    from llava_edge.checkpoint import load_hf_vision_half, open_checkpoint
+
+    half = load_hf_vision_half(open_checkpoint(toy_model))
+    assert len(half.model.language_model.layers) == 0
+    assert sum(p.numel() for p in half.parameters()) < 0.5 * sum(p.numel() for p in hf_model.parameters())
+    cfg = hf_model.config
+    px = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=torch.Generator().manual_seed(0))
+    kw = dict(vision_feature_layer=cfg.vision_feature_layer, output_hidden_states=True,
+              vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    with torch.no_grad():
+        a = torch.stack(list(half.model.get_image_features(pixel_values=px, **kw).pooler_output))
+        b = torch.stack(list(hf_model.model.get_image_features(pixel_values=px, **kw).pooler_output))
+    assert torch.equal(a, b)
