@@ -332,6 +332,12 @@ def resolve_model(model: str | Path, vision: str | Path | None = None, cache_dir
     return ckpt
 
 
+def _cannot_load(ckpt: Checkpoint, e: Exception) -> UserError:
+    """transformers' loading error as one line naming the checkpoint."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"cannot load {ckpt.path}: {first}")
+
+
 def load_hf_vision_half(ckpt: Checkpoint, dtype: str = "float32", attn_implementation: str = "eager"):
     """The Hugging Face model with its language model cut to nothing: vision tower + projector exactly.
 
@@ -362,8 +368,7 @@ def load_hf_vision_half(ckpt: Checkpoint, dtype: str = "float32", attn_implement
         finally:
             hf_logging.set_verbosity(level)
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {ckpt.path}: {first}") from None
+        raise _cannot_load(ckpt, e) from None
     return model.eval()
 
 
@@ -380,6 +385,5 @@ def load_hf_model(ckpt: Checkpoint, dtype: str = "float32", attn_implementation:
             ckpt.path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
         )
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {ckpt.path}: {first}") from None
+        raise _cannot_load(ckpt, e) from None
     return model.eval()
