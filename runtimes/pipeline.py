@@ -161,8 +161,13 @@ class EdgeLLaVA:
 
     # -- prompt ----------------------------------------------------------------
     def slots_for(self, text: str, image_key: str | None, n_image: int) -> list:
-        """Token ids of ``text`` with the one ``<image>`` token replaced by image slots."""
+        """Token ids of ``text`` with the one ``<image>`` token replaced by image slots
+        (a text-only prompt, ``image_key`` None, must have no ``<image>``)."""
         ids = self.tokenizer.encode(text)
+        if image_key is None:
+            if self.image_token_id in ids:
+                raise UserError(f"the prompt has {IMAGE_PLACEHOLDER} but no image was given")
+            return ids
         try:
             return expand_image(ids, self.image_token_id, [(image_key, j) for j in range(n_image)])
         except ValueError:

@@ -114,6 +114,23 @@ def test_greedy_answer_equals_hf_generate(runtime, hf_model, toy_data):
     assert runtime.chat(image, question, max_tokens=12) == runtime.tokenizer.decode(hf_new)
 
 
+def test_text_only_chat_equals_hf_generate(runtime, hf_model):
+    from llava_edge.errors import UserError
+
+    question = "Which colors do the shapes have?"
+    ids = runtime.tokenizer.encode(VICUNA_V1.prompt(question, image=False))
+    assert runtime.image_token_id not in ids
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                eos_token_id=runtime.eos_id, pad_token_id=runtime.eos_id)
+    hf_new = out[0, len(ids):].tolist()
+    hf_new = hf_new[: hf_new.index(runtime.eos_id)] if runtime.eos_id in hf_new else hf_new
+    assert hf_new
+    assert runtime.chat(None, question, max_tokens=8) == runtime.tokenizer.decode(hf_new)
+    with pytest.raises(UserError, match="no image was given"):
+        runtime.slots_for(VICUNA_V1.prompt(question), None, 0)
+
+
 def test_runtime_tokenizes_like_hf(runtime, toy_model):
     from transformers import AutoTokenizer
 

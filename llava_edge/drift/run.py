@@ -102,8 +102,7 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
                                "worst_token": int(cosines[-1].argmin()), "rel_error": rel_errors[-1]})
             text = m.template.prompt(item.question, image=item.image is not None)
             prompt_mismatch += m.tokenizer.encode(text) != r.prompt_ids
-            # a text-only question has no <image> to expand (the runtime's slots_for insists on one)
-            slots = m.tokenizer.encode(text) if emb is None else m.slots_for(text, key, len(emb))
+            slots = m.slots_for(text, key, 0 if emb is None else len(emb))
             n = len(r.answer_ids)
             if n:
                 m.llm.reset()
