@@ -63,7 +63,7 @@ from llava_edge.errors import UserError
 from llava_edge.runtimes.tokenizer import TextTokenizer
 
 from .llm_gguf import OUTTYPES as LLM_OUTTYPES
-from .llm_gguf import export_llm_gguf, rope_settings, text_tensors
+from .llm_gguf import check_exportable, export_llm_gguf
 from .mmproj_gguf import export_mmproj_gguf
 from .tensorrt_engine import CALIBRATION_CACHE, DEFAULT_MAX_BATCH, TIMING_CACHE, build_engine, engine_file_name
 from .vision_fp16 import convert_vision_fp16
@@ -473,16 +473,8 @@ class _Export:
         return steps
 
     def _check_llm(self) -> None:
-        """What export_llm_gguf would refuse, from headers and tokenizer files only (no tensor is read)."""
-        from .gguf_vocab import read_vocab
-
-        tc = self.ckpt.text_config
-        emb = text_tensors(self.ckpt).get("model.embed_tokens.weight")
-        if emb is None:
-            raise UserError(f"{self.ckpt.path} has no language-model token embedding")
-        read_vocab(self.ckpt.path, emb.shape[0])  # vocabulary larger than the embedding, unreadable tokenizer
-        n_head = int(tc["num_attention_heads"])
-        rope_settings(tc, int(tc.get("head_dim") or int(tc["hidden_size"]) // n_head))
+        """What export_llm_gguf would refuse, before any file is written."""
+        check_exportable(self.ckpt, self.opts.llm_outtype)
 
     def _check_mmproj(self) -> None:
         from .mmproj_gguf import check_supported, plan_tensors, positive_feature_layers

@@ -209,6 +209,23 @@ def _plan(src: dict[str, SourceTensor], n_layer: int, n_head: int, n_head_kv: in
     return plan
 
 
+def check_exportable(ckpt: Checkpoint, outtype: str = "f32"):
+    """Everything :func:`export_llm_gguf` refuses up front, from headers and tokenizer files only
+    (no tensor is read): returns (tensors by Llama name, vocabulary, rope settings)."""
+    if outtype not in OUTTYPES:
+        raise UserError(f"unknown --llm-outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    tc = ckpt.text_config
+    if tc.get("hidden_act", "silu") != "silu":
+        raise UserError(f"unsupported language-model activation {tc['hidden_act']!r} (the Llama family uses silu)")
+    n_head = int(tc["num_attention_heads"])
+    rope = rope_settings(tc, int(tc.get("head_dim") or int(tc["hidden_size"]) // n_head))
+    src = text_tensors(ckpt)
+    emb = src.get("model.embed_tokens.weight")
+    if emb is None:
+        raise UserError(f"{ckpt.path} has no language-model token embedding")
+    return src, read_vocab(ckpt.path, emb.shape[0]), rope
+
+
 def export_llm_gguf(
     ckpt: Checkpoint,
     out_file: str | Path,
@@ -223,23 +240,14 @@ def export_llm_gguf(
     """
     import gguf
 
-    if outtype not in OUTTYPES:
-        raise UserError(f"unknown --llm-outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    src, vocab, rope = check_exportable(ckpt, outtype)
     tc = ckpt.text_config
-    if tc.get("hidden_act", "silu") != "silu":
-        raise UserError(f"unsupported language-model activation {tc['hidden_act']!r} (the Llama family uses silu)")
     n_layer, n_head = int(tc["num_hidden_layers"]), int(tc["num_attention_heads"])
     n_head_kv = int(tc.get("num_key_value_heads") or n_head)
     n_embd = int(tc["hidden_size"])
     head_dim = int(tc.get("head_dim") or n_embd // n_head)
     n_ctx_train = int(tc.get("max_position_embeddings", 4096))
-    rope = rope_settings(tc, head_dim)
-    src = text_tensors(ckpt)
-    emb = src.get("model.embed_tokens.weight")
-    if emb is None:
-        raise UserError(f"{ckpt.path} has no language-model token embedding")
-    n_rows = emb.shape[0]
-    vocab = read_vocab(ckpt.path, n_rows)
+    n_rows = src["model.embed_tokens.weight"].shape[0]
     plan = _plan(src, n_layer, n_head, n_head_kv, rope, outtype)
 
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
