@@ -26,8 +26,9 @@ def test_vicuna_v1_targets_are_answers_with_stop():
 
 def test_plain_keeps_only_image_and_caption():
     r = PLAIN.render([Turn("user", "Describe it.\n<image>"), Turn("assistant", "a red circle.")])
-    assert r.text == IMAGE_PLACEHOLDER + "a red circle.\n"
+    assert r.text == IMAGE_PLACEHOLDER + " a red circle.\n"  # the space: see the next test (test_train)
     assert r.target_texts() == ["a red circle.\n"]
+    assert PLAIN.prompt("Describe it.") == IMAGE_PLACEHOLDER  # generation starts right after the image
 
 
 def test_prompt_puts_image_first_once():

@@ -52,6 +52,22 @@ def test_learned_tokens_decode_to_the_answers(toy_data, toy_model, tok, split, t
         assert item.input_ids.count(ckpt.image_token_id) == (64 if rec.image else 0)
 
 
+def test_stage1_ids_are_llavas(toy_data, toy_model, tok):
+    # LLaVA's tokenizer_image_token tokenizes the text after <image> as its own chunk (BOS dropped):
+    # the stage-1 ids must be [BOS, image x N] + tokenizer(caption + "\n")[1:], caption starting with '▁two'.
+    from llava_edge.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(toy_model)
+    records, _ = load_records(toy_data / FILES["stage1"], toy_data)
+    ds = LlavaDataset(records, get_template("plain"), tok, ckpt.image_token_id, 64, ckpt.image_spec(), 2048)
+    for rec, item in zip(records, ds.items):
+        chunk = tok(rec.turns[1].text + "\n")["input_ids"]
+        assert chunk[0] == tok.bos_token_id
+        assert item.input_ids == [tok.bos_token_id] + [ckpt.image_token_id] * 64 + chunk[1:], rec.id
+    first = {tok.convert_ids_to_tokens(item.input_ids[65]) for item in ds.items}
+    assert all(t.startswith("\u2581") for t in first), first  # word-start pieces only
+
+
 def _write(tmp_path, records, name="d.json"):
     (tmp_path / name).write_text(json.dumps(records))
     return tmp_path / name
