@@ -51,7 +51,10 @@ PRESETS: dict[str, Preset] = {
         _S1, _S2.with_(lr=2e-4, lora=True, projector_lr=2e-5), "LoRA r=128 alpha=256 on the language model"
     ),
     "toy": Preset(
-        StageConfig(lr=2e-3, global_batch=32, per_device_batch=16, bf16=False, tf32=False,
+        # Stage 1: LLaVA-1.5's 1e-3 at batch 256, scaled to the toy's batch of 32 by the square-root
+        # rule (1e-3 / sqrt(8)). Faster, the projector inflates what the frozen toy language model can
+        # read (where, how many, how big) and crushes colour, which stage 2 then misses (docs/TRAINING.md).
+        StageConfig(lr=3.5e-4, global_batch=32, per_device_batch=16, bf16=False, tf32=False,
                     gradient_checkpointing=False, save_steps=200, dataloader_workers=0),
         StageConfig(lr=1e-3, global_batch=32, per_device_batch=16, epochs=2.0, bf16=False, tf32=False,
                     gradient_checkpointing=False, save_steps=200, dataloader_workers=0),

@@ -71,10 +71,17 @@ def detail(scene: Scene) -> str:
 KINDS = ("shape", "color", "size", "count", "where", "exists")
 
 
-def short_qa(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+# How often each kind is asked in the stage-2 mix (the held-out set asks them evenly).
+# "Is there a blue square?" is asked more: the answer needs the question's own words
+# compared with the image, which a small language model learns last (docs/TRAINING.md).
+TRAIN_KIND_WEIGHTS = {"shape": 1, "color": 1, "size": 1, "count": 1, "where": 1, "exists": 3}
+
+
+def short_qa(scene: Scene, rng: random.Random, weights: dict[str, float] | None = None) -> tuple[str, str, str]:
     """One question with a one-word (or one-phrase) gold answer: (kind, question, answer)."""
     o, n = scene.objects[0], len(scene.objects)
-    kind = rng.choice(KINDS if n == 1 else KINDS[:4] + KINDS[5:])  # "where" needs a single object
+    kinds = KINDS if n == 1 else KINDS[:4] + KINDS[5:]  # "where" needs a single object
+    kind = rng.choice(kinds) if weights is None else rng.choices(kinds, [weights[k] for k in kinds])[0]
     it = "the shape" if n == 1 else "the shapes"
     if kind == "shape":
         return kind, "What shape is in the image?", o.shape
@@ -160,11 +167,11 @@ def make_split(split: str, n: int, out: Path, seed: int, image_size: int) -> lis
             elif category == "reasoning":
                 turns = [reasoning(scene, rng)]
             elif category == "vqa":  # LLaVA-1.5 packs an image's short VQA questions into one conversation
-                turns = [(f"{q}\n{SHORT}", a) for _, q, a in (short_qa(scene, rng) for _ in range(rng.randint(*VQA_PER_IMAGE)))]
+                turns = [(f"{q}\n{SHORT}", a) for _, q, a in (short_qa(scene, rng, TRAIN_KIND_WEIGHTS) for _ in range(rng.randint(*VQA_PER_IMAGE)))]
             else:
                 turns = []
                 for _ in range(rng.randint(1, 3)):
-                    kind, q, a = short_qa(scene, rng)
+                    kind, q, a = short_qa(scene, rng, TRAIN_KIND_WEIGHTS)
                     turns.append((q, long_answer(scene, kind, q, a)))
             rec = record(rid, name, turns)
             rec["category"] = category

@@ -78,3 +78,13 @@ def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> I
         else:
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return im
+
+
+if __name__ == "__main__":  # `python -m llava_edge.toy.scenes EVAL_JSON ID`: the ground truth of a held-out image
+    import json
+    import sys
+
+    from .data import detail
+
+    record = next(r for r in json.load(open(sys.argv[1])) if r["id"] == sys.argv[2])
+    print(detail(Scene(tuple(Obj(**o) for o in record["scene"]["objects"]))))
