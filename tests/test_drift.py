@@ -1,5 +1,5 @@
 """`llava-edge drift`: metrics on hand-checkable cases, LLaVA's evaluation formats and scoring, the command end to
-end on the random toy, and (slow) the accuracy-drift gates on a trained toy built here."""
+end on the random toy, and the accuracy-drift gates on a trained toy built here (the toy build of the session)."""
 
 from __future__ import annotations
 
@@ -339,8 +339,8 @@ def test_drift_bad_arguments_fail_before_measuring(drift_bundle, tmp_path, capsy
         assert w in err
 
 
-# ---- the accuracy-drift gates on the trained toy (the session's `trained_toy` build; slow: it trains for -----
-# ---- 6-10 minutes on 2 cores, and joins the default suite with the toy gate of tests/test_toy_build.py) ------
+# ---- the accuracy-drift gates on the trained toy (the session's `trained_toy` build, shared with the toy -----
+# ---- gate of tests/test_toy_build.py: about 6.5 minutes of training on 2 cores, once per session) ----------
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +362,6 @@ def trained_drift(trained_toy):
     return built, result, failed
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("gate", list(gates.GATES))
 def test_trained_toy_meets_the_gate(trained_drift, gate):
     _, result, _ = trained_drift
@@ -371,7 +370,6 @@ def test_trained_toy_meets_the_gate(trained_drift, gate):
     assert all(v["ok"] for v in verdicts), "; ".join(gates.describe(v) for v in verdicts if not v["ok"])
 
 
-@pytest.mark.slow
 def test_trained_toy_reference_answers_as_the_build_evaluation(trained_drift):
     """The drift reference prompts and decodes as `toy build`'s evaluation: same answers, same accuracy."""
     built, result, _ = trained_drift

@@ -1,4 +1,7 @@
-"""The training issue's acceptance gate (slow: the build trains for 6-10 minutes on 2 cores): the toy recipe's model answers at least 90% of the held-out questions.
+"""The training issue's acceptance gate: the toy recipe's model answers at least 90% of the held-out questions.
+
+The build trains for about 6.5 minutes on 2 quiet cores, once per session (the ``trained_toy``
+fixture), and the accuracy-drift gates of tests/test_drift.py use the same build.
 
 The build (the session's ``trained_toy``) also records how long it took in ``eval.json``;
 the 10-minute budget on 2 cores is measured and documented (docs/TRAINING.md), not
@@ -7,10 +10,7 @@ asserted here: a wall-clock limit in a unit test fails on a busy machine, not on
 
 import json
 
-import pytest
 
-
-@pytest.mark.slow  # fails today (70.5% measured, docs/TRAINING.md); joins the default suite once it passes
 def test_toy_build_answers_90_percent_of_held_out_questions(trained_toy):
     out, result = trained_toy
     assert result["n"] == 200
