@@ -115,3 +115,33 @@ def test_pretraining_moves_the_halves_it_trains(toy_model):
     assert all(torch.equal(proj0[k], x) for k, x in model.model.multi_modal_projector.state_dict().items())
     chats = [x for x in language_examples(20, 0) if not isinstance(x, str)]
     assert chats and all(t.role == "assistant" for c in chats for t in c[1::2])
+
+
+def test_stage2_asks_is_there_more_often_than_the_held_out_set():
+    # TRAIN_KIND_WEIGHTS: "Is there a ...?" three times as often in training; the held-out set asks kinds evenly
+    import random
+
+    from llava_edge.toy.data import TRAIN_KIND_WEIGHTS, short_qa
+    from llava_edge.toy.scenes import random_scene
+
+    rng = random.Random(0)
+    scenes = [random_scene(rng) for _ in range(3000)]
+    train = sum(short_qa(s, rng, TRAIN_KIND_WEIGHTS)[0] == "exists" for s in scenes) / len(scenes)
+    held_out = sum(short_qa(s, rng)[0] == "exists" for s in scenes) / len(scenes)
+    assert TRAIN_KIND_WEIGHTS["exists"] == 3
+    assert 0.17 < held_out < 0.22 and 0.35 < train < 0.45, (held_out, train)
+
+
+def test_ground_truth_of_a_held_out_image_is_printed(toy_data):
+    import subprocess
+    import sys
+
+    from llava_edge.toy.data import detail
+    from llava_edge.toy.scenes import Scene
+
+    r = json.loads((toy_data / FILES["eval"]).read_text())[3]
+    out = subprocess.run([sys.executable, "-m", "llava_edge.toy.scenes", str(toy_data / FILES["eval"]), r["id"]],
+                         capture_output=True, text=True, check=True).stdout
+    scene = Scene.from_dict(r["scene"])
+    assert scene.to_dict() == r["scene"]
+    assert out.strip() == detail(scene) and scene.objects[0].color in out

@@ -51,6 +51,10 @@ class Scene:
     def to_dict(self) -> dict:
         return {"objects": [o.__dict__ for o in self.objects]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        return cls(tuple(Obj(**o) for o in d["objects"]))
+
 
 def random_scene(rng: random.Random) -> Scene:
     n = rng.randint(1, 4)
@@ -87,4 +91,4 @@ if __name__ == "__main__":  # `python -m llava_edge.toy.scenes EVAL_JSON ID`: th
     from .data import detail
 
     record = next(r for r in json.load(open(sys.argv[1])) if r["id"] == sys.argv[2])
-    print(detail(Scene(tuple(Obj(**o) for o in record["scene"]["objects"]))))
+    print(detail(Scene.from_dict(record["scene"])))
