@@ -77,7 +77,9 @@ class Template:
         # ('▁two'). Tokenizing "<image>two" in one go gives 't', 'wo' instead: pieces a
         # pretrained language model has rarely seen at a word start, whose loss then
         # dominates stage 1 (measured on the toy: the first word and the final newline
-        # were 60% of the stage-1 loss). A space after the image gives LLaVA's ids.
+        # were 60% of the stage-1 loss). A space after the image gives LLaVA's ids for a
+        # SentencePiece vocabulary (Llama/Vicuna, tested); a byte-level BPE one (Llama 3)
+        # gets the word-start form too ('Ġtwo'), where LLaVA's chunking would give 'two'.
         # (A prompt to caption from stays "<image>": the model then generates '▁two' itself.)
         out = IMAGE_PLACEHOLDER
         targets: list[tuple[int, int]] = []
