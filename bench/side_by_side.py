@@ -114,7 +114,7 @@ def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class LlamaCppClip:
     """llama.cpp's CLIP (an mmproj GGUF) on one image, with the graph timed apart from its preprocessing."""
 
-    def __init__(self, mmproj: Path, text_gguf: Path, rgb: np.ndarray, threads: int):
+    def __init__(self, mmproj: Path, text_gguf: Path, rgb: np.ndarray, threads: int, use_gpu: bool = False):
         import llama_cpp
         from llama_cpp import mtmd_cpp as M
 
@@ -126,8 +126,8 @@ class LlamaCppClip:
         mp = llama_cpp.llama_model_default_params()
         mp.vocab_only = True  # mtmd needs the text model's vocabulary, not its weights
         self.model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), mp)
-        p = M.mtmd_context_params_default()  # llama.cpp's defaults (flash attention: auto), on the CPU
-        p.use_gpu = False
+        p = M.mtmd_context_params_default()  # llama.cpp's defaults (flash attention: auto)
+        p.use_gpu = use_gpu
         p.n_threads = threads
         p.print_timings = False
         p.warmup = False
@@ -164,14 +164,18 @@ class LlamaCppClip:
 class LlamaCppChat:
     """llama.cpp's own multimodal pipeline: ``Llama`` + ``Llava15ChatHandler`` (mmproj + text GGUF)."""
 
-    def __init__(self, text_gguf: Path, mmproj: Path, threads: int, n_ctx: int):
+    def __init__(self, text_gguf: Path, mmproj: Path, threads: int, n_ctx: int, n_gpu_layers: int = 0,
+                 flash_attn: bool = True):
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Llava15ChatHandler
 
+        # its CLIP runs on the GPU whenever llama.cpp was built with one (the handler's default)
         handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
-        # flash attention on: what llava-edge's context gets from llama.cpp's "auto" on a CPU
+        # flash attention: this wrapper offers on or off, not llama.cpp's "auto" that llava-edge's context gets;
+        # the caller passes what auto resolves to (on for a CPU; off for a GPU build without its FA kernels)
         self.llama = Llama(model_path=str(text_gguf), chat_handler=handler, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
-                           n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
+                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                           flash_attn=flash_attn, verbose=False)
 
     def first_token(self, image: Path, question: str) -> tuple[float, int]:
         """(seconds from the image file to the first streamed chunk, prompt positions in the cache)."""
@@ -193,16 +197,18 @@ class LlamaCppChat:
 class RawDecode:
     """``llama_decode`` of one token at a time in a bare llama.cpp context: the speed llava-edge's loop wraps.
 
-    Same GGUF and context settings as the runtime's ``LlamaText`` (context size, batch, threads, f16 KV
-    cache, flash attention auto); the prompt is stand-in token ids of the same length, decoded untimed.
+    Same GGUF and context settings as the runtime's ``LlamaText`` (context size, batch, threads, GPU layers,
+    f16 KV cache, flash attention auto); the prompt is stand-in token ids of the same length, decoded untimed.
     """
 
-    def __init__(self, gguf: Path, n_ctx: int, threads: int):
+    def __init__(self, gguf: Path, n_ctx: int, threads: int, n_gpu_layers: int = 0):
         import llama_cpp
 
         self.c = llama_cpp
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mp)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 512, 512
         cp.n_threads = cp.n_threads_batch = threads
@@ -277,6 +283,48 @@ class Bandwidth:
         return self._run(lambda src, dst: src.max())
 
 
+class GpuBandwidth:
+    """The same two measurements in the GPU's own memory, where llama.cpp's offloaded weights live.
+
+    Through torch, which only this benchmark imports (the runtime never does); CUDA events are not needed:
+    each measurement synchronizes before and after ``reps`` back-to-back kernels.
+    """
+
+    def __init__(self, mb: int = 2048, reps: int = 20):
+        import torch
+
+        self.torch = torch
+        self.src = torch.ones(mb * 1_000_000 // 4, device="cuda")
+        self.dst = torch.empty_like(self.src)
+        self.reps = reps
+        self.dst.copy_(self.src)
+        torch.cuda.synchronize()
+
+    def _seconds(self, fn) -> float:
+        self.torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(self.reps):
+            fn()
+        self.torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def copy(self) -> float:
+        return 2 * self.src.nbytes * self.reps / self._seconds(lambda: self.dst.copy_(self.src))
+
+    def read(self) -> float:
+        return self.src.nbytes * self.reps / self._seconds(lambda: self.src.max())
+
+
+def gpu_info() -> list[str]:
+    """``nvidia-smi``'s name, memory and driver of each GPU (empty where there is none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
 def bytes_per_token(gguf: Path, depth: int) -> dict:
     """What one decode step reads: every tensor but the token embedding table (one row of it is read),
     plus the f16 KV cache up to ``depth`` positions."""
@@ -301,7 +349,9 @@ def gate_threshold(precision: str) -> float:
     return UNQUANTIZED_MIN_COSINE if precision in ("fp32", "fp16") else QUANTIZED_MIN_COSINE
 
 
-def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, tmp: Path) -> dict:
+def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, tmp: Path,
+                   gpu: bool = False) -> dict:
+    import onnxruntime as ort
     import torch
 
     from llava_edge.checkpoint import load_hf_model, open_checkpoint
@@ -320,7 +370,9 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
     hf.lm_head = None
     gc.collect()
     cfg = hf.config
-    px = torch.from_numpy(pixels)
+    torch_device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    hf.to(torch_device)
+    px = torch.from_numpy(pixels).to(torch_device)
 
     def hf_encode():
         with torch.inference_mode():
@@ -330,11 +382,14 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
             ).pooler_output)).float().numpy()
 
     reference = hf_encode()
-    contestants: dict[str, Callable[[], float]] = {"PyTorch eager (HF)": timed(hf_encode)}
+    contestants: dict[str, Callable[[], float]] = {f"PyTorch eager (HF, {torch_device})": timed(hf_encode)}
+    providers = ["CPUExecutionProvider"]
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
     onnx, quality = {}, {}
     for v in m.variants:
         if v.kind == "vision" and v.extra.get("format", "onnx") == "onnx" and not v.device_specific:
-            enc = VisionEncoder(bundle / v.file, ["CPUExecutionProvider"], threads)
+            enc = VisionEncoder(bundle / v.file, providers, threads)
             onnx[v.name] = enc
             cos = token_cosines(enc.encode(pixels), reference)
             quality[v.name] = {"precision": v.precision, "min_cosine": float(cos.min()),
@@ -345,7 +400,7 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
     clips = {}
     for v in m.variants:
         if v.kind == "mmproj":
-            clips[v.name] = LlamaCppClip(bundle / v.file, text, rgb, threads)
+            clips[v.name] = LlamaCppClip(bundle / v.file, text, rgb, threads, use_gpu=gpu)
             contestants[f"llama.cpp CLIP {v.name}"] = timed(clips[v.name].encode)
     log(f"vision: {', '.join(contestants)}; {rounds} rounds")
     with CpuShare() as busy:
@@ -360,13 +415,15 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
     best = min(gated, key=lambda n: med[f"ONNX {n}"], default=None)
     ratio = med[f"ONNX {best}"] / med[llama_best] if best and llama_best else None
     return {"image": f"{size}x{size} PNG", "rounds": rounds, "threads": threads, "seconds": times,
+            "torch_device": torch_device, "onnx_providers": providers,
             "median_s": med, "quality_vs_hf": quality,
             "llama_cpp_best": llama_best, "best_gated_onnx": best, "ratio_best_vs_llama_cpp": ratio,
             "goal": GOALS["vision"], "busy": busy.to_dict()}
 
 
 def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[str], mmproj: str, rounds: int,
-                        threads: int, decode_tokens: int, n_ctx: int, tmp: Path, sections: set[str]) -> dict:
+                        threads: int, decode_tokens: int, n_ctx: int, tmp: Path, sections: set[str],
+                        device: str = "cpu", flash_attn: bool = True) -> dict:
     from llava_edge.runtimes.pipeline import EdgeLLaVA
 
     image = write_bench_image(tmp / "photo.jpg")  # 640x480 JPEG: both pipelines decode, pad/resize it
@@ -375,12 +432,15 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
     for llm in llms:
         gguf = bundle / m.variant("llm", llm).file
         res: dict = {}
-        ours = {v: EdgeLLaVA.load(bundle, device="cpu", vision_variant=v, llm_variant=llm, threads=threads,
+        ours = {v: EdgeLLaVA.load(bundle, device=device, vision_variant=v, llm_variant=llm, threads=threads,
                                   n_ctx=n_ctx) for v in vision_variants}
+        # the baselines offload what llava-edge's plan offloads (every layer on a GPU profile)
+        layers = next(iter(ours.values())).plan.n_gpu_layers
+        res["n_gpu_layers"] = layers
         prompt_tokens: dict = {}
         res["llava_edge_plan"] = {v: x.explain() for v, x in ours.items() if hasattr(x, "explain")}
         if "ttft" in sections:
-            theirs = LlamaCppChat(gguf, mm, threads, n_ctx)
+            theirs = LlamaCppChat(gguf, mm, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn)
             contestants: dict[str, Callable[[], float]] = {}
             phases: dict[str, list[dict]] = {}  # where llava-edge's time goes, seconds per phase
             for v, model in ours.items():
@@ -412,7 +472,7 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
             model = ours[vision_variants[0]]
             key, emb = model.image_embeddings(image)
             slots = model.slots_for(model.template.prompt(QUESTION, image=True, history=[]), key, len(emb))
-            raw = RawDecode(gguf, n_ctx, threads)
+            raw = RawDecode(gguf, n_ctx, threads, n_gpu_layers=layers)
             steps_seen, internal = [], []
 
             def ours_decode() -> float:
@@ -428,7 +488,8 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
                 return wall / decode_tokens
 
             log(f"decode {llm}: llava-edge generate vs raw llama_decode vs memory bandwidth; {rounds} rounds")
-            bw = Bandwidth(threads)
+            bw = GpuBandwidth() if layers != 0 else Bandwidth(threads)  # where the weights are read from
+            res["bandwidth_of"] = "gpu" if layers != 0 else "cpu"
             with CpuShare() as busy:
                 got = interleaved({"llava-edge": ours_decode, "raw llama.cpp": raw_decode,
                                    "copy bandwidth": bw.copy, "read bandwidth": bw.read}, rounds)
@@ -506,8 +567,10 @@ def section_export(export_model: Path | None, small_model: Path, tmp: Path) -> d
 def markdown(report: dict) -> str:
     lines: list[str] = []
     mach, ver = report["machine"], report["versions"]
-    lines.append(f"Machine: {mach['cpu']}, {mach['usable_cpus']} CPUs, {mach.get('memory_gb')} GB, {mach['os']}; "
-                 f"Python {mach['python']}; " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + ".")
+    gpus = "; GPU " + ", ".join(mach["gpus"]) if mach.get("gpus") else ""
+    lines.append(f"Machine: {mach['cpu']}, {mach['usable_cpus']} CPUs, {mach.get('memory_gb')} GB, {mach['os']}"
+                 f"{gpus}; Python {mach['python']}; " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + "."
+                 f" Device profile: {report.get('device', 'cpu')}.")
     v = report.get("vision")
     if v:
         lines += ["", f"Vision encode, one {v['image']} ({_setup(v, report)}):", "",
@@ -544,7 +607,8 @@ def markdown(report: dict) -> str:
                 lines.append(f"\nGoal <= {r['goal']}x; {_busy(r['busy'])}.")
             if "decode" in res:
                 d = res["decode"]
-                lines += ["", f"Decode, {llm}, at depth {d['depth']} (tokens/s; {_setup(d, report)}):", "",
+                where = f"{res.get('bandwidth_of', 'cpu').upper()} memory, llama.cpp GPU layers {res.get('n_gpu_layers', 0)}"
+                lines += ["", f"Decode, {llm}, at depth {d['depth']} (tokens/s; {_setup(d, report)}; {where}):", "",
                           "| llava-edge generate | raw llama_decode (wall) | llama.cpp's own eval timer | "
                           "copy-bandwidth bound | read-bandwidth bound | vs raw | vs copy bound | vs read bound |",
                           "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -600,13 +664,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--export-model", type=Path, default=None, help="full-size checkpoint for the export section")
+    ap.add_argument("--device", default="cpu", help="llava-edge's device profile (cpu, laptop-gpu, jetson, auto); "
+                    "the baselines offload the same llama.cpp layers and run llama.cpp's CLIP on the GPU with them")
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                    help="flash attention of llama.cpp's chat pipeline: what llama.cpp's auto gives llava-edge "
+                         "(on for a CPU; off for a CUDA build without its FA kernels)")
     a = ap.parse_args(argv)
     sections = {s.strip() for s in a.sections.split(",") if s.strip()}
     if not sections <= set(SECTIONS):
         ap.error(f"sections: {', '.join(SECTIONS)}")
     m = bundle_manifest.read(a.bundle)
     a.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": machine_info(), "versions": {**versions(), **versions(VERSION_EXTRA)},
+    report: dict = {"machine": {**machine_info(), "gpus": gpu_info()}, "device": a.device,
+                    "versions": {**versions(), **versions(VERSION_EXTRA)},
                     "model": str(a.model), "bundle": str(a.bundle), "rounds": a.rounds, "threads": a.threads,
                     "model_config": json.loads((a.model / "config.json").read_text())["text_config"]}
     json_path = a.out / "side_by_side.json"
@@ -624,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
         tmp = Path(tmp)
         if "vision" in sections:
-            save("vision", section_vision(a.model, a.bundle, m, a.rounds, a.threads, tmp))
+            save("vision", section_vision(a.model, a.bundle, m, a.rounds, a.threads, tmp, gpu=a.device != "cpu"))
         if sections & {"ttft", "decode"}:
             v = report.get("vision", {})
             best = v.get("best_gated_onnx")
@@ -633,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
                 m.variant("mmproj").name
             llms = a.llm.split(",") if a.llm else [x.name for x in m.variants if x.kind == "llm"]
             save("ttft_decode", section_ttft_decode(a.bundle, m, llms, vis, mmproj, a.rounds, a.threads,
-                                                    a.decode_tokens, a.ctx, tmp, sections))
+                                                    a.decode_tokens, a.ctx, tmp, sections, a.device,
+                                                    a.flash_attn == "on"))
         if "export" in sections:
             save("export", section_export(a.export_model, a.model, Path(tempfile.mkdtemp(dir=a.out))))
     md = markdown(report)
