@@ -17,7 +17,10 @@
 #   4. after each variant: bench/side_by_side.py --device laptop-gpu: decode (llava-edge generate vs raw
 #      llama_decode vs the GPU memory bandwidth bound) and time to first token (llava-edge vs
 #      Llava15ChatHandler), every llama.cpp layer on the GPU in both
-#   5. if time is left: vision encode (ONNX vs Hugging Face on the GPU vs llama.cpp's CLIP on the GPU)
+#   5. if time is left (and VISION is not set empty): vision encode (ONNX vs Hugging Face on the GPU vs
+#      llama.cpp's CLIP on the GPU)
+# TESTS=EXPR also runs `pytest tests/test_runtime_profiles.py -k EXPR` after the build (the runtime's GPU tests);
+# SECTIONS="" skips the language-model races (e.g. LAYERS=1 SECTIONS= TESTS=gpu for the vision race and tests).
 # Steps after 2 are skipped or cut so that the script ends by $DEADLINE seconds (default 540).
 # Everything goes to OUTDIR (gpu_runtime.log, build.log, side_by_side.{json,md}).
 # A dry run on a CPU machine: PY=.venv/bin/python SKIP_BUILD=1 PRESET=tinyllava-1.1b LAYERS=1 DEVICE=cpu ...
@@ -35,13 +38,14 @@ LAYERS=${LAYERS:-}
 DEVICE=${DEVICE:-laptop-gpu}
 LLMS=${LLMS:-f16,q4_k_m}
 ROUNDS=${ROUNDS:-3}
-SECTIONS=${SECTIONS:-decode,ttft}
+SECTIONS=${SECTIONS-decode,ttft}  # set empty: no language-model races
 CUDA_ARCH=${CUDA_ARCH:-90}
 FLASH_ATTN=${FLASH_ATTN:-off}  # llama.cpp's auto without FA kernels (a CPU dry run: on)
 W=${WORK:-/tmp/gpu_runtime}
 DEADLINE=${DEADLINE:-540}  # seconds: later steps are skipped or cut so that the script ends by then
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+left() { echo $(( DEADLINE - $(date +%s) + T0 )); }  # seconds left before this script must end
 
 stamp "0. machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
@@ -67,7 +71,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     cd "$W"/llama_cpp_python-* && \
     CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DGGML_CUDA_FA=OFF -DGGML_NATIVE=ON" \
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    $PY -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/lcp . \
+    $PY -m pip install -v --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/lcp . \
       > "$OUTDIR/build.log" 2>&1
     echo "build exit $?" >> "$OUTDIR/build.log"
   ) &
@@ -86,19 +90,32 @@ du -sh m b/* | sort -h | tail -5
 
 if [ -n "$BUILD_PID" ]; then
   stamp "   waiting for the llama-cpp-python build"
+  while kill -0 "$BUILD_PID" 2>/dev/null; do
+    if [ "$(left)" -lt 150 ]; then  # too late to measure anything: say how far the build got
+      stamp "build unfinished: $(grep -o '\[[0-9]*/[0-9]*\]' "$OUTDIR/build.log" | tail -1) compile steps"
+      exit 1
+    fi
+    sleep 5
+  done
   wait "$BUILD_PID"
+  stamp "   build finished: $(grep -o '\[[0-9]*/[0-9]*\]' "$OUTDIR/build.log" | tail -1) compile steps"
   tail -3 "$OUTDIR/build.log"
   grep -q "build exit 0" "$OUTDIR/build.log" || { stamp "build failed"; exit 1; }
   export PYTHONPATH=/tmp/lcp:$PYTHONPATH
   for f in $(find /tmp/lcp -name "libggml-cuda*.so*"); do echo "$f"; ldd "$f" | grep -E "cuda|cublas|not found"; done
 fi
 $PY -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload', llama_cpp.llama_supports_gpu_offload())"
-left() { echo $(( DEADLINE - $(date +%s) + T0 )); }  # seconds left before this script must end
+if [ -n "${TESTS:-}" ]; then  # the runtime's GPU tests (those without their packages or GPU skip, saying why)
+  stamp "2b. pytest: the runtime's GPU paths"
+  mkdir -p "$W/pytest" && (cd "$W/pytest" && timeout 200 $PY -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" \
+    -c "$ROOT/pyproject.toml" "$ROOT/tests/test_runtime_profiles.py" -k "$TESTS") 2>&1 | tail -15
+fi
 SBS="$PY $ROOT/bench/side_by_side.py --model m --bundle b --out $OUTDIR --device $DEVICE --flash-attn $FLASH_ATTN --rounds $ROUNDS"
 stamp "3. mmproj f16 and int8 vision; then one language model at a time, each measured as soon as it exists"
 $LE export --model m --out b --target mmproj --dtype fp16 --llm-outtype f16 || exit 1
 $LE quantize b --vision int8 || echo "int8 vision failed"
 VIS=fp32; [ -f b/vision.int8.onnx ] && VIS=int8,fp32
+[ -n "$SECTIONS" ] || LLMS=""  # SECTIONS="": no language-model races
 for llm in ${LLMS//,/ }; do
   if [ "$llm" != f16 ]; then
     [ "$(left)" -gt 150 ] || { stamp "no time left for $llm"; break; }
@@ -107,7 +124,7 @@ for llm in ${LLMS//,/ }; do
   stamp "4. side by side: $llm ($SECTIONS, device $DEVICE, vision $VIS), $(left) s left"
   timeout $(( $(left) > 60 ? $(left) - 20 : 40 )) $SBS --sections "$SECTIONS" --llm "$llm" --ttft-vision "$VIS" --mmproj f16
 done
-if [ "$(left)" -gt 120 ]; then
+if [ -n "${VISION:-1}" ] && [ "$(left)" -gt 120 ]; then
   stamp "5. vision encode: ONNX (onnxruntime's providers here) vs Hugging Face vs llama.cpp's CLIP, $(left) s left"
   timeout $(( $(left) - 10 )) $SBS --sections vision
 fi

@@ -379,7 +379,7 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
             return torch.stack(list(hf.model.get_image_features(
                 pixel_values=px, vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
-            ).pooler_output)).float().numpy()
+            ).pooler_output)).float().cpu().numpy()
 
     reference = hf_encode()
     contestants: dict[str, Callable[[], float]] = {f"PyTorch eager (HF, {torch_device})": timed(hf_encode)}
