@@ -479,12 +479,35 @@ def bench(
         say(f"wrote {json_out}")
 
 
+# optional packages -> the extra that installs them (a command that needs one says so in one line)
+EXTRA_OF = {"torch": "export", "transformers": "export", "sentencepiece": "export", "onnx": "export",
+            "onnxscript": "export", "peft": "train", "accelerate": "train", "tensorrt": "tensorrt", "cuda": "tensorrt"}
+
+
+def missing_package_message(e: ModuleNotFoundError) -> str | None:
+    """The one-line error for an optional package this command needs, or None for anything else."""
+    top = (e.name or "").split(".")[0]
+    if top == "onnxruntime":
+        from .runtimes.vision import ORT_MISSING
+
+        return ORT_MISSING
+    if top in EXTRA_OF:
+        return f"this command needs {top}, which is not installed: pip install 'llava-edge[{EXTRA_OF[top]}]'"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; usage errors are click's, a :class:`UserError` is one line on stderr, exit 2."""
     try:
         app(args=argv, prog_name="llava-edge", standalone_mode=True)
     except UserError as e:
         say(f"error: {e}")
+        return 2
+    except ModuleNotFoundError as e:
+        msg = missing_package_message(e)
+        if msg is None:
+            raise
+        say(f"error: {msg}")
         return 2
     except KeyboardInterrupt:
         say("interrupted")

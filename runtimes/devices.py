@@ -61,6 +61,7 @@ class Hardware:
     cpus: int  # logical CPUs this process may run on
     physical_cores: int
     tensorrt_python: bool  # TensorRT's Python package is importable (not imported here)
+    ort_packages: tuple[str, ...] | None = None  # installed onnxruntime distributions (None: not looked at)
 
     def describe(self) -> str:
         parts = []
@@ -69,7 +70,12 @@ class Hardware:
             parts.append(f"Jetson ({j.model or 'model unknown'}{f', L4T {j.l4t}' if j.l4t else ''}; {j.evidence})")
         parts.append(f"{self.physical_cores} physical cores / {self.cpus} CPUs")
         parts.append("NVIDIA driver loaded" if self.nvidia_driver else "no NVIDIA driver")
-        parts.append("onnxruntime providers: " + ", ".join(self.ort_providers))
+        if self.ort_packages == ():
+            parts.append("onnxruntime not installed")
+        else:
+            parts.append("onnxruntime providers: " + ", ".join(self.ort_providers))
+            if self.ort_packages and len(self.ort_packages) > 1:
+                parts.append("onnxruntime packages: " + ", ".join(self.ort_packages) + " (conflict)")
         parts.append("llama.cpp backends: " + (", ".join(self.llama_backends) or "?")
                      + ("; GPU offload supported" if self.llama_gpu_offload else "; no GPU offload"))
         parts.append("TensorRT Python package " + ("present" if self.tensorrt_python else "absent"))
@@ -146,19 +152,26 @@ def llama_capabilities() -> tuple[bool, tuple[str, ...]]:
 
 def detect_hardware(root: str | Path = "/") -> Hardware:
     """What this machine offers the runtime. ``root`` replaces ``/`` for the files read (tests)."""
-    import onnxruntime as ort
+    from .vision import onnxruntime_packages
 
+    try:
+        import onnxruntime as ort
+
+        providers, packages = tuple(ort.get_available_providers()), onnxruntime_packages()
+    except ImportError:  # said when a vision graph is loaded (VisionEncoder), and in --explain
+        providers, packages = (), ()
     offload, backends = llama_capabilities()
     cpus = usable_cpus()
     return Hardware(
         jetson=read_jetson(root),
         nvidia_driver=nvidia_driver_loaded(root),
-        ort_providers=tuple(ort.get_available_providers()),
+        ort_providers=providers,
         llama_gpu_offload=offload,
         llama_backends=backends,
         cpus=len(cpus),
         physical_cores=physical_cores(cpus, root),
         tensorrt_python=importlib.util.find_spec("tensorrt") is not None,
+        ort_packages=packages,
     )
 
 
@@ -389,8 +402,8 @@ def onnx_providers(profile: Profile, hw: Hardware, v: Variant) -> tuple[list[Pro
         why.append(f"TensorRT provider not used for a {v.precision} graph (onnxruntime quantization ops)")
     missing = [p for p in wanted if p not in hw.ort_providers]
     if missing:
-        why.append(f"{', '.join(missing)} not in this onnxruntime (GPU providers come with onnxruntime-gpu, "
-                   "or on a Jetson the Jetson Zoo wheel)")
+        why.append(f"{', '.join(missing)} not in this onnxruntime (GPU providers come with onnxruntime-gpu: "
+                   "pip install 'llava-edge[gpu]'; on a Jetson the onnxruntime-gpu wheel for its JetPack)")
     elif CUDA_EP in wanted and not hw.nvidia_driver and not hw.jetson:
         why.append("no NVIDIA driver found: onnxruntime falls back to the CPU if the GPU provider cannot start")
     chosen: list[Provider] = []
@@ -423,6 +436,14 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     hw = hardware or detect_hardware()
     profile, profile_why = pick_profile(device, hw)
     notes: list[str] = []
+    if hw.ort_packages and len(hw.ort_packages) > 1:
+        from .vision import ort_conflict_fix
+
+        notes.append(ort_conflict_fix(hw.ort_packages))
+    elif hw.ort_packages == ():
+        from .vision import ORT_MISSING
+
+        notes.append(ORT_MISSING)
 
     engine_problem = engine_problem_finder(trt_platform)
 

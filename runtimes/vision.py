@@ -5,20 +5,62 @@ preference; those this onnxruntime build does not have are left out (the
 device profile in ``devices.py`` explains which and why), and the CPU provider
 is always the last resort. ``providers`` after loading is what onnxruntime
 actually runs on: a GPU provider that fails to start falls back to the CPU.
+
+onnxruntime comes as one of several packages that install the same ``onnxruntime``
+module (``onnxruntime`` for CPUs, ``onnxruntime-gpu`` for NVIDIA GPUs and Jetsons, ...):
+llava-edge installs the one its extra names (``[cpu]`` or ``[gpu]``), and
+:func:`onnxruntime_packages` finds more than one installed, where the last one
+installed has overwritten the other's files (typically: no CUDA provider).
 """
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from llava_edge.errors import UserError
 
+# distributions that install the `onnxruntime` module
+ORT_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn",
+                "onnxruntime-training")
+ORT_MISSING = ("onnxruntime is not installed: pip install 'llava-edge[cpu]', or 'llava-edge[gpu]' on an NVIDIA GPU "
+               "(onnxruntime-gpu; on a Jetson, the onnxruntime-gpu wheel built for its JetPack)")
+
+
+def onnxruntime_packages() -> tuple[str, ...]:
+    """The installed distributions that provide the ``onnxruntime`` module (more than one is a conflict)."""
+    found = []
+    for name in ORT_PACKAGES:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def ort_conflict_fix(packages: tuple[str, ...]) -> str:
+    """One line: what is wrong when several onnxruntime packages are installed, and the commands that fix it."""
+    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in packages else packages[-1]
+    return (f"{' and '.join(packages)} are installed together: they write the same `onnxruntime` module, so "
+            f"whichever was installed last is the one that runs; keep one: pip uninstall -y {' '.join(packages)} "
+            f"&& pip install {keep}")
+
+
+def import_onnxruntime():
+    """``onnxruntime``, or a one-line :class:`UserError` saying which extra installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(ORT_MISSING) from None
+    return onnxruntime
+
 
 class VisionEncoder:
     def __init__(self, onnx_path: str | Path, providers: list | None = None, threads: int = 0):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         so = ort.SessionOptions()
         so.log_severity_level = 3

@@ -1,0 +1,112 @@
+"""Installing: one onnxruntime package per install, conflicts diagnosed, missing optional packages named in one line."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from torchless import without  # tests/ is on sys.path under pytest
+
+from llava_edge.runtimes import devices, vision
+from llava_edge.runtimes.devices import CPU_EP, Hardware, plan_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+ORT = {"onnxruntime", "onnxruntime-gpu"}
+
+
+def requirements(extras: tuple[str, ...]) -> set[str]:
+    """Distribution names `pip install 'llava-edge[EXTRAS]'` asks for (self-references followed)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
+    names, todo, seen = set(), list(extras), set()
+
+    def add(req: str) -> None:
+        m = re.match(r"([A-Za-z0-9_.-]+)(?:\[([^\]]*)\])?", req)
+        if m.group(1) == project["name"]:
+            todo.extend(x.strip() for x in m.group(2).split(","))
+        else:
+            names.add(m.group(1).lower())
+
+    for req in project["dependencies"]:
+        add(req)
+    while todo:
+        extra = todo.pop()
+        if extra not in seen:
+            seen.add(extra)
+            for req in optional[extra]:
+                add(req)
+    return names
+
+
+def test_every_install_gets_at_most_one_onnxruntime_package():
+    """Both packages write the `onnxruntime` module: the CPU one would hide onnxruntime-gpu's CUDA provider."""
+    assert requirements(()) & ORT == set()  # the base install chooses neither
+    assert requirements(("cpu",)) & ORT == {"onnxruntime"}
+    assert requirements(("dev",)) & ORT == {"onnxruntime"}  # `make test`
+    for combo in [("gpu",), ("gpu", "train"), ("gpu", "drift"), ("gpu", "export"), ("gpu", "tensorrt")]:
+        assert requirements(combo) & ORT == {"onnxruntime-gpu"}, combo
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for extra in project["optional-dependencies"]:
+        assert len(requirements((extra,)) & ORT) <= 1, extra
+
+
+def test_two_onnxruntime_packages_are_named_with_the_commands_that_fix_them(monkeypatch):
+    installed = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}
+
+    def version(name):
+        if name not in installed:
+            raise vision.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(vision.metadata, "version", version)
+    assert vision.onnxruntime_packages() == ("onnxruntime", "onnxruntime-gpu")
+    hw = Hardware(jetson=None, nvidia_driver=True, ort_providers=(CPU_EP,), llama_gpu_offload=False,
+                  llama_backends=("CPU",), cpus=4, physical_cores=2, tensorrt_python=False,
+                  ort_packages=vision.onnxruntime_packages())
+    assert "onnxruntime packages: onnxruntime, onnxruntime-gpu (conflict)" in hw.describe()
+    m = _manifest()
+    plan = plan_runtime(m, "laptop-gpu", hardware=hw)
+    assert any("pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in n for n in plan.notes)
+    assert "pip install 'llava-edge[gpu]'" in plan.providers_why  # the CUDA provider is missing: what installs it
+    assert not any("installed together" in n for n in plan_runtime(m, "cpu", hardware=replace(
+        hw, ort_packages=("onnxruntime",))).notes)
+    none = plan_runtime(m, "cpu", hardware=replace(hw, ort_packages=(), ort_providers=()))
+    assert vision.ORT_MISSING in none.notes and "onnxruntime not installed" in none.hardware.describe()
+
+
+def _manifest():
+    from llava_edge.manifest import Manifest, Variant
+
+    m = Manifest(source={}, template="vicuna_v1", image={}, vision={}, llm={}, tokenizer={})
+    m.variants = [Variant("fp32", "vision", "fp32", "vision.fp32.onnx", 1, "0" * 64, {"format": "onnx"}),
+                  Variant("f16", "llm", "f16", "llm.f16.gguf", 1, "0" * 64, {"format": "gguf"})]
+    return m
+
+
+def cli_without(packages, *args):
+    return subprocess.run([sys.executable, "-c", without(*packages), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def one_line_error(r) -> str:
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_without_onnxruntime_chat_and_quantize_say_which_extra_installs_it(bundle, toy_data, tmp_path):
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    line = one_line_error(cli_without(["onnxruntime"], "chat", "--bundle", bundle, "--image", image, "Hi"))
+    assert "onnxruntime is not installed: pip install 'llava-edge[cpu]', or 'llava-edge[gpu]'" in line
+    line = one_line_error(cli_without(["onnxruntime"], "quantize", bundle, "--vision", "int8"))
+    assert "pip install 'llava-edge[cpu]'" in line
+
+
+def test_without_torch_export_says_which_extra_installs_it(toy_model, tmp_path):
+    line = one_line_error(cli_without(["torch"], "export", "--model", toy_model, "--out", tmp_path / "b",
+                                      "--target", "onnx"))
+    assert line == "error: this command needs torch, which is not installed: pip install 'llava-edge[export]'"
+    assert not (tmp_path / "b").exists()
