@@ -68,8 +68,18 @@ class VisionEncoder:
             so.intra_op_num_threads = threads
         available = ort.get_available_providers()
         providers = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available]
-        if not any((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers):
+        names = [p if isinstance(p, str) else p[0] for p in providers]
+        if "CPUExecutionProvider" not in names:
             providers.append("CPUExecutionProvider")
+        if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(names) and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu's CUDA provider needs libcudart, libcublas and libcudnn. Installed as pip packages
+            # (`onnxruntime-gpu[cuda,cudnn]`, or PyTorch's) they are not on the loader's path, and the session
+            # would quietly fall back to the CPU; preload_dlls loads them from there, else from the default
+            # paths (onnxruntime >= 1.21; its documented way, see its CUDA provider page)
+            try:
+                ort.preload_dlls(directory="")
+            except Exception:  # noqa: BLE001 - best effort: the providers check below says what runs
+                pass
         try:
             self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,3 +111,36 @@ def test_without_torch_export_says_which_extra_installs_it(toy_model, tmp_path):
                                       "--target", "onnx"))
     assert line == "error: this command needs torch, which is not installed: pip install 'llava-edge[export]'"
     assert not (tmp_path / "b").exists()
+
+
+def fake_onnxruntime(available: list[str], calls: list):
+    """An `onnxruntime` stand-in that records preload_dlls and the providers a session is asked for."""
+    class Session:
+        def __init__(self, path, so, providers):
+            calls.append(("session", [p if isinstance(p, str) else p[0] for p in providers]))
+
+        def get_inputs(self):
+            return [types.SimpleNamespace(name="pixel_values", type="tensor(float)")]
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    return types.SimpleNamespace(SessionOptions=lambda: types.SimpleNamespace(), InferenceSession=Session,
+                                 get_available_providers=lambda: list(available),
+                                 preload_dlls=lambda directory=None: calls.append(("preload_dlls", directory)))
+
+
+def test_a_gpu_provider_preloads_the_cuda_libraries_pip_installed(monkeypatch, tmp_path):
+    """onnxruntime-gpu with pip's CUDA/cuDNN: without preload_dlls its CUDA provider quietly falls back to the CPU."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake_onnxruntime(["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                                                     calls))
+    vision.VisionEncoder(tmp_path / "v.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert calls == [("preload_dlls", ""), ("session", ["CUDAExecutionProvider", "CPUExecutionProvider"])]
+    calls.clear()
+    vision.VisionEncoder(tmp_path / "v.onnx", ["CPUExecutionProvider"])  # a CPU session loads no CUDA library
+    assert calls == [("session", ["CPUExecutionProvider"])]
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake_onnxruntime(["CPUExecutionProvider"], calls))
+    vision.VisionEncoder(tmp_path / "v.onnx", ["CUDAExecutionProvider"])  # not in this onnxruntime: left out
+    assert calls == [("session", ["CPUExecutionProvider"])]
