@@ -19,6 +19,10 @@
 #      Llava15ChatHandler), every llama.cpp layer on the GPU in both
 #   5. if time is left (and VISION is not set empty): vision encode (ONNX vs Hugging Face on the GPU vs
 #      llama.cpp's CLIP on the GPU)
+# ORT_WHEEL=FILE installs onnxruntime-gpu from FILE first (its CUDA provider then runs the vision graph). The wheel
+# (255 MB) is over what one call carries (64 MiB), so it goes in parts over consecutive calls while the machine is
+# warm (kept 30 s after a call): xz it, `split -n 4`, carry one part a call into /tmp/ortparts, and in the last call
+# `cat /tmp/ortparts/* | xz -dc > /tmp/onnxruntime_gpu-....whl` (check its sha256) before this script.
 # TESTS=EXPR also runs `pytest tests/test_runtime_profiles.py -k EXPR` after the build (the runtime's GPU tests);
 # SECTIONS="" skips the language-model races (e.g. LAYERS=1 SECTIONS= TESTS=gpu for the vision race and tests).
 # Steps after 2 are skipped or cut so that the script ends by $DEADLINE seconds (default 540).
@@ -55,6 +59,11 @@ if [ -n "$SRC" ] && ls "$SRC"/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$SRC"/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+if [ -n "${ORT_WHEEL:-}" ]; then  # onnxruntime-gpu, reassembled from parts carried in earlier calls (see below)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ORT_WHEEL" \
+    && export PYTHONPATH=/tmp/site
+fi
+$PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
 # llava_edge's subpackages live at the top of the repository (pyproject's package-dir): assemble the
 # installed namespace under /tmp/le instead of a pip install
 rm -rf /tmp/le && mkdir -p /tmp/le && cp -r "$ROOT/llava_edge" /tmp/le/
@@ -115,6 +124,10 @@ stamp "3. mmproj f16 and int8 vision; then one language model at a time, each me
 $LE export --model m --out b --target mmproj --dtype fp16 --llm-outtype f16 || exit 1
 $LE quantize b --vision int8 || echo "int8 vision failed"
 VIS=fp32; [ -f b/vision.int8.onnx ] && VIS=int8,fp32
+if $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+  $LE export --model m --out b --target onnx --dtype fp16 || echo "fp16 vision failed"
+  VIS=fp32; [ -f b/vision.fp16.onnx ] && VIS=fp16,fp32  # the laptop-gpu profile's choice on onnxruntime's CUDA provider
+fi
 [ -n "$SECTIONS" ] || LLMS=""  # SECTIONS="": no language-model races
 for llm in ${LLMS//,/ }; do
   if [ "$llm" != f16 ]; then
