@@ -21,8 +21,9 @@
 #      llama.cpp's CLIP on the GPU)
 # ORT_WHEEL=FILE installs onnxruntime-gpu from FILE first (its CUDA provider then runs the vision graph). The wheel
 # (255 MB) is over what one call carries (64 MiB), so it goes in parts over consecutive calls while the machine is
-# warm (kept 30 s after a call): xz it, `split -n 4`, carry one part a call into /tmp/ortparts, and in the last call
-# `cat /tmp/ortparts/* | xz -dc > /tmp/onnxruntime_gpu-....whl` (check its sha256) before this script.
+# warm (kept 30 s after a call): xz it (219 MB), `split -n 5` (44 MB parts), carry one part a call into
+# /tmp/ortparts, and in the last call (its part plus SRC: under 64 MiB together) `cat /tmp/ortparts/* | xz -dc >
+# /tmp/onnxruntime_gpu-....whl` (check its sha256) before this script.
 # TESTS=EXPR also runs `pytest tests/test_runtime_profiles.py -k EXPR` after the build (the runtime's GPU tests);
 # SECTIONS="" skips the language-model races (e.g. LAYERS=1 SECTIONS= TESTS=gpu for the vision race and tests).
 # Steps after 2 are skipped or cut so that the script ends by $DEADLINE seconds (default 540).
