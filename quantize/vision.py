@@ -51,7 +51,10 @@ PRECISION = {"fp16": "fp16", "int8": "int8", "int8-static": "int8", "int4": "int
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_CALIB_COUNT = 32
-CALIB_BATCH = 8
+# one image a calibration run: MinMax ranges do not depend on batching, and onnxruntime's calibration graph
+# (every MatMul's inputs and outputs kept for their ReduceMin/ReduceMax) was killed for memory at CLIP-L/336
+# size with 8 images a run on a 24 GiB machine
+CALIB_BATCH = 1
 
 
 def vision_file_name(name: str) -> str:

@@ -197,7 +197,9 @@ PROFILES: dict[str, Profile] = {
         name="cpu", purpose="CPU only: onnxruntime's CPU provider, llama.cpp on all physical cores",
         providers=(CPU_EP,), gpu_offload=False, n_batch=512, n_ubatch=512, max_ctx=4096,
         # int8 matmuls are what a CPU runs fastest; fp16 ONNX has few fast CPU kernels (casts around them).
-        vision_preference=("int8-static", "int8", "fp32"),
+        # Dynamic int8 before static QDQ: at CLIP-L/336 on 2 Zen 4 cores 0.72 s against 1.24 s (fp32 2.00 s),
+        # and closer to fp32 (docs/BENCHMARKS.md, TinyLLaVA section)
+        vision_preference=("int8", "int8-static", "fp32"),
         llm_preference=_LLM_EDGE,
     ),
     "laptop-gpu": Profile(
