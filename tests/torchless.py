@@ -1,23 +1,13 @@
-"""A child-process prelude that runs the CLI with torch, transformers and sentencepiece unimportable, as on a device."""
+"""Child-process preludes that run the CLI with some packages unimportable, as on a device without them."""
 
 import textwrap
 
-BLOCK_TORCH = textwrap.dedent("""
-    import sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split('.')[0] in ('torch', 'transformers', 'sentencepiece'):
-                raise ImportError('blocked: ' + name)
-    sys.meta_path.insert(0, Block())
-    from llava_edge.cli import main
-    rc = main(sys.argv[1:])
-    assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
-    sys.exit(rc)
-""")
 
+def without(*packages: str, check_unimported: tuple[str, ...] = ()) -> str:
+    """A child-process prelude: the CLI on a machine where ``packages`` are not installed.
 
-def without(*packages: str) -> str:
-    """A child-process prelude: the CLI on a machine where ``packages`` are not installed."""
+    ``check_unimported``: packages the run must not have imported (it fails if one was).
+    """
     return textwrap.dedent(f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
@@ -26,5 +16,11 @@ def without(*packages: str) -> str:
                     raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         sys.meta_path.insert(0, Block())
         from llava_edge.cli import main
-        sys.exit(main(sys.argv[1:]))
+        rc = main(sys.argv[1:])
+        assert not any(m.split('.')[0] in {check_unimported!r} for m in sys.modules), 'imported: ' + {check_unimported!r}[0]
+        sys.exit(rc)
     """)
+
+
+# the runtime path: torch, transformers and sentencepiece absent, and never imported
+BLOCK_TORCH = without("torch", "transformers", "sentencepiece", check_unimported=("torch", "transformers"))
