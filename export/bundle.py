@@ -7,9 +7,9 @@ Targets (``--target``):
   ``vision.fp16.onnx`` with ``--dtype fp16``. Both are compared with the Hugging
   Face model on a few rendered, preprocessed images and the numbers recorded.
 - ``gguf``: the language model as ``llm.<outtype>.gguf`` for llama.cpp.
-- ``mmproj``: llama.cpp's multimodal projector ``mmproj.<f32|f16>.gguf``
-  (``f16`` with ``--dtype fp16``), plus the text GGUF when the bundle has none
-  (llama.cpp's mtmd loads both).
+- ``mmproj``: llama.cpp's multimodal projector ``mmproj.<f32|f16|bf16>.gguf``
+  (``--mmproj-outtype``; by default ``f16`` with ``--dtype fp16``, else ``f32``),
+  plus the text GGUF when the bundle has none (llama.cpp's mtmd loads both).
 - ``tensorrt``: a TensorRT engine ``vision.trt-<precision>.engine`` built from
   the fp32 ONNX on this machine's GPU: precision ``--dtype`` (fp32 or fp16), or
   ``int8`` with ``--int8`` and a calibration cache.
@@ -64,6 +64,7 @@ from llava_edge.runtimes.tokenizer import TextTokenizer
 
 from .llm_gguf import OUTTYPES as LLM_OUTTYPES
 from .llm_gguf import check_exportable, export_llm_gguf
+from .mmproj_gguf import OUTTYPES as MMPROJ_OUTTYPES
 from .mmproj_gguf import export_mmproj_gguf
 from .tensorrt_engine import CALIBRATION_CACHE, DEFAULT_MAX_BATCH, TIMING_CACHE, build_engine, engine_file_name
 from .vision_fp16 import convert_vision_fp16
@@ -100,6 +101,7 @@ class ExportOptions:
     dtype: str = "fp32"
     llm_outtype: str = "f32"
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    mmproj: str = ""  # --mmproj-outtype; "": follow --dtype (see mmproj_outtype)
 
     def validate(self) -> None:
         """Every option checked before anything is read or written; a one-line error listing the valid values."""
@@ -109,6 +111,10 @@ class ExportOptions:
             raise UserError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.llm_outtype not in LLM_OUTTYPES:
             raise UserError(f"unknown --llm-outtype {self.llm_outtype!r}; choose one of {', '.join(LLM_OUTTYPES)}")
+        if self.mmproj and self.mmproj not in MMPROJ_OUTTYPES:
+            raise UserError(f"unknown --mmproj-outtype {self.mmproj!r}; choose one of {', '.join(MMPROJ_OUTTYPES)}")
+        if self.mmproj and self.target not in ("mmproj", "all"):
+            raise UserError("--mmproj-outtype is for llama.cpp's mmproj: use --target mmproj or all")
         t = self.tensorrt
         if not 1 <= t.opt_batch <= t.max_batch:
             raise UserError(f"TensorRT batch sizes need 1 <= --trt-opt-batch ({t.opt_batch}) "
@@ -122,7 +128,7 @@ class ExportOptions:
 
     @property
     def mmproj_outtype(self) -> str:
-        return "f16" if self.dtype == "fp16" else "f32"
+        return self.mmproj or ("f16" if self.dtype == "fp16" else "f32")
 
     @property
     def trt_precision(self) -> str:
@@ -274,12 +280,13 @@ def export_bundle(
     dtype: str = "fp32",
     llm_outtype: str = "f32",
     *,
+    mmproj_outtype: str = "",
     tensorrt: TensorRTOptions | None = None,
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> manifest.Manifest:
     """Export ``ckpt`` into the bundle ``out`` (see the module docstring); return the manifest written."""
-    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions())
+    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype)
     opts.validate()
     return _Export(ckpt, Path(out), opts, progress or PlainProgress(log)).run()
 

@@ -46,7 +46,11 @@ from llava_edge.checkpoint import Checkpoint, read_safetensors_header_bytes
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec
 
-OUTTYPES = ("f32", "f16")
+from .llm_gguf import encode
+
+# bf16: llama.cpp's CPU matmuls use AVX512-BF16 dot products where the CPU has them (Zen 4, Sapphire Rapids):
+# its CLIP runs about 1.3x faster than with f16 there (docs/BENCHMARKS.md); 1-D tensors stay f32 in every type
+OUTTYPES = ("f32", "f16", "bf16")
 PROJECTOR_TYPE = "mlp"  # clip.cpp's name for LLaVA-1.5's Linear-GELU-Linear projector
 SUPPORTED = "LLaVA-1.5 style: a CLIP vision tower and the 2-layer MLP projector (projector type 'mlp')"
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # read by clip.cpp; gguf-py 0.19 has no constant for it
@@ -81,7 +85,7 @@ class PlannedTensor:
     file: Path
     key: str
     shape: tuple[int, ...]
-    dtype: str  # "f32" or "f16"
+    dtype: str  # "f32", "f16" or "bf16"
 
 
 def positive_feature_layers(config: dict) -> list[int]:
@@ -188,7 +192,7 @@ def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[Plann
                 new = f"{_PROJECTOR_NAMES[m.group(1)]}.{m.group(2)}"
                 seen_projector.add(new)
             # 1-D tensors (norms, biases, class embedding) stay f32, as llama.cpp's converters keep them
-            dtype = "f32" if len(shape) == 1 or outtype == "f32" else "f16"
+            dtype = "f32" if len(shape) == 1 else outtype
             plan.append(PlannedTensor(new, f, key, shape, dtype))
     missing = {"mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} - seen_projector
     if missing:
@@ -206,8 +210,8 @@ def export_mmproj_gguf(
 ) -> dict:
     """Write ``path`` (atomically); return what the manifest may record about it.
 
-    ``outtype`` ``f16`` stores matrices and the patch convolution in f16 and
-    keeps 1-D tensors in f32, like llama.cpp's own mmproj files.
+    ``outtype`` ``f16`` or ``bf16`` stores matrices and the patch convolution in
+    that type and keeps 1-D tensors in f32, like llama.cpp's own mmproj files.
     """
     import gguf
     import torch
@@ -236,7 +240,8 @@ def export_mmproj_gguf(
         w.add_type(gguf.GGUFType.MMPROJ)
         w.add_name(ckpt.path.name)
         w.add_description("image encoder for LLaVA (llava-edge)")
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
         w.add_clip_projector_type(PROJECTOR_TYPE)
         w.add_clip_has_vision_encoder(True)
         w.add_bool(HAS_TEXT_ENCODER_KEY, False)
@@ -253,9 +258,12 @@ def export_mmproj_gguf(
         w.add_vision_image_std(list(spec.std))
         w.add_vision_use_gelu(_TOWER_ACTS[vc.get("hidden_act", "quick_gelu")])
         w.add_array(FEATURE_LAYER_KEY, feature_layers)
+        qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                  "bf16": gguf.GGMLQuantizationType.BF16}
         for t in plan:
-            dt = np.dtype(np.float32 if t.dtype == "f32" else np.float16)
-            w.add_tensor_info(t.gguf_name, t.shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+            q = qtypes[t.dtype]
+            nbytes = int(np.prod(t.shape)) * gguf.GGML_QUANT_SIZES[q][1]
+            w.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=q)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -265,7 +273,7 @@ def export_mmproj_gguf(
                 if t.file not in handles:
                     handles[t.file] = safe_open(str(t.file), framework="pt")
                 a = handles[t.file].get_tensor(t.key).to(torch.float32).numpy()
-                w.write_tensor_data(a.astype(np.float32 if t.dtype == "f32" else np.float16))
+                w.write_tensor_data(encode(a, qtypes[t.dtype]))
                 del a
         finally:
             handles.clear()

@@ -207,6 +207,8 @@ def export(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16: fp16 adds vision.fp16.onnx and makes the "
                               "mmproj GGUF and the TensorRT engine fp16"),
     llm_outtype: str = typer.Option("f32", "--llm-outtype", help="GGUF weights: f32 | f16 | bf16 | q8_0"),
+    mmproj_outtype: str = typer.Option("", "--mmproj-outtype", help="mmproj GGUF weights: f32 | f16 | bf16 "
+                                       "(default: f16 with --dtype fp16, else f32)"),
     vision: Optional[str] = typer.Option(None, "--vision", help="CLIP tower (directory or hub id) for an original "
                                          "LLaVA checkpoint; default: its mm_vision_tower"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where original LLaVA checkpoints are "
@@ -225,10 +227,11 @@ def export(
 
     trt = TensorRTOptions(max_batch=trt_max_batch, opt_batch=trt_opt_batch, int8=int8,
                           calibration_cache=calibration_cache, workspace_mib=trt_workspace_mib)
-    ExportOptions(target, dtype, llm_outtype, trt).validate()
+    ExportOptions(target, dtype, llm_outtype, trt, mmproj_outtype).validate()
     check_out_dir(out)  # before a conversion writes anything
     ckpt = resolve_model(model, vision=vision, cache_dir=cache_dir, log=say)
-    export_bundle(ckpt, out, target, dtype, llm_outtype, tensorrt=trt, log=say, progress=terminal_progress(say))
+    export_bundle(ckpt, out, target, dtype, llm_outtype, mmproj_outtype=mmproj_outtype, tensorrt=trt, log=say,
+                  progress=terminal_progress(say))
     if set_default:
         _set_default(out)
 

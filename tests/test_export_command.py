@@ -233,6 +233,8 @@ def test_each_target_alone_adds_to_the_bundle(ckpt, tmp_path):
     assert {(v.kind, v.name) for v in m.variants} == {("llm", "f32"), ("mmproj", "f32"), ("llm", "q8_0"),
                                                         ("vision", "fp32")}
     assert "fp16" not in m.vision["parity"]  # --dtype fp32: no fp16 graph
+    m = export_bundle(ckpt, out, "mmproj", mmproj_outtype="bf16", log=lambda _: None)
+    assert m.variant("mmproj", "bf16").file == "mmproj.bf16.gguf" and m.variant("mmproj", "f32")  # added beside
     manifest.check_files(out, manifest.read(out), [v.file for v in m.variants], verify_hash=True)
 
 
@@ -414,6 +416,8 @@ def test_truncated_weights_write_nothing(toy_model, tmp_path, capsys):
     (ExportOptions(llm_outtype="q4_k_m"), ["--llm-outtype", "q8_0"]),
     (ExportOptions(tensorrt=TensorRTOptions(max_batch=2, opt_batch=4)), ["--trt-opt-batch"]),
     (ExportOptions(target="gguf", tensorrt=TensorRTOptions(int8=True)), ["--int8"]),
+    (ExportOptions(mmproj="q4_0"), ["--mmproj-outtype", "f32, f16, bf16"]),
+    (ExportOptions(target="onnx", mmproj="bf16"), ["--mmproj-outtype", "--target mmproj or all"]),
 ])
 def test_bad_options_name_the_valid_values(opts, words):
     with pytest.raises(UserError) as e:
@@ -427,8 +431,8 @@ def test_bad_options_name_the_valid_values(opts, words):
 def test_export_help_lists_every_target_and_option(capsys):
     assert cli("export", "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
-    for word in ("onnx | tensorrt | gguf | mmproj | all", "--dtype", "--llm-outtype", "--vision", "--trt-max-batch",
-                 "--trt-opt-batch", "--int8", "--calibration-cache"):
+    for word in ("onnx | tensorrt | gguf | mmproj | all", "--dtype", "--llm-outtype", "--mmproj-outtype", "--vision",
+                 "--trt-max-batch", "--trt-opt-batch", "--int8", "--calibration-cache"):
         assert word in text, word
 
 

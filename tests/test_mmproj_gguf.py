@@ -30,6 +30,10 @@ from llava_edge.toy.scenes import random_scene, render
 # (measured: cosine 1.00000, max abs 5e-4 of the output's range)
 MIN_COSINE = 0.99999
 MAX_REL_ERROR = 2e-3
+# bf16 keeps 8 significant bits, and llama.cpp's bf16 matmuls round the activations to bf16 as well
+# (measured on the toy: cosine 0.99998, max abs 6e-3 of the range); a wrong layer or token order gives < 0.99
+BF16_MIN_COSINE = 0.9999
+BF16_MAX_REL_ERROR = 1.5e-2
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def ckpt(toy_model):
 def mmproj(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("mmproj")
     info = {q: mmproj_gguf.export_mmproj_gguf(ckpt, out / f"mmproj.{q}.gguf", q, log=lambda _: None)
-            for q in ("f32", "f16")}
+            for q in mmproj_gguf.OUTTYPES}
     return out, info
 
 
@@ -93,11 +97,12 @@ def hf_image_features(hf_model, pixel_values: np.ndarray) -> np.ndarray:
     return torch.stack(list(feats)).numpy()[0]
 
 
-def assert_close(got: np.ndarray, ref: np.ndarray) -> None:
+def assert_close(got: np.ndarray, ref: np.ndarray, outtype: str = "f32") -> None:
+    min_cos, max_rel = (BF16_MIN_COSINE, BF16_MAX_REL_ERROR) if outtype == "bf16" else (MIN_COSINE, MAX_REL_ERROR)
     assert got.shape == ref.shape
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     rel = np.abs(got - ref).max() / np.abs(ref).max()
-    assert cos.min() >= MIN_COSINE and rel <= MAX_REL_ERROR, f"cosine min {cos.min():.6f}, max error {rel:.2e} of range"
+    assert cos.min() >= min_cos and rel <= max_rel, f"cosine min {cos.min():.6f}, max error {rel:.2e} of range"
 
 
 def test_gguf_keys_tensors_and_shapes_follow_the_config(ckpt, mmproj):
@@ -148,27 +153,47 @@ def test_gguf_keys_tensors_and_shapes_follow_the_config(ckpt, mmproj):
             assert np.array_equal(np.asarray(tensors[name].data).reshape(ref.shape), ref), name
 
 
-def test_f16_keeps_vectors_in_f32(mmproj):
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_16_bit_types_keep_vectors_in_f32(mmproj, outtype):
     import gguf
 
     out, _ = mmproj
-    r = gguf.GGUFReader(str(out / "mmproj.f16.gguf"))
-    F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    r = gguf.GGUFReader(str(out / f"mmproj.{outtype}.gguf"))
+    Q, F32 = gguf.GGMLQuantizationType, gguf.GGMLQuantizationType.F32
+    matrix = {"f16": Q.F16, "bf16": Q.BF16}[outtype]
     types = {t.name: (t.tensor_type, len(t.shape)) for t in r.tensors}
-    assert all(tt == (F32 if nd == 1 else F16) for tt, nd in types.values())
-    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
-    assert (out / "mmproj.f16.gguf").stat().st_size < 0.6 * (out / "mmproj.f32.gguf").stat().st_size
+    assert all(tt == (F32 if nd == 1 else matrix) for tt, nd in types.values())
+    assert types["v.patch_embd.weight"][0] == matrix  # the patch convolution too: llama.cpp's im2col takes both
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
+    assert r.fields["general.file_type"].contents() == file_type
+    assert (out / f"mmproj.{outtype}.gguf").stat().st_size < 0.6 * (out / "mmproj.f32.gguf").stat().st_size
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_bf16_holds_the_checkpoints_weights_rounded_to_nearest_even(ckpt, mmproj):
+    """The bits torch's own float32 -> bfloat16 conversion gives (round to nearest, ties to even)."""
+    import gguf
+    from safetensors import safe_open
+
+    out, _ = mmproj
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "mmproj.bf16.gguf")).tensors}
+    with safe_open(str(ckpt.weight_files()[0]), framework="pt") as f:
+        for name, key in [("mm.0.weight", "multi_modal_projector.linear_1.weight"),
+                          ("v.blk.1.ffn_up.weight", "vision_tower.encoder.layers.1.mlp.fc1.weight"),
+                          ("v.patch_embd.weight", "vision_tower.embeddings.patch_embedding.weight")]:
+            ref = f.get_tensor(key).float().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            got = np.asarray(tensors[name].data).view(np.uint16).reshape(ref.shape)
+            assert np.array_equal(got, ref), name
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 def test_llama_cpp_runs_exactly_llavas_layers_on_identical_pixels(ckpt, mmproj, text_gguf, hf_model, outtype):
     """An image of the tower's size is not resized by llama.cpp: both sides see the same pixels."""
     out, info = mmproj
     im = scene(ckpt.vision_config["image_size"], seed=1)
     got, = mmproj_gguf.llama_cpp_image_embeddings(out / f"mmproj.{outtype}.gguf", text_gguf, [np.asarray(im)])
     px = preprocess(im, same_geometry(ckpt))
-    assert_close(got, llama_cpp_llava_graph_in_torch(hf_model, px, info[outtype]["feature_layers"]))
+    assert_close(got, llama_cpp_llava_graph_in_torch(hf_model, px, info[outtype]["feature_layers"]), outtype)
 
 
 def test_without_the_feature_layer_key_llama_cpp_drops_one_more_layer(ckpt, text_gguf, hf_model, tmp_path, monkeypatch):
@@ -260,5 +285,5 @@ def test_unsupported_tower_and_outtype(ckpt, tmp_path):
     siglip = Checkpoint(ckpt.path, {**ckpt.config, "vision_config": vision}, ckpt.recipe)
     with pytest.raises(UserError, match="CLIP vision tower"):
         mmproj_gguf.export_mmproj_gguf(siglip, tmp_path / "m.gguf", log=lambda _: None)
-    with pytest.raises(UserError, match="f32, f16"):
+    with pytest.raises(UserError, match="f32, f16, bf16"):
         mmproj_gguf.export_mmproj_gguf(ckpt, tmp_path / "m.gguf", "q4_0", log=lambda _: None)
