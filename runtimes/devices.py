@@ -62,6 +62,7 @@ class Hardware:
     physical_cores: int
     tensorrt_python: bool  # TensorRT's Python package is importable (not imported here)
     ort_packages: tuple[str, ...] | None = None  # installed onnxruntime distributions (None: not looked at)
+    llama_cpu_features: tuple[str, ...] = ()  # what llama.cpp's CPU backend was built to use ("AVX2", "AVX512_BF16")
 
     def describe(self) -> str:
         parts = []
@@ -77,7 +78,8 @@ class Hardware:
             if self.ort_packages and len(self.ort_packages) > 1:
                 parts.append("onnxruntime packages: " + ", ".join(self.ort_packages) + " (conflict)")
         parts.append("llama.cpp backends: " + (", ".join(self.llama_backends) or "?")
-                     + ("; GPU offload supported" if self.llama_gpu_offload else "; no GPU offload"))
+                     + ("; GPU offload supported" if self.llama_gpu_offload else "; no GPU offload")
+                     + ("; bf16 dot products (AVX512_BF16)" if BF16_CPU_FEATURE in self.llama_cpu_features else ""))
         parts.append("TensorRT Python package " + ("present" if self.tensorrt_python else "absent"))
         return "; ".join(parts)
 
@@ -139,15 +141,28 @@ def physical_cores(cpus: set[int], root: str | Path = "/") -> int:
     return max(1, len(seen))
 
 
+def llama_system_info() -> str:
+    """llama.cpp's ``llama_print_system_info``: "CUDA : ARCHS = 890 | ... | CPU : SSE3 = 1 | AVX2 = 1 | ..."."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    return info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+
+
 def llama_capabilities() -> tuple[bool, tuple[str, ...]]:
     """(GPU offload supported, backends llama.cpp was built with)."""
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info()
-    info = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
-    # "CUDA : ARCHS = 890 | ... | CPU : SSE3 = 1 | ...": each backend's features start with "NAME : "
-    backends = tuple(dict.fromkeys(re.findall(r"(?:^|\|\s*)([A-Za-z][\w-]*) : ", info)))
+    # each backend's features start with "NAME : "
+    backends = tuple(dict.fromkeys(re.findall(r"(?:^|\|\s*)([A-Za-z][\w-]*) : ", llama_system_info())))
     return bool(llama_cpp.llama_supports_gpu_offload()), backends
+
+
+def llama_cpu_features(info: str) -> tuple[str, ...]:
+    """The features llama.cpp's CPU backend was built to use (``NAME = 1`` after ``CPU :`` in ``info``)."""
+    cpu = info.split("CPU :", 1)[1] if "CPU :" in info else ""
+    cpu = re.split(r"\|\s*[A-Za-z][\w-]* : ", cpu)[0]  # up to the next backend, if any
+    return tuple(re.findall(r"([A-Z][A-Z0-9_]*) = 1\b", cpu))
 
 
 def detect_hardware(root: str | Path = "/") -> Hardware:
@@ -162,6 +177,7 @@ def detect_hardware(root: str | Path = "/") -> Hardware:
         providers, packages = (), ()
     offload, backends = llama_capabilities()
     cpus = usable_cpus()
+    features = llama_cpu_features(llama_system_info())
     return Hardware(
         jetson=read_jetson(root),
         nvidia_driver=nvidia_driver_loaded(root),
@@ -172,6 +188,7 @@ def detect_hardware(root: str | Path = "/") -> Hardware:
         physical_cores=physical_cores(cpus, root),
         tensorrt_python=importlib.util.find_spec("tensorrt") is not None,
         ort_packages=packages,
+        llama_cpu_features=features,
     )
 
 
@@ -191,6 +208,9 @@ class Profile:
 
 # Q4_K_M: llama.cpp's usual size/quality point for edge chat (about 4.8 bits per weight).
 _LLM_EDGE = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# Unquantized, a bf16 GGUF is preferred where llama.cpp's CPU matmuls use bf16 dot products: on 2 Zen 4 cores
+# it prefills 1.7x faster than f16 (decodes 7% slower), docs/BENCHMARKS.md. Elsewhere the bundle's default.
+BF16_CPU_FEATURE = "AVX512_BF16"
 
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
@@ -464,7 +484,12 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
                                         "--vision-variant")
     if cpu_only_onnx and not vision_variant:
         vision_why += f" (this onnxruntime has no {' or '.join(gpu_providers)}: ONNX variants as for the CPU)"
-    llm, llm_why = choose_variant(m, "llm", llm_variant, profile.llm_preference, lambda _v: None, "--llm-variant")
+    lm_on_cpu = n_gpu_layers == 0 if n_gpu_layers is not None else not (profile.gpu_offload and hw.llama_gpu_offload)
+    bf16_dots = lm_on_cpu and BF16_CPU_FEATURE in hw.llama_cpu_features
+    llm_preference = profile.llm_preference + (("bf16",) if bf16_dots else ())
+    llm, llm_why = choose_variant(m, "llm", llm_variant, llm_preference, lambda _v: None, "--llm-variant")
+    if bf16_dots and llm.name == "bf16" and not llm_variant:
+        llm_why += f" (bf16 before f16/f32: llama.cpp runs bf16 matmuls with this CPU's {BF16_CPU_FEATURE})"
 
     if vision.device_specific:
         backend, providers, providers_why = "tensorrt", [], "a TensorRT engine runs in TensorRT itself"

@@ -154,6 +154,33 @@ def test_the_cpu_prefers_dynamic_int8_to_static_qdq(bundle):
     assert plan_runtime(m, "cpu", hardware=CPU_BOX).vision.name == "int8-static"
 
 
+def test_unquantized_the_cpu_prefers_bf16_where_llama_cpp_has_bf16_dot_products(bundle):
+    """Measured on 2 Zen 4 cores: a bf16 GGUF prefills 1.7x faster than f16 (docs/BENCHMARKS.md)."""
+    m = manifest.read(bundle)  # f32 first: the bundle's default
+    m.variants.append(Variant("bf16", "llm", "bf16", "llm.bf16.gguf", 1, "0" * 64, {"format": "gguf"}))
+    bf16_cpu = replace(CPU_BOX, llama_cpu_features=("AVX2", "AVX512", "AVX512_BF16"))
+    plan = plan_runtime(m, "cpu", hardware=bf16_cpu)
+    assert plan.llm.name == "bf16" and "AVX512_BF16" in plan.llm_why
+    assert "bf16 dot products" in plan.hardware.describe()
+    assert plan_runtime(m, "cpu", hardware=replace(CPU_BOX, llama_cpu_features=("AVX2",))).llm.name == "f32"
+    # the language model on a GPU: the CPU's features do not matter
+    gpu = replace(GPU_LAPTOP, llama_cpu_features=bf16_cpu.llama_cpu_features)
+    assert plan_runtime(m, "laptop-gpu", hardware=gpu).llm.name == "f32"
+    assert plan_runtime(m, "laptop-gpu", hardware=gpu, n_gpu_layers=0).llm.name == "bf16"
+    # a quantized variant still comes first, and a named one wins
+    assert plan_runtime(fake_manifest(bundle), "cpu", hardware=bf16_cpu).llm.name == "q4_k_m"
+    assert plan_runtime(m, "cpu", hardware=bf16_cpu, llm_variant="f32").llm.name == "f32"
+
+
+def test_llama_cpp_cpu_features_come_from_its_system_info():
+    info = ("CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | "
+            "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 0 | LLAMAFILE = 1 | ")
+    assert devices.llama_cpu_features(info) == ("SSE3", "AVX2", "AVX512", "AVX512_BF16", "LLAMAFILE")
+    assert devices.llama_cpu_features("CPU : NEON = 1 | ARM_FMA = 1 | ") == ("NEON", "ARM_FMA")
+    assert devices.llama_cpu_features("Metal : EMBED_LIBRARY = 1 | ") == ()
+    assert devices.llama_cpu_features(devices.llama_system_info())  # this build reports some
+
+
 def test_a_degraded_quantized_vision_graph_is_not_picked_by_default(bundle):
     plan = plan_runtime(fake_manifest(bundle, int8_cosine=0.95), "cpu", hardware=CPU_BOX)
     assert plan.vision.name == "fp32"
