@@ -22,7 +22,13 @@ GGUF. Sections (docs/BENCHMARKS.md, "CPU"):
    token at a time on the same GGUF at the same context depth, and against the
    memory-bandwidth bound: bytes read per token (every weight but the token
    embedding table, plus the KV cache) over the copy bandwidth measured here.
-4. ``export``: ``llava-edge export`` in a child process per target: wall
+4. ``followup``: a second question about the same image, after a first answer
+   of ``ANSWER_TOKENS`` tokens: time to its first token. llava-edge's
+   ``ChatSession`` keeps the image and the first exchange in the KV cache and
+   decodes only the new turn; llama.cpp's chat handler clears its context and
+   encodes the image again on every call (``Llava15ChatHandler.__call__`` in
+   llama-cpp-python 0.3.36), so it pays a whole first turn again.
+5. ``export``: ``llava-edge export`` in a child process per target: wall
    time, output MB/s and the child's peak resident memory.
 
 Contestants of a comparison are timed interleaved (A, B, C, A, B, C, ... with
@@ -58,7 +64,7 @@ import numpy as np
 from llava_edge import manifest as bundle_manifest
 from llava_edge.bench import CpuShare, machine_info, time_chat_pass, time_decode, versions, write_bench_image
 
-SECTIONS = ("vision", "ttft", "decode", "export")
+SECTIONS = ("vision", "ttft", "decode", "followup", "export")
 # Drift gates on the vision side (the drift issue): an unquantized graph (fp32/fp16 ONNX) must keep every
 # image token's cosine >= 0.999 against Hugging Face. Quantized graphs (int8, int4) are gated end to end
 # (KL and accuracy with q8_0/q4_k_m language models on a trained model); random weights cannot measure
@@ -67,6 +73,8 @@ UNQUANTIZED_MIN_COSINE = 0.999
 QUANTIZED_MIN_COSINE = 0.99
 GOALS = {"vision": 0.5, "ttft": 0.8, "decode_vs_raw": 0.97, "decode_vs_bound": 0.60}
 QUESTION = "Describe the image in detail."
+FOLLOWUP = "What is in the bottom half of the image?"
+ANSWER_TOKENS = 16  # the first answer's length: the history the follow-up question comes after
 VERSION_EXTRA = ("torch", "transformers", "onnx", "gguf")
 
 
@@ -177,12 +185,31 @@ class LlamaCppChat:
                            n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
                            flash_attn=flash_attn, verbose=False)
 
-    def first_token(self, image: Path, question: str) -> tuple[float, int]:
-        """(seconds from the image file to the first streamed chunk, prompt positions in the cache)."""
-        t = time.perf_counter()
+    @staticmethod
+    def messages(image: Path, question: str, history: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+        """The image with the first question, then the (answer, next question) pairs of ``history``."""
         uri = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                 {"type": "text", "text": question}]}]
+        first = history[0][0] if history else question
+        out = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                            {"type": "text", "text": first}]}]
+        for i, (_q, answer) in enumerate(history):
+            later = history[i + 1][0] if i + 1 < len(history) else question
+            out += [{"role": "assistant", "content": answer}, {"role": "user", "content": later}]
+        return out
+
+    def answer(self, image: Path, question: str, max_tokens: int) -> str:
+        r = self.llama.create_chat_completion(messages=self.messages(image, question), max_tokens=max_tokens,
+                                              temperature=0.0)
+        return r["choices"][0]["message"]["content"] or ""
+
+    def first_token(self, image: Path, question: str, history: tuple[tuple[str, str], ...] = ()) -> tuple[float, int]:
+        """(seconds from the image file to the first streamed chunk, prompt positions in the cache).
+
+        ``history``: earlier (question, answer) pairs about the same image; the handler evaluates them
+        all again, image included, as it does every call.
+        """
+        t = time.perf_counter()
+        messages = self.messages(image, question, history)
         stream = self.llama.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0, stream=True)
         next(iter(stream))
         seconds = time.perf_counter() - t
@@ -513,10 +540,54 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
                 "goals": {"vs_raw": GOALS["decode_vs_raw"], "vs_bound": GOALS["decode_vs_bound"]},
                 "busy": busy.to_dict(),
             }
+        if "followup" in sections:
+            res["followup"] = race_followup(ours[vision_variants[0]], gguf, mm, image, vision_variants[0], rounds,
+                                            threads, n_ctx, layers, flash_attn)
         for model in ours.values():
             model.close()
         out["llm"][llm] = res
     return out
+
+
+def race_followup(model, gguf: Path, mmproj: Path, image: Path, vision: str, rounds: int, threads: int,
+                  n_ctx: int, layers: int, flash_attn: bool) -> dict:
+    """Time to the first token of a second question about the same image (section ``followup``)."""
+    theirs = LlamaCppChat(gguf, mmproj, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn)
+    their_answer = theirs.answer(image, QUESTION, ANSWER_TOKENS)  # untimed: the history of every round
+    positions: dict[str, int] = {}
+    decoded: list[int] = []
+    first_answers: list[str] = []
+
+    def ours_followup() -> float:
+        model.llm.reset()  # every round starts a new conversation: the first turn is paid, untimed
+        session = model.session(image)
+        first_answers.append(session.ask(QUESTION, max_tokens=ANSWER_TOKENS))
+        before = model.stats["prefill_tokens"]
+        t = time.perf_counter()
+        for _ in session.stream(FOLLOWUP, max_tokens=1):  # the first token (or EOS) ends the stream
+            break
+        seconds = time.perf_counter() - t
+        decoded.append(model.stats["prefill_tokens"] - before)
+        positions[f"llava-edge ({vision})"] = len(model.llm.slots)
+        return seconds
+
+    def theirs_followup() -> float:
+        s, n = theirs.first_token(image, FOLLOWUP, history=((QUESTION, their_answer),))
+        positions["llama.cpp"] = n
+        return s
+
+    contestants = {f"llava-edge ({vision})": ours_followup, "llama.cpp": theirs_followup}
+    log(f"followup: {', '.join(contestants)}; {rounds} rounds")
+    with CpuShare() as busy:
+        times = interleaved(contestants, rounds)
+    theirs.close()
+    med = {k: median(v) for k, v in times.items()}
+    return {"rounds": rounds, "threads": threads, "first_question": QUESTION, "followup": FOLLOWUP,
+            "answer_tokens": ANSWER_TOKENS, "first_answers": {"llava-edge": first_answers[-1], "llama.cpp": their_answer},
+            "seconds": times, "median_s": med, "positions_in_context": positions,
+            "llava_edge_decoded_positions": decoded,
+            "ratios_vs_llama_cpp": {k: med[k] / med["llama.cpp"] for k in med if k != "llama.cpp"},
+            "busy": busy.to_dict()}
 
 
 def _export_child(args: list[str]) -> dict:
@@ -605,6 +676,19 @@ def markdown(report: dict) -> str:
                     lines.append(f"| {name} | {s:.2f} | {r['prompt_positions'].get(name, '?')} | "
                                  f"{_x(ratio) if ratio else '1'} | {_x(paired) if paired else ''} | {where} |")
                 lines.append(f"\nGoal <= {r['goal']}x; {_busy(r['busy'])}.")
+            if "followup" in res:
+                f = res["followup"]
+                lines += ["", f"Follow-up question about the same image after a {f['answer_tokens']}-token answer, "
+                          f"language model {llm} ({_setup(f, report)}):", "",
+                          "| pipeline | time to first token, median s | positions in context | positions decoded "
+                          "for the question | vs llama.cpp |", "| --- | --- | --- | --- | --- |"]
+                for name, s in sorted(f["median_s"].items(), key=lambda kv: kv[1]):
+                    ours = name != "llama.cpp"
+                    n = f["positions_in_context"].get(name, "?")
+                    dec = median(f["llava_edge_decoded_positions"]) if ours else f"{n} (all, image encoded again)"
+                    ratio = f"**{_x(f['ratios_vs_llama_cpp'][name])}**" if ours else "1"
+                    lines.append(f"| {name} | {s:.3f} | {n} | {dec} | {ratio} |")
+                lines.append(f"\n{_busy(f['busy'])}.")
             if "decode" in res:
                 d = res["decode"]
                 where = f"{res.get('bandwidth_of', 'cpu').upper()} memory, llama.cpp GPU layers {res.get('n_gpu_layers', 0)}"
@@ -695,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         if "vision" in sections:
             save("vision", section_vision(a.model, a.bundle, m, a.rounds, a.threads, tmp, gpu=a.device != "cpu"))
-        if sections & {"ttft", "decode"}:
+        if sections & {"ttft", "decode", "followup"}:
             v = report.get("vision", {})
             best = v.get("best_gated_onnx")
             vis = a.ttft_vision.split(",") if a.ttft_vision else list(dict.fromkeys([x for x in (best, "fp32") if x]))

@@ -1,0 +1,59 @@
+"""bench/side_by_side.py on the toy bundle: the races run and record what docs/BENCHMARKS.md quotes.
+
+One round each, so nothing here is a timing claim; what is checked is what the
+script measures (which positions each pipeline evaluates, the ratios it derives).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "bench" / "side_by_side.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(side_by_side, toy_model, bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sbs")
+    assert side_by_side.main(["--model", str(toy_model), "--bundle", str(bundle), "--out", str(out),
+                              "--sections", "ttft,followup", "--rounds", "1", "--threads", "2",
+                              "--llm", "f32", "--ttft-vision", "fp32", "--mmproj", "f32", "--ctx", "1024"]) == 0
+    return json.loads((out / "side_by_side.json").read_text()), (out / "side_by_side.md").read_text()
+
+
+def test_a_follow_up_decodes_only_the_new_turn_while_llama_cpp_evaluates_everything_again(report, side_by_side):
+    data, md = report
+    f = data["ttft_decode"]["llm"]["f32"]["followup"]
+    ours, theirs = "llava-edge (fp32)", "llama.cpp"
+    n_image = json.loads((Path(data["bundle"]) / "manifest.json").read_text())["vision"]["num_image_tokens"]
+    # llava-edge: the image and the first exchange stay cached; the question's turn is all it decodes
+    decoded = f["llava_edge_decoded_positions"]
+    assert len(decoded) == 2 and all(0 < d < 40 for d in decoded), decoded  # warm-up and one round
+    assert f["positions_in_context"][ours] > n_image + max(decoded)
+    # llama.cpp's handler re-evaluates the whole conversation, image included
+    assert f["positions_in_context"][theirs] > n_image
+    assert set(f["seconds"]) == {ours, theirs} and all(len(v) == 1 for v in f["seconds"].values())
+    assert f["ratios_vs_llama_cpp"][ours] == pytest.approx(f["median_s"][ours] / f["median_s"][theirs])
+    assert f["first_answers"]["llama.cpp"] and f["answer_tokens"] == side_by_side.ANSWER_TOKENS
+    assert "Follow-up question about the same image" in md and "image encoded again" in md
+
+
+def test_the_first_turn_race_records_phases_and_positions(report):
+    data, md = report
+    t = data["ttft_decode"]["llm"]["f32"]["ttft"]
+    ours = "llava-edge (fp32)"
+    assert set(t["prompt_positions"]) == {ours, "llama.cpp"}
+    assert set(t["phases_median_s"][ours]) == {"preprocess_ms", "vision_encode_ms", "tokenize_ms", "prefill_ms"}
+    assert t["ratios_vs_llama_cpp"][ours] == pytest.approx(t["median_s"][ours] / t["median_s"]["llama.cpp"])
+    assert "Time to first token" in md
