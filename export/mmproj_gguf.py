@@ -49,7 +49,7 @@ from llava_edge.preprocess import ImageSpec
 from .llm_gguf import encode
 
 # bf16: llama.cpp's CPU matmuls use AVX512-BF16 dot products where the CPU has them (Zen 4, Sapphire Rapids):
-# its CLIP runs about 1.3x faster than with f16 there (docs/BENCHMARKS.md); 1-D tensors stay f32 in every type
+# its CLIP-L/336 ran 1.36x faster than with f16 on 2 Zen 4 cores (docs/BENCHMARKS.md); 1-D tensors stay f32
 OUTTYPES = ("f32", "f16", "bf16")
 PROJECTOR_TYPE = "mlp"  # clip.cpp's name for LLaVA-1.5's Linear-GELU-Linear projector
 SUPPORTED = "LLaVA-1.5 style: a CLIP vision tower and the 2-layer MLP projector (projector type 'mlp')"

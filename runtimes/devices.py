@@ -208,8 +208,9 @@ class Profile:
 
 # Q4_K_M: llama.cpp's usual size/quality point for edge chat (about 4.8 bits per weight).
 _LLM_EDGE = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-# Unquantized, a bf16 GGUF is preferred where llama.cpp's CPU matmuls use bf16 dot products: on 2 Zen 4 cores
-# it prefills 1.7x faster than f16 (decodes 7% slower), docs/BENCHMARKS.md. Elsewhere the bundle's default.
+# Unquantized, a bf16 GGUF is preferred where llama.cpp's CPU matmuls use bf16 dot products: TinyLLaVA-1.1B on
+# 2 Zen 4 cores prefills 1.6-1.75x faster than with f16 and decodes at 0.83-0.98x of its speed (`llava-edge bench`,
+# docs/BENCHMARKS.md), so the first token comes 1.5-1.65x sooner. Elsewhere the bundle's default.
 BF16_CPU_FEATURE = "AVX512_BF16"
 
 PROFILES: dict[str, Profile] = {
