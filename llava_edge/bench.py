@@ -159,7 +159,10 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
     The steps are those of ``ChatSession.stream`` -> ``EdgeLLaVA.image_embeddings`` ->
     ``EdgeLLaVA.generate``, called one by one so each phase has its own clock. The
     pipeline's image cache is not used (each pass encodes the image, as a new picture would).
-    ``fresh=False`` keeps the KV cache of the conversation before, as a running process
+    From an empty KV cache the prompt's beginning before the image is loaded from the file an
+    earlier pass saved (``runtimes/prefix_cache.py``; the warm-up pass saves it), as in every
+    process after the first; ``model.prefix_cache = None`` decodes it too, as the first process
+    ever does. ``fresh=False`` keeps the KV cache of the conversation before, as a running process
     (``chat``'s REPL, a server) does: what the two prompts share (the system prompt, up to
     the image when the image is new) is not decoded again.
     """

@@ -336,6 +336,8 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the profile's)"),
     threads: int = typer.Option(0, help="0: the profile's (one per physical core)"),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Neither load nor save the KV cache of "
+                                         "the prompt's beginning ($LLAVA_EDGE_CACHE/prefix-kv; docs/RUNTIME.md)"),
 ):
     """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from .preprocess import load_image
@@ -346,7 +348,8 @@ def chat(
     if image is not None:
         load_image(image)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
-                       threads=threads, on_overflow="drop-oldest" if drop_oldest else "error")
+                       threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
+                       prefix_cache=not no_prefix_cache)
     if explain:
         say(m.explain())
         if prompt is None:

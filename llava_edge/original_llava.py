@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic
+from .cache_dir import default_cache_dir
 from .errors import UserError
 
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
@@ -544,14 +545,6 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
 
 
 # --------------------------------------------------------------------------- the cache
-
-
-def default_cache_dir() -> Path:
-    """``$LLAVA_EDGE_CACHE``, else ``$XDG_CACHE_HOME/llava-edge``, else ``~/.cache/llava-edge``."""
-    if os.environ.get("LLAVA_EDGE_CACHE"):
-        return Path(os.environ["LLAVA_EDGE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llava-edge"
 
 
 def _folder_stamp(folder: Path) -> list:

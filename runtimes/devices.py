@@ -412,8 +412,9 @@ def engine_problem_finder(platform: Callable[[], dict] | None = None) -> Callabl
 
 def trt_cache_dir(v: Variant) -> Path:
     """Where onnxruntime's TensorRT provider keeps the engines it builds for ``v`` (the bundle may be read-only)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "llava-edge" / "ort-tensorrt" / v.sha256[:16]
+    from llava_edge.cache_dir import default_cache_dir
+
+    return default_cache_dir() / "ort-tensorrt" / v.sha256[:16]
 
 
 def onnx_providers(profile: Profile, hw: Hardware, v: Variant) -> tuple[list[Provider], str]:

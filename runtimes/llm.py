@@ -179,6 +179,32 @@ class LlamaText:
             raise RuntimeError(f"llama.cpp has no logits for batch index {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    # -- the KV cache as bytes (a saved prompt beginning: prefix_cache.py) ------
+    def state_bytes(self) -> bytes:
+        """llama.cpp's serialized KV cells of everything cached (``llama_state_seq_get_data``)."""
+        size = self._c.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = self._c.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        if n == 0:
+            raise RuntimeError("llama.cpp could not serialize its KV cache")
+        return bytes(buf[:n])
+
+    def load_state_bytes(self, state: bytes, ids: list[int]) -> bool:
+        """Fill an empty KV cache with ``state`` (cells of the tokens ``ids``, from :meth:`state_bytes`).
+
+        False, with the cache left empty, when llama.cpp refuses it. llama.cpp trusts the bytes'
+        structure (a truncated state can abort the process), so callers check their integrity first.
+        """
+        self.reset()
+        if not state:
+            return False
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not self._c.llama_state_seq_set_data(self.ctx, buf, len(state), 0):
+            self.reset()
+            return False
+        self.slots = list(ids)
+        return True
+
     # -- llama.cpp's own tokenizer (for checking the GGUF's vocabulary) ------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         data = text.encode("utf-8")

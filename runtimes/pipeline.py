@@ -38,6 +38,7 @@ from llava_edge.templates import IMAGE_PLACEHOLDER, Turn, expand_image, get_temp
 
 from .devices import Hardware, RuntimePlan, plan_runtime
 from .llm import LlamaOptions, LlamaText
+from .prefix_cache import PrefixCache, fixed_beginning
 from .tokenizer import TextTokenizer
 from .vision import VisionEncoder
 
@@ -95,7 +96,8 @@ class EdgeLLaVA:
     def __init__(self, bundle: Path, vision_variant: str | None = None, llm_variant: str | None = None,
                  n_ctx: int | None = None, threads: int = 0, n_gpu_layers: int | None = None,
                  vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
-                 n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None):
+                 n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
+                 prefix_cache: bool = True):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -127,6 +129,8 @@ class EdgeLLaVA:
         opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
                             n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache)
         self.llm = LlamaText(self.bundle / self.llm_variant.file, opts)
+        self.prefix_cache = (PrefixCache(self.llm_variant.sha256, kv_cache, offloaded=p.n_gpu_layers != 0)
+                             if prefix_cache else None)
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
@@ -139,7 +143,8 @@ class EdgeLLaVA:
         Keywords: ``vision_variant``, ``llm_variant`` (names as ``quantize`` gives
         them), ``n_ctx``, ``threads``, ``n_gpu_layers``, ``n_batch``,
         ``vision_providers`` (override the profile), ``kv_cache`` (``f16`` or
-        ``f32``), ``on_overflow`` (``error`` or ``drop-oldest``).
+        ``f32``), ``on_overflow`` (``error`` or ``drop-oldest``), ``prefix_cache``
+        (False: never save or load the prompt's fixed beginning, see ``prefix_cache.py``).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
@@ -174,8 +179,20 @@ class EdgeLLaVA:
             raise UserError(f"the prompt must contain {IMAGE_PLACEHOLDER} exactly once") from None
 
     def prefill(self, slots: list, embeds: np.ndarray | None, logits: str = "last") -> np.ndarray | None:
-        """Bring the KV cache to ``slots``, decoding only what is not cached yet."""
+        """Bring the KV cache to ``slots``, decoding only what is not cached yet.
+
+        An empty cache first loads the prompt's fixed beginning (the positions before the
+        image) saved by an earlier process, and saves it once it is decoded (``PrefixCache``);
+        not for ``logits="all"``, which must compute every position.
+        """
         kept = self.llm.keep_prefix(slots)
+        head = fixed_beginning(slots) if self.prefix_cache and logits != "all" else []
+        save_head = False
+        if kept == 0 and head:
+            if self.prefix_cache.restore(self.llm, head):
+                kept = len(head)
+            else:
+                save_head = True
         if kept == len(slots):  # all cached: recompute the last position's logits
             self.llm.keep_prefix(slots[:-1])
             kept -= 1
@@ -194,6 +211,8 @@ class EdgeLLaVA:
                 while j < len(todo) and not isinstance(todo[j], tuple):
                     j += 1
                 r = self.llm.feed_tokens(todo[i:j], logits if logits == "all" else "last")
+                if save_head and self.llm.slots == head:
+                    self.prefix_cache.save(self.llm)
             out.append(r)
             i = j
         if logits == "all":

@@ -11,6 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """llava-edge's cache (saved prompt prefixes, converted checkpoints) in the session's folder, never ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLAVA_EDGE_CACHE", str(tmp_path_factory.mktemp("llava_edge_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     from llava_edge.toy.data import write_dataset

@@ -32,6 +32,17 @@ def test_chat_runs_without_torch(bundle, toy_data):
     assert r.stdout.strip()
 
 
+def test_chat_saves_the_prompt_beginning_once_and_answers_the_same(bundle, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    image = sorted((toy_data / "images").glob("eval_*.png"))[1]
+    ask = ("chat", "--bundle", bundle, "--image", image, "What shape is at the top left?", "--max-tokens", "6")
+    off = le(*ask, "--no-prefix-cache", block_torch=True)
+    assert off.returncode == 0 and not (tmp_path / "cache").exists(), off.stderr
+    first, second = le(*ask, block_torch=True), le(*ask, block_torch=True)  # saves; then loads
+    assert [p.suffix for p in (tmp_path / "cache" / "prefix-kv").iterdir()] == [".kv"]
+    assert off.stdout == first.stdout == second.stdout and first.stdout.strip()
+
+
 def test_bundle_from_environment(bundle, toy_data, monkeypatch):
     monkeypatch.setenv("LLAVA_EDGE_BUNDLE", str(bundle))
     image = sorted((toy_data / "images").glob("eval_*.png"))[0]
