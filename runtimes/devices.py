@@ -149,12 +149,13 @@ def llama_system_info() -> str:
     return info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
 
 
-def llama_capabilities() -> tuple[bool, tuple[str, ...]]:
-    """(GPU offload supported, backends llama.cpp was built with)."""
+def llama_capabilities(info: str | None = None) -> tuple[bool, tuple[str, ...]]:
+    """(GPU offload supported, backends llama.cpp was built with); ``info``: :func:`llama_system_info`'s text."""
     import llama_cpp
 
     # each backend's features start with "NAME : "
-    backends = tuple(dict.fromkeys(re.findall(r"(?:^|\|\s*)([A-Za-z][\w-]*) : ", llama_system_info())))
+    info = llama_system_info() if info is None else info
+    backends = tuple(dict.fromkeys(re.findall(r"(?:^|\|\s*)([A-Za-z][\w-]*) : ", info)))
     return bool(llama_cpp.llama_supports_gpu_offload()), backends
 
 
@@ -175,9 +176,9 @@ def detect_hardware(root: str | Path = "/") -> Hardware:
         providers, packages = tuple(ort.get_available_providers()), onnxruntime_packages()
     except ImportError:  # said when a vision graph is loaded (VisionEncoder), and in --explain
         providers, packages = (), ()
-    offload, backends = llama_capabilities()
+    info = llama_system_info()
+    offload, backends = llama_capabilities(info)
     cpus = usable_cpus()
-    features = llama_cpu_features(llama_system_info())
     return Hardware(
         jetson=read_jetson(root),
         nvidia_driver=nvidia_driver_loaded(root),
@@ -188,7 +189,7 @@ def detect_hardware(root: str | Path = "/") -> Hardware:
         physical_cores=physical_cores(cpus, root),
         tensorrt_python=importlib.util.find_spec("tensorrt") is not None,
         ort_packages=packages,
-        llama_cpu_features=features,
+        llama_cpu_features=llama_cpu_features(info),
     )
 
 
