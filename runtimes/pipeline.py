@@ -129,8 +129,8 @@ class EdgeLLaVA:
         opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
                             n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache)
         self.llm = LlamaText(self.bundle / self.llm_variant.file, opts)
-        self.prefix_cache = (PrefixCache(self.llm_variant.sha256, kv_cache, offloaded=p.n_gpu_layers != 0)
-                             if prefix_cache else None)
+        self.prefix_cache = (PrefixCache(self.bundle / self.llm_variant.file, self.llm_variant.sha256, kv_cache,
+                                         offloaded=p.n_gpu_layers != 0) if prefix_cache else None)
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)

@@ -17,11 +17,12 @@ checksum, and llama.cpp aborts the process on a truncated one (measured with
 llama-cpp-python 0.3.36), so a file here is ``MAGIC``, the sha256 of the rest,
 the token ids and the cells, and only an intact file reaches llama.cpp.
 
-A file's name hashes what makes it valid: the GGUF (its sha256 in the manifest),
-the llama.cpp build (llama-cpp-python's version), the KV cache type, whether the
-language model is offloaded, and the token ids. A file that is damaged or that
-llama.cpp refuses is decoded over and rewritten; a cache directory that cannot be
-written means only that nothing is saved.
+A file's name hashes what makes it valid: the GGUF (its sha256 in the manifest,
+and its size and modification time, in case it was replaced behind the
+manifest's back), the llama.cpp build (llama-cpp-python's version), the KV cache
+type, whether the language model is offloaded, and the token ids. A file that is
+damaged or that llama.cpp refuses is decoded over and rewritten; a cache
+directory that cannot be written means only that nothing is saved.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ _HASH = 32  # sha256 bytes
 class PrefixCache:
     """Saved beginnings of prompts for one language model (one GGUF, KV cache type and placement)."""
 
-    def __init__(self, model_sha256: str, kv_cache: str, offloaded: bool = False, directory: Path | None = None):
+    def __init__(self, gguf: Path, model_sha256: str, kv_cache: str, offloaded: bool = False,
+                 directory: Path | None = None):
         import llama_cpp
 
         self.directory = Path(directory) if directory else default_cache_dir() / SUBDIR
-        self._identity = {"gguf_sha256": model_sha256, "llama_cpp_python": llama_cpp.__version__,
-                          "kv_cache": kv_cache, "offloaded": offloaded}
+        st = Path(gguf).stat()  # a file replaced behind the manifest's back gets new keys too
+        self._identity = {"gguf_sha256": model_sha256, "gguf_size": st.st_size, "gguf_mtime_ns": st.st_mtime_ns,
+                          "llama_cpp_python": llama_cpp.__version__, "kv_cache": kv_cache, "offloaded": offloaded}
 
     def path_for(self, ids: list[int]) -> Path:
         key = json.dumps({**self._identity, "tokens": [int(t) for t in ids]}, sort_keys=True)

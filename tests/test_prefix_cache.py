@@ -131,3 +131,17 @@ def test_fixed_beginning_is_what_comes_before_the_image():
     assert fixed_beginning([1, 2, 3, ("img", 0), ("img", 1), 4]) == [1, 2, 3]
     assert fixed_beginning([1, 2, 3]) == []  # no image: no fixed beginning to save
     assert fixed_beginning([("img", 0), 5]) == []
+
+
+def test_a_gguf_replaced_behind_the_manifest_gets_a_new_key(tmp_path):
+    import os
+
+    from llava_edge.runtimes.prefix_cache import PrefixCache
+
+    gguf = tmp_path / "llm.gguf"
+    gguf.write_bytes(b"weights")
+    before = PrefixCache(gguf, "ab" * 32, "f16", directory=tmp_path).path_for(list(range(10)))
+    st = gguf.stat()
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes count, rewritten later
+    assert PrefixCache(gguf, "ab" * 32, "f16", directory=tmp_path).path_for(list(range(10))) != before
+    assert PrefixCache(gguf, "ab" * 32, "f32", directory=tmp_path).path_for(list(range(10))) != before
