@@ -691,19 +691,18 @@ def markdown(report: dict) -> str:
                 r = res["ttft"]
                 lines += ["", f"Time to first token, {t['image']} + question, language model {llm} "
                           f"(mmproj {t['mmproj']} for llama.cpp; {_setup(r, report)}):", "",
-                          "| pipeline | median s | prompt positions | vs llama.cpp |", "| --- | --- | --- | --- |"]
-                lines[-2:] = ["| pipeline | median s | prompt positions | vs llama.cpp (ratio of medians) | "
-                              "median of per-round ratios | where the time goes (median s) |",
-                              "| --- | --- | --- | --- | --- | --- |"]
+                          "| pipeline | median s | prompt positions | vs llama.cpp (ratio of medians) | "
+                          "median of per-round ratios | where the time goes (median s) |",
+                          "| --- | --- | --- | --- | --- | --- |"]
                 theirs = r["seconds"]["llama.cpp"]
                 for name, s in sorted(r["median_s"].items(), key=lambda kv: kv[1]):
                     ratio = r["ratios_vs_llama_cpp"].get(name)
                     paired = median([a / b for a, b in zip(r["seconds"][name], theirs)]) if ratio else None
                     ph = r.get("phases_median_s", {}).get(name)
                     where = ", ".join(f"{k.removesuffix('_ms')} {x:.2f}" for k, x in ph.items()) if ph else ""
-                    dec = r.get("llava_edge_decoded_positions", {}).get(name)
                     n = r["prompt_positions"].get(name, "?")
-                    n = f"{n} ({median(dec[1:] or dec):.0f} decoded)" if dec and median(dec[1:] or dec) != n else n
+                    dec = _timed_median(r.get("llava_edge_decoded_positions", {}).get(name))
+                    n = f"{n} ({dec:.0f} decoded)" if dec is not None and dec != n else n
                     lines.append(f"| {name} | {s:.2f} | {n} | "
                                  f"{_x(ratio) if ratio else '1'} | {_x(paired) if paired else ''} | {where} |")
                 lines.append(f"\nGoal <= {r['goal']}x; {_busy(r['busy'])}.")
@@ -716,7 +715,8 @@ def markdown(report: dict) -> str:
                 for name, s in sorted(f["median_s"].items(), key=lambda kv: kv[1]):
                     ours = name != "llama.cpp"
                     n = f["positions_in_context"].get(name, "?")
-                    dec = median(f["llava_edge_decoded_positions"]) if ours else f"{n} (all, image encoded again)"
+                    dec = (f"{_timed_median(f['llava_edge_decoded_positions']):.0f}" if ours
+                           else f"{n} (all, image encoded again)")
                     ratio = f"**{_x(f['ratios_vs_llama_cpp'][name])}**" if ours else "1"
                     lines.append(f"| {name} | {s:.3f} | {n} | {dec} | {ratio} |")
                 lines.append(f"\n{_busy(f['busy'])}.")
@@ -751,6 +751,11 @@ def markdown(report: dict) -> str:
 def _setup(section: dict, report: dict) -> str:
     return (f"{section.get('rounds', report['rounds'])} interleaved rounds, medians, "
             f"{section.get('threads', report['threads'])} threads")
+
+
+def _timed_median(per_call: list | None) -> float | None:
+    """The median over the timed rounds of a per-call record (its first entry is the untimed warm-up)."""
+    return median(per_call[1:] or per_call) if per_call else None
 
 
 def _x(r: float | None) -> str:

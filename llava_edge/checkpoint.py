@@ -304,7 +304,7 @@ def resolve_model(model: str | Path, vision: str | Path | None = None, cache_dir
     An original LLaVA checkpoint (``LlavaLlamaForCausalLM``) is converted with its
     CLIP tower (``vision``, else the config's ``mm_vision_tower``: a directory or
     a hub id) into ``cache_dir/converted/NAME-KEY`` (default
-    :func:`llava_edge.original_llava.default_cache_dir`, i.e. ``$LLAVA_EDGE_CACHE``
+    :func:`llava_edge.cache_dir.default_cache_dir`, i.e. ``$LLAVA_EDGE_CACHE``
     or ``~/.cache/llava-edge``). The key hashes both sources' file names, sizes
     and times, so a second export reuses the conversion and a changed source
     converts again. The folder is written under a temporary name and renamed when
