@@ -189,8 +189,8 @@ class LlamaText:
             raise RuntimeError("llama.cpp could not serialize its KV cache")
         return bytes(buf[:n])
 
-    def load_state_bytes(self, state: bytes, ids: list[int]) -> bool:
-        """Fill an empty KV cache with ``state`` (cells of the tokens ``ids``, from :meth:`state_bytes`).
+    def load_state_bytes(self, state: bytes | bytearray | memoryview, slots: list[Slot]) -> bool:
+        """Replace the KV cache with ``state`` (cells of the positions ``slots``, from :meth:`state_bytes`).
 
         False, with the cache left empty, when llama.cpp refuses it. llama.cpp trusts the bytes'
         structure (a truncated state can abort the process), so callers check their integrity first.
@@ -198,11 +198,14 @@ class LlamaText:
         self.reset()
         if not state:
             return False
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        try:  # a writable buffer (a bytearray read from a file) is passed as it is: no copy of 300 MB
+            buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        except TypeError:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if not self._c.llama_state_seq_set_data(self.ctx, buf, len(state), 0):
             self.reset()
             return False
-        self.slots = list(ids)
+        self.slots = list(slots)
         return True
 
     # -- llama.cpp's own tokenizer (for checking the GGUF's vocabulary) ------

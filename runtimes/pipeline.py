@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from llava_edge.templates import IMAGE_PLACEHOLDER, Turn, expand_image, get_temp
 
 from .devices import Hardware, RuntimePlan, plan_runtime
 from .llm import LlamaOptions, LlamaText
-from .prefix_cache import PrefixCache, fixed_beginning
+from .prefix_cache import PrefixCache, fixed_beginning, through_last_image
 from .tokenizer import TextTokenizer
 from .vision import VisionEncoder
 
@@ -97,7 +97,7 @@ class EdgeLLaVA:
                  n_ctx: int | None = None, threads: int = 0, n_gpu_layers: int | None = None,
                  vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
                  n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, cache_images: bool | None = None):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -129,10 +129,15 @@ class EdgeLLaVA:
         opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
                             n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache)
         self.llm = LlamaText(self.bundle / self.llm_variant.file, opts)
+        vision_identity = {"sha256": self.vision_variant.sha256, "backend": p.vision_backend,
+                           "providers": list(getattr(self.vision, "providers", None) or [])}
         self.prefix_cache = (PrefixCache(self.bundle / self.llm_variant.file, self.llm_variant.sha256, kv_cache,
-                                         offloaded=p.n_gpu_layers != 0) if prefix_cache else None)
+                                         offloaded=p.n_gpu_layers != 0, vision=vision_identity, images=cache_images)
+                             if prefix_cache else None)
+        self._unsaved_image_prefix: list = []  # decoded here, saved after the answer (prefix_cache.py)
+        self.n_image_tokens = int(m.vision["num_image_tokens"])
         self._image_cache: dict[str, np.ndarray] = {}
-        self.stats = {"vision_encodes": 0, "prefill_tokens": 0}
+        self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
         self.last_ids: list[int] = []  # token ids of the last answer
 
@@ -144,25 +149,49 @@ class EdgeLLaVA:
         them), ``n_ctx``, ``threads``, ``n_gpu_layers``, ``n_batch``,
         ``vision_providers`` (override the profile), ``kv_cache`` (``f16`` or
         ``f32``), ``on_overflow`` (``error`` or ``drop-oldest``), ``prefix_cache``
-        (False: never save or load the prompt's fixed beginning, see ``prefix_cache.py``).
+        (False: never save or load KV caches of prompt beginnings, see ``prefix_cache.py``),
+        ``cache_images`` (whether those include images; default: where the language model runs
+        on the CPU).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
     def explain(self) -> str:
         """What was chosen for this load and why (``llava-edge chat --explain``)."""
         running = getattr(self.vision, "providers", None) if self.plan.vision_backend == "onnxruntime" else None
-        return self.plan.explain(running)
+        c = self.prefix_cache
+        if c is None:
+            saved = "off (prefix_cache=False)"
+        elif c.images:
+            saved = (f"the prompt's beginning and each image's positions, in {c.directory} - the language model "
+                     "runs on the CPU, where loading cells is faster than decoding them")
+        else:
+            why = "cache_images=False" if self.plan.n_gpu_layers == 0 else "offloaded layers prefill faster than a file loads"
+            saved = f"the prompt's beginning, in {c.directory}; images not saved - {why}"
+        return self.plan.explain(running) + f"\nsaved KV caches: {saved}"
 
     # -- image ---------------------------------------------------------------
     def image_embeddings(self, image: ImageInput) -> tuple[str, np.ndarray]:
         """(key, embeddings (image tokens, hidden)) for ``image``; cached by pixel content."""
+        key, embeddings = self.lazy_image(image)
+        return key, embeddings()
+
+    def lazy_image(self, image: ImageInput) -> tuple[str, Callable[[], np.ndarray]]:
+        """(key, a function that gives the embeddings): the vision graph runs only if the prompt's
+        image positions must be decoded (not when a saved KV cache holds them)."""
         pixels = preprocess(image, self.spec)
         key = hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
-        if key not in self._image_cache:
-            self._image_cache.clear()  # one image at a time: a chat is about one picture
-            self._image_cache[key] = self.vision.encode(pixels[None])[0]
-            self.stats["vision_encodes"] += 1
-        return key, self._image_cache[key]
+
+        def embeddings() -> np.ndarray:
+            if key not in self._image_cache:
+                self._image_cache.clear()  # one image at a time: a chat is about one picture
+                emb = self.vision.encode(pixels[None])[0]
+                if len(emb) != self.n_image_tokens:
+                    raise UserError(f"the vision graph gives {len(emb)} image tokens but the manifest says "
+                                    f"{self.n_image_tokens}: the bundle is inconsistent, export it again")
+                self._image_cache[key] = emb
+                self.stats["vision_encodes"] += 1
+            return self._image_cache[key]
+        return key, embeddings
 
     # -- prompt ----------------------------------------------------------------
     def slots_for(self, text: str, image_key: str | None, n_image: int) -> list:
@@ -178,19 +207,31 @@ class EdgeLLaVA:
         except ValueError:
             raise UserError(f"the prompt must contain {IMAGE_PLACEHOLDER} exactly once") from None
 
-    def prefill(self, slots: list, embeds: np.ndarray | None, logits: str = "last") -> np.ndarray | None:
+    def prefill(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
+                logits: str = "last") -> np.ndarray | None:
         """Bring the KV cache to ``slots``, decoding only what is not cached yet.
 
-        An empty cache first loads the prompt's fixed beginning (the positions before the
-        image) saved by an earlier process, and saves it once it is decoded (``PrefixCache``);
-        not for ``logits="all"``, which must compute every position.
+        ``embeds``: the image's embeddings, or a function giving them (called only if image
+        positions must be decoded). What the context does not hold is first looked for in the
+        KV caches earlier processes saved (``PrefixCache``): the prompt through its image, else
+        its fixed beginning before the image; a beginning decoded here is saved (the one through
+        the image after the answer, by ``generate``). Not for ``logits="all"``, which must compute
+        every position.
         """
         kept = self.llm.keep_prefix(slots)
-        head = fixed_beginning(slots) if self.prefix_cache and logits != "all" else []
+        cache = self.prefix_cache if logits != "all" else None
+        head = fixed_beginning(slots) if cache else []
+        through = through_last_image(slots) if cache and cache.images else []
+        if kept < len(through):
+            if cache.restore(self.llm, through):  # replaces what the context held
+                self.stats["image_prefix_loads"] += 1
+            else:
+                self._unsaved_image_prefix = through
+            kept = self.llm.keep_prefix(slots)
         save_head = False
         if kept == 0 and head:
-            if self.prefix_cache.restore(self.llm, head):
-                kept = len(head)
+            if cache.restore(self.llm, head):
+                kept = self.llm.keep_prefix(slots)
             else:
                 save_head = True
         if kept == len(slots):  # all cached: recompute the last position's logits
@@ -206,6 +247,8 @@ class EdgeLLaVA:
                     j += 1
                 key = todo[i][0]
                 idx = [s[1] for s in todo[i:j]]
+                if callable(embeds):
+                    embeds = embeds()
                 r = self.llm.feed_embeddings(embeds[idx[0] : idx[-1] + 1], key, logits if logits == "all" else "last")
             else:
                 while j < len(todo) and not isinstance(todo[j], tuple):
@@ -227,7 +270,8 @@ class EdgeLLaVA:
         return self.prefill(slots, emb, logits="all")
 
     # -- generation --------------------------------------------------------------
-    def generate(self, slots: list, embeds: np.ndarray | None, sampling: Sampling) -> Iterator[str]:
+    def generate(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
+                 sampling: Sampling) -> Iterator[str]:
         """Stream the answer to ``slots``; stops at EOS, ``max_tokens`` or a full context (see ``last_stop``)."""
         logits = self.prefill(slots, embeds)
         rng = np.random.default_rng(sampling.seed)
@@ -258,6 +302,10 @@ class EdgeLLaVA:
         text = self.tokenizer.decode(out)
         if len(text) > len(shown):
             yield text[len(shown):]
+        # after the answer, so that writing the file never delays a token
+        through, self._unsaved_image_prefix = self._unsaved_image_prefix, []
+        if through and self.llm.slots[: len(through)] == through:
+            self.prefix_cache.save(self.llm, key_slots=through)
 
     def session(self, image: ImageInput | None = None, on_overflow: str | None = None) -> "ChatSession":
         policy = on_overflow or self.on_overflow
@@ -299,7 +347,7 @@ class ChatSession:
     on_overflow: str = "error"  # or "drop-oldest"
     dropped_turns: int = 0  # exchanges forgotten to fit the last question (drop-oldest)
     last_stop: str | None = None  # why the last answer ended: "eos", "max_tokens" or "context"
-    _embedded: tuple | None = None  # (key, embeddings) of ``image``, computed on the first question
+    _embedded: tuple | None = None  # (key, embeddings function) of ``image``, made on the first question
 
     def set_image(self, image: ImageInput | None) -> None:
         self.image = image
@@ -345,9 +393,9 @@ class ChatSession:
         if m.template.drop_user_text:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
             self.history = []
         if self.image is not None and self._embedded is None:
-            self._embedded = m.image_embeddings(self.image)  # decode + preprocess once per image
+            self._embedded = m.lazy_image(self.image)  # decode + preprocess once per image; encode when needed
         key, emb = self._embedded if self.image is not None else (None, None)
-        slots = self._fit(prompt, key, 0 if emb is None else len(emb), s.max_tokens)
+        slots = self._fit(prompt, key, 0 if emb is None else m.n_image_tokens, s.max_tokens)
         answer = ""
         for piece in m.generate(slots, emb, s):
             answer += piece

@@ -1,13 +1,23 @@
-"""The KV cache of the prompt's fixed beginning, decoded once and loaded by every later process.
+"""KV caches of prompt beginnings, decoded once and loaded by every later process.
 
-Every first question about an image starts with the same positions: BOS, the
-system prompt and ``USER:`` up to the image (33 positions with LLaVA-1.5's
-template). A running process keeps them in its KV cache from one conversation to
-the next (``LlamaText.keep_prefix``); a new process (``llava-edge chat --image
-... "question"``) would decode them again: on a CPU about 5% of the time to the
-first token, 2 s for a 7B model in f16. So the first time they are decoded their
-KV cells are saved (llama.cpp's ``llama_state_seq_get_data``) and later processes
-load them into their empty context (``llama_state_seq_set_data``).
+Two kinds of beginnings are saved, both as llama.cpp's serialized KV cells
+(``llama_state_seq_get_data``), loaded into a new process's context with
+``llama_state_seq_set_data``:
+
+- **The fixed beginning**: BOS, the system prompt and ``USER:`` up to the image
+  (33 positions with LLaVA-1.5's template), the same in every first question. A
+  new process (``llava-edge chat --image ... "question"``) would decode them
+  again: on a CPU about 5% of the time to the first token, 2 s for a 7B in f16.
+  Saved the first time they are decoded (0.7 MB for TinyLLaVA, ~17 MB for a 7B).
+- **Through an image**: the beginning plus the image's positions (576 for
+  LLaVA-1.5), so a new process asked about a picture it saw before skips the
+  vision graph and the image's prefill and decodes only the new question. Saved
+  after the first answer about the picture (not before: writing the file must
+  not delay the first token), only while the language model runs on the CPU,
+  where reading the cells (0.5 MB a position for a 7B in f16, ~300 MB an image)
+  is far faster than decoding them; with layers on a GPU the prefill beats the
+  disk. The saved cells run to the end of that answer; loading keeps what the new
+  prompt shares with them.
 
 Written by hand because llama-cpp-python's caches (``LlamaRAMCache``,
 ``LlamaDiskCache``) work on ``Llama`` objects and whole prompts, and this runtime
@@ -15,83 +25,203 @@ drives a bare llama.cpp context with image embeddings in the prompt. Not
 llama.cpp's own state files (``llama_state_seq_save_file``): they carry no
 checksum, and llama.cpp aborts the process on a truncated one (measured with
 llama-cpp-python 0.3.36), so a file here is ``MAGIC``, the sha256 of the rest,
-the token ids and the cells, and only an intact file reaches llama.cpp.
+the positions it holds (token ids and image slots, as JSON) and the cells, and
+only an intact file reaches llama.cpp.
 
 A file's name hashes what makes it valid: the GGUF (its sha256 in the manifest,
 and its size and modification time, in case it was replaced behind the
 manifest's back), the llama.cpp build (llama-cpp-python's version), the KV cache
-type, whether the language model is offloaded, and the token ids. A file that is
-damaged or that llama.cpp refuses is decoded over and rewritten; a cache
-directory that cannot be written means only that nothing is saved.
+type, whether the language model is offloaded, the token ids, and for image
+positions the image's pixels and the vision graph that embedded them (variant
+sha256, backend, providers). A file that is damaged or that llama.cpp refuses is
+decoded over and rewritten; a cache directory that cannot be written means only
+that nothing is saved. The directory is kept under ``$LLAVA_EDGE_PREFIX_CACHE_MB``
+(default ``DEFAULT_LIMIT_MB``) by deleting the files least recently used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-
-import numpy as np
 
 from llava_edge import atomic
 from llava_edge.cache_dir import default_cache_dir
+from llava_edge.errors import UserError
 
-from .llm import LlamaText
+from .llm import LlamaText, Slot
 
 MIN_POSITIONS = 8  # a shorter beginning is not worth a file
 SUBDIR = "prefix-kv"
-MAGIC = b"llava-edge prefix KV 1\n"
+MAGIC = b"llava-edge prefix KV 2\n"
+LIMIT_ENV = "LLAVA_EDGE_PREFIX_CACHE_MB"
+DEFAULT_LIMIT_MB = 4096  # a dozen 7B f16 images, or thousands of TinyLLaVA ones
 _HASH = 32  # sha256 bytes
+_LEN = 4  # bytes of the length of the positions' JSON
+
+
+def limit_bytes() -> int:
+    """The cache directory's size limit, from ``$LLAVA_EDGE_PREFIX_CACHE_MB`` (0: save nothing)."""
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LIMIT_MB << 20
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if mb < 0:
+        raise UserError(f"{LIMIT_ENV}={raw!r} is not a size in MB (a number >= 0; 0 saves nothing)")
+    return int(mb * (1 << 20))
+
+
+def encode_slots(slots: list[Slot]) -> list:
+    """JSON for ``slots``: token ids as they are, each run of one image's slots as ``["image", key, first, count]``."""
+    out: list = []
+    for s in slots:
+        if isinstance(s, tuple):
+            key, j = s
+            last = out[-1] if out else None
+            if isinstance(last, list) and last[1] == key and last[2] + last[3] == j:
+                last[3] += 1
+            else:
+                out.append(["image", key, j, 1])
+        else:
+            out.append(int(s))
+    return out
+
+
+def decode_slots(items: list) -> list[Slot]:
+    slots: list[Slot] = []
+    for it in items:
+        if isinstance(it, list):
+            _, key, first, count = it
+            slots += [(key, j) for j in range(first, first + count)]
+        else:
+            slots.append(int(it))
+    return slots
 
 
 class PrefixCache:
-    """Saved beginnings of prompts for one language model (one GGUF, KV cache type and placement)."""
+    """Saved prompt beginnings for one language model (one GGUF, KV cache type and placement)."""
 
     def __init__(self, gguf: Path, model_sha256: str, kv_cache: str, offloaded: bool = False,
-                 directory: Path | None = None):
+                 directory: Path | None = None, vision: dict | None = None, images: bool | None = None):
         import llama_cpp
 
         self.directory = Path(directory) if directory else default_cache_dir() / SUBDIR
         st = Path(gguf).stat()  # a file replaced behind the manifest's back gets new keys too
         self._identity = {"gguf_sha256": model_sha256, "gguf_size": st.st_size, "gguf_mtime_ns": st.st_mtime_ns,
                           "llama_cpp_python": llama_cpp.__version__, "kv_cache": kv_cache, "offloaded": offloaded}
+        self._vision = vision
+        # beginnings through an image: only where reading cells beats decoding them (see the module's text)
+        self.images = (not offloaded if images is None else images) and vision is not None
+        self.limit = limit_bytes()
 
-    def path_for(self, ids: list[int]) -> Path:
-        key = json.dumps({**self._identity, "tokens": [int(t) for t in ids]}, sort_keys=True)
-        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.kv"
+    def path_for(self, slots: list[Slot]) -> Path:
+        key = {**self._identity, "slots": encode_slots(slots)}
+        if any(isinstance(s, tuple) for s in slots):
+            key["vision"] = self._vision
+        text = json.dumps(key, sort_keys=True)
+        return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.kv"
 
-    def restore(self, llm: LlamaText, ids: list[int]) -> bool:
-        """Load the saved ``ids`` into ``llm``'s (emptied) context; False when there is no usable file."""
-        if len(ids) < MIN_POSITIONS:
+    def restore(self, llm: LlamaText, slots: list[Slot]) -> bool:
+        """Replace what ``llm`` holds with saved cells that begin with ``slots``; False when there is no usable file.
+
+        The file may hold more positions than ``slots`` (the answer after an image); ``llm.slots`` says
+        which. Only a file that is intact reaches llama.cpp, and a refused one leaves the cache empty.
+        """
+        if len(slots) < MIN_POSITIONS:
             return False
+        path = self.path_for(slots)
         try:
-            data = self.path_for(ids).read_bytes()
+            with open(path, "rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                if f.readinto(data) != len(data):
+                    return False
         except OSError:
             return False
-        head, body = data[: len(MAGIC) + _HASH], data[len(MAGIC) + _HASH :]
-        if head != MAGIC + hashlib.sha256(body).digest() or len(body) < 4:
+        view = memoryview(data)
+        body = view[len(MAGIC) + _HASH :]
+        if bytes(view[: len(MAGIC)]) != MAGIC or bytes(view[len(MAGIC) : len(MAGIC) + _HASH]) != \
+                hashlib.sha256(body).digest() or len(body) < _LEN:
             return False
-        n = int.from_bytes(body[:4], "little")
-        if len(body) < 4 + 4 * n or np.frombuffer(body, "<i4", n, 4).tolist() != [int(t) for t in ids]:
-            return False
-        return llm.load_state_bytes(body[4 + 4 * n :], ids)
-
-    def save(self, llm: LlamaText) -> bool:
-        """Save what ``llm`` holds (token positions only), unless it is short; never raises for the disk."""
-        ids = llm.slots
-        if len(ids) < MIN_POSITIONS or not all(isinstance(t, int) for t in ids):
-            return False
-        body = len(ids).to_bytes(4, "little") + np.asarray(ids, dtype="<i4").tobytes() + llm.state_bytes()
+        n = int.from_bytes(body[:_LEN], "little")
         try:
-            atomic.write_bytes(self.path_for(ids), MAGIC + hashlib.sha256(body).digest() + body)
-        except OSError:  # a read-only or full disk: the next process decodes the beginning again
+            saved = decode_slots(json.loads(bytes(body[_LEN : _LEN + n])))
+        except (ValueError, TypeError):
             return False
+        if saved[: len(slots)] != list(slots):
+            return False
+        if not llm.load_state_bytes(body[_LEN + n :], saved):
+            return False
+        try:
+            os.utime(path)  # recently used: the last to be deleted when the directory is over its limit
+        except OSError:
+            pass
         return True
 
+    def save(self, llm: LlamaText, key_slots: list[Slot] | None = None) -> bool:
+        """Save everything ``llm`` holds, found later by ``key_slots`` (a beginning of it; default: all of it).
 
-def fixed_beginning(slots: list) -> list[int]:
+        Never raises for the disk: a read-only or full disk means the next process decodes again.
+        """
+        slots = list(llm.slots)
+        key_slots = slots if key_slots is None else list(key_slots)
+        if len(key_slots) < MIN_POSITIONS or slots[: len(key_slots)] != key_slots or self.limit <= 0:
+            return False
+        if any(isinstance(s, tuple) for s in slots) and not self.images:
+            return False
+        positions = json.dumps(encode_slots(slots), separators=(",", ":")).encode()
+        state = llm.state_bytes()
+        head = len(positions).to_bytes(_LEN, "little") + positions
+        size = len(MAGIC) + _HASH + len(head) + len(state)
+        if size > self.limit:
+            return False
+        digest = hashlib.sha256(head)
+        digest.update(state)
+        path = self.path_for(key_slots)
+        try:  # no fsync: a file cut short by a power loss fails its checksum and is decoded over
+            with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+                for part in (MAGIC, digest.digest(), head, state):
+                    f.write(part)
+        except OSError:
+            return False
+        self.prune(keep=path)
+        return True
+
+    def prune(self, keep: Path) -> None:
+        """Delete the least recently used files until the directory is under the limit (``keep`` stays)."""
+        files = []
+        for p in self.directory.glob("*.kv"):
+            try:
+                st = p.stat()
+            except OSError:  # deleted meanwhile by another process
+                continue
+            files.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.limit:
+                break
+            if p != keep:
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    continue
+                total -= size
+
+
+def fixed_beginning(slots: list[Slot]) -> list[int]:
     """The token ids before the prompt's first image slot; empty when there is no image."""
     for i, s in enumerate(slots):
         if isinstance(s, tuple):
             return list(slots[:i])
+    return []
+
+
+def through_last_image(slots: list[Slot]) -> list[Slot]:
+    """``slots`` up to and including the last image slot; empty when there is no image."""
+    for i in range(len(slots) - 1, -1, -1):
+        if isinstance(slots[i], tuple):
+            return list(slots[: i + 1])
     return []

@@ -32,14 +32,15 @@ def test_chat_runs_without_torch(bundle, toy_data):
     assert r.stdout.strip()
 
 
-def test_chat_saves_the_prompt_beginning_once_and_answers_the_same(bundle, toy_data, tmp_path, monkeypatch):
+def test_chat_saves_prompt_beginnings_once_and_answers_the_same(bundle, toy_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
     image = sorted((toy_data / "images").glob("eval_*.png"))[1]
     ask = ("chat", "--bundle", bundle, "--image", image, "What shape is at the top left?", "--max-tokens", "6")
     off = le(*ask, "--no-prefix-cache", block_torch=True)
     assert off.returncode == 0 and not (tmp_path / "cache").exists(), off.stderr
     first, second = le(*ask, block_torch=True), le(*ask, block_torch=True)  # saves; then loads
-    assert [p.suffix for p in (tmp_path / "cache" / "prefix-kv").iterdir()] == [".kv"]
+    # the beginning before the image, and the prompt through the image (with the answer)
+    assert [p.suffix for p in (tmp_path / "cache" / "prefix-kv").iterdir()] == [".kv", ".kv"]
     assert off.stdout == first.stdout == second.stdout and first.stdout.strip()
 
 

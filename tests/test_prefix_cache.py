@@ -1,8 +1,10 @@
-"""The prompt's fixed beginning (BOS, system prompt, ``USER:`` up to the image) is decoded once and loaded after.
+"""Prompt beginnings are decoded once and loaded after: the fixed one (BOS, system prompt,
+``USER:`` up to the image) and, while the language model runs on the CPU, the one through an image.
 
 A fresh process with a saved beginning must answer exactly as one without it,
-while decoding fewer positions; a bad file or an unwritable cache directory must
-cost nothing but the saving.
+while decoding fewer positions (and, for an image seen before, running no vision
+graph); a bad file or an unwritable cache directory must cost nothing but the
+saving; the directory stays under its size limit.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_edge.runtimes.prefix_cache import MIN_POSITIONS, SUBDIR, fixed_beginning
+from llava_edge.errors import UserError
+from llava_edge.runtimes.prefix_cache import (LIMIT_ENV, MIN_POSITIONS, SUBDIR, PrefixCache, decode_slots,
+                                              encode_slots, fixed_beginning, through_last_image)
 
 QUESTION = "What shape is at the top left?"
+OTHER_QUESTION = "How many shapes are there?"
 
 
 @pytest.fixture()
@@ -34,17 +39,30 @@ def load(bundle, **kw):
     return EdgeLLaVA.load(bundle, device="cpu", threads=2, **kw)
 
 
-def first_turn(m, image) -> tuple[list, np.ndarray, np.ndarray, int]:
+def first_turn(m, image, question: str = QUESTION) -> tuple[list, np.ndarray, np.ndarray, int]:
     """(slots, embeddings, logits of the last prompt position, positions decoded) of a first question."""
     key, emb = m.image_embeddings(image)
-    slots = m.slots_for(m.template.prompt(QUESTION, image=True, history=[]), key, len(emb))
+    slots = m.slots_for(m.template.prompt(question, image=True, history=[]), key, len(emb))
     before = m.stats["prefill_tokens"]
     logits = m.prefill(slots, emb)
     return slots, emb, logits, m.stats["prefill_tokens"] - before
 
 
+def asked(m, image, question: str) -> tuple[str, int, np.ndarray]:
+    """(answer, positions decoded before the first token, that token's logits) of ``m.chat``."""
+    before = m.stats["prefill_tokens"]
+    seen: list = []
+    prefill = m.prefill
+    m.prefill = lambda *a, **kw: seen.append(prefill(*a, **kw)) or seen[-1]
+    try:
+        answer = m.chat(image, question, max_tokens=8)
+    finally:
+        del m.prefill
+    return answer, m.stats["prefill_tokens"] - before, seen[0]
+
+
 def test_a_second_process_loads_the_beginning_and_computes_the_same(bundle, image, cache):
-    first = load(bundle)
+    first = load(bundle, cache_images=False)
     try:
         slots, _, logits_a, decoded_a = first_turn(first, image)
         answer_a = first.chat(image, QUESTION, max_tokens=8)
@@ -54,7 +72,7 @@ def test_a_second_process_loads_the_beginning_and_computes_the_same(bundle, imag
     assert len(head) >= MIN_POSITIONS and decoded_a == len(slots)  # nothing saved yet: all decoded
     assert [p.suffix for p in cache.iterdir()] == [".kv"] and not list(cache.glob(".*"))  # one file, no temporaries
 
-    second = load(bundle)  # a new llama.cpp context, as a new process has
+    second = load(bundle, cache_images=False)  # a new llama.cpp context, as a new process has
     try:
         _, _, logits_b, decoded_b = first_turn(second, image)
         assert second.llm.slots[: len(head)] == head
@@ -64,6 +82,136 @@ def test_a_second_process_loads_the_beginning_and_computes_the_same(bundle, imag
     assert decoded_b == len(slots) - len(head)
     assert np.array_equal(logits_a, logits_b)  # the same cells: bit-identical logits
     assert answer_a == answer_b
+
+
+def test_a_new_process_asked_about_a_picture_seen_before_decodes_only_the_question(bundle, image, cache):
+    """The KV cache through the image, saved after the first answer, spares the vision graph and the
+    image's prefill; the answer and the first token's logits are those of a process that saved nothing."""
+    first = load(bundle)  # on the CPU: images are saved
+    try:
+        assert first.prefix_cache.images
+        first_answer, decoded, _ = asked(first, image, QUESTION)
+        key, _ = first.lazy_image(image)
+        saved_slots, slots = (first.slots_for(first.template.prompt(q, image=True, history=[]), key,
+                                              first.n_image_tokens) for q in (QUESTION, OTHER_QUESTION))
+    finally:
+        first.close()
+    assert decoded == len(saved_slots)  # nothing saved before: all decoded
+    shared = next(i for i, (a, b) in enumerate(zip(saved_slots, slots)) if a != b)
+    assert shared >= len(through_last_image(slots))  # the beginning, the image (and a newline)
+    assert len(list(cache.glob("*.kv"))) == 2 and not list(cache.glob(".*"))  # the beginning, the image
+
+    plain = load(bundle, prefix_cache=False)
+    try:
+        want_answer, want_decoded, want_logits = asked(plain, image, OTHER_QUESTION)
+    finally:
+        plain.close()
+    second = load(bundle)
+    try:
+        got_answer, got_decoded, got_logits = asked(second, image, OTHER_QUESTION)
+        assert second.stats["vision_encodes"] == 0 and second.stats["image_prefix_loads"] == 1
+    finally:
+        second.close()
+    assert want_decoded == len(slots) and got_decoded == len(slots) - shared  # only the new question
+    assert np.array_equal(got_logits, want_logits) and got_answer == want_answer
+
+    again = load(bundle)  # the very question the file was saved after: its positions are in the file too
+    try:
+        answer, decoded, _ = asked(again, image, QUESTION)
+    finally:
+        again.close()
+    assert decoded == 1 and answer == first_answer  # the last prompt position is decoded again for its logits
+
+
+def test_another_picture_or_vision_graph_does_not_match_a_saved_image(bundle, image, toy_data, cache):
+    m = load(bundle)
+    try:
+        asked(m, image, QUESTION)
+    finally:
+        m.close()
+    other = sorted((toy_data / "images").glob("eval_*.png"))[4]
+    m = load(bundle)
+    try:
+        slots = m.slots_for(m.template.prompt(QUESTION, image=True, history=[]), m.lazy_image(other)[0],
+                            m.n_image_tokens)
+        _, decoded, _ = asked(m, other, QUESTION)
+        assert m.stats["vision_encodes"] == 1 and m.stats["image_prefix_loads"] == 0
+    finally:
+        m.close()
+    assert decoded == len(slots) - len(fixed_beginning(slots))  # the beginning loaded, the picture decoded
+    c = PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=cache, vision={"sha256": "1"})
+    d = PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=cache, vision={"sha256": "2"})
+    assert c.path_for(slots) != d.path_for(slots)  # another vision variant (or backend) embeds differently
+    assert c.path_for(fixed_beginning(slots)) == d.path_for(fixed_beginning(slots))  # no image: shared
+
+
+def test_images_are_saved_only_where_the_language_model_runs_on_the_cpu(bundle, tmp_path):
+    gguf = bundle / "llm.f32.gguf"
+    vision = {"sha256": "1"}
+    assert PrefixCache(gguf, "ab" * 32, "f16", directory=tmp_path, vision=vision).images
+    assert not PrefixCache(gguf, "ab" * 32, "f16", offloaded=True, directory=tmp_path, vision=vision).images
+    assert not PrefixCache(gguf, "ab" * 32, "f16", directory=tmp_path, vision=vision, images=False).images
+    assert not PrefixCache(gguf, "ab" * 32, "f16", directory=tmp_path).images  # no vision identity, no images
+
+
+def test_a_damaged_image_file_is_decoded_over_and_replaced(bundle, image, cache):
+    m = load(bundle)
+    try:
+        want, _, _ = asked(m, image, QUESTION)
+    finally:
+        m.close()
+    (big,) = sorted(cache.glob("*.kv"), key=lambda p: p.stat().st_size)[1:]
+    good = bytearray(big.read_bytes())
+    good[-1] ^= 0xFF  # one flipped bit in the cells
+    big.write_bytes(bytes(good))
+    m = load(bundle)
+    try:
+        got, decoded, _ = asked(m, image, QUESTION)
+        assert m.stats["vision_encodes"] == 1 and m.stats["image_prefix_loads"] == 0
+    finally:
+        m.close()
+    assert got == want and decoded > m.n_image_tokens
+    good[-1] ^= 0xFF
+    assert big.read_bytes() == bytes(good)  # rewritten whole after the answer
+
+
+def test_the_directory_is_kept_under_its_limit_least_recently_used_first(tmp_path, monkeypatch, bundle):
+    import os
+
+    c = PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=tmp_path)
+    for i, name in enumerate(["old", "used", "new"]):
+        (tmp_path / f"{name}.kv").write_bytes(b"x" * 400)
+        os.utime(tmp_path / f"{name}.kv", ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    os.utime(tmp_path / "used.kv", ns=(10**18 + 9 * 10**9, 10**18 + 9 * 10**9))  # loaded after "new" was saved
+    c.limit = 1000
+    c.prune(keep=tmp_path / "new.kv")
+    assert sorted(p.stem for p in tmp_path.glob("*.kv")) == ["new", "used"]
+    c.limit = 100
+    c.prune(keep=tmp_path / "new.kv")  # the file just written stays even when alone over the limit
+    assert [p.stem for p in tmp_path.glob("*.kv")] == ["new"]
+
+    monkeypatch.setenv(LIMIT_ENV, "lots")
+    with pytest.raises(UserError, match=LIMIT_ENV):
+        PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=tmp_path)
+    monkeypatch.setenv(LIMIT_ENV, "0.5")
+    assert PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=tmp_path).limit == 1 << 19
+
+
+def test_a_zero_limit_saves_nothing(bundle, image, cache, monkeypatch):
+    monkeypatch.setenv(LIMIT_ENV, "0")
+    m = load(bundle)
+    try:
+        asked(m, image, QUESTION)
+    finally:
+        m.close()
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_positions_are_written_compactly_and_read_back():
+    slots = [1, 2, ("a", 0), ("a", 1), ("a", 2), 7, ("b", 0), ("b", 1), 9]
+    assert encode_slots(slots) == [1, 2, ["image", "a", 0, 3], 7, ["image", "b", 0, 2], 9]
+    assert decode_slots(encode_slots(slots)) == slots
+    assert through_last_image(slots) == slots[:-1] and through_last_image([1, 2]) == []
 
 
 def test_the_file_belongs_to_one_model_and_kv_cache_type(bundle, image, cache):
@@ -82,7 +230,7 @@ def test_a_corrupt_file_is_decoded_over_and_replaced(bundle, image, cache):
         slots, _, want, _ = first_turn(m, image)
     finally:
         m.close()
-    (saved,) = cache.iterdir()
+    (saved,) = cache.iterdir()  # prefill alone saves the beginning; the image is saved after an answer
     good = saved.read_bytes()
     saved.write_bytes(good[: len(good) // 2])  # a truncated file
     m = load(bundle)
@@ -135,8 +283,6 @@ def test_fixed_beginning_is_what_comes_before_the_image():
 
 def test_a_gguf_replaced_behind_the_manifest_gets_a_new_key(tmp_path):
     import os
-
-    from llava_edge.runtimes.prefix_cache import PrefixCache
 
     gguf = tmp_path / "llm.gguf"
     gguf.write_bytes(b"weights")
