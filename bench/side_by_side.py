@@ -18,11 +18,14 @@ GGUF. Sections (docs/BENCHMARKS.md, "CPU"):
    (:func:`llava_edge.bench.time_chat_pass`) against llama.cpp's multimodal
    pipeline (``Llama`` with ``Llava15ChatHandler``: the mmproj and the same text
    GGUF; time to the first streamed chunk of ``create_chat_completion``).
-   llava-edge three ways: an empty KV cache with the prompt's beginning saved by
+   llava-edge four ways: an empty KV cache with the prompt's beginning saved by
    an earlier process (``runtimes/prefix_cache.py``; what every run after the
-   first finds), an empty one with nothing saved (the first run ever), and a
-   warm process asked about a new image (the conversation before kept in the KV
-   cache, so only the image and what follows are decoded).
+   first finds), an empty one with nothing saved (the first run ever), a warm
+   process asked about a new image (the conversation before kept in the KV
+   cache, so only the image and what follows are decoded), and (on a CPU) an
+   empty KV cache asked about a picture asked about before (the cells through
+   the image loaded from the file the untimed warm-up saved after its answer:
+   no vision graph, only the question decoded).
 3. ``decode``: llava-edge's ``generate`` against raw ``llama_decode`` of one
    token at a time on the same GGUF at the same context depth, and against the
    memory-bandwidth bound: bytes read per token (every weight but the token

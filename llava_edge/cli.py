@@ -336,8 +336,9 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the profile's)"),
     threads: int = typer.Option(0, help="0: the profile's (one per physical core)"),
-    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Neither load nor save the KV cache of "
-                                         "the prompt's beginning ($LLAVA_EDGE_CACHE/prefix-kv; docs/RUNTIME.md)"),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Neither load nor save KV caches of "
+                                         "prompt beginnings and pictures seen before ($LLAVA_EDGE_CACHE/prefix-kv, "
+                                         "size limit $LLAVA_EDGE_PREFIX_CACHE_MB; docs/RUNTIME.md)"),
 ):
     """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from .preprocess import load_image

@@ -180,14 +180,15 @@ class LlamaText:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     # -- the KV cache as bytes (a saved prompt beginning: prefix_cache.py) ------
-    def state_bytes(self) -> bytes:
+    def state_bytes(self) -> bytearray:
         """llama.cpp's serialized KV cells of everything cached (``llama_state_seq_get_data``)."""
         size = self._c.llama_state_seq_get_size(self.ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        n = self._c.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        data = bytearray(size)  # filled in place: hundreds of MB for a 7B through an image
+        n = self._c.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0)
         if n == 0:
             raise RuntimeError("llama.cpp could not serialize its KV cache")
-        return bytes(buf[:n])
+        del data[n:]
+        return data
 
     def load_state_bytes(self, state: bytes | bytearray | memoryview, slots: list[Slot]) -> bool:
         """Replace the KV cache with ``state`` (cells of the positions ``slots``, from :meth:`state_bytes`).

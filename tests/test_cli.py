@@ -44,6 +44,14 @@ def test_chat_saves_prompt_beginnings_once_and_answers_the_same(bundle, toy_data
     assert off.stdout == first.stdout == second.stdout and first.stdout.strip()
 
 
+def test_a_bad_prefix_cache_limit_is_a_one_line_error(bundle, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLAVA_EDGE_PREFIX_CACHE_MB", "2GB")
+    image = sorted((toy_data / "images").glob("eval_*.png"))[1]
+    assert_one_line_error(le("chat", "--bundle", bundle, "--image", image, "Hi", "--max-tokens", "2"),
+                          "LLAVA_EDGE_PREFIX_CACHE_MB")
+
+
 def test_bundle_from_environment(bundle, toy_data, monkeypatch):
     monkeypatch.setenv("LLAVA_EDGE_BUNDLE", str(bundle))
     image = sorted((toy_data / "images").glob("eval_*.png"))[0]
