@@ -130,7 +130,8 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
     steps_per_epoch = math.ceil(len(dataset) / cfg.global_batch)
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24's name for it (gradient_checkpointing_enable is its deprecated alias)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
