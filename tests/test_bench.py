@@ -22,7 +22,8 @@ def le(*args):
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_bench_command_writes_every_metric(bundle, tmp_path):
+def test_bench_command_writes_every_metric(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     r = le("bench", bundle, "--runs", "2", "--decode-tokens", "4", "--json", out)
     assert r.returncode == 0, r.stderr
@@ -35,12 +36,18 @@ def test_bench_command_writes_every_metric(bundle, tmp_path):
         assert len(res["runs"]) == 2
         assert res["prefill_tokens"] > m.vision["num_image_tokens"]  # the image tokens and the prompt
         assert 1 <= res["decode_tokens"] <= 4
+        # a picture asked about before (CPU: its KV cells saved): no vision graph, only the question decoded
+        seen = res["seen_image_runs"]
+        assert len(seen) == 2 and res["ttft_seen_image_ms"] > 0
+        assert all(x["vision_encode_ms"] == 0 and 0 < x["prefill_tokens"] < 20 for x in seen), seen
     assert report["settings"]["runs"] == 2
     assert report["machine"]["logical_cpus"] >= 1 and report["versions"]["onnxruntime"]
     assert set(report["metrics"]) == set(METRICS)
     # the table on stdout has one row per pair
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(report["results"])
+    assert len(rows) == 1 + len(report["results"]) and "TTFT, image seen" in rows[0]
+    # the user's cache gets the prompt's beginning only: the bench picture's cells went to a temporary directory
+    assert len(list((tmp_path / "cache" / "prefix-kv").iterdir())) == 1
 
 
 def test_bench_measures_without_torch(bundle, tmp_path):
