@@ -134,7 +134,8 @@ class EdgeLLaVA:
         self.prefix_cache = (PrefixCache(self.bundle / self.llm_variant.file, self.llm_variant.sha256, kv_cache,
                                          offloaded=p.n_gpu_layers != 0, vision=vision_identity, images=cache_images)
                              if prefix_cache else None)
-        self._unsaved_image_prefix: list = []  # decoded here, saved after the answer (prefix_cache.py)
+        # (positions, cells) through an image decoded here, written after the answer (prefix_cache.py)
+        self._unsaved_image: tuple | None = None
         self.n_image_tokens = int(m.vision["num_image_tokens"])
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
@@ -222,11 +223,12 @@ class EdgeLLaVA:
         cache = self.prefix_cache if logits != "all" else None
         head = fixed_beginning(slots) if cache else []
         through = through_last_image(slots) if cache and cache.images else []
+        keep_image = False
         if kept < len(through):
             if cache.restore(self.llm, through):  # replaces what the context held
                 self.stats["image_prefix_loads"] += 1
             else:
-                self._unsaved_image_prefix = through
+                keep_image = cache.wanted(through)
             kept = self.llm.keep_prefix(slots)
         save_head = False
         if kept == 0 and head:
@@ -250,6 +252,8 @@ class EdgeLLaVA:
                 if callable(embeds):
                     embeds = embeds()
                 r = self.llm.feed_embeddings(embeds[idx[0] : idx[-1] + 1], key, logits if logits == "all" else "last")
+                if keep_image and self.llm.slots == through:  # a copy of the cells now, the file after the answer
+                    self._unsaved_image = (through, self.llm.state_bytes())
             else:
                 while j < len(todo) and not isinstance(todo[j], tuple):
                     j += 1
@@ -302,10 +306,10 @@ class EdgeLLaVA:
         text = self.tokenizer.decode(out)
         if len(text) > len(shown):
             yield text[len(shown):]
-        # after the answer, so that writing the file never delays a token
-        through, self._unsaved_image_prefix = self._unsaved_image_prefix, []
-        if through and self.llm.slots[: len(through)] == through:
-            self.prefix_cache.save(self.llm, key_slots=through)
+        # after the answer, so that hashing and writing the file never delay a token
+        unsaved, self._unsaved_image = self._unsaved_image, None
+        if unsaved and self.prefix_cache is not None:
+            self.prefix_cache.write(*unsaved)
 
     def session(self, image: ImageInput | None = None, on_overflow: str | None = None) -> "ChatSession":
         policy = on_overflow or self.on_overflow

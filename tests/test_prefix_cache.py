@@ -97,8 +97,7 @@ def test_a_new_process_asked_about_a_picture_seen_before_decodes_only_the_questi
     finally:
         first.close()
     assert decoded == len(saved_slots)  # nothing saved before: all decoded
-    shared = next(i for i, (a, b) in enumerate(zip(saved_slots, slots)) if a != b)
-    assert shared >= len(through_last_image(slots))  # the beginning, the image (and a newline)
+    through = through_last_image(slots)
     assert len(list(cache.glob("*.kv"))) == 2 and not list(cache.glob(".*"))  # the beginning, the image
 
     plain = load(bundle, prefix_cache=False)
@@ -112,15 +111,39 @@ def test_a_new_process_asked_about_a_picture_seen_before_decodes_only_the_questi
         assert second.stats["vision_encodes"] == 0 and second.stats["image_prefix_loads"] == 1
     finally:
         second.close()
-    assert want_decoded == len(slots) and got_decoded == len(slots) - shared  # only the new question
+    assert want_decoded == len(slots) and got_decoded == len(slots) - len(through)  # only the new question
     assert np.array_equal(got_logits, want_logits) and got_answer == want_answer
 
-    again = load(bundle)  # the very question the file was saved after: its positions are in the file too
+    again = load(bundle)  # the first question again: the same answer
     try:
         answer, decoded, _ = asked(again, image, QUESTION)
     finally:
         again.close()
-    assert decoded == 1 and answer == first_answer  # the last prompt position is decoded again for its logits
+    assert decoded == len(saved_slots) - len(through) and answer == first_answer
+
+
+def test_only_the_picture_is_saved_never_the_question_or_the_answer(bundle, image, cache):
+    """The file through the image holds its positions only, and only its owner may read it."""
+    import json
+    import stat
+
+    from llava_edge.runtimes.prefix_cache import _HASH, _LEN, MAGIC
+
+    m = load(bundle)
+    try:
+        asked(m, image, QUESTION)
+        held = list(m.llm.slots)
+        key, _ = m.lazy_image(image)
+        slots = m.slots_for(m.template.prompt(QUESTION, image=True, history=[]), key, m.n_image_tokens)
+    finally:
+        m.close()
+    assert held[: len(slots)] == slots and len(held) > len(slots)  # the context still holds question and answer
+    files = sorted(cache.glob("*.kv"), key=lambda p: p.stat().st_size)
+    body = files[-1].read_bytes()[len(MAGIC) + _HASH :]
+    n = int.from_bytes(body[:_LEN], "little")
+    assert decode_slots(json.loads(body[_LEN : _LEN + n])) == through_last_image(slots)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
 
 
 def test_another_picture_or_vision_graph_does_not_match_a_saved_image(bundle, image, toy_data, cache):
