@@ -9,6 +9,7 @@ saving; the directory stays under its size limit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,28 @@ def asked(m, image, question: str) -> tuple[str, int, np.ndarray]:
     return answer, m.stats["prefill_tokens"] - before, seen[0]
 
 
+@dataclass
+class Asked:
+    answer: str
+    decoded: int  # positions decoded before the first token
+    logits: np.ndarray  # the first token's
+    stats: dict
+    slots: list  # the prompt's positions
+    held: list  # what the context held after the answer
+
+
+def ask_new_process(bundle, image, question: str = QUESTION, **kw) -> Asked:
+    """``chat`` through a freshly loaded ``EdgeLLaVA``: a new llama.cpp context, as a new process has."""
+    m = load(bundle, **kw)
+    try:
+        key, _ = m.lazy_image(image)
+        slots = m.slots_for(m.template.prompt(question, image=True, history=[]), key, m.n_image_tokens)
+        answer, decoded, logits = asked(m, image, question)
+        return Asked(answer, decoded, logits, dict(m.stats), slots, list(m.llm.slots))
+    finally:
+        m.close()
+
+
 def test_a_second_process_loads_the_beginning_and_computes_the_same(bundle, image, cache):
     first = load(bundle, cache_images=False)
     try:
@@ -87,39 +110,19 @@ def test_a_second_process_loads_the_beginning_and_computes_the_same(bundle, imag
 def test_a_new_process_asked_about_a_picture_seen_before_decodes_only_the_question(bundle, image, cache):
     """The KV cache through the image, saved after the first answer, spares the vision graph and the
     image's prefill; the answer and the first token's logits are those of a process that saved nothing."""
-    first = load(bundle)  # on the CPU: images are saved
-    try:
-        assert first.prefix_cache.images
-        first_answer, decoded, _ = asked(first, image, QUESTION)
-        key, _ = first.lazy_image(image)
-        saved_slots, slots = (first.slots_for(first.template.prompt(q, image=True, history=[]), key,
-                                              first.n_image_tokens) for q in (QUESTION, OTHER_QUESTION))
-    finally:
-        first.close()
-    assert decoded == len(saved_slots)  # nothing saved before: all decoded
-    through = through_last_image(slots)
+    first = ask_new_process(bundle, image)  # on the CPU: images are saved
+    assert first.decoded == len(first.slots)  # nothing saved before: all decoded
     assert len(list(cache.glob("*.kv"))) == 2 and not list(cache.glob(".*"))  # the beginning, the image
 
-    plain = load(bundle, prefix_cache=False)
-    try:
-        want_answer, want_decoded, want_logits = asked(plain, image, OTHER_QUESTION)
-    finally:
-        plain.close()
-    second = load(bundle)
-    try:
-        got_answer, got_decoded, got_logits = asked(second, image, OTHER_QUESTION)
-        assert second.stats["vision_encodes"] == 0 and second.stats["image_prefix_loads"] == 1
-    finally:
-        second.close()
-    assert want_decoded == len(slots) and got_decoded == len(slots) - len(through)  # only the new question
-    assert np.array_equal(got_logits, want_logits) and got_answer == want_answer
+    want = ask_new_process(bundle, image, OTHER_QUESTION, prefix_cache=False)
+    got = ask_new_process(bundle, image, OTHER_QUESTION)
+    through = through_last_image(got.slots)
+    assert got.stats["vision_encodes"] == 0 and got.stats["image_prefix_loads"] == 1
+    assert want.decoded == len(want.slots) and got.decoded == len(got.slots) - len(through)  # only the question
+    assert np.array_equal(got.logits, want.logits) and got.answer == want.answer
 
-    again = load(bundle)  # the first question again: the same answer
-    try:
-        answer, decoded, _ = asked(again, image, QUESTION)
-    finally:
-        again.close()
-    assert decoded == len(saved_slots) - len(through) and answer == first_answer
+    again = ask_new_process(bundle, image)  # the first question again: the same answer
+    assert again.decoded == len(again.slots) - len(through) and again.answer == first.answer
 
 
 def test_only_the_picture_is_saved_never_the_question_or_the_answer(bundle, image, cache):
@@ -129,15 +132,9 @@ def test_only_the_picture_is_saved_never_the_question_or_the_answer(bundle, imag
 
     from llava_edge.runtimes.prefix_cache import _HASH, _LEN, MAGIC
 
-    m = load(bundle)
-    try:
-        asked(m, image, QUESTION)
-        held = list(m.llm.slots)
-        key, _ = m.lazy_image(image)
-        slots = m.slots_for(m.template.prompt(QUESTION, image=True, history=[]), key, m.n_image_tokens)
-    finally:
-        m.close()
-    assert held[: len(slots)] == slots and len(held) > len(slots)  # the context still holds question and answer
+    first = ask_new_process(bundle, image)
+    slots = first.slots
+    assert first.held[: len(slots)] == slots and len(first.held) > len(slots)  # the context keeps the conversation
     files = sorted(cache.glob("*.kv"), key=lambda p: p.stat().st_size)
     body = files[-1].read_bytes()[len(MAGIC) + _HASH :]
     n = int.from_bytes(body[:_LEN], "little")
@@ -147,21 +144,11 @@ def test_only_the_picture_is_saved_never_the_question_or_the_answer(bundle, imag
 
 
 def test_another_picture_or_vision_graph_does_not_match_a_saved_image(bundle, image, toy_data, cache):
-    m = load(bundle)
-    try:
-        asked(m, image, QUESTION)
-    finally:
-        m.close()
-    other = sorted((toy_data / "images").glob("eval_*.png"))[4]
-    m = load(bundle)
-    try:
-        slots = m.slots_for(m.template.prompt(QUESTION, image=True, history=[]), m.lazy_image(other)[0],
-                            m.n_image_tokens)
-        _, decoded, _ = asked(m, other, QUESTION)
-        assert m.stats["vision_encodes"] == 1 and m.stats["image_prefix_loads"] == 0
-    finally:
-        m.close()
-    assert decoded == len(slots) - len(fixed_beginning(slots))  # the beginning loaded, the picture decoded
+    ask_new_process(bundle, image)
+    other = ask_new_process(bundle, sorted((toy_data / "images").glob("eval_*.png"))[4])
+    slots = other.slots
+    assert other.stats["vision_encodes"] == 1 and other.stats["image_prefix_loads"] == 0
+    assert other.decoded == len(slots) - len(fixed_beginning(slots))  # the beginning loaded, the picture decoded
     c = PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=cache, vision={"sha256": "1"})
     d = PrefixCache(bundle / "llm.f32.gguf", "ab" * 32, "f16", directory=cache, vision={"sha256": "2"})
     assert c.path_for(slots) != d.path_for(slots)  # another vision variant (or backend) embeds differently
@@ -178,22 +165,14 @@ def test_images_are_saved_only_where_the_language_model_runs_on_the_cpu(bundle, 
 
 
 def test_a_damaged_image_file_is_decoded_over_and_replaced(bundle, image, cache):
-    m = load(bundle)
-    try:
-        want, _, _ = asked(m, image, QUESTION)
-    finally:
-        m.close()
+    want = ask_new_process(bundle, image)
     (big,) = sorted(cache.glob("*.kv"), key=lambda p: p.stat().st_size)[1:]
     good = bytearray(big.read_bytes())
     good[-1] ^= 0xFF  # one flipped bit in the cells
     big.write_bytes(bytes(good))
-    m = load(bundle)
-    try:
-        got, decoded, _ = asked(m, image, QUESTION)
-        assert m.stats["vision_encodes"] == 1 and m.stats["image_prefix_loads"] == 0
-    finally:
-        m.close()
-    assert got == want and decoded > m.n_image_tokens
+    got = ask_new_process(bundle, image)
+    assert got.stats["vision_encodes"] == 1 and got.stats["image_prefix_loads"] == 0
+    assert got.answer == want.answer and got.decoded == len(got.slots) - len(fixed_beginning(got.slots))
     good[-1] ^= 0xFF
     assert big.read_bytes() == bytes(good)  # rewritten whole after the answer
 
@@ -222,11 +201,7 @@ def test_the_directory_is_kept_under_its_limit_least_recently_used_first(tmp_pat
 
 def test_a_zero_limit_saves_nothing(bundle, image, cache, monkeypatch):
     monkeypatch.setenv(LIMIT_ENV, "0")
-    m = load(bundle)
-    try:
-        asked(m, image, QUESTION)
-    finally:
-        m.close()
+    ask_new_process(bundle, image)
     assert not cache.exists() or not list(cache.iterdir())
 
 
