@@ -70,7 +70,8 @@ from pathlib import Path
 import numpy as np
 
 from llava_edge import manifest as bundle_manifest
-from llava_edge.bench import CpuShare, machine_info, time_chat_pass, time_decode, versions, write_bench_image
+from llava_edge.bench import (DEFAULT_QUESTION, OTHER_QUESTION, CpuShare, machine_info, time_chat_pass, time_decode,
+                              versions, write_bench_image)
 
 SECTIONS = ("vision", "ttft", "decode", "followup", "export")
 # Drift gates on the vision side (the drift issue): an unquantized graph (fp32/fp16 ONNX) must keep every
@@ -80,9 +81,8 @@ SECTIONS = ("vision", "ttft", "decode", "followup", "export")
 UNQUANTIZED_MIN_COSINE = 0.999
 QUANTIZED_MIN_COSINE = 0.99
 GOALS = {"vision": 0.5, "ttft": 0.8, "decode_vs_raw": 0.97, "decode_vs_bound": 0.60}
-QUESTION = "Describe the image in detail."
+QUESTION = DEFAULT_QUESTION
 FOLLOWUP = "What is in the bottom half of the image?"
-WARMUP_QUESTION = "What colors are in the image?"  # the untimed first question about an image seen before
 ANSWER_TOKENS = 16  # the first answer's length: the history the follow-up question comes after
 VERSION_EXTRA = ("torch", "transformers", "onnx", "gguf")
 
@@ -520,7 +520,7 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
                 seen.append(1)
                 return run_ours(f"llava-edge ({vision_variants[0]}, image seen before, new process)", best_model,
                                 image, fresh=True, saved_image=True,
-                                question=QUESTION if len(seen) > 1 else WARMUP_QUESTION)
+                                question=QUESTION if len(seen) > 1 else OTHER_QUESTION)
             if best_model.prefix_cache is not None and best_model.plan.n_gpu_layers == 0:  # saved on the CPU only
                 contestants[f"llava-edge ({vision_variants[0]}, image seen before, new process)"] = seen_image
 

@@ -31,7 +31,6 @@ the same public pieces ``ChatSession.stream`` calls (``preprocess``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -172,7 +171,7 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
     the image when the image is new) is not decoded again.
     """
     from .preprocess import preprocess
-    from .runtimes.pipeline import Sampling, sample
+    from .runtimes.pipeline import Sampling, image_key, sample
 
     cache = model.prefix_cache
     images = cache.images if cache is not None else None
@@ -192,7 +191,7 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
         t0 = time.perf_counter()
         pixels = preprocess(image, model.spec)
         t1 = time.perf_counter()
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()[:16]  # as lazy_image keys its cache
+        key = image_key(pixels)
         text = model.template.prompt(question, image=True, history=[])
         slots = model.slots_for(text, key, model.n_image_tokens)
         t2 = time.perf_counter()

@@ -90,6 +90,11 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     return int(rng.choice(len(p), p=p))
 
 
+def image_key(pixels: np.ndarray) -> str:
+    """What the KV cache's image slots (and saved image cells) are keyed by: the preprocessed pixels' hash."""
+    return hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+
+
 class EdgeLLaVA:
     """One loaded bundle: vision encoder + llama.cpp context + tokenizer, chosen by a device profile."""
 
@@ -180,7 +185,7 @@ class EdgeLLaVA:
         """(key, a function that gives the embeddings): the vision graph runs only if the prompt's
         image positions must be decoded (not when a saved KV cache holds them)."""
         pixels = preprocess(image, self.spec)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+        key = image_key(pixels)
 
         def embeddings() -> np.ndarray:
             if key not in self._image_cache:
