@@ -8,7 +8,23 @@ LE     := $(VENV)/bin/llava-edge
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo
 
-.PHONY: setup test test-slow demo clean
+# LLaVA's own code (llava-torch 1.2.2.post1 = the LLaVA 1.2.2 repository) in a venv of its own, with the
+# transformers it was written for; the tests compare against it (tests/llava_reference). Its pins are
+# exact: torch==2.13.0 is the CPU wheel on disk, and llava-torch goes in with --no-deps so that its own
+# torch/transformers pins never pull anything in.
+LLAVA_VENV  := .venv-llava
+LLAVA_PY    := $(LLAVA_VENV)/bin/python
+LLAVA_STAMP := $(LLAVA_VENV)/.installed-stamp
+LLAVA_PINS  := torch==2.13.0 transformers==4.36.2 tokenizers==0.15.0 accelerate==0.21.0 \
+               sentencepiece protobuf pillow 'numpy<2' einops
+# llama.cpp's LLaMA SentencePiece test vocabulary and its test vectors, from the llama-cpp-python sdist
+# (one download, about 10 s; `--no-binary llama-cpp-python`, not `:all:`, which would also build the
+# sdist's build requirements, cmake among them, from source: minutes)
+SPM_DIR     := .cache/llama-spm
+SPM_STAMP   := $(SPM_DIR)/.fetched-stamp
+SPM_FILES   := ggml-vocab-llama-spm.gguf ggml-vocab-llama-spm.gguf.inp ggml-vocab-llama-spm.gguf.out
+
+.PHONY: setup llava-ref test test-slow demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +35,29 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+$(LLAVA_STAMP):
+	$(PYTHON) -m venv $(LLAVA_VENV)
+	$(LLAVA_PY) -m pip install --quiet $(LLAVA_PINS)
+	$(LLAVA_PY) -m pip install --quiet --no-deps llava-torch==1.2.2.post1
+	$(LLAVA_PY) -c "import llava.train.train, llava.model.builder"
+	touch $@
+
+$(SPM_STAMP): | $(STAMP)
+	rm -rf $(SPM_DIR) && mkdir -p $(SPM_DIR)/sdist
+	$(PY) -m pip download --quiet llama-cpp-python==0.3.36 --no-deps --no-binary llama-cpp-python -d $(SPM_DIR)/sdist
+	tar -xzf $(SPM_DIR)/sdist/llama_cpp_python-0.3.36.tar.gz -C $(SPM_DIR) --strip-components=4 --wildcards \
+		$(foreach f,$(SPM_FILES),'*/vendor/llama.cpp/models/$(f)')
+	rm -rf $(SPM_DIR)/sdist
+	$(PY) tests/llava_reference/build_llama_vocab.py $(SPM_DIR)/ggml-vocab-llama-spm.gguf $(SPM_DIR)/tokenizer.model
+	touch $@
+
+# the reference side of the tests: LLaVA's venv and the LLaMA vocabulary, each made once
+llava-ref: $(LLAVA_STAMP) $(SPM_STAMP)
+
+test: setup llava-ref
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup llava-ref
 	$(PY) -m pytest -q -m slow
 
 demo: setup
