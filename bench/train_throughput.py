@@ -42,7 +42,7 @@ WORDS = ("the red circle is at the top left and a small blue square sits near th
 def _text(tok, n_tokens: int, offset: int = 0) -> str:
     """Toy-world words, about ``n_tokens`` tokens long for ``tok``."""
     words, i = [], offset
-    while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < n_tokens:
+    while len(tok.encode(" ".join(words), add_special_tokens=False)) < n_tokens:
         words.append(WORDS[i % len(WORDS)])
         i += 1
     return " ".join(words)
@@ -142,7 +142,7 @@ def run_one(name: str, skeleton: Path, config, tok, work: Path, args) -> dict:
     total = sum(p.numel() for p in m.parameters())
     out = work / f"out_{name.replace(':', '_')}"
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator per run
-    acc, model = train(m, groups, ds, cfg, out, tok.pad_token_id, progress=False, log=lambda _: None,
+    acc, model = train(m, groups, ds, cfg, out, tok.pad_id, progress=False, log=lambda _: None,
                        checkpoint=False)
     import csv
 
@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work)
         skeleton = work / "model"
         config = write_skeleton(skeleton, args.preset, args.layers)
-        from transformers import AutoTokenizer
+        from llava_edge.tokenizer import Tokenizer
 
-        tok = AutoTokenizer.from_pretrained(skeleton)
+        tok = Tokenizer(skeleton)
         for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
             t0 = time.time()
             try:

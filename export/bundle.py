@@ -60,7 +60,9 @@ from typing import Protocol
 from llava_edge import __version__, atomic, manifest
 from llava_edge.checkpoint import Checkpoint, load_hf_vision_half
 from llava_edge.errors import UserError
-from llava_edge.runtimes.tokenizer import TextTokenizer
+from llava_edge.templates import CHAT_TEMPLATE, get_template
+from llava_edge.tokenizer import FILES as TOKENIZER_FILES
+from llava_edge.tokenizer import read_settings
 
 from .llm_gguf import OUTTYPES as LLM_OUTTYPES
 from .llm_gguf import check_exportable, export_llm_gguf
@@ -72,7 +74,6 @@ from .vision_onnx import MAX_BATCH, OPSET, export_vision_onnx, parity_vs_hf
 
 TARGETS = ("onnx", "tensorrt", "gguf", "mmproj", "all")
 DTYPES = ("fp32", "fp16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 STAGING = ".export-staging" + atomic.TMP_SUFFIX  # removed by atomic.remove_partials too
 FP32_ONNX = "vision.fp32.onnx"
 FP16_ONNX = "vision.fp16.onnx"
@@ -334,9 +335,9 @@ class _Export:
     def run(self) -> manifest.Manifest:
         ckpt, out = self.ckpt, self.out
         check_out_dir(out)
-        if not (ckpt.path / "tokenizer.json").is_file():
-            raise UserError(f"{ckpt.path} has no tokenizer.json (the runtime tokenizes with it)")
-        self.adds_bos = TextTokenizer(ckpt.path / "tokenizer.json").adds_bos
+        self.tokenizer = read_settings(ckpt.path)  # how LLaVA's code tokenizes for this checkpoint
+        self.adds_bos = self.tokenizer.add_bos
+        get_template(ckpt.conv_mode, ckpt.chat_template())  # a mode the bundle can prompt with, before any write
         self.source = source_record(ckpt)
         self.m, stale, fresh = self._previous_state()
         steps = self._plan()
@@ -377,8 +378,16 @@ class _Export:
         """What the bundle holds now: (manifest to continue from, files to delete first, whether to write a new
         unfinished-export state before anything else: a new bundle or a clean start)."""
         out, source = self.out, self.source
-        finished = manifest.read(out) if manifest.is_bundle(out) else None
-        unfinished = manifest.read_incomplete(out) if manifest.is_incomplete(out) else None
+        older: list[str] = []
+        try:
+            finished = manifest.read(out) if manifest.is_bundle(out) else None
+        except manifest.OlderSchema as e:  # an older llava-edge's bundle: start clean, removing what it listed
+            self.log(f"{out} was exported by an older llava-edge (another manifest schema): starting clean")
+            finished, older = None, e.files
+        try:
+            unfinished = manifest.read_incomplete(out) if manifest.is_incomplete(out) else None
+        except manifest.OlderSchema as e:
+            unfinished, older = None, older + e.files
         previous = [m for m in (finished, unfinished) if m is not None]
         same = [m for m in previous if same_source(m.source, source)]
         other = [m for m in previous if not same_source(m.source, source)]
@@ -401,12 +410,14 @@ class _Export:
                      f"{source['fingerprint'][:12]}) or its files changed: starting clean")
             for v in m.variants:
                 stale += [v.file, v.file + ".data"]
-        if other:
+        for f in older:
+            stale += [f, f + ".data"]
+        if other or older:
             stale += [*TOKENIZER_FILES, CALIBRATION_CACHE]
         stale = [f for f in dict.fromkeys(stale) if f not in keep and (out / f).exists()]
-        if finished is not None and finished in other:
+        if (finished is not None and finished in other) or (older and manifest.is_bundle(out)):
             stale.append(manifest.MANIFEST)  # deleted last, after the files it lists
-        return base, stale, not same or bool(other)
+        return base, stale, not same or bool(other) or bool(older)
 
     def _present(self, v: manifest.Variant) -> bool:
         p = self.out / v.file
@@ -421,7 +432,8 @@ class _Export:
         n_head = int(tc["num_attention_heads"])
         return manifest.Manifest(
             source=self.source,
-            template=ckpt.recipe["template"],
+            conv_mode=ckpt.conv_mode,
+            chat_template=ckpt.chat_template() if ckpt.conv_mode == CHAT_TEMPLATE else None,
             image=ckpt.image_spec().to_dict(),
             vision={
                 "feature_layer": ckpt.config.get("vision_feature_layer", -2),
@@ -443,7 +455,7 @@ class _Export:
                 "n_ctx_train": int(tc.get("max_position_embeddings", 4096)),
                 "image_token_id": ckpt.image_token_id,
             },
-            tokenizer={"file": "tokenizer.json", "adds_bos": self.adds_bos},
+            tokenizer=self.tokenizer.to_dict(),
         )
 
     def _plan(self) -> list[tuple[str, Callable[[], object]]]:

@@ -25,9 +25,9 @@ from pathlib import Path
 from . import atomic
 from .errors import UserError
 from .preprocess import PAD_MODES, ImageSpec
-from .templates import TEMPLATES
+from .templates import CHAT_TEMPLATE, MODES, mode_for_model_name
 
-RECIPE_FILE = "llava_edge.json"  # what the config does not say: template and pad mode
+RECIPE_FILE = "llava_edge.json"  # what the config does not say: conversation mode and pad mode
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 SUPPORTED = (  # said in every "unsupported model" error
     "LlavaForConditionalGeneration (model_type 'llava', llava-hf layout) with a llama or mistral language model; "
@@ -37,11 +37,13 @@ HUB_SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]  # configs, tokenizer
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 DEFAULT_RECIPE = {"template": "vicuna_v1", "image_pad": "pad"}
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
 
 def write_recipe(folder: str | Path, template: str, image_pad: str) -> None:
-    if template not in TEMPLATES:
-        raise UserError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+    """``llava_edge.json``: the conversation mode the checkpoint was trained with (key ``template``) and its pad mode."""
+    if template not in MODES:
+        raise UserError(f"unknown conversation mode {template!r}; known: {', '.join(MODES)}")
     if image_pad not in PAD_MODES:
         raise UserError(f"unknown image pad mode {image_pad!r}; known: {', '.join(PAD_MODES)}")
     atomic.write_json(Path(folder) / RECIPE_FILE, {"template": template, "image_pad": image_pad})
@@ -61,6 +63,28 @@ class Checkpoint:
     @property
     def vision_config(self) -> dict:
         return self.config["vision_config"]
+
+    @property
+    def conv_mode(self) -> str:
+        """The conversation mode to prompt with: the recipe's (what llava-edge trained or converted it with), else
+        the default for a llava-hf checkpoint (:func:`default_conv_mode`)."""
+        return self.recipe["template"]
+
+    def chat_template(self) -> str | None:
+        """The checkpoint's own Jinja chat template (what transformers' ``apply_chat_template`` renders)."""
+        for name in CHAT_TEMPLATE_FILES:
+            f = self.path / name
+            if not f.is_file():
+                continue
+            if name.endswith(".jinja"):
+                return f.read_text(encoding="utf-8")
+            try:
+                t = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+            except (ValueError, AttributeError):
+                raise UserError(f"unreadable {f}") from None
+            if isinstance(t, str) and t:
+                return t
+        return None
 
     @property
     def image_token_id(self) -> int:
@@ -292,9 +316,46 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
             recipe.update(json.loads(rf.read_text()))
         except ValueError:
             raise UserError(f"unreadable {RECIPE_FILE} in {path}") from None
+        if recipe.get("template") not in MODES:
+            raise UserError(f"{rf} names an unknown conversation mode {recipe.get('template')!r}")
     ckpt = Checkpoint(path, config, recipe)
+    if not rf.is_file():
+        recipe["template"] = default_conv_mode(ckpt)
     ckpt.check_weights()  # fail early on missing shards and damaged files
     return ckpt
+
+
+def default_conv_mode(ckpt: Checkpoint) -> str:
+    """The mode of a llava-hf checkpoint that records none: what its weights were trained with.
+
+    llava-hf's LLaVA-1.5 checkpoints (a Llama/Vicuna language model) are conversions of
+    LLaVA-1.5, trained with LLaVA's ``--version v1``: ``vicuna_v1``, the mode LLaVA's own
+    benchmark scripts prompt them with. Other language models (Mistral: BakLLaVA) are
+    prompted with the checkpoint's own chat template when it has one.
+    """
+    if ckpt.text_config.get("model_type", "llama") != "llama" and ckpt.chat_template():
+        return CHAT_TEMPLATE
+    return "vicuna_v1"
+
+
+def original_conv_mode(name: str) -> str:
+    """The mode of an original LLaVA checkpoint named ``name``.
+
+    LLaVA's ``run_llava.py`` and ``serve/cli.py`` pick it from the name
+    (:func:`templates.mode_for_model_name`; ``llava-v1.5-7b`` gets ``llava_v1``). LLaVA's
+    loader runs a checkpoint as a LLaVA model only when its name holds "llava"; for
+    other names the rule says nothing meaningful, and the mode LLaVA-1.5 trains with
+    (``--version v1``: ``vicuna_v1``) is taken.
+    """
+    return mode_for_model_name(name) if "llava" in name.lower() else "vicuna_v1"
+
+
+def llava_model_name(model: str | Path) -> str:
+    """LLaVA's ``get_model_name_from_path``: the folder name, or ``PARENT_checkpoint-N`` for a training checkpoint."""
+    parts = str(model).strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return parts[-2] + "_" + parts[-1]
+    return parts[-1]
 
 
 def resolve_model(model: str | Path, vision: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -326,7 +387,11 @@ def resolve_model(model: str | Path, vision: str | Path | None = None, cache_dir
     vision_path = resolve_path(vision, what="vision tower")
     if not vision_path.is_dir():
         raise UserError(f"vision tower is not a directory: {vision_path}")
-    out = original_llava.convert_cached(path, vision_path, Path(cache_dir) if cache_dir else None, log=log)
+    mode = original_conv_mode(llava_model_name(model))
+    how = "as LLaVA's scripts pick it from the name" if "llava" in llava_model_name(model).lower() else "LLaVA-1.5's"
+    log(f"conversation mode: {mode} ({how}; --conv-mode on export overrides it)")
+    out = original_llava.convert_cached(path, vision_path, Path(cache_dir) if cache_dir else None, log=log,
+                                        conv_mode=mode)
     ckpt = open_checkpoint(out)
     ckpt.origin = path
     return ckpt

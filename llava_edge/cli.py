@@ -140,6 +140,8 @@ def train_stage1(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint-last"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad records (and count them) instead of stopping"),
     stop_after: int = typer.Option(0, help="Checkpoint and stop at this step (continue later with --resume)"),
+    conv_mode: str = typer.Option("plain", "--conv-mode", help="LLaVA's --version: the conversation mode the "
+                                  "records are rendered and masked with (stage 1: plain)"),
 ):
     """Stage 1, feature alignment: only the projector learns, on image-caption pairs."""
     from .train import stages
@@ -147,8 +149,9 @@ def train_stage1(
     cfg = _stage_config("stage1", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
                         epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed)
     m = _model_arg(model, vision, llm, projector_type, output)
+    _check_train_mode(conv_mode)
     done = stages.stage1(m, data, image_folder, output, cfg, projector_type=projector_type, pad=image_aspect,
-                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, log=say)
+                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode, log=say)
     if done:
         say(f"stage 1 done: {output} (projector: {output / 'mm_projector.safetensors'})")
 
@@ -172,6 +175,9 @@ def train_stage2(
     resume: bool = typer.Option(False, "--resume"),
     skip_bad: bool = typer.Option(False, "--skip-bad"),
     stop_after: int = typer.Option(0, help="Checkpoint and stop at this step (continue later with --resume)"),
+    conv_mode: str = typer.Option("vicuna_v1", "--conv-mode", help="LLaVA's --version: the conversation mode the "
+                                  "records are rendered and masked with (LLaVA-1.5: v1 = vicuna_v1); recorded in "
+                                  "the output for export and chat"),
 ):
     """Stage 2, visual instruction tuning: projector + language model (or LoRA) learn."""
     from .train import stages
@@ -179,10 +185,21 @@ def train_stage2(
     cfg = _stage_config("stage2", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
                         epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed,
                         lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr)
+    _check_train_mode(conv_mode)
     out = stages.stage2(model, data, image_folder, output, cfg, projector=projector, pad=image_aspect,
-                        resume=resume, skip_bad=skip_bad, stop_after=stop_after, log=say)
+                        resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode, log=say)
     if out:
         say(f"stage 2 done: {out}")
+
+
+def _check_train_mode(conv_mode: str) -> None:
+    from .templates import CHAT_TEMPLATE, TEMPLATES
+
+    if conv_mode == CHAT_TEMPLATE:
+        raise UserError("--conv-mode chat_template is for export and chat; train with one of LLaVA's modes "
+                        f"({', '.join(TEMPLATES)})")
+    if conv_mode not in TEMPLATES:
+        raise UserError(f"unknown --conv-mode {conv_mode!r}; known: {', '.join(TEMPLATES)}")
 
 
 @train_app.command("merge-lora")
@@ -220,16 +237,23 @@ def export(
                                                      "cache (default: BUNDLE/tensorrt.int8.calib)"),
     trt_workspace_mib: Optional[int] = typer.Option(None, "--trt-workspace-mib", help="TensorRT builder workspace"),
     set_default: bool = typer.Option(False, "--set-default", help="Make this the bundle `chat` uses by default"),
+    conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="The bundle's conversation mode (default: "
+                                            "the checkpoint's; see README, 'Conversation modes')"),
 ):
     """Split a LLaVA checkpoint into the files an edge device runs, under one manifest.json."""
     from .checkpoint import resolve_model
     from .export.bundle import ExportOptions, TensorRTOptions, check_out_dir, export_bundle, terminal_progress
+    from .templates import MODES
 
     trt = TensorRTOptions(max_batch=trt_max_batch, opt_batch=trt_opt_batch, int8=int8,
                           calibration_cache=calibration_cache, workspace_mib=trt_workspace_mib)
     ExportOptions(target, dtype, llm_outtype, trt, mmproj_outtype).validate()
+    if conv_mode is not None and conv_mode not in MODES:
+        raise UserError(f"unknown --conv-mode {conv_mode!r}; known: {', '.join(MODES)}")
     check_out_dir(out)  # before a conversion writes anything
     ckpt = resolve_model(model, vision=vision, cache_dir=cache_dir, log=say)
+    if conv_mode is not None:
+        ckpt.recipe["template"] = conv_mode
     export_bundle(ckpt, out, target, dtype, llm_outtype, mmproj_outtype=mmproj_outtype, tensorrt=trt, log=say,
                   progress=terminal_progress(say))
     if set_default:
@@ -293,7 +317,7 @@ def _manifest_fields(m) -> list[tuple[str, str]]:
     if s.get("converted"):
         rows.append(("converted copy", str(s["converted"])))
     rows += [
-        ("template", m.template),
+        ("conversation mode", m.conv_mode),
         ("image", f"{vi.get('image_size', im.get('crop'))} px; resize {im.get('resize')}, crop {im.get('crop')}, "
                   f"pad mode {im.get('pad')}"),
         ("mean / std", f"{_floats(im.get('mean'))} / {_floats(im.get('std'))}"),
@@ -309,7 +333,9 @@ def _manifest_fields(m) -> list[tuple[str, str]]:
         ids = ", ".join(f"{k} {llm[k]}" for k in ("bos_id", "eos_id", "image_token_id") if k in llm)
         rows.append(("language model", f"{llm.get('arch', '?')}: {dims}"))
         rows.append(("token ids", ids))
-    rows.append(("tokenizer", f"{tok.get('file')} (adds BOS: {'yes' if tok.get('adds_bos') else 'no'})"))
+    rows.append(("tokenizer", f"{tok.get('file')}: {tok.get('kind')}, "
+                              f"{'legacy' if tok.get('legacy') else 'non-legacy'} word starts, "
+                              f"adds BOS: {'yes' if tok.get('add_bos') else 'no'}"))
     return rows
 
 
@@ -339,6 +365,8 @@ def chat(
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Neither load nor save KV caches of "
                                          "prompt beginnings and pictures seen before ($LLAVA_EDGE_CACHE/prefix-kv, "
                                          "size limit $LLAVA_EDGE_PREFIX_CACHE_MB; docs/RUNTIME.md)"),
+    conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="Prompt in another conversation mode than "
+                                            "the bundle's (LLaVA's names, e.g. vicuna_v1, llava_v1)"),
 ):
     """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from .preprocess import load_image
@@ -350,7 +378,7 @@ def chat(
         load_image(image)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
                        threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
-                       prefix_cache=not no_prefix_cache)
+                       prefix_cache=not no_prefix_cache, conv_mode=conv_mode)
     if explain:
         say(m.explain())
         if prompt is None:
@@ -487,7 +515,7 @@ def bench(
 
 
 # optional packages -> the extra that installs them (a command that needs one says so in one line)
-EXTRA_OF = {"torch": "export", "transformers": "export", "sentencepiece": "export", "onnx": "export",
+EXTRA_OF = {"torch": "export", "transformers": "export", "onnx": "export",
             "onnxscript": "export", "peft": "train", "accelerate": "train", "tensorrt": "tensorrt", "cuda": "tensorrt"}
 
 

@@ -11,10 +11,14 @@ written (so a re-run continues there instead of refusing an "unrelated"
 directory) and lists the files already finished, but nothing reads it as a
 bundle. When the export is done it writes ``manifest.json`` and deletes this file.
 
-Schema version 1. Later additions are optional keys (variant kinds ``mmproj``,
-``format``, ``options``, the vision section's ``parity``), so readers of the
-first version of schema 1 still read newer manifests; a manifest with a higher
-schema version is refused with a message that says to upgrade.
+Schema version 2: ``conv_mode`` (one of LLaVA's conversation modes, or
+``chat_template`` with the checkpoint's Jinja text in ``chat_template``) and the
+``tokenizer`` section ``llava_edge.tokenizer.Settings`` writes (how LLaVA's
+code tokenizes for this checkpoint). Schema 1 bundles prompted differently; they
+are refused with a message that says to export again, as is a manifest with a
+higher schema version (upgrade). Optional keys (variant kinds ``mmproj``,
+``format``, ``options``, the vision section's ``parity``) keep older readers of a
+schema working.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from . import __version__, atomic
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 IN_PROGRESS = "manifest.incomplete.json"  # an export's state until it finishes
 KINDS = ("vision", "llm", "mmproj")
@@ -75,15 +79,24 @@ class Variant:
         return self.extra.get("format") == "tensorrt" or self.file.endswith(".engine")
 
 
+class OlderSchema(UserError):
+    """A manifest of an older schema: ``files`` are its variants' files (for an export that starts clean)."""
+
+    def __init__(self, files: list[str], message: str):
+        super().__init__(message)
+        self.files = files
+
+
 @dataclass
 class Manifest:
     source: dict
-    template: str
+    conv_mode: str  # a name in llava_edge.templates.MODES
     image: dict  # ImageSpec.to_dict()
     vision: dict
     llm: dict
-    tokenizer: dict
+    tokenizer: dict  # llava_edge.tokenizer.Settings.to_dict()
     variants: list[Variant] = field(default_factory=list)
+    chat_template: str | None = None  # the checkpoint's Jinja template, for conv_mode "chat_template"
     schema_version: int = SCHEMA_VERSION
     created_by: str = f"llava-edge {__version__}"
 
@@ -130,7 +143,8 @@ class Manifest:
             "schema_version": self.schema_version,
             "created_by": self.created_by,
             "source": self.source,
-            "template": self.template,
+            "conv_mode": self.conv_mode,
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
             "image": self.image,
             "vision": self.vision,
             "llm": self.llm,
@@ -145,11 +159,14 @@ class Manifest:
             raise UserError(f"bundle manifest schema {version} was written by a newer llava-edge (this one reads "
                             f"schema {SCHEMA_VERSION}): upgrade llava-edge, or export the bundle again with this one")
         if version != SCHEMA_VERSION:
-            raise UserError(f"bundle manifest schema {version!r} is not supported "
-                            f"(this llava-edge reads {SCHEMA_VERSION})")
+            raise OlderSchema([v.get("file") for v in d.get("variants", []) if isinstance(v, dict)
+                               and isinstance(v.get("file"), str)],
+                              f"bundle manifest schema {version!r} was written by an older llava-edge, which prompted "
+                            f"differently (this one reads schema {SCHEMA_VERSION}): export the bundle again")
         return cls(
-            source=d["source"], template=d["template"], image=d["image"], vision=d["vision"], llm=d["llm"],
+            source=d["source"], conv_mode=d["conv_mode"], image=d["image"], vision=d["vision"], llm=d["llm"],
             tokenizer=d["tokenizer"], variants=[Variant.from_dict(v) for v in d.get("variants", [])],
+            chat_template=d.get("chat_template"),
             schema_version=version, created_by=d.get("created_by", "?"),
         )
 

@@ -15,7 +15,9 @@ rest of llava-edge read: ``config.json`` (``LlavaConfig`` with
 ``vision_tower.vision_model.*``, ``multi_modal_projector.linear_{1,2}.*``),
 tokenizer and processor files with ``<image>`` (and ``<pad>`` when the tokenizer
 has no pad token of its own) added after the vocabulary like llava-hf, and
-``llava_edge.json`` (``vicuna_v1``; ``image_aspect_ratio: pad`` -> pad mode ``pad``).
+``llava_edge.json`` (the conversation mode LLaVA's scripts pick from the model's name, ``llava_v1`` for
+``llava-v1.5-*``; ``image_aspect_ratio: pad`` -> pad mode ``pad``), and the tokenizer settings LLaVA's
+transformers took from the source (``legacy``, ``add_bos_token``) written into ``tokenizer_config.json``.
 
 Differences from transformers' ``convert_llava_weights_to_hf.py`` (read, not copied):
 it loads the whole state dict and samples the new embedding rows at random; here
@@ -42,11 +44,12 @@ from pathlib import Path
 from . import atomic
 from .cache_dir import default_cache_dir
 from .errors import UserError
+from .tokenizer import pin_tokenizer_config
 
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 ORIGINAL_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-CONVERTER_VERSION = 1  # part of the cache key: bump when the output changes
+CONVERTER_VERSION = 2  # part of the cache key: bump when the output changes
 PROVENANCE_FILE = "llava_edge_converted_from.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 VOCAB_MULTIPLE = 64  # llava-hf pads 32002 tokens to 32064 rows
@@ -340,16 +343,22 @@ def _st_dtype(dtype) -> str:
     return _TORCH_TO_SAFETENSORS[name]
 
 
+def tcfg_of(src: Path) -> dict:
+    """The source's ``tokenizer_config.json`` ({} when absent or unreadable)."""
+    try:
+        d = json.loads((src / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def _prepare_tokenizer(src: Path, patch_token: bool):
     """The source tokenizer with LLaVA's optional ``<im_patch>``, then llava-hf's ``<image>`` (and ``<pad>``)."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
     if not any((src / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         raise UserError(f"no tokenizer in {src} (tokenizer.model or tokenizer.json)")
-    try:
-        tcfg = json.loads((src / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        tcfg = {}
+    tcfg = tcfg_of(src)
     llama_sp = str(tcfg.get("tokenizer_class", "")).startswith("LlamaTokenizer") and (src / "tokenizer.model").is_file()
     try:
         # LLaVA loads Llama/Vicuna with the slow SentencePiece LlamaTokenizer; transformers' Llama class
@@ -475,8 +484,12 @@ def plan_tensors(orig: OriginalLlava, text: dict[str, SourceTensor], vision: dic
 
 
 def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES,
-            log: Callable[[str], None] = print) -> Path:
-    """Write the llava-hf style directory ``out`` (atomically: a temporary folder renamed when complete)."""
+            log: Callable[[str], None] = print, conv_mode: str = "llava_v1") -> Path:
+    """Write the llava-hf style directory ``out`` (atomically: a temporary folder renamed when complete).
+
+    ``conv_mode`` is recorded as the checkpoint's conversation mode (``resolve_model`` passes the one LLaVA's
+    scripts pick from the model's name).
+    """
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -535,9 +548,14 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
         processor.save_pretrained(str(tmp))
         if (src / "tokenizer.model").is_file():  # the GGUF export reads the SentencePiece model itself
             shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+        # what LLaVA's transformers decided from the source config (legacy=True when it is silent), written
+        # down: transformers 5 saves neither key, and the ids llava-edge makes follow them
+        pin_tokenizer_config(tmp, legacy=bool(tcfg_of(src).get("legacy", True)),
+                             add_bos=bool(tcfg_of(src).get("add_bos_token", True)),
+                             add_eos=bool(tcfg_of(src).get("add_eos_token", False)))
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
-        write_recipe(tmp, template="vicuna_v1", image_pad=orig.image_pad)
+        write_recipe(tmp, template=conv_mode, image_pad=orig.image_pad)
         (tmp / PROVENANCE_FILE).write_text(json.dumps({
             "original": str(src.resolve()), "vision": str(vision.resolve()), "converter_version": CONVERTER_VERSION,
         }, indent=2) + "\n")
@@ -552,27 +570,28 @@ def _folder_stamp(folder: Path) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()]
 
 
-def conversion_key(src: Path, vision: Path) -> str:
+def conversion_key(src: Path, vision: Path, conv_mode: str = "llava_v1") -> str:
     h = hashlib.sha256(json.dumps({
         "converter": CONVERTER_VERSION, "src": str(src.resolve()), "vision": str(vision.resolve()),
-        "src_files": _folder_stamp(src), "vision_files": _folder_stamp(vision),
+        "src_files": _folder_stamp(src), "vision_files": _folder_stamp(vision), "conv_mode": conv_mode,
     }).encode())
     return h.hexdigest()[:16]
 
 
-def converted_path(src: Path, vision: Path, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / "converted" / f"{src.resolve().name}-{conversion_key(src, vision)}"
+def converted_path(src: Path, vision: Path, cache_dir: Path | None = None, conv_mode: str = "llava_v1") -> Path:
+    key = conversion_key(src, vision, conv_mode)
+    return (cache_dir or default_cache_dir()) / "converted" / f"{src.resolve().name}-{key}"
 
 
 def convert_cached(src: Path, vision: Path, cache_dir: Path | None = None,
-                   log: Callable[[str], None] = print) -> Path:
-    """The converted directory for (src, vision): reused when already converted, else written now."""
-    out = converted_path(src, vision, cache_dir)
+                   log: Callable[[str], None] = print, conv_mode: str = "llava_v1") -> Path:
+    """The converted directory for (src, vision, mode): reused when already converted, else written now."""
+    out = converted_path(src, vision, cache_dir, conv_mode)
     if (out / "config.json").is_file() and (out / PROVENANCE_FILE).is_file():
         log(f"using the converted checkpoint {out}")
         return out
     _remove_dead_partials(out.parent)
-    return convert(src, vision, out, log=log)
+    return convert(src, vision, out, log=log, conv_mode=conv_mode)
 
 
 def _remove_dead_partials(folder: Path) -> None:

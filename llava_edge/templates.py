@@ -1,133 +1,346 @@
-"""Conversation templates: the one source of truth for prompt text.
+"""Conversation modes: the one source of truth for prompt text.
 
-Training renders whole conversations and learns from the spans marked as
-targets; export records the template name in the bundle; the runtime renders the
-same template up to the open assistant turn. The formats follow LLaVA's
-``conversation.py`` (``conv_llava_plain`` and ``conv_vicuna_v1``).
+The modes are LLaVA's own (``llava/conversation.py`` of the LLaVA repository,
+release 1.2.2), under LLaVA's names, with LLaVA's system prompts, roles and
+separators, and ``get_prompt``'s rendering rules for each separator style.
+Training renders whole conversations (``train/labels.py`` then reproduces
+LLaVA's label masking for the mode's style), export records the mode in the
+bundle, the runtime and drift render the generation prompt as LLaVA's
+evaluation scripts do: ``<image>\\n`` before the first question, then
+``get_prompt`` of the messages with an open assistant turn.
+
+A rendered prompt is a tuple of parts, not a string: :class:`Text` that the
+template wrote (``fixed``: it may hold the tokenizer's special tokens, such as
+``</s>``), :class:`Text` that a user or a data file wrote (never turned into
+special tokens, whatever it contains) and :data:`IMAGE`, where the image's
+embeddings go. ``flat`` joins them into the string LLaVA builds, with
+``<image>`` for the image.
+
+One more mode, ``chat_template``, renders the checkpoint's own Jinja chat
+template (what transformers users get with ``apply_chat_template``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
+CHAT_TEMPLATE = "chat_template"  # the mode that renders the checkpoint's own Jinja template
 
 
 @dataclass(frozen=True)
 class Turn:
     role: str  # "user" or "assistant"
     text: str
+    image: bool = False  # the image comes first, as LLaVA places it: "<image>\n" + text
 
 
 @dataclass(frozen=True)
-class Rendered:
-    """A rendered conversation: the text and the character spans the model must learn."""
-
+class Text:
     text: str
-    targets: tuple[tuple[int, int], ...]  # [start, end) character spans of assistant output
+    fixed: bool  # written by the template (may name special tokens), not by a user or a data file
 
-    def target_texts(self) -> list[str]:
-        return [self.text[a:b] for a, b in self.targets]
+
+@dataclass(frozen=True)
+class Image:
+    """Where the image goes (LLaVA: where ``<image>`` stands in the prompt string)."""
+
+
+IMAGE = Image()
+Part = Text | Image
+Parts = tuple[Part, ...]
+
+
+def flat(parts: Parts) -> str:
+    """The string LLaVA's code builds for ``parts``."""
+    return "".join(IMAGE_PLACEHOLDER if isinstance(p, Image) else p.text for p in parts)
+
+
+def normalize(parts) -> Parts:
+    """Adjacent texts of the same kind merged, empty texts dropped."""
+    out: list[Part] = []
+    for p in parts:
+        if isinstance(p, Text):
+            if not p.text:
+                continue
+            if out and isinstance(out[-1], Text) and out[-1].fixed == p.fixed:
+                out[-1] = Text(out[-1].text + p.text, p.fixed)
+                continue
+        out.append(p)
+    return tuple(out)
+
+
+def fixed(s: str) -> Text:
+    return Text(s, True)
+
+
+def message_parts(turn: Turn) -> Parts:
+    """A turn's message: the image first when it has one (``<image>\n`` + text, or ``<image>`` alone, as LLaVA's
+    ``preprocess_multimodal`` writes it), then its text, which is never parsed for special tokens or images."""
+    if not turn.image:
+        return normalize((Text(turn.text, False),))
+    return normalize((IMAGE, Text("\n" + turn.text if turn.text else "", False)))
+
+
+def split_fixed(parts: Parts, sep: str) -> list[Parts]:
+    """``str.split(sep)`` on the flat string, splitting only where the template wrote ``sep``.
+
+    LLaVA's label masking splits the conversation string on its separators; user
+    text that happens to contain a separator must not split it (LLaVA's split
+    would, and then masks the whole sample).
+    """
+    pieces: list[list[Part]] = [[]]
+    for p in normalize(parts):
+        if isinstance(p, Text) and p.fixed and sep in p.text:
+            chunks = p.text.split(sep)
+            pieces[-1].append(Text(chunks[0], True))
+            for c in chunks[1:]:
+                pieces.append([Text(c, True)])
+        else:
+            pieces[-1].append(p)
+    return [normalize(x) for x in pieces]
+
+
+# LLaVA's SeparatorStyle
+SINGLE, TWO, MPT, PLAIN, LLAMA_2 = "single", "two", "mpt", "plain", "llama_2"
+Message = tuple[str, Parts | None]  # (role, content); None: the open turn the model answers
 
 
 @dataclass(frozen=True)
 class Template:
+    """One of LLaVA's ``Conversation`` objects, and how LLaVA's code prompts and trains with it."""
+
     name: str
     system: str
-    user_role: str
-    assistant_role: str
-    sep: str  # after a user turn
-    sep2: str  # after an assistant turn; part of the target (the model learns to stop)
-    drop_user_text: bool = False  # LLaVA's `plain`: keep only the image of the human turn
+    roles: tuple[str, str]
+    style: str
+    sep: str
+    sep2: str | None = None
+    version: str = "Unknown"  # LLaVA's ``version``: picks the training preprocessor ("v1...", "mpt", ...)
+    examples: tuple[tuple[str, str], ...] = ()  # few-shot messages of the conversation object (v0)
+    jinja: str | None = field(default=None, compare=False)  # chat_template mode only
 
-    def render(self, turns: list[Turn], *, open_assistant: bool = False) -> Rendered:
-        """Render ``turns``; with ``open_assistant`` end with the assistant's cue for generation."""
-        if not turns or turns[0].role != "user":
-            raise ValueError("a conversation starts with a user turn")
-        for i, t in enumerate(turns):
-            want = "user" if i % 2 == 0 else "assistant"
-            if t.role != want:
-                raise ValueError(f"turn {i} is from {t.role!r}, expected {want!r}")
-        if self.drop_user_text:
-            return self._render_plain(turns, open_assistant)
-        out = self.system + self.sep if self.system else ""
-        targets: list[tuple[int, int]] = []
-        for t in turns:
-            if t.role == "user":
-                out += f"{self.user_role}: {t.text}{self.sep}"
-            else:
-                out += f"{self.assistant_role}:"
-                start = len(out)
-                out += f" {t.text}{self.sep2}"
-                # The target is everything the model must generate after "ASSISTANT:",
-                # the space included: a tokenizer may emit that space as a token of its
-                # own ('▁' before a digit), and generation must learn to produce it.
-                targets.append((start, len(out)))
-        if open_assistant:
-            if turns[-1].role != "user":
-                raise ValueError("open_assistant needs the last turn to be the user's")
-            out += f"{self.assistant_role}:"
-        return Rendered(out, tuple(targets))
+    # -- what the runtime needs -------------------------------------------------------------
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Text that ends an answer (besides the end-of-sequence token): LLaVA's stop string for the style.
 
-    def _render_plain(self, turns: list[Turn], open_assistant: bool) -> Rendered:
-        if len(turns) > 2:
-            raise ValueError("the plain template takes one image and one caption")
-        # LLaVA's tokenizer_image_token tokenizes the text after <image> as a chunk of its
-        # own, so a SentencePiece tokenizer starts the caption with a word-start piece
-        # ('▁two'). Tokenizing "<image>two" in one go gives 't', 'wo' instead: pieces a
-        # pretrained language model has rarely seen at a word start, whose loss then
-        # dominates stage 1 (measured on the toy: the first word and the final newline
-        # were 60% of the stage-1 loss). A space after the image gives LLaVA's ids for a
-        # SentencePiece vocabulary (Llama/Vicuna, tested); a byte-level BPE one (Llama 3)
-        # gets the word-start form too ('Ġtwo'), where LLaVA's chunking would give 'two'.
-        # (A prompt to caption from stays "<image>": the model then generates '▁two' itself.)
-        out = IMAGE_PLACEHOLDER
-        targets: list[tuple[int, int]] = []
-        if len(turns) == 2:
-            out += " "
-            start = len(out)
-            out += turns[1].text + self.sep
-            targets.append((start, len(out)))
-        return Rendered(out, tuple(targets))
+        LLaVA's ``KeywordsStoppingCriteria`` keyword is ``sep2`` for the ``two`` style and ``sep``
+        for the others; ``plain`` (a stage-1 captioner) learns a caption ended by ``sep``.
+        """
+        if self.jinja is not None:
+            return ()
+        s = self.sep2 if self.style in (TWO, LLAMA_2) else self.sep
+        return (s,) if s else ()
 
-    def prompt(self, question: str, *, image: bool = True, history: list[Turn] | None = None) -> str:
-        """The text to generate from: history, then ``question`` (with the image first)."""
+    @property
+    def single_turn(self) -> bool:
+        """``plain``: one image and one caption; the question is kept but nothing earlier."""
+        return self.style == PLAIN
+
+    def prompt(self, question: str, *, image: bool = True, history: list[Turn] | None = None) -> Parts:
+        """The generation prompt, as LLaVA's evaluation scripts build it.
+
+        The image goes first in the first user turn (``<image>\\n`` + question, as
+        ``run_llava.py`` and ``model_vqa.py`` do); earlier turns come from ``history``
+        (the one that holds ``<image>`` keeps it there).
+        """
         turns = list(history or [])
-        if image and not any(IMAGE_PLACEHOLDER in t.text for t in turns):
-            question = f"{IMAGE_PLACEHOLDER}\n{question}"
-        turns.append(Turn("user", question))
-        return self.render(turns, open_assistant=True).text
+        turns.append(Turn("user", question, image=image and not any(t.image for t in turns)))
+        _check_alternation(turns)
+        if self.jinja is not None:
+            return render_jinja(self.jinja, turns, add_generation_prompt=True)
+        messages = [(self.roles[i % 2], message_parts(t)) for i, t in enumerate(turns)]
+        return self.get_prompt(messages + [(self.roles[1], None)], with_examples=True)
+
+    def conversation(self, turns: list[Turn]) -> Parts:
+        """A whole conversation as LLaVA's training renders it (``get_prompt`` of every message)."""
+        _check_alternation(turns)
+        messages = [(self.roles[i % 2], message_parts(t)) for i, t in enumerate(turns)]
+        return self.get_prompt(messages, with_examples=False)
+
+    # -- LLaVA's Conversation.get_prompt ---------------------------------------------------
+    def get_prompt(self, messages: list[Message], with_examples: bool = False) -> Parts:
+        """``Conversation.get_prompt`` for ``messages`` (after the mode's few-shot examples, if asked)."""
+        if with_examples:
+            messages = [(r, (Text(t, True),)) for r, t in self.examples] + list(messages)
+        out: list[Part] = []
+        add = out.append
+        if self.style == SINGLE:
+            add(fixed(self.system + self.sep))
+            for role, msg in messages:
+                if msg:
+                    out += [fixed(role + ": "), *msg, fixed(self.sep)]
+                else:
+                    add(fixed(role + ":"))
+        elif self.style == TWO:
+            seps = (self.sep, self.sep2)
+            add(fixed(self.system + seps[0]))
+            for i, (role, msg) in enumerate(messages):
+                if msg:
+                    out += [fixed(role + ": "), *msg, fixed(seps[i % 2])]
+                else:
+                    add(fixed(role + ":"))
+        elif self.style == MPT:
+            add(fixed(self.system + self.sep))
+            for role, msg in messages:
+                if msg:
+                    out += [fixed(role), *msg, fixed(self.sep)]
+                else:
+                    add(fixed(role))
+        elif self.style == LLAMA_2:
+            for i, (role, msg) in enumerate(messages):
+                if i == 0 and (not msg or role != self.roles[0]):
+                    raise ValueError("the first message must be the user's")
+                if not msg:
+                    continue
+                if i == 0 and self.system:
+                    msg = (fixed(f"<<SYS>>\n{self.system}\n<</SYS>>\n\n"), *msg)
+                if i % 2 == 0:
+                    out += [fixed(self.sep + "[INST] "), *msg, fixed(" [/INST]")]
+                else:
+                    out += [fixed(" "), *msg, fixed(" " + self.sep2)]
+            out = _lstrip_chars(normalize(out), self.sep)
+        elif self.style == PLAIN:
+            seps = (self.sep, self.sep2)
+            add(fixed(self.system))
+            for i, (role, msg) in enumerate(messages):
+                if msg:
+                    sep = seps[i % 2]
+                    if sep is None:  # LLaVA would fail concatenating None: one caption only
+                        raise ValueError(f"the {self.name!r} mode takes one image and one caption")
+                    out += [*msg, fixed(sep)]
+        else:
+            raise ValueError(f"unknown separator style {self.style!r}")
+        return normalize(out)
 
 
-PLAIN = Template(
-    name="plain", system="", user_role="", assistant_role="", sep="\n", sep2="\n", drop_user_text=True
+def _lstrip_chars(parts: Parts, chars: str) -> Parts:
+    """``str.lstrip(chars)`` of the flat string (LLaVA strips the llama_2 separator's characters so)."""
+    if not chars or not parts or not isinstance(parts[0], Text):
+        return parts
+    first = parts[0]
+    stripped = first.text.lstrip(chars)
+    if stripped or len(parts) == 1:
+        return normalize((Text(stripped, first.fixed), *parts[1:]))
+    return _lstrip_chars(parts[1:], chars)
+
+
+def _check_alternation(turns: list[Turn]) -> None:
+    if not turns or turns[0].role != "user":
+        raise ValueError("a conversation starts with a user turn")
+    for i, t in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if t.role != want:
+            raise ValueError(f"turn {i} is from {t.role!r}, expected {want!r}")
+
+
+# -- LLaVA's conversation objects ----------------------------------------------------------------
+_HUMAN_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+_USER_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+_V0_EXAMPLES = (
+    ("Human", "What are the key differences between renewable and non-renewable energy sources?"),
+    ("Assistant",
+     "Renewable energy sources are those that can be replenished naturally in a relatively "
+     "short amount of time, such as solar, wind, hydro, geothermal, and biomass. "
+     "Non-renewable energy sources, on the other hand, are finite and will eventually be "
+     "depleted, such as coal, oil, and natural gas. Here are some key differences between "
+     "renewable and non-renewable energy sources:\n"
+     "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable "
+     "energy sources are finite and will eventually run out.\n"
+     "2. Environmental impact: Renewable energy sources have a much lower environmental impact "
+     "than non-renewable sources, which can lead to air and water pollution, greenhouse gas emissions, "
+     "and other negative effects.\n"
+     "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically "
+     "have lower operational costs than non-renewable sources.\n"
+     "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote "
+     "locations than non-renewable sources.\n"
+     "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different "
+     "situations and needs, while non-renewable sources are more rigid and inflexible.\n"
+     "6. Sustainability: Renewable energy sources are more sustainable over the long term, while "
+     "non-renewable sources are not, and their depletion can lead to economic and social instability.\n"),
 )
-VICUNA_V1 = Template(
-    name="vicuna_v1",
-    system=(
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
-    ),
-    user_role="USER",
-    assistant_role="ASSISTANT",
-    sep=" ",
-    sep2="</s>",
+_LLAMA_2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+    "something not correct. If you don't know the answer to a question, please don't share false information."
 )
+_LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                         "content that the user provides, and assist the user with a variety of tasks using natural "
+                         "language.")
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (PLAIN, VICUNA_V1)}
+vicuna_v0 = Template("vicuna_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), SINGLE, "###", examples=_V0_EXAMPLES)
+vicuna_v1 = Template("vicuna_v1", _USER_SYSTEM, ("USER", "ASSISTANT"), TWO, " ", "</s>", version="v1")
+llama_2 = Template("llama_2", _LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), LLAMA_2, "<s>", "</s>", version="llama_v2")
+llava_llama_2 = Template("llava_llama_2", _LLAVA_LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), LLAMA_2, "<s>", "</s>",
+                         version="llama_v2")
+mistral_instruct = Template("mistral_instruct", "", ("USER", "ASSISTANT"), LLAMA_2, "", "</s>", version="llama_v2")
+chatml_direct = Template("chatml_direct", "<|im_start|>system\nAnswer the questions.",
+                         ("<|im_start|>user\n", "<|im_start|>assistant\n"), MPT, "<|im_end|>", version="mpt")
+mpt = Template("mpt", "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. The assistant "
+               "gives helpful and honest answers.", ("<|im_start|>user\n", "<|im_start|>assistant\n"), MPT,
+               "<|im_end|>", version="mpt")
+llava_plain = Template("plain", "", ("", ""), PLAIN, "\n")
+llava_v0 = Template("llava_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), SINGLE, "###")
+llava_v1 = Template("llava_v1", _HUMAN_SYSTEM, ("USER", "ASSISTANT"), TWO, " ", "</s>", version="v1")
+
+# LLaVA's conv_templates, by LLaVA's names (the mmtag modes, which change the image markup, are left out)
+TEMPLATES: dict[str, Template] = {
+    "default": vicuna_v0,
+    "v0": vicuna_v0,
+    "v1": vicuna_v1,
+    "vicuna_v1": vicuna_v1,
+    "llama_2": llama_2,
+    "mistral_instruct": mistral_instruct,
+    "chatml_direct": chatml_direct,
+    "mistral_direct": chatml_direct,
+    "plain": llava_plain,
+    "v0_plain": llava_plain,
+    "llava_v0": llava_v0,
+    "llava_v1": llava_v1,
+    "llava_llama_2": llava_llama_2,
+    "mpt": mpt,
+}
+MODES = (*TEMPLATES, CHAT_TEMPLATE)
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, chat_template: str | None = None) -> Template:
+    """The conversation mode ``name``; ``chat_template`` (the checkpoint's Jinja text) for that mode."""
+    from .errors import UserError
+
+    if name == CHAT_TEMPLATE:
+        if not chat_template:
+            raise UserError("conversation mode 'chat_template' needs the checkpoint's chat template, and it has none")
+        return Template(CHAT_TEMPLATE, "", ("user", "assistant"), TWO, "", jinja=chat_template)
     try:
         return TEMPLATES[name]
     except KeyError:
-        from .errors import UserError
+        raise UserError(f"unknown conversation mode {name!r}; known: {', '.join(MODES)}") from None
 
-        raise UserError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}") from None
+
+def mode_for_model_name(name: str) -> str:
+    """The mode LLaVA's own scripts pick from a model's name (``run_llava.py``, ``serve/cli.py``)."""
+    n = name.lower()
+    if "llama-2" in n:
+        return "llava_llama_2"
+    if "mistral" in n:
+        return "mistral_instruct"
+    if "v1.6-34b" in n:
+        return "chatml_direct"
+    if "v1" in n:
+        return "llava_v1"
+    if "mpt" in n:
+        return "mpt"
+    return "llava_v0"
 
 
 def expand_image(ids: list, image_token_id: int, slots: list) -> list:
-    """``ids`` with its one ``<image>`` token replaced by ``slots`` (image token copies, labels, KV slots...)."""
+    """``ids`` with its one image token replaced by ``slots`` (image token copies, labels, KV slots...)."""
     where = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(where) != 1:
         raise ValueError(f"expected one {IMAGE_PLACEHOLDER} token, found {len(where)}")
@@ -145,3 +358,73 @@ def turns_from_llava(conversations: list[dict]) -> list[Turn]:
             raise ValueError(f"unknown speaker {c.get('from')!r}")
         turns.append(Turn(role, c["value"]))
     return turns
+
+
+# -- the checkpoint's own chat template -------------------------------------------------------------
+_SENTINEL = "\ue000{}\ue001"  # private-use characters around a message number: no template writes them
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool) -> Parts:
+    """The checkpoint's Jinja chat template, as transformers renders it, into parts.
+
+    Each message's text is rendered as a sentinel first and put back afterwards, so the
+    template's own text is ``fixed`` and the messages' text never becomes special tokens.
+    A turn with the image gets an image part first; the ``<image>`` the template writes
+    for it is where the image goes.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .errors import UserError
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.add_extension(_generation_tag())
+    messages = []
+    for i, t in enumerate(turns):
+        content: list[dict] = [{"type": "image"}] if t.image else []
+        content.append({"type": "text", "text": _SENTINEL.format(i)})
+        messages.append({"role": t.role, "content": content})
+    try:
+        text = env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token="<s>", eos_token="</s>")
+    except Exception as e:  # a template error is the checkpoint's problem, said in one line
+        raise UserError(f"the checkpoint's chat template failed to render: {type(e).__name__}: {e}") from None
+    out: list[Part] = []
+    pos = 0
+    for m in _SENTINEL_RE.finditer(text):
+        out += _template_text(text[pos:m.start()])
+        out.append(Text(turns[int(m.group(1))].text, False))
+        pos = m.end()
+    out += _template_text(text[pos:])
+    return normalize(out)
+
+
+def _template_text(s: str) -> list[Part]:
+    """Text the chat template wrote, with the ``<image>`` it writes for an image part as the image."""
+    out: list[Part] = []
+    for j, chunk in enumerate(s.split(IMAGE_PLACEHOLDER)):
+        if j:
+            out.append(IMAGE)
+        out.append(Text(chunk, True))
+    return out
+
+
+def _raise(message: str):
+    raise ValueError(message)
+
+
+def _generation_tag():
+    """transformers' ``{% generation %}`` block (marks assistant text for its masks): rendered as its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return GenerationTag

@@ -1,7 +1,8 @@
 """What runs on the device: torch-free.
 
-``tokenizer``: the checkpoint's own tokenizer (``tokenizer.json``) through the
-``tokenizers`` library. ``vision``: the vision+projector graph in onnxruntime;
+Prompts and token ids come from the core (``llava_edge.templates``,
+``llava_edge.tokenizer``: LLaVA's conversation modes and ids, shared with
+training). ``vision``: the vision+projector graph in onnxruntime;
 ``tensorrt_vision``: the same as a native TensorRT engine. ``llm``: llama.cpp
 through llama-cpp-python, fed token ids and image embeddings. ``devices``:
 hardware detection and the device profiles (cpu, laptop-gpu, jetson) that pick

@@ -5,10 +5,10 @@
     print(m.chat("photo.png", "What is in the image?"))
 
 The image goes through the bundle's vision graph (onnxruntime, or a TensorRT
-engine); the prompt is tokenized with the checkpoint's tokenizer and rendered
-with the bundle's conversation template (the same module training used); the
-language model runs in llama.cpp with the image embeddings injected where
-``<image>`` stands.
+engine); the prompt is rendered with the bundle's conversation mode and
+tokenized as LLaVA's own code does (``llava_edge.templates`` and
+``llava_edge.tokenizer``, the modules training uses); the language model runs in
+llama.cpp with the image embeddings injected where the image stands.
 
 ``device`` names a profile (``auto``, ``cpu``, ``laptop-gpu``, ``jetson``; see
 ``devices.py``) that picks providers, GPU offload, threads, batch sizes and
@@ -34,12 +34,12 @@ import numpy as np
 from llava_edge import manifest as bundle_manifest
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageInput, ImageSpec, preprocess
-from llava_edge.templates import IMAGE_PLACEHOLDER, Turn, expand_image, get_template
+from llava_edge.templates import Image, Parts, Turn, expand_image, get_template
+from llava_edge.tokenizer import Settings, Tokenizer
 
 from .devices import Hardware, RuntimePlan, plan_runtime
 from .llm import LlamaOptions, LlamaText
 from .prefix_cache import PrefixCache, fixed_beginning, through_last_image
-from .tokenizer import TextTokenizer
 from .vision import VisionEncoder
 
 BUNDLE_ENV = "LLAVA_EDGE_BUNDLE"
@@ -73,6 +73,7 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # text that ends the answer (left out of it), besides the template's own
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -102,7 +103,7 @@ class EdgeLLaVA:
                  n_ctx: int | None = None, threads: int = 0, n_gpu_layers: int | None = None,
                  vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
                  n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
-                 prefix_cache: bool = True, cache_images: bool | None = None):
+                 prefix_cache: bool = True, cache_images: bool | None = None, conv_mode: str | None = None):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -119,8 +120,9 @@ class EdgeLLaVA:
             self.bundle, m, [self.vision_variant.file, self.llm_variant.file, m.tokenizer["file"]]
         )
         self.spec = ImageSpec.from_dict(m.image)
-        self.template = get_template(m.template)
-        self.tokenizer = TextTokenizer(self.bundle / m.tokenizer["file"])
+        self.conv_mode = conv_mode or m.conv_mode
+        self.template = get_template(self.conv_mode, m.chat_template)
+        self.tokenizer = Tokenizer(self.bundle, Settings.from_dict(m.tokenizer))
         self.image_token_id = int(m.llm["image_token_id"])
         self.eos_id = int(m.llm["eos_id"])
         vision_file = self.bundle / self.vision_variant.file
@@ -157,7 +159,8 @@ class EdgeLLaVA:
         ``f32``), ``on_overflow`` (``error`` or ``drop-oldest``), ``prefix_cache``
         (False: never save or load KV caches of prompt beginnings, see ``prefix_cache.py``),
         ``cache_images`` (whether those include images; default: where the language model runs
-        on the CPU).
+        on the CPU), ``conv_mode`` (prompt with another of LLaVA's conversation modes than the
+        bundle's).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
@@ -173,7 +176,13 @@ class EdgeLLaVA:
         else:
             why = "cache_images=False" if self.plan.n_gpu_layers == 0 else "offloaded layers prefill faster than a file loads"
             saved = f"the prompt's beginning, in {c.directory}; images not saved - {why}"
-        return self.plan.explain(running) + f"\nsaved KV caches: {saved}"
+        mode = f"{self.conv_mode}" + (" (the bundle's)" if self.conv_mode == self.manifest.conv_mode
+                                      else f" (chosen; the bundle's is {self.manifest.conv_mode})")
+        tok = self.tokenizer.settings
+        tokenizer = (f"{tok.kind} ({'legacy' if tok.legacy else 'non-legacy'} word starts, "
+                     f"BOS {'added' if tok.add_bos else 'not added'})")
+        return (self.plan.explain(running) + f"\nconversation mode: {mode}\ntokenizer: {tokenizer}"
+                + f"\nsaved KV caches: {saved}")
 
     # -- image ---------------------------------------------------------------
     def image_embeddings(self, image: ImageInput) -> tuple[str, np.ndarray]:
@@ -200,18 +209,18 @@ class EdgeLLaVA:
         return key, embeddings
 
     # -- prompt ----------------------------------------------------------------
-    def slots_for(self, text: str, image_key: str | None, n_image: int) -> list:
-        """Token ids of ``text`` with the one ``<image>`` token replaced by image slots
-        (a text-only prompt, ``image_key`` None, must have no ``<image>``)."""
-        ids = self.tokenizer.encode(text)
+    def slots_for(self, parts: Parts, image_key: str | None, n_image: int) -> list:
+        """Token ids of a rendered prompt, as LLaVA's ``tokenizer_image_token`` makes them, with the image's
+        token replaced by its ``n_image`` slots (a text-only prompt, ``image_key`` None, has no image)."""
+        images = sum(isinstance(p, Image) for p in parts)
         if image_key is None:
-            if self.image_token_id in ids:
-                raise UserError(f"the prompt has {IMAGE_PLACEHOLDER} but no image was given")
-            return ids
-        try:
-            return expand_image(ids, self.image_token_id, [(image_key, j) for j in range(n_image)])
-        except ValueError:
-            raise UserError(f"the prompt must contain {IMAGE_PLACEHOLDER} exactly once") from None
+            if images:
+                raise UserError("the prompt has a place for an image but no image was given")
+            return self.tokenizer.encode(parts)
+        if images != 1:
+            raise UserError(f"the prompt must have one place for the image, it has {images}")
+        ids = self.tokenizer.encode_prompt(parts, self.image_token_id)
+        return expand_image(ids, self.image_token_id, [(image_key, j) for j in range(n_image)])
 
     def prefill(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
                 logits: str = "last") -> np.ndarray | None:
@@ -271,23 +280,26 @@ class EdgeLLaVA:
             return np.concatenate([o if o.ndim == 2 else o[None] for o in out])
         return out[-1]
 
-    def prompt_logits(self, image: ImageInput | None, text: str) -> np.ndarray:
-        """Logits at every position after the cached prefix, for a fully rendered ``text`` (tests, drift)."""
+    def prompt_logits(self, image: ImageInput | None, parts: Parts) -> np.ndarray:
+        """Logits at every position after the cached prefix, for a rendered prompt (tests, drift)."""
         key, emb = self.image_embeddings(image) if image is not None else (None, None)
-        slots = self.slots_for(text, key, 0 if emb is None else len(emb))
+        slots = self.slots_for(parts, key, 0 if emb is None else len(emb))
         self.llm.reset()
         return self.prefill(slots, emb, logits="all")
 
     # -- generation --------------------------------------------------------------
     def generate(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
                  sampling: Sampling) -> Iterator[str]:
-        """Stream the answer to ``slots``; stops at EOS, ``max_tokens`` or a full context (see ``last_stop``)."""
+        """Stream the answer to ``slots``; stops at EOS, a stop string (``sampling.stop`` and the conversation
+        mode's), ``max_tokens`` or a full context (see ``last_stop``: "eos", "stop", "max_tokens", "context")."""
         logits = self.prefill(slots, embeds)
         rng = np.random.default_rng(sampling.seed)
+        stops = tuple(x for x in (*sampling.stop, *self.template.stop) if x)
         out: list[int] = []
         self.last_ids = out
         self.last_stop = "max_tokens"
         shown = ""
+        text = ""
         for _ in range(sampling.max_tokens):
             tok = sample(logits, sampling, rng)
             if tok == self.eos_id or self.llm.is_eog(tok):
@@ -295,21 +307,28 @@ class EdgeLLaVA:
                 break
             out.append(tok)
             # Hold text back while it can still change: an unfinished multi-byte character (U+FFFD at the end)
-            # or trailing byte-fallback pieces, which the next byte may turn into U+FFFDs. What is yielded is
-            # then always a prefix of the final decode, so the pieces add up to it.
+            # or trailing byte-fallback pieces, which the next byte may turn into U+FFFDs, or the start of a
+            # stop string. What is yielded is then always a prefix of the final answer, so the pieces add up to it.
             if tok not in self.tokenizer.byte_token_ids:
                 text = self.tokenizer.decode(out)
-                if not text.endswith("\ufffd") and text.startswith(shown):
-                    yield text[len(shown):]
-                    shown = text
+                cut = _stop_at(text, stops)
+                if cut is not None:
+                    text = text[:cut]
+                    self.last_stop = "stop"
+                    break
+                ready = text[:len(text) - _held_for_stops(text, stops)]
+                if not ready.endswith("\ufffd") and ready.startswith(shown) and len(ready) > len(shown):
+                    yield ready[len(shown):]
+                    shown = ready
             if len(out) == sampling.max_tokens:
                 break
             if len(self.llm.slots) >= self.llm.n_ctx:  # no room to decode this token: the answer ends here
                 self.last_stop = "context"
                 break
             logits = self.llm.feed_tokens([tok])
-        text = self.tokenizer.decode(out)
-        if len(text) > len(shown):
+        if self.last_stop != "stop":
+            text = self.tokenizer.decode(out)
+        if len(text) > len(shown) and text.startswith(shown):
             yield text[len(shown):]
         # after the answer, so that hashing and writing the file never delay a token
         unsaved, self._unsaved_image = self._unsaved_image, None
@@ -334,6 +353,23 @@ class EdgeLLaVA:
             self.vision.close()
 
 
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string begins in ``text``, if one is there."""
+    found = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_for_stops(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` may be the start of a stop string (not shown yet)."""
+    held = 0
+    for x in stops:
+        for n in range(min(len(x) - 1, len(text)), held, -1):
+            if text.endswith(x[:n]):
+                held = n
+                break
+    return held
+
+
 def drop_oldest_exchange(history: list[Turn]) -> list[Turn]:
     """``history`` without its first (user, assistant) exchange; the image moves to the new first user turn.
 
@@ -341,8 +377,8 @@ def drop_oldest_exchange(history: list[Turn]) -> list[Turn]:
     same positions, so their KV cache entries survive the drop.
     """
     first, rest = history[0], list(history[2:])
-    if rest and IMAGE_PLACEHOLDER in first.text and IMAGE_PLACEHOLDER not in rest[0].text:
-        rest[0] = Turn(rest[0].role, f"{IMAGE_PLACEHOLDER}\n{rest[0].text}")
+    if rest and first.image and not rest[0].image:
+        rest[0] = Turn(rest[0].role, rest[0].text, image=True)
     return rest
 
 
@@ -373,8 +409,8 @@ class ChatSession:
         reserve = min(max_tokens, n_ctx // 4) if self.on_overflow == "drop-oldest" else 1
         self.dropped_turns = 0
         while True:
-            text = m.template.prompt(prompt, image=self.image is not None, history=self.history)
-            slots = m.slots_for(text, key, n_image)
+            parts = m.template.prompt(prompt, image=self.image is not None, history=self.history)
+            slots = m.slots_for(parts, key, n_image)
             if len(slots) + reserve <= n_ctx or (self.on_overflow == "drop-oldest" and not self.history
                                                  and len(slots) < n_ctx):
                 return slots
@@ -399,7 +435,7 @@ class ChatSession:
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         m = self.model
         s = Sampling(**sampling)
-        if m.template.drop_user_text:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
+        if m.template.single_turn:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
             self.history = []
         if self.image is not None and self._embedded is None:
             self._embedded = m.lazy_image(self.image)  # decode + preprocess once per image; encode when needed
@@ -410,11 +446,9 @@ class ChatSession:
             answer += piece
             yield piece
         self.last_stop = m.last_stop
-        if IMAGE_PLACEHOLDER in "".join(t.text for t in self.history) or self.image is None:
-            user = prompt
-        else:
-            user = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-        self.history += [Turn("user", user), Turn("assistant", answer)]
+        image_here = self.image is not None and not any(t.image for t in self.history)
+        # the answer as LLaVA's chat keeps it for the next turn (decoded, stripped)
+        self.history += [Turn("user", prompt, image=image_here), Turn("assistant", answer.strip())]
 
     def ask(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

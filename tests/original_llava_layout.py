@@ -103,8 +103,10 @@ def write_clip_dir(toy: Path, out: Path, tower: dict, seed: int = 0) -> Path:
 def write_original_llava(toy: Path, out: Path, *, fresh_tokens: bool = True, weights: str = "bin",
                          n_shards: int = 2, projector: str = "mlp2x_gelu", tower_inside: bool = False,
                          vision_tower: str = "acme/clip-toy") -> tuple[Path, Path]:
-    """Write ``out/llava`` (original layout) and ``out/clip`` (its tower); return both paths."""
+    """Write ``out/llava-v1.5-toy`` (original layout) and ``out/clip`` (its tower); return both paths."""
     import sentencepiece as spm
+
+    from llava_edge.toy.tokenizer import LEGACY  # the toy's tokenizer settings, as its "release" would say
 
     toy = Path(toy)
     cfg = json.loads((toy / "config.json").read_text())
@@ -123,7 +125,7 @@ def write_original_llava(toy: Path, out: Path, *, fresh_tokens: bool = True, wei
     if tower_inside:  # what LLaVA saves when the tower was trained too
         llava_t.update({"model.vision_tower.vision_tower." + k: v for k, v in tower.items()})
 
-    src = out / "llava"
+    src = out / "llava-v1.5-toy"  # LLaVA's scripts pick the conversation mode from the name: llava_v1
     src.mkdir(parents=True)
     _save_shards(src, llava_t, weights, n_shards)
     vocab = n_sp if fresh_tokens else tc["vocab_size"]
@@ -148,7 +150,7 @@ def write_original_llava(toy: Path, out: Path, *, fresh_tokens: bool = True, wei
     if fresh_tokens:  # LLaVA-1.5's tokenizer files: the slow Llama tokenizer, <unk> as pad
         (src / "tokenizer_config.json").write_text(json.dumps({
             "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "pad_token": None, "legacy": False, "model_max_length": 2048,
+            "unk_token": "<unk>", "pad_token": None, "legacy": LEGACY, "model_max_length": 2048,
             "padding_side": "right", "clean_up_tokenization_spaces": False, "sp_model_kwargs": {},
             "tokenizer_class": "LlamaTokenizer",
         }, indent=2))

@@ -20,6 +20,8 @@ from llava_edge.checkpoint import check_safetensors, open_checkpoint, resolve_mo
 from llava_edge.errors import UserError
 from original_llava_layout import original_names, toy_tensors, write_clip_dir, write_original_llava
 
+from llava_edge.toy.tokenizer import LEGACY
+
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
     msg = str(exc.value)
@@ -95,7 +97,10 @@ def test_original_checkpoint_converts_to_the_toys_config_and_rows(converted, toy
                 "intermediate_size", "rms_norm_eps", "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"):
         assert converted.text_config[key] == toy.text_config[key], key
     assert converted.vision_config == toy.vision_config
-    assert converted.recipe == {"template": "vicuna_v1", "image_pad": "pad"}  # image_aspect_ratio: pad
+    # the mode LLaVA's run_llava.py picks for "llava-v1.5-*"; image_aspect_ratio: pad
+    assert converted.recipe == {"template": "llava_v1", "image_pad": "pad"}
+    tcfg = json.loads((converted.path / "tokenizer_config.json").read_text())
+    assert (tcfg["legacy"], tcfg["add_bos_token"], tcfg["add_eos_token"]) == (LEGACY, True, False)
     assert converted.image_spec() == toy.image_spec()
 
     import torch
@@ -210,9 +215,9 @@ def test_converted_checkpoint_exports_and_answers_like_the_toy(converted, runtim
 
     m = export_bundle(converted, tmp_path / "b", log=lambda _: None)
     assert m.llm["image_token_id"] == converted.image_token_id
-    assert m.template == "vicuna_v1" and m.image["pad"] == "pad"
+    assert m.conv_mode == "llava_v1" and m.image["pad"] == "pad"
     image = sorted((toy_data / "images").glob("eval_*.png"))[0]
-    edge = EdgeLLaVA.load(tmp_path / "b", kv_cache="f32")
+    edge = EdgeLLaVA.load(tmp_path / "b", kv_cache="f32", conv_mode="vicuna_v1")  # the toy's mode
     try:
         question = "What shape is at the top left?"
         assert edge.chat(image, question, max_tokens=12) == runtime.chat(image, question, max_tokens=12)

@@ -108,7 +108,7 @@ def test_manifest_fields_come_from_the_checkpoint(exported, ckpt, toy_model):
         proc = json.loads((toy_model / "preprocessor_config.json").read_text())
     assert d["image"]["mean"] == pytest.approx(proc["image_mean"])
     assert d["image"]["std"] == pytest.approx(proc["image_std"])
-    assert d["image"]["pad"] == ckpt.recipe["image_pad"] and d["template"] == ckpt.recipe["template"]
+    assert d["image"]["pad"] == ckpt.recipe["image_pad"] and d["conv_mode"] == ckpt.conv_mode
     assert d["vision"]["feature_layer"] == cfg["vision_feature_layer"]
     assert d["vision"]["image_size"] == vc["image_size"]
     assert d["vision"]["num_image_tokens"] == (vc["image_size"] // vc["patch_size"]) ** 2
@@ -440,7 +440,7 @@ def test_info_prints_the_manifest_and_the_variants(exported, capsys):
     out, m, _ = exported
     assert cli("info", out) == 0
     text = capsys.readouterr().out
-    for word in (m.template, m.source["fingerprint"][:12], "pad mode pad", "64 image tokens", "parity fp16",
+    for word in (m.conv_mode, m.source["fingerprint"][:12], "pad mode pad", "64 image tokens", "parity fp16",
                  "mmproj.f16.gguf", "vision.fp16.onnx", "llm.f32.gguf", "0.4815"):
         assert word in text, word
 
@@ -448,7 +448,7 @@ def test_info_prints_the_manifest_and_the_variants(exported, capsys):
 def test_manifest_defaults_skip_engines_and_refuse_newer_schemas(tmp_path):
     (tmp_path / "a.engine").write_bytes(b"e")
     (tmp_path / "a.onnx").write_bytes(b"o")
-    m = manifest.Manifest(source={}, template="plain", image={}, vision={}, llm={}, tokenizer={})
+    m = manifest.Manifest(source={}, conv_mode="plain", image={}, vision={}, llm={}, tokenizer={})
     m.add_variant(tmp_path, "trt-fp16", "vision", "fp16", "a.engine", format="tensorrt")
     m.add_variant(tmp_path, "fp32", "vision", "fp32", "a.onnx", format="onnx")
     assert m.variant("vision").name == "fp32" and m.variant("vision", "trt-fp16").file == "a.engine"

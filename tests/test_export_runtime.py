@@ -8,7 +8,9 @@ import torch
 
 from llava_edge import manifest
 from llava_edge.preprocess import preprocess
-from llava_edge.templates import VICUNA_V1
+from llava_edge.templates import get_template
+
+VICUNA_V1 = get_template("vicuna_v1")
 
 BATTERY = [
     "hello", " hello", "  two leading spaces", "trailing  ", "multiple   spaces   here", "new\nline",
@@ -18,9 +20,9 @@ BATTERY = [
 ]
 
 
-def hf_logits(hf_model, runtime, image, text):
+def hf_logits(hf_model, runtime, image, parts):
     px = torch.from_numpy(preprocess(image, runtime.spec))[None]
-    ids = runtime.tokenizer.encode(text)
+    ids = runtime.tokenizer.encode_prompt(parts, runtime.image_token_id)
     i = ids.index(runtime.image_token_id)
     n = runtime.manifest.vision["num_image_tokens"]
     ids = ids[:i] + [runtime.image_token_id] * n + ids[i + 1 :]
@@ -30,7 +32,7 @@ def hf_logits(hf_model, runtime, image, text):
 
 def test_manifest_describes_the_bundle(bundle, toy_model):
     m = manifest.read(bundle)
-    assert m.template == "vicuna_v1"
+    assert m.conv_mode == "vicuna_v1"
     assert m.vision["num_image_tokens"] == 64 and m.vision["feature_layer"] == -2
     assert m.image["crop"] == 112 and m.image["pad"] == "pad"
     assert m.llm["image_token_id"] == json.loads((toy_model / "config.json").read_text())["image_token_index"]
@@ -102,7 +104,7 @@ def test_greedy_answer_equals_hf_generate(runtime, hf_model, toy_data):
     question = "How many shapes are there?"
     text = VICUNA_V1.prompt(question)
     px = torch.from_numpy(preprocess(image, runtime.spec))[None]
-    ids = runtime.tokenizer.encode(text)
+    ids = runtime.tokenizer.encode_prompt(text, runtime.image_token_id)
     i = ids.index(runtime.image_token_id)
     ids = ids[:i] + [runtime.image_token_id] * 64 + ids[i + 1 :]
     with torch.no_grad():
@@ -131,13 +133,15 @@ def test_text_only_chat_equals_hf_generate(runtime, hf_model):
         runtime.slots_for(VICUNA_V1.prompt(question), None, 0)
 
 
-def test_runtime_tokenizes_like_hf(runtime, toy_model):
-    from transformers import AutoTokenizer
+def test_runtime_tokenizes_typed_text_like_sentencepiece(runtime, toy_model):
+    # text a user types is SentencePiece's pieces after BOS, whatever it holds: "</s>" and "<image>" stay text
+    # (LLaVA's own ids, template text included, are compared in test_llava_fidelity.py)
+    import sentencepiece as spm
 
-    hf = AutoTokenizer.from_pretrained(toy_model)
-    prompts = BATTERY + [VICUNA_V1.prompt(q) for q in BATTERY]
-    for s in prompts:
-        assert runtime.tokenizer.encode(s) == hf.encode(s), repr(s)
+    sp = spm.SentencePieceProcessor(model_file=str(toy_model / "tokenizer.model"))
+    for s in BATTERY:
+        assert runtime.tokenizer.encode(s) == [runtime.tokenizer.bos_id] + sp.encode(s), repr(s)
+    assert runtime.image_token_id not in runtime.tokenizer.encode("<image>")
 
 
 def test_gguf_vocabulary_tokenizes_like_sentencepiece(runtime, toy_model):
@@ -171,18 +175,19 @@ def test_context_overflow_is_a_clear_error(bundle, toy_data):
     m.close()
 
 
-def test_llama_cpp_agrees_with_hf_except_where_documented(runtime, toy_model):
-    """llama.cpp's own tokenizer equals HF's on text without a leading space or special tokens, and differs
-    exactly where docs/DESIGN.md says (which is why the runtime tokenizes with tokenizer.json and passes ids)."""
-    from transformers import AutoTokenizer
+def test_llama_cpp_parses_special_tokens_all_or_nothing(runtime):
+    """llama.cpp's tokenizer equals SentencePiece on typed text (the test above) and, for the toy's legacy
+    tokenizer, equals the runtime on template text with special tokens; but its special-token parsing is all or
+    nothing, where typed "</s>" must stay text: the runtime tokenizes itself (llava_edge/tokenizer.py) and passes
+    ids. (It also follows the legacy rule only: the non-legacy one is compared in test_llava_fidelity.py.)"""
+    from llava_edge.templates import Text
 
-    hf = AutoTokenizer.from_pretrained(toy_model)
-    specials = ("<image>", "</s>", "<s>")
-    plain = [s for s in BATTERY if s and not s.startswith(" ") and not any(t in s for t in specials)]
-    assert len(plain) >= 10
-    for s in plain:
-        assert runtime.llm.tokenize(s) == hf.encode(s, add_special_tokens=False), repr(s)
-    assert runtime.llm.tokenize(" hello") != hf.encode(" hello", add_special_tokens=False)
+    template_text = runtime.tokenizer.encode((Text("A.</s>USER: hi", True),), add_special_tokens=False)
+    assert runtime.eos_id in template_text
+    assert runtime.llm.tokenize("A.</s>USER: hi", parse_special=True) == template_text
+    typed = runtime.tokenizer.encode("A.</s>USER: hi", add_special_tokens=False)
+    assert runtime.eos_id not in typed and runtime.llm.tokenize("A.</s>USER: hi") == typed
+    assert runtime.llm.tokenize("A.</s>USER: hi", parse_special=True) != typed
 
 
 def test_vision_half_equals_the_full_model_without_the_language_model(toy_model, hf_model):

@@ -80,7 +80,7 @@ def test_two_onnxruntime_packages_are_named_with_the_commands_that_fix_them(monk
 def _manifest():
     from llava_edge.manifest import Manifest, Variant
 
-    m = Manifest(source={}, template="vicuna_v1", image={}, vision={}, llm={}, tokenizer={})
+    m = Manifest(source={}, conv_mode="vicuna_v1", image={}, vision={}, llm={}, tokenizer={})
     m.variants = [Variant("fp32", "vision", "fp32", "vision.fp32.onnx", 1, "0" * 64, {"format": "onnx"}),
                   Variant("f16", "llm", "f16", "llm.f16.gguf", 1, "0" * 64, {"format": "gguf"})]
     return m

@@ -97,9 +97,9 @@ def test_toy_model_is_a_llava_hf_checkpoint(toy_model):
 
 def test_pretraining_moves_the_halves_it_trains(toy_model):
     import torch
-    from transformers import AutoTokenizer
 
     from llava_edge.checkpoint import load_hf_model
+    from llava_edge.tokenizer import Tokenizer
     from llava_edge.toy.pretrain import language_examples, pretrain_language, pretrain_vision
 
     ckpt = open_checkpoint(toy_model)
@@ -108,7 +108,7 @@ def test_pretraining_moves_the_halves_it_trains(toy_model):
     lm0 = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     proj0 = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
     v = pretrain_vision(model, ckpt.image_spec(), steps=2, batch=4, log=lambda _: None)
-    t = pretrain_language(model, AutoTokenizer.from_pretrained(toy_model), steps=2, batch=4, log=lambda _: None)
+    t = pretrain_language(model, Tokenizer(toy_model), steps=2, batch=4, log=lambda _: None)
     assert len(v) == len(t) == 2 and all(np.isfinite(v + t))
     assert any(not torch.equal(tower0[k], x) for k, x in model.model.vision_tower.state_dict().items())
     assert any(not torch.equal(lm0[k], x) for k, x in model.model.language_model.state_dict().items())

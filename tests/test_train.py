@@ -19,9 +19,16 @@ from llava_edge.train.sampler import epoch_order
 
 @pytest.fixture(scope="module")
 def tok(toy_model):
-    from transformers import AutoTokenizer
+    from llava_edge.tokenizer import Tokenizer
 
-    return AutoTokenizer.from_pretrained(toy_model)
+    return Tokenizer(toy_model)
+
+
+@pytest.fixture(scope="module")
+def sp(toy_model):
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(toy_model / "tokenizer.model"))
 
 
 def _runs(labels):
@@ -46,25 +53,30 @@ def test_learned_tokens_decode_to_the_answers(toy_data, toy_model, tok, split, t
     ds = LlavaDataset(records, get_template(template), tok, ckpt.image_token_id, 64, ckpt.image_spec(), 2048)
     for rec, item in zip(records, ds.items):
         answers = [t.text for t in rec.turns if t.role == "assistant"]
-        stop = "\n" if template == "plain" else "</s>"
-        decoded = [tok.decode(run) for run in _runs(item.labels)]
-        assert decoded == [a + stop for a in answers], rec.id
+        runs = _runs(item.labels)
+        if template == "plain":  # the caption and its newline (LLaVA's plain separator)
+            assert [tok.decode(run) for run in runs] == [a + "\n" for a in answers], rec.id
+        else:  # each answer and its end-of-sequence token
+            assert [tok.decode(run) for run in runs] == answers, rec.id
+            assert all(run[-1] == tok.eos_id for run in runs), rec.id
         assert item.input_ids.count(ckpt.image_token_id) == (64 if rec.image else 0)
+        assert not item.mismatch
 
 
-def test_stage1_ids_are_llavas(toy_data, toy_model, tok):
+def test_stage1_ids_are_llavas(toy_data, toy_model, tok, sp):
     # LLaVA's tokenizer_image_token tokenizes the text after <image> as its own chunk (BOS dropped):
-    # the stage-1 ids must be [BOS, image x N] + tokenizer(caption + "\n")[1:], caption starting with '▁two'.
+    # the stage-1 ids are [BOS, image x N] + SentencePiece(caption + "\n"), caption starting with '▁two',
+    # and every caption token is learned, its word start included (LLaVA masks only BOS and the image).
     from llava_edge.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(toy_model)
     records, _ = load_records(toy_data / FILES["stage1"], toy_data)
     ds = LlavaDataset(records, get_template("plain"), tok, ckpt.image_token_id, 64, ckpt.image_spec(), 2048)
     for rec, item in zip(records, ds.items):
-        chunk = tok(rec.turns[1].text + "\n")["input_ids"]
-        assert chunk[0] == tok.bos_token_id
-        assert item.input_ids == [tok.bos_token_id] + [ckpt.image_token_id] * 64 + chunk[1:], rec.id
-    first = {tok.convert_ids_to_tokens(item.input_ids[65]) for item in ds.items}
+        caption = sp.encode(rec.turns[1].text + "\n")
+        assert item.input_ids == [tok.bos_id] + [ckpt.image_token_id] * 64 + caption, rec.id
+        assert item.labels == [IGNORE_INDEX] * 65 + caption, rec.id
+    first = {sp.id_to_piece(item.input_ids[65]) for item in ds.items}
     assert all(t.startswith("\u2581") for t in first), first  # word-start pieces only
 
 
@@ -200,15 +212,15 @@ def test_two_processes_give_the_same_loss_curve(toy_model, toy_data, tmp_path):
 def test_generation_prompt_is_the_prefix_training_learns_from(toy_data, toy_model, tok):
     """What the runtime feeds (template.prompt) tokenizes to exactly the unlearned prefix of a training example."""
     from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.templates import VICUNA_V1
 
+    vicuna_v1 = get_template("vicuna_v1")
     ckpt = open_checkpoint(toy_model)
     records, _ = load_records(toy_data / FILES["stage2"], toy_data)
     records = [r for r in records if r.image is not None]
-    ds = LlavaDataset(records, VICUNA_V1, tok, ckpt.image_token_id, 1, ckpt.image_spec(), 2048)
+    ds = LlavaDataset(records, vicuna_v1, tok, ckpt.image_token_id, 1, ckpt.image_spec(), 2048)
     for rec, item in zip(records, ds.items):
-        question = rec.turns[0].text.split("\n", 1)[1]
-        prompt = tok(VICUNA_V1.prompt(question))["input_ids"]
+        assert rec.turns[0].image
+        prompt = tok.encode_prompt(vicuna_v1.prompt(rec.turns[0].text), ckpt.image_token_id)
         n = len(prompt)
         assert item.input_ids[:n] == prompt, rec.id
         assert all(x == IGNORE_INDEX for x in item.labels[:n]) and item.labels[n] != IGNORE_INDEX, rec.id

@@ -22,5 +22,5 @@ def without(*packages: str, check_unimported: tuple[str, ...] = ()) -> str:
     """)
 
 
-# the runtime path: torch, transformers and sentencepiece absent, and never imported
-BLOCK_TORCH = without("torch", "transformers", "sentencepiece", check_unimported=("torch", "transformers"))
+# the runtime path: torch and transformers absent, and never imported
+BLOCK_TORCH = without("torch", "transformers", check_unimported=("torch", "transformers"))

@@ -2,14 +2,14 @@
 
 The file format is LLaVA's own (``blip_laion_cc_sbu_558k.json``,
 ``llava_v1_5_mix665k.json``): records with ``id``, optional ``image`` and
-``conversations`` of ``human``/``gpt`` turns, ``<image>`` somewhere in the first
-human turn, text-only records allowed.
+``conversations`` of ``human``/``gpt`` turns, ``<image>`` in the turn that
+shows the image, text-only records allowed.
 
-Label masks come from the template's target spans and the tokenizer's character
-offsets: a token is learned when it overlaps an assistant span. Every example is
-checked (the learned tokens cover each answer exactly); a mismatch is an error
-naming the record, where LLaVA prints "tokenization mismatch" and zeroes the
-sample's loss.
+Ids and labels are LLaVA's own (``labels.py`` follows LLaVA's ``preprocess``
+for the conversation mode); the image is then expanded to the vision tower's
+number of positions, all ignored by the loss. A record LLaVA would zero
+("tokenization mismatch") is zeroed here too and counted
+(``LlavaDataset.mismatched``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import numpy as np
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec, preprocess
 from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, expand_image, turns_from_llava
+from llava_edge.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
+from .labels import IGNORE_INDEX, label
+
 
 
 @dataclass
@@ -34,10 +36,21 @@ class Record:
     turns: list[Turn]
 
 
-def _image_first(turns: list[Turn]) -> list[Turn]:
-    """LLaVA's ``preprocess_multimodal``: move ``<image>`` to the start of the first turn."""
-    first = turns[0].text.replace(IMAGE_PLACEHOLDER, "").strip()
-    return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{first}"), *turns[1:]]
+def _image_first(rid: str, turns: list[Turn]) -> list[Turn]:
+    """LLaVA's ``preprocess_multimodal``: the turn that holds ``<image>`` gets it first, its text stripped.
+
+    One image per record, in a user turn; LLaVA's data always has it in the first.
+    """
+    where = [i for i, t in enumerate(turns) if IMAGE_PLACEHOLDER in t.text]
+    if not where:
+        raise UserError(f"record {rid} names an image but no turn holds {IMAGE_PLACEHOLDER}")
+    if len(where) > 1 or turns[where[0]].text.count(IMAGE_PLACEHOLDER) > 1:
+        raise UserError(f"record {rid} holds {IMAGE_PLACEHOLDER} more than once (one image per record)")
+    i = where[0]
+    if turns[i].role != "user":
+        raise UserError(f"record {rid}: {IMAGE_PLACEHOLDER} is in an answer, not in a question")
+    text = turns[i].text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return [*turns[:i], Turn("user", text, image=True), *turns[i + 1:]]
 
 
 def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bool = False) -> tuple[list[Record], int]:
@@ -92,7 +105,7 @@ def _record(r: dict, n: int, root: Path | None) -> Record:
             raise UserError(f"record {rid}: image path {r['image']!r} escapes --image-folder")
         if not image.is_file():
             raise UserError(f"record {rid}: image not found: {image}")
-        turns = _image_first(turns)
+        turns = _image_first(rid, turns)
     elif any(IMAGE_PLACEHOLDER in t.text for t in turns):
         raise UserError(f"record {rid}: text has {IMAGE_PLACEHOLDER} but the record names no image")
     return Record(rid, image, turns)
@@ -103,53 +116,28 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     has_image: bool
+    mismatch: bool = False  # LLaVA's "tokenization mismatch": labels zeroed as LLaVA zeroes them
 
 
-def encode(record: Record, template: Template, tokenizer, image_token_id: int, n_image_tokens: int,
+def encode(record: Record, template: Template, tokenizer: Tokenizer, image_token_id: int, n_image_tokens: int,
            max_length: int) -> Encoded:
-    """Token ids with the image expanded to ``n_image_tokens`` slots, and labels masked to the answers."""
-    rendered = template.render(record.turns)
-    enc = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [
-        t if a < b and any(a < te and b > ts for ts, te in rendered.targets) else IGNORE_INDEX
-        for t, (a, b) in zip(ids, offsets)
-    ]
-    _check_labels(record, rendered.text, rendered.targets, offsets, labels)
-    if record.image is not None:
-        try:
-            expanded = expand_image(ids, image_token_id, [image_token_id] * n_image_tokens)
-        except ValueError as e:
-            raise UserError(f"record {record.id}: {e}") from None
+    """LLaVA's ids and labels, with the image expanded to ``n_image_tokens`` positions the loss ignores."""
+    has_image = record.image is not None
+    try:
+        lab = label(record.turns, template, tokenizer, image_token_id, has_image, max_length)
+    except ValueError as e:
+        raise UserError(f"record {record.id}: {e}") from None
+    ids, labels = lab.input_ids, lab.labels
+    if has_image:
         i = ids.index(image_token_id)
+        ids = expand_image(ids, image_token_id, [image_token_id] * n_image_tokens)
         labels = labels[:i] + [IGNORE_INDEX] * n_image_tokens + labels[i + 1 :]
-        ids = expanded
         if i + n_image_tokens > max_length:
             raise UserError(f"record {record.id}: the image does not fit in max length {max_length}")
-    elif image_token_id in ids:
-        raise UserError(f"record {record.id}: {IMAGE_PLACEHOLDER} in a text-only record")
     ids, labels = ids[:max_length], labels[:max_length]
-    if all(x == IGNORE_INDEX for x in labels):
+    if not lab.mismatch and all(x == IGNORE_INDEX for x in labels):
         raise UserError(f"record {record.id}: no answer token fits in max length {max_length}")
-    return Encoded(ids, labels, record.image is not None)
-
-
-def _check_labels(record: Record, text: str, targets, offsets, labels) -> None:
-    """The learned tokens cover each answer's characters and nothing but whitespace besides."""
-    learned = np.zeros(len(text) + 1, bool)
-    for (a, b), lab in zip(offsets, labels):
-        if lab != IGNORE_INDEX:
-            learned[a:b] = True
-    wanted = np.zeros(len(text) + 1, bool)
-    for a, b in targets:
-        wanted[a:b] = True
-    extra = [text[i] for i in np.flatnonzero(learned & ~wanted) if not text[i].isspace()]
-    missing = [text[i] for i in np.flatnonzero(wanted & ~learned) if not text[i].isspace()]
-    if extra or missing:
-        raise UserError(
-            f"record {record.id}: tokenization mismatch between answers and labels "
-            f"(extra {''.join(extra)[:20]!r}, missing {''.join(missing)[:20]!r})"
-        )
+    return Encoded(ids, labels, has_image, lab.mismatch)
 
 
 class LlavaDataset:
@@ -160,6 +148,7 @@ class LlavaDataset:
         self.records = records
         self.spec = spec
         self.items = [encode(r, template, tokenizer, image_token_id, n_image_tokens, max_length) for r in records]
+        self.mismatched = [r.id for r, e in zip(records, self.items) if e.mismatch]
 
     def __len__(self) -> int:
         return len(self.items)

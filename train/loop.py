@@ -159,7 +159,13 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
         batches = acc.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
         for batch in batches:
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                out = model(**batch)
+                loss = out.loss
+                if not bool((batch["labels"] != -100).any()):
+                    # every label ignored (records LLaVA's label rule zeroes): the mean over no tokens is NaN and
+                    # its gradient would poison the weights; a zero loss tied to the graph keeps the step (and
+                    # every rank's backward) with zero gradients
+                    loss = out.logits.sum() * 0
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,8 +1,9 @@
 """LLaVA's two training stages and LoRA merging, as the CLI runs them.
 
-stage 1 (feature alignment): ``plain`` template, only the projector learns.
-stage 2 (visual instruction tuning): ``vicuna_v1`` template, projector +
+stage 1 (feature alignment): conversation mode ``plain``, only the projector learns.
+stage 2 (visual instruction tuning): mode ``vicuna_v1`` (LLaVA-1.5's ``--version v1``), projector +
 language model learn (or LoRA adapters on the language model), vision tower frozen.
+``conv_mode`` takes another of LLaVA's modes; the output records the mode it was trained with.
 Each stage writes a checkpoint directory that ``export`` and the next stage take.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from llava_edge.checkpoint import load_hf_model, open_checkpoint, write_recipe
 from llava_edge.errors import UserError
 from llava_edge.templates import get_template
+from llava_edge.tokenizer import Tokenizer
 
 from . import model_setup
 from .data import LlavaDataset, load_records
@@ -34,12 +36,10 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def _load(model: str, dtype: str = "float32"):
-    """Checkpoint, model (in ``dtype``: see the bf16 policy in loop.py) and tokenizer."""
-    from transformers import AutoTokenizer
-
+    """Checkpoint, model (in ``dtype``: see the bf16 policy in loop.py) and tokenizer (LLaVA's ids)."""
     ckpt = open_checkpoint(model)
     m = load_hf_model(ckpt, dtype=dtype, attn_implementation="sdpa")
-    return ckpt, m, AutoTokenizer.from_pretrained(ckpt.path)
+    return ckpt, m, Tokenizer(ckpt.path)
 
 
 def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_length: int, skip_bad: bool, log):
@@ -49,8 +49,13 @@ def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_
     if skipped:
         log(f"skipped {skipped} bad record(s) of {skipped + len(records)}")
     spec = replace(ckpt.image_spec(), pad=pad)
-    return LlavaDataset(records, get_template(template), tok, model.config.image_token_index,
-                        ckpt.num_image_tokens(), spec, max_length)
+    ds = LlavaDataset(records, get_template(template), tok, model.config.image_token_index,
+                      ckpt.num_image_tokens(), spec, max_length)
+    if ds.mismatched:
+        log(f"{len(ds.mismatched)} record(s) teach nothing: LLaVA's label rule finds their rounds do not add up "
+            f"(\"tokenization mismatch\") and ignores every label, as LLaVA does; first: "
+            f"{', '.join(ds.mismatched[:5])}")
+    return ds
 
 
 def _log_precision(model, cfg: StageConfig, upcast: int, log) -> None:
@@ -71,35 +76,35 @@ def _save_full(acc, model, ckpt, out: Path, template: str, pad: str) -> None:
 
 def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_type: str | None = None,
            pad: str = "square", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
-           log=print) -> Path | None:
+           conv_mode: str = "plain", log=print) -> Path | None:
     output = Path(output)
     ckpt, m, tok = _load(model, load_dtype(cfg))
     if projector_type == "linear" and model_setup.projector_type(m) != "linear":
         model_setup.make_linear_projector(m)
-    ds = _dataset(ckpt, m, tok, "plain", data, image_folder, pad, cfg.max_length, skip_bad, log)
+    ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log)
     groups = model_setup.setup_stage1(m)
     _log_precision(m, cfg, upcast_trainable(m, cfg), log)
     for g in groups:
         g["lr"] = cfg.lr
-    acc, trained = train(m, groups, ds, cfg, output, tok.pad_token_id, resume=resume, stop_after=stop_after, log=log)
+    acc, trained = train(m, groups, ds, cfg, output, tok.pad_id, resume=resume, stop_after=stop_after, log=log)
     if trained is None:  # stopped early on request: the checkpoint is in OUTPUT/checkpoint-last
         return None
-    _save_full(acc, trained, ckpt, output, "plain", pad)
+    _save_full(acc, trained, ckpt, output, conv_mode, pad)
     return output
 
 
 def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: str | None = None,
            pad: str = "pad", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
-           log=print) -> Path | None:
+           conv_mode: str = "vicuna_v1", log=print) -> Path | None:
     output = Path(output)
     ckpt, m, tok = _load(model, load_dtype(cfg))
     if projector:  # before accelerate.prepare: under ZeRO-3 the parameters are still whole here
         model_setup.load_projector(m, projector)
-    ds = _dataset(ckpt, m, tok, "vicuna_v1", data, image_folder, pad, cfg.max_length, skip_bad, log)
+    ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.lora else None
     m, groups = model_setup.setup_stage2(m, cfg.lr, lora, cfg.projector_lr)
     _log_precision(m, cfg, upcast_trainable(m, cfg), log)
-    acc, trained = train(m, groups, ds, cfg, output, tok.pad_token_id, resume=resume, stop_after=stop_after, log=log)
+    acc, trained = train(m, groups, ds, cfg, output, tok.pad_id, resume=resume, stop_after=stop_after, log=log)
     if trained is None:  # stopped early on request: the checkpoint is in OUTPUT/checkpoint-last
         return None
     if lora:
@@ -109,9 +114,9 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
             peft_model.save_pretrained(output / "adapter", state_dict=sd)
             model_setup.save_projector(peft_model.get_base_model(), output, sd)
             copy_side_files(ckpt.path, output / "adapter")
-            write_recipe(output / "adapter", template="vicuna_v1", image_pad=pad)
+            write_recipe(output / "adapter", template=conv_mode, image_pad=pad)
         return output / "adapter"
-    _save_full(acc, trained, ckpt, output, "vicuna_v1", pad)
+    _save_full(acc, trained, ckpt, output, conv_mode, pad)
     return output
 
 

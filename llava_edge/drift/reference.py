@@ -68,30 +68,31 @@ def pick_device(device: str = "auto") -> tuple[str, str, str]:
     return "cpu", "float32", CPU_REASON
 
 
-def compute_reference(model: str | Path, items: list[EvalItem], template_name: str, *, max_new_tokens: int = 32,
-                      device: str = "auto", log: Callable[[str], None] = print) -> Reference:
-    """Run the Hugging Face model over ``items`` with the bundle's template ``template_name``."""
+def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, chat_template: str | None = None, *,
+                      max_new_tokens: int = 32, device: str = "auto",
+                      log: Callable[[str], None] = print) -> Reference:
+    """Run the Hugging Face model over ``items``, prompted in the bundle's conversation mode with the ids LLaVA's
+    evaluation gives (``<image>\\n`` + question, ``get_prompt``, ``tokenizer_image_token``)."""
     import torch
-    from transformers import AutoTokenizer
 
     from llava_edge.checkpoint import load_hf_model, resolve_model
     from llava_edge.export.bundle import source_stamp
     from llava_edge.preprocess import preprocess
     from llava_edge.templates import expand_image, get_template
+    from llava_edge.tokenizer import Tokenizer
 
     dev, dtype, note = pick_device(device)
     ckpt = resolve_model(model, log=log)
     hf = load_hf_model(ckpt, dtype=dtype).to(dev)
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
-    template = get_template(template_name)
+    tok = Tokenizer(ckpt.path)
+    template = get_template(conv_mode, chat_template)
     spec, n_img, img_id = ckpt.image_spec(), ckpt.num_image_tokens(), ckpt.image_token_id
-    eos = tok.eos_token_id
+    eos = tok.eos_id
     cfg = hf.config
     ref = Reference(str(model), ckpt.fingerprint(), source_stamp(ckpt), dev, dtype, note)
-    log(f"reference: {ckpt.path} in {dtype} on {dev} ({len(items)} questions)")
+    log(f"reference: {ckpt.path} in {dtype} on {dev}, conversation mode {conv_mode} ({len(items)} questions)")
     for item in items:
-        text = template.prompt(item.question, image=item.image is not None)
-        ids = tok(text)["input_ids"]
+        ids = tok.encode_prompt(template.prompt(item.question, image=item.image is not None), img_id)
         kwargs = {}
         feats = None
         full = ids
@@ -107,12 +108,14 @@ def compute_reference(model: str | Path, items: list[EvalItem], template_name: s
             feats = torch.stack(list(f))[0].float().cpu().numpy()
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([full], device=dev), max_new_tokens=max_new_tokens,
-                              do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_token_id or eos,
+                              do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_id or eos,
                               output_logits=True, return_dict_in_generate=True, **kwargs)
         new = out.sequences[0, len(full):].tolist()
         if eos in new:
             new = new[: new.index(eos) + 1]
         logits = torch.stack([s[0] for s in out.logits[: len(new)]]).float().cpu().numpy()
-        ref.items.append(ReferenceItem(ids, new, tok.decode(new, skip_special_tokens=True), logits, feats))
+        answer = tok.decode(new)
+        cut = [i for i in (answer.find(x) for x in template.stop) if i >= 0]  # where the runtime stops too
+        ref.items.append(ReferenceItem(ids, new, answer[:min(cut)] if cut else answer, logits, feats))
     del hf
     return ref

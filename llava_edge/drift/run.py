@@ -100,9 +100,9 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
                 rel_errors.append(metrics.relative_error(emb, r.image_features))
                 images.append({"id": item.id, "cos_min": float(cosines[-1].min()),
                                "worst_token": int(cosines[-1].argmin()), "rel_error": rel_errors[-1]})
-            text = m.template.prompt(item.question, image=item.image is not None)
-            prompt_mismatch += m.tokenizer.encode(text) != r.prompt_ids
-            slots = m.slots_for(text, key, 0 if emb is None else len(emb))
+            parts = m.template.prompt(item.question, image=item.image is not None)
+            prompt_mismatch += m.tokenizer.encode_prompt(parts, m.image_token_id) != r.prompt_ids
+            slots = m.slots_for(parts, key, 0 if emb is None else len(emb))
             n = len(r.answer_ids)
             if n:
                 m.llm.reset()
@@ -180,7 +180,8 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
         raise UserError(f"unknown --kv-cache {kv_cache!r} (f16 or f32)")
     m = bundle_manifest.read(bundle)
     pairs = pairs or parse_pairs(None, m)
-    ref = compute_reference(reference, eval_set.items, m.template, max_new_tokens=max_tokens, device=device, log=log)
+    ref = compute_reference(reference, eval_set.items, m.conv_mode, m.chat_template, max_new_tokens=max_tokens,
+                            device=device, log=log)
     ref_score = eval_set.score([r.answer for r in ref.items])
     notes = list(eval_set.notes)
     for note in source_notes(m.source or {}, ref, reference):

@@ -36,9 +36,9 @@ def build_base(out: Path, seed: int, size: BuildSize, log=print) -> Path:
     if (out / "config.json").is_file():
         return out
     import torch
-    from transformers import AutoTokenizer
 
     from ..checkpoint import load_hf_model, open_checkpoint
+    from ..tokenizer import Tokenizer
     from .model import write_toy_model
     from .pretrain import pretrain_language, pretrain_vision
 
@@ -47,7 +47,7 @@ def build_base(out: Path, seed: int, size: BuildSize, log=print) -> Path:
         write_toy_model(tmp, seed=seed)
         ckpt = open_checkpoint(tmp)
         model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")  # a GPU, where there is one
-        tok = AutoTokenizer.from_pretrained(tmp)
+        tok = Tokenizer(tmp)
         pretrain_vision(model, ckpt.image_spec(), steps=size.vision_steps, seed=seed, log=log)
         pretrain_language(model, tok, steps=size.language_steps, seed=seed, log=log)
         model.cpu().save_pretrained(tmp, safe_serialization=True)

@@ -31,7 +31,8 @@ from pathlib import Path
 from .. import atomic
 from ..checkpoint import write_recipe
 from ..errors import UserError
-from .tokenizer import IMAGE_TOKEN, build_hf_tokenizer, train_sentencepiece
+from ..tokenizer import pin_tokenizer_config
+from .tokenizer import IMAGE_TOKEN, LEGACY, MODE, build_hf_tokenizer, train_sentencepiece
 
 _CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and TinyLLaVA
     image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_ffn=4096,
@@ -122,7 +123,8 @@ def _write_processor(tmp: Path, p: dict, tok) -> None:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     processor.save_pretrained(tmp)
-    write_recipe(tmp, template="vicuna_v1", image_pad="pad")
+    pin_tokenizer_config(tmp, legacy=LEGACY)  # how build_hf_tokenizer made it
+    write_recipe(tmp, template=MODE, image_pad="pad")
 
 
 def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,

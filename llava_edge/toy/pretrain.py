@@ -152,14 +152,17 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
     """Next-token training of ``model.model.language_model`` + ``lm_head`` on :func:`language_examples`."""
     import torch
 
-    from ..templates import VICUNA_V1
+    from ..templates import get_template
     from ..train.data import Record, collate, encode
+    from .tokenizer import MODE
+
+    template = get_template(MODE)
 
     def example(x) -> dict:
         if isinstance(x, str):
-            ids = tokenizer(x)["input_ids"]
+            ids = tokenizer.encode(x)
             return {"input_ids": ids, "labels": ids, "pixel_values": None}
-        e = encode(Record("pretrain", None, x), VICUNA_V1, tokenizer, -1, 0, 2048)
+        e = encode(Record("pretrain", None, x), template, tokenizer, -1, 0, 2048)
         return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": None}
 
     examples = language_examples(steps * batch, seed)
@@ -169,7 +172,7 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
     losses = []
     model.train()
     for step in range(steps):
-        b = collate([example(x) for x in examples[step * batch:(step + 1) * batch]], tokenizer.pad_token_id)
+        b = collate([example(x) for x in examples[step * batch:(step + 1) * batch]], tokenizer.pad_id)
         b = {k: v.to(dev) for k, v in b.items() if v is not None}
         out = model.model.language_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         logits = model.lm_head(out.last_hidden_state)

@@ -12,19 +12,19 @@ import io
 import random
 from pathlib import Path
 
-from ..templates import TEMPLATES
+from ..templates import get_template
 from . import data
 from .scenes import random_scene
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
+MODE = "vicuna_v1"  # the toy's conversation mode (stage 2; stage 1 is plain)
 
 
 def corpus(n_scenes: int = 3000, seed: int = 1234) -> list[str]:
     """Every kind of sentence the toy world says, plus the templates' fixed text."""
     rng = random.Random(seed)
-    lines = [t.system for t in TEMPLATES.values() if t.system]
-    lines += ["USER: ASSISTANT:", data.SHORT, *data.CAPTION_PROMPTS, *data.DETAIL_PROMPTS]
+    lines = [get_template(MODE).system, "USER: ASSISTANT:", data.SHORT, *data.CAPTION_PROMPTS, *data.DETAIL_PROMPTS]
     lines += [f"{q} {a}" for q, a in data.TEXT_ONLY]
     for _ in range(n_scenes):
         s = random_scene(rng)
@@ -63,11 +63,18 @@ def train_sentencepiece(out_file: str | Path, vocab_size: int = 1000) -> Path:
     return out_file
 
 
+# transformers' legacy rule (a word start after special tokens too), not Vicuna-1.5's non-legacy one: LLaVA's
+# label arithmetic for non-legacy tokenizers (``preprocess_v1``'s "- 1" for later rounds) assumes LLaMA's pieces,
+# where "USER" after "</s>" is one piece shorter than "▁USER"; in the toy's vocabulary both are one piece, so
+# LLaVA's code would zero every multi-turn record. With the legacy rule its arithmetic holds for any vocabulary.
+LEGACY = True
+
+
 def build_hf_tokenizer(folder: str | Path):
     """The Hugging Face tokenizer for ``folder/tokenizer.model``, with llava-hf's added tokens."""
     from transformers import LlamaTokenizer
 
-    tok = LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=True, add_eos_token=False)
+    tok = LlamaTokenizer.from_pretrained(str(folder), legacy=LEGACY, add_bos_token=True, add_eos_token=False)
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tok.add_special_tokens({"pad_token": PAD_TOKEN})
     return tok

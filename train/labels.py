@@ -1,0 +1,170 @@
+"""Token ids and training labels as LLaVA's own ``preprocess`` makes them, mode by mode.
+
+LLaVA (``llava/train/train.py``) renders a record with its conversation mode,
+tokenizes it with ``tokenizer_image_token`` and then masks the labels by
+*length arithmetic*: it splits the conversation string at the mode's
+separators, tokenizes each round and each instruction on its own, and learns
+the positions between ``instruction_len`` and ``round_len``, with corrections
+(``- 2``, the ``legacy`` adjustments) that depend on the tokenizer. Which
+positions a model learns, a leading ``▁`` before a digit, a stop token, is
+decided there; a reimplementation by character spans learns slightly different
+positions. So this module follows LLaVA's functions step by step
+(``preprocess_plain``, ``preprocess_v1``, ``preprocess_llama_2``,
+``preprocess_mpt`` and the generic ``_add_speaker_and_signal`` path), on
+structured prompts (``templates.Parts``) with one difference: the separators
+are looked for only where the template wrote them, so a question that contains
+`` ASSISTANT: `` does not split a round (LLaVA's string split would, and then
+zero the sample).
+
+LLaVA zeroes every label of a record whose rounds do not add up to its length
+("tokenization mismatch"); so does this module, and it says so
+(``Encoded.mismatch``), for the caller to count. The tokenizer-version
+corrections are those of LLaVA with ``tokenizers >= 0.14`` (LLaVA 1.2.2's
+requirement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llava_edge.templates import (IMAGE, LLAMA_2, PLAIN, Parts, Template, Text, Turn, fixed, flat, normalize,
+                                  message_parts, split_fixed)
+from llava_edge.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Labeled:
+    input_ids: list[int]  # one ``image_token_id`` where the image goes
+    labels: list[int]
+    mismatch: bool  # LLaVA's "tokenization mismatch": every label ignored
+
+
+def label(turns: list[Turn], template: Template, tok: Tokenizer, image_token_id: int, has_image: bool,
+          max_length: int) -> Labeled:
+    """LLaVA's ``preprocess`` for one record (after ``preprocess_multimodal``), by the mode's separator style."""
+    if template.jinja is not None:
+        raise ValueError("the chat_template mode is for chat; train with one of LLaVA's modes")
+    if template.style == PLAIN:
+        return _plain(turns, template, tok, image_token_id)
+    if template.style == LLAMA_2:
+        return _rounds(turns, template, tok, image_token_id, has_image, max_length, sep="[/INST] ")
+    if template.version.startswith("v1"):
+        return _rounds(turns, template, tok, image_token_id, has_image, max_length,
+                       sep=template.sep + template.roles[1] + ": ")
+    if template.version == "mpt":
+        return _mpt(turns, template, tok, image_token_id, has_image, max_length)
+    return _speaker_signal(turns, template, tok, image_token_id, has_image)
+
+
+def _ids(tok: Tokenizer, parts: Parts, image_token_id: int, has_image: bool) -> list[int]:
+    """``tokenizer_image_token(prompt)`` for a record with an image, ``tokenizer(prompt).input_ids`` without."""
+    return tok.encode_prompt(parts, image_token_id) if has_image else tok.encode(parts)
+
+
+def _plain(turns, template, tok, image_token_id) -> Labeled:
+    # preprocess_plain: the human turn is replaced by the image alone, the caption follows with sep
+    if len(turns) != 2:
+        raise ValueError(f"the {template.name!r} mode takes one image and one caption per record")
+    conversation = normalize((IMAGE, Text(turns[1].text, False), fixed(template.sep)))
+    ids = tok.encode_prompt(conversation, image_token_id)
+    labels = list(ids)
+    masked = len(tok.encode_prompt((IMAGE,), image_token_id))
+    labels[:masked] = [IGNORE_INDEX] * min(masked, len(labels))
+    return Labeled(ids, labels, False)
+
+
+def _rounds(turns, template, tok, image_token_id, has_image, max_length, sep: str) -> Labeled:
+    # preprocess_v1 and preprocess_llama_2: rounds end with sep2, the answer follows `sep`
+    conversation = template.conversation(turns)
+    ids = _ids(tok, conversation, image_token_id, has_image)
+    labels = list(ids)
+    v1 = template.style != LLAMA_2
+    cur = 1
+    labels[:cur] = [IGNORE_INDEX]
+    for i, rou in enumerate(split_fixed(conversation, template.sep2)):
+        if flat(rou) == "":
+            break
+        parts = split_fixed(rou, sep)
+        if len(parts) != 2:
+            break
+        instruction = normalize((*parts[0], fixed(sep)))
+        round_len = len(_ids(tok, rou, image_token_id, has_image))
+        instruction_len = len(_ids(tok, instruction, image_token_id, has_image)) - 2
+        if v1 and i != 0 and not tok.settings.legacy:
+            round_len -= 1
+            instruction_len -= 1
+        _ignore(labels, cur, cur + instruction_len)
+        cur += round_len
+    return _finish(ids, labels, cur, max_length)
+
+
+def _mpt(turns, template, tok, image_token_id, has_image, max_length) -> Labeled:
+    # preprocess_mpt: split at sep, regroup (system + user + assistant), then (user + assistant) pairs
+    conversation = template.conversation(turns)
+    ids = _ids(tok, conversation, image_token_id, has_image)
+    labels = list(ids)
+    sep = template.sep + template.roles[1]
+    rounds = split_fixed(conversation, template.sep)
+
+    def join(group: list[Parts]) -> Parts:
+        out: list = []
+        for k, g in enumerate(group):
+            if k:
+                out.append(fixed(template.sep))
+            out += g
+        return normalize(out)
+
+    regrouped = [join(rounds[:3])] + [join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)]
+    cur = 0
+    for i, rou in enumerate(regrouped):
+        if flat(rou) == "":
+            break
+        parts = split_fixed(rou, sep)
+        if len(parts) != 2:
+            break
+        instruction = normalize((*parts[0], fixed(sep)))
+        round_len = len(_ids(tok, rou, image_token_id, has_image))
+        instruction_len = len(_ids(tok, instruction, image_token_id, has_image)) - 1
+        if i != 0 and tok.settings.legacy:
+            round_len += 1
+            instruction_len += 1
+        _ignore(labels, cur, cur + instruction_len)
+        cur += round_len
+    return _finish(ids, labels, cur, max_length)
+
+
+def _speaker_signal(turns, template, tok, image_token_id, has_image) -> Labeled:
+    # the generic path (v0): "### ROLE: text\n" per sentence after a header, human sentences masked from
+    # their third token on, by lengths of each piece tokenized alone (each with its own BOS)
+    header: Parts = (fixed(f"{template.system}\n\n"),)
+    sentences = [normalize((fixed(f"### {template.roles[0 if t.role == 'user' else 1]}: "), *message_parts(t),
+                            fixed("\n"))) for t in turns]
+    conversation = normalize((*header, *(p for s in sentences for p in s), fixed("### ")))
+    ids = _ids(tok, conversation, image_token_id, has_image)
+    labels = list(ids)
+    lens = [len(_ids(tok, p, image_token_id, has_image)) for p in (header, *sentences)]
+    cur = lens[0]
+    _ignore(labels, 0, cur)
+    for n, t in zip(lens[1:], turns):
+        if t.role == "user":
+            _ignore(labels, cur + 2, cur + n)
+        cur += n
+    return Labeled(ids, labels, False)
+
+
+def _ignore(labels: list[int], a: int, b: int) -> None:
+    """``target[a:b] = IGNORE_INDEX`` with Python's slice rules."""
+    a, b, _ = slice(a, b).indices(len(labels))
+    for k in range(a, b):
+        labels[k] = IGNORE_INDEX
+
+
+def _finish(ids: list[int], labels: list[int], cur: int, max_length: int) -> Labeled:
+    _ignore(labels, cur, len(labels))
+    mismatch = cur < max_length and cur != len(ids)
+    if mismatch:
+        labels = [IGNORE_INDEX] * len(labels)
+    return Labeled(ids, labels, mismatch)
+
