@@ -60,7 +60,7 @@ from typing import Protocol
 from llava_edge import __version__, atomic, manifest
 from llava_edge.checkpoint import Checkpoint, load_hf_vision_half
 from llava_edge.errors import UserError
-from llava_edge.templates import CHAT_TEMPLATE, get_template
+from llava_edge.templates import CHAT_TEMPLATE, MODES, get_template
 from llava_edge.tokenizer import FILES as TOKENIZER_FILES
 from llava_edge.tokenizer import read_settings
 
@@ -103,6 +103,7 @@ class ExportOptions:
     llm_outtype: str = "f32"
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     mmproj: str = ""  # --mmproj-outtype; "": follow --dtype (see mmproj_outtype)
+    conv_mode: str | None = None  # --conv-mode; None: the bundle's (same source), else the checkpoint's
 
     def validate(self) -> None:
         """Every option checked before anything is read or written; a one-line error listing the valid values."""
@@ -114,6 +115,8 @@ class ExportOptions:
             raise UserError(f"unknown --llm-outtype {self.llm_outtype!r}; choose one of {', '.join(LLM_OUTTYPES)}")
         if self.mmproj and self.mmproj not in MMPROJ_OUTTYPES:
             raise UserError(f"unknown --mmproj-outtype {self.mmproj!r}; choose one of {', '.join(MMPROJ_OUTTYPES)}")
+        if self.conv_mode is not None and self.conv_mode not in MODES:
+            raise UserError(f"unknown --conv-mode {self.conv_mode!r}; known: {', '.join(MODES)}")
         if self.mmproj and self.target not in ("mmproj", "all"):
             raise UserError("--mmproj-outtype is for llama.cpp's mmproj: use --target mmproj or all")
         t = self.tensorrt
@@ -283,11 +286,16 @@ def export_bundle(
     *,
     mmproj_outtype: str = "",
     tensorrt: TensorRTOptions | None = None,
+    conv_mode: str | None = None,
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> manifest.Manifest:
-    """Export ``ckpt`` into the bundle ``out`` (see the module docstring); return the manifest written."""
-    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype)
+    """Export ``ckpt`` into the bundle ``out`` (see the module docstring); return the manifest written.
+
+    ``conv_mode``: the bundle's conversation mode; by default a bundle exported again from the same source keeps
+    its mode, a new one takes the checkpoint's (``Checkpoint.conv_mode``).
+    """
+    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype, conv_mode)
     opts.validate()
     return _Export(ckpt, Path(out), opts, progress or PlainProgress(log)).run()
 
@@ -337,9 +345,12 @@ class _Export:
         check_out_dir(out)
         self.tokenizer = read_settings(ckpt.path)  # how LLaVA's code tokenizes for this checkpoint
         self.adds_bos = self.tokenizer.add_bos
-        get_template(ckpt.conv_mode, ckpt.chat_template())  # a mode the bundle can prompt with, before any write
+        self.conv_mode = self.opts.conv_mode or ckpt.conv_mode
+        if self.opts.conv_mode is not None:  # a mode the bundle can prompt with, before any write
+            get_template(self.conv_mode, ckpt.chat_template())
         self.source = source_record(ckpt)
         self.m, stale, fresh = self._previous_state()
+        get_template(self.m.conv_mode, self.m.chat_template)
         steps = self._plan()
         if self._needs_model():
             self._model = self._load_model()  # a model that does not load fails here, before any write
@@ -402,6 +413,8 @@ class _Export:
                 else:
                     base.variants.append(v)
             base.llm = {**base.llm, **m.llm}
+            if self.opts.conv_mode is None:  # the mode the bundle was given stays until another is asked for
+                base.conv_mode, base.chat_template = m.conv_mode, m.chat_template
         keep = {v.file for v in base.variants}
         stale: list[str] = []
         for m in other:
@@ -432,8 +445,8 @@ class _Export:
         n_head = int(tc["num_attention_heads"])
         return manifest.Manifest(
             source=self.source,
-            conv_mode=ckpt.conv_mode,
-            chat_template=ckpt.chat_template() if ckpt.conv_mode == CHAT_TEMPLATE else None,
+            conv_mode=self.conv_mode,
+            chat_template=ckpt.chat_template() if self.conv_mode == CHAT_TEMPLATE else None,
             image=ckpt.image_spec().to_dict(),
             vision={
                 "feature_layer": ckpt.config.get("vision_feature_layer", -2),

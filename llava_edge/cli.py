@@ -243,19 +243,14 @@ def export(
     """Split a LLaVA checkpoint into the files an edge device runs, under one manifest.json."""
     from .checkpoint import resolve_model
     from .export.bundle import ExportOptions, TensorRTOptions, check_out_dir, export_bundle, terminal_progress
-    from .templates import MODES
 
     trt = TensorRTOptions(max_batch=trt_max_batch, opt_batch=trt_opt_batch, int8=int8,
                           calibration_cache=calibration_cache, workspace_mib=trt_workspace_mib)
-    ExportOptions(target, dtype, llm_outtype, trt, mmproj_outtype).validate()
-    if conv_mode is not None and conv_mode not in MODES:
-        raise UserError(f"unknown --conv-mode {conv_mode!r}; known: {', '.join(MODES)}")
+    ExportOptions(target, dtype, llm_outtype, trt, mmproj_outtype, conv_mode).validate()
     check_out_dir(out)  # before a conversion writes anything
     ckpt = resolve_model(model, vision=vision, cache_dir=cache_dir, log=say)
-    if conv_mode is not None:
-        ckpt.recipe["template"] = conv_mode
-    export_bundle(ckpt, out, target, dtype, llm_outtype, mmproj_outtype=mmproj_outtype, tensorrt=trt, log=say,
-                  progress=terminal_progress(say))
+    export_bundle(ckpt, out, target, dtype, llm_outtype, mmproj_outtype=mmproj_outtype, tensorrt=trt,
+                  conv_mode=conv_mode, log=say, progress=terminal_progress(say))
     if set_default:
         _set_default(out)
 

@@ -128,3 +128,68 @@ def test_interactive_session(bundle, toy_data, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "error: image not found" in r.stderr  # a bad /image keeps the session going
     assert r.stdout.count("> ") >= 5
+
+
+def test_conversation_mode_options_and_their_errors(bundle, toy_data, toy_model, tmp_path):
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    r = le("chat", "--bundle", bundle, "--image", image, "--conv-mode", "llava_v1", "--explain", "Hi",
+           "--max-tokens", "2", block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert "conversation mode: llava_v1 (chosen; the bundle's is vicuna_v1)" in r.stderr
+    assert "tokenizer: sentencepiece" in r.stderr
+    assert_one_line_error(le("chat", "--bundle", bundle, "--conv-mode", "vicuna-v1", "Hi", block_torch=True),
+                          "unknown conversation mode 'vicuna-v1'", "vicuna_v1")
+    assert_one_line_error(le("export", "--model", toy_model, "--out", tmp_path / "b", "--conv-mode", "nope"),
+                          "unknown --conv-mode 'nope'")
+    assert not (tmp_path / "b").exists()
+    assert_one_line_error(le("export", "--model", toy_model, "--out", tmp_path / "b", "--conv-mode", "chat_template"),
+                          "chat template")  # the toy has none
+    for stage in ("stage1", "stage2"):
+        assert_one_line_error(le("train", stage, "--model", toy_model, "--data", toy_data / "eval.json",
+                                 "--image-folder", toy_data, "--output", tmp_path / stage, "--conv-mode",
+                                 "chat_template"), "train with one of LLaVA's modes")
+
+
+def test_the_checkpoints_chat_template_as_a_mode(toy_model, toy_data, tmp_path):
+    from llava_edge import EdgeLLaVA, manifest
+    from llava_edge.templates import flat
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_model, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    r = le("export", "--model", model, "--out", tmp_path / "b", "--target", "gguf", "--conv-mode", "chat_template")
+    assert r.returncode == 0, r.stderr
+    r = le("export", "--model", model, "--out", tmp_path / "b", "--target", "onnx")  # same source: the mode stays
+    assert r.returncode == 0, r.stderr
+    m = manifest.read(tmp_path / "b")
+    assert m.conv_mode == "chat_template" and "ASSISTANT:" in m.chat_template
+    rt = EdgeLLaVA.load(tmp_path / "b", device="cpu", prefix_cache=False)
+    try:
+        parts = rt.template.prompt("Which </s> shape?")
+        assert flat(parts) == "USER: <image>\nWhich </s> shape? ASSISTANT:"
+        assert rt.eos_id not in rt.tokenizer.encode_prompt(parts, rt.image_token_id)
+        image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+        assert isinstance(rt.chat(image, "Which shape?", max_tokens=3), str)
+    finally:
+        rt.close()
+
+
+def test_a_bundle_of_the_older_schema_is_refused_then_exported_again(bundle, toy_model, toy_data, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    d = json.loads((old / "manifest.json").read_text())
+    d["schema_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(d))
+    (old / "mine.txt").write_text("a user's file")
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    assert_one_line_error(le("chat", "--bundle", old, "--image", image, "Hi", block_torch=True),
+                          "older llava-edge", "export the bundle again")
+    r = le("export", "--model", toy_model, "--out", old, "--target", "gguf")
+    assert r.returncode == 0, r.stderr
+    assert "older llava-edge" in r.stderr
+    assert json.loads((old / "manifest.json").read_text())["schema_version"] == 2
+    assert (old / "mine.txt").read_text() == "a user's file"  # only what the old manifest listed was removed
+    assert not (old / "vision.fp32.onnx").exists()

@@ -199,9 +199,7 @@ def test_an_original_checkpoint_answers_as_in_llava(original_tiny, data, tmp_pat
     assert ref["mode"] == (mode or "llava_v1")  # LLaVA's run_llava.py picks llava_v1 for "llava-v1.5-*"
 
     ckpt = resolve_model(model, vision=tower, cache_dir=tmp_path / "cache", log=lambda _: None)
-    if mode:
-        ckpt.recipe["template"] = mode  # export --conv-mode
-    export_bundle(ckpt, tmp_path / "b", target="all", llm_outtype="f32", log=lambda _: None)
+    export_bundle(ckpt, tmp_path / "b", target="all", llm_outtype="f32", conv_mode=mode, log=lambda _: None)
     m = EdgeLLaVA.load(tmp_path / "b", device="cpu", kv_cache="f32", threads=1, prefix_cache=False)
     try:
         assert m.conv_mode == ref["mode"]
