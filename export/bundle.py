@@ -57,9 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from llava_edge import __version__, atomic, manifest
+from llava_edge import __version__, atomic, bundle_lock, manifest
 from llava_edge.checkpoint import Checkpoint, load_hf_vision_half
-from llava_edge.errors import UserError
+from llava_edge.errors import UserError, describe_os_error
 from llava_edge.templates import CHAT_TEMPLATE, MODES, get_template
 from llava_edge.tokenizer import FILES as TOKENIZER_FILES
 from llava_edge.tokenizer import read_settings
@@ -104,6 +104,7 @@ class ExportOptions:
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     mmproj: str = ""  # --mmproj-outtype; "": follow --dtype (see mmproj_outtype)
     conv_mode: str | None = None  # --conv-mode; None: the bundle's (same source), else the checkpoint's
+    wait: bool = True  # another writer holds the bundle: wait for it (False: --no-wait, a one-line error)
 
     def validate(self) -> None:
         """Every option checked before anything is read or written; a one-line error listing the valid values."""
@@ -287,6 +288,7 @@ def export_bundle(
     mmproj_outtype: str = "",
     tensorrt: TensorRTOptions | None = None,
     conv_mode: str | None = None,
+    wait: bool = True,
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> manifest.Manifest:
@@ -295,7 +297,7 @@ def export_bundle(
     ``conv_mode``: the bundle's conversation mode; by default a bundle exported again from the same source keeps
     its mode, a new one takes the checkpoint's (``Checkpoint.conv_mode``).
     """
-    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype, conv_mode)
+    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype, conv_mode, wait)
     opts.validate()
     return _Export(ckpt, Path(out), opts, progress or PlainProgress(log)).run()
 
@@ -341,8 +343,25 @@ class _Export:
 
     # -- plan (reads only) ----------------------------------------------------------------------------------------
     def run(self) -> manifest.Manifest:
-        ckpt, out = self.ckpt, self.out
+        out = self.out
         check_out_dir(out)
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the bundle folder {out}: {describe_os_error(e)}") from None
+        try:
+            with bundle_lock.writing(out, wait=self.opts.wait, log=self.log):
+                return self._run_locked()
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # nothing was written: leave no empty folder behind
+            raise
+
+    def _run_locked(self) -> manifest.Manifest:
+        """The export, while this process is the bundle's only writer: read the state, plan, write, register."""
+        ckpt, out = self.ckpt, self.out
+        check_out_dir(out)  # again, now that no other writer can change it
         self.tokenizer = read_settings(ckpt.path)  # how LLaVA's code tokenizes for this checkpoint
         self.adds_bos = self.tokenizer.add_bos
         self.conv_mode = self.opts.conv_mode or ckpt.conv_mode
@@ -356,21 +375,23 @@ class _Export:
             self._model = self._load_model()  # a model that does not load fails here, before any write
 
         # -- write -------------------------------------------------------------------------------------------------
-        prepare_out_dir(out)
-        if fresh:
-            manifest.write_incomplete(out, self.m)  # marks the folder as a bundle being written, before any file
-        for name in stale:  # a clean start: the old source's files, then its manifest
-            (out / name).unlink(missing_ok=True)
-        current = ""
+        current = "the bundle folder"
         try:
+            prepare_out_dir(out)
+            if fresh:
+                current = manifest.IN_PROGRESS
+                manifest.write_incomplete(out, self.m)  # marks the folder as a bundle being written, before any file
+            for name in stale:  # a clean start: the old source's files (only files llava-edge makes), then its manifest
+                path = out / name if name == manifest.MANIFEST else manifest.own_file(out, name)
+                if path is not None:
+                    path.unlink(missing_ok=True)
             current = "the tokenizer files"
             self._copy_tokenizer()
             for file, run in steps:
                 current = file
                 run()
         except OSError as e:
-            raise UserError(f"export failed while writing {current} into {out}: "
-                            f"{e.strerror or type(e).__name__}") from None
+            raise UserError(f"export failed while writing {current} into {out}: {describe_os_error(e)}") from None
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             self._model = None
@@ -381,7 +402,7 @@ class _Export:
             manifest.finish(out, self.m)
         except OSError as e:
             raise UserError(f"export failed while writing {manifest.MANIFEST} into {out}: "
-                            f"{e.strerror or type(e).__name__}") from None
+                            f"{describe_os_error(e)}") from None
         self._summary()
         return self.m
 
@@ -427,7 +448,8 @@ class _Export:
             stale += [f, f + ".data"]
         if other or older:
             stale += [*TOKENIZER_FILES, CALIBRATION_CACHE]
-        stale = [f for f in dict.fromkeys(stale) if f not in keep and (out / f).exists()]
+        stale = [f for f in dict.fromkeys(stale) if f not in keep and (p := manifest.own_file(out, f)) is not None
+                 and p.exists()]
         if (finished is not None and finished in other) or (older and manifest.is_bundle(out)):
             stale.append(manifest.MANIFEST)  # deleted last, after the files it lists
         return base, stale, not same or bool(other) or bool(older)
@@ -468,7 +490,8 @@ class _Export:
                 "n_ctx_train": int(tc.get("max_position_embeddings", 4096)),
                 "image_token_id": ckpt.image_token_id,
             },
-            tokenizer=self.tokenizer.to_dict(),
+            tokenizer={**self.tokenizer.to_dict(),
+                       "sha256": {self.tokenizer.file: manifest.sha256_file(ckpt.path / self.tokenizer.file)}},
         )
 
     def _plan(self) -> list[tuple[str, Callable[[], object]]]:
@@ -549,7 +572,12 @@ class _Export:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        return load_hf_vision_half(self.ckpt)  # the vision graph needs no language model (7B: 28 GB fp32)
+        model = load_hf_vision_half(self.ckpt)  # the vision graph needs no language model (7B: 28 GB fp32)
+        for name, p in model.named_parameters():
+            if p.numel() and not bool(p.isfinite().all()):
+                raise UserError(f"the checkpoint's tensor {name} holds NaN or infinite values: the weights are damaged "
+                                "(or a training run diverged); nothing was exported")
+        return model
 
     # -- one file ------------------------------------------------------------------------------------------------
     def _sha256(self, path: Path) -> str:

@@ -159,6 +159,14 @@ def target_type(shape: tuple[int, ...], outtype: str):
     return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
 
 
+def check_finite(a: np.ndarray, name: str) -> None:
+    """Refuse weights with NaN or infinity: they export fine and then answer with empty or garbage text."""
+    if not np.isfinite(a).all():
+        bad = int(a.size - np.isfinite(a).sum())
+        raise UserError(f"the checkpoint's tensor {name} holds {bad} NaN or infinite value(s): the weights are damaged "
+                        "(or a training run diverged); nothing was exported")
+
+
 def encode(a: np.ndarray, qtype) -> np.ndarray:
     """A float32 array in ``qtype``: f32/f16 as numpy arrays, bf16/q8_0 as gguf's packed bytes."""
     import gguf
@@ -287,7 +295,9 @@ def export_llm_gguf(
         w.write_ti_data_to_file()
         try:
             for i, t in enumerate(plan):
-                w.write_tensor_data(encode(t.load(), t.qtype))  # one tensor in memory at a time
+                a = t.load()  # one tensor in memory at a time
+                check_finite(a, t.name)
+                w.write_tensor_data(encode(a, t.qtype))
                 if progress:
                     progress(i + 1, len(plan))
         finally:

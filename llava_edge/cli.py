@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, describe_os_error
 
 app = typer.Typer(
     help="Train, export, quantize and run LLaVA-style vision-language models on the edge.",
@@ -239,6 +239,8 @@ def export(
     set_default: bool = typer.Option(False, "--set-default", help="Make this the bundle `chat` uses by default"),
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="The bundle's conversation mode (default: "
                                             "the checkpoint's; see README, 'Conversation modes')"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="When another export or quantize is writing the bundle, "
+                                 "stop with an error instead of waiting for it"),
 ):
     """Split a LLaVA checkpoint into the files an edge device runs, under one manifest.json."""
     from .checkpoint import resolve_model
@@ -250,7 +252,7 @@ def export(
     check_out_dir(out)  # before a conversion writes anything
     ckpt = resolve_model(model, vision=vision, cache_dir=cache_dir, log=say)
     export_bundle(ckpt, out, target, dtype, llm_outtype, mmproj_outtype=mmproj_outtype, tensorrt=trt,
-                  conv_mode=conv_mode, log=say, progress=terminal_progress(say))
+                  conv_mode=conv_mode, wait=not no_wait, log=say, progress=terminal_progress(say))
     if set_default:
         _set_default(out)
 
@@ -365,10 +367,12 @@ def chat(
 ):
     """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from .preprocess import load_image
-    from .runtimes.pipeline import EdgeLLaVA
+    from .runtimes.pipeline import EdgeLLaVA, Sampling, check_text
 
-    if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 1:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
+    sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    Sampling(**sampling)  # a one-line error for bad values, before anything is loaded
+    if prompt is not None:
+        check_text(prompt, "the question")
     if image is not None:
         load_image(image)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
@@ -378,7 +382,6 @@ def chat(
         say(m.explain())
         if prompt is None:
             return
-    sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     session = m.session(image)
 
     def answer(question: str) -> None:
@@ -393,12 +396,16 @@ def chat(
     if prompt is not None:
         answer(prompt)
         return
-    say("llava-edge chat: /image PATH to change the image, /reset to forget, /quit to leave")
+    commands = "/image PATH to change the image, /reset to forget, /quit to leave"
+    say(f"llava-edge chat: {commands}")
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             break
+        except UnicodeDecodeError:  # a line that is not UTF-8: said, and the session goes on
+            say("error: that line is not valid UTF-8 text; check the terminal's encoding")
+            continue
         if not line:
             continue
         if line in ("/quit", "/exit"):
@@ -406,7 +413,7 @@ def chat(
         if line == "/reset":
             session.reset()
             continue
-        if line.startswith("/image"):
+        if line == "/image" or line.startswith("/image "):
             path = line[len("/image"):].strip()
             try:
                 load_image(path)
@@ -414,6 +421,12 @@ def chat(
             except UserError as e:
                 say(f"error: {e}")
             continue
+        if line.startswith("/") and not line.startswith("//"):
+            say(f"unknown command {line.split()[0]!r}: {commands} (start a question with // to ask one "
+                "that begins with /)")
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         try:
             answer(line)
         except UserError as e:
@@ -436,13 +449,15 @@ def quantize(
                                   "optimizer) before int8/int4; the result runs in onnxruntime only"),
     trt_calib_cache: bool = typer.Option(False, "--trt-calib-cache", help="Also write TensorRT's INT8 calibration "
                                          "cache for `export --target tensorrt --int8` (needs TensorRT)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="When another export or quantize is writing the bundle, "
+                                 "stop with an error instead of waiting for it"),
 ):
     """Add quantized variants (llama.cpp GGUF types, int8/int4/fp16 ONNX) to a bundle; finished ones are kept."""
     from .quantize.command import quantize_bundle
 
     outcomes = quantize_bundle(bundle, llm, vision, calib_images=calib_images, calib_count=calib_count,
                                threads=threads, block_size=block_size, optimize=optimize,
-                               trt_calib_cache=trt_calib_cache, log=say)
+                               trt_calib_cache=trt_calib_cache, wait=not no_wait, log=say)
     for o in outcomes:
         state = "new" if o.made else "up to date"
         say(f"  {o.kind:8} {o.name:16} {o.file:28} {o.size / 1e6:8.2f} MB  {state}"
@@ -542,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except OSError as e:  # what the system refused (full disk, read-only, permissions), named with its path
+        say(f"error: {describe_os_error(e)}")
+        return 2
+    except MemoryError:
+        say("error: out of memory (a smaller variant, --ctx or image may fit)")
+        return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0

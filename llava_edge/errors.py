@@ -1,5 +1,31 @@
-"""The one exception type that reaches the user as a one-line message."""
+"""The one exception type that reaches the user as a one-line message, and how system errors are said."""
+
+from __future__ import annotations
+
+import errno
 
 
 class UserError(Exception):
     """Bad input or an unmet precondition. The CLI prints ``str(err)`` and exits 2."""
+
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the filesystem's or the process's file size limit; FAT32 stops at 4 GB)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "not a directory",
+    errno.ENOENT: "no such file or directory",
+    errno.EMFILE: "too many open files",
+    errno.EIO: "input/output error (a failing disk or card?)",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """An ``OSError`` as people read it: the cause by name, then the path (``no space left on device: /x``)."""
+    cause = _CAUSES.get(e.errno) or (e.strerror or type(e).__name__).lower()
+    path = e.filename if e.filename is not None else None
+    return f"{cause}: {path}" if path else cause

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import __version__, atomic
 from .errors import UserError
@@ -35,6 +36,43 @@ SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 IN_PROGRESS = "manifest.incomplete.json"  # an export's state until it finishes
 KINDS = ("vision", "llm", "mmproj")
+# The files export and quantize make in a bundle: the only ones they ever delete or replace. A manifest names
+# files; a damaged or hostile one must not make llava-edge delete or load anything else.
+OWN_FILE = re.compile(r"(vision|llm|mmproj)\.[A-Za-z0-9_+-][A-Za-z0-9_.+-]*\.(onnx|gguf|engine)(\.data)?"
+                      r"|tokenizer\.(json|model)|tokenizer_config\.json|special_tokens_map\.json"
+                      r"|tensorrt\.int8\.calib(\.json)?")
+
+
+def check_name(name: object, what: str = "file") -> str:
+    """A file name a manifest may hold: relative, inside the bundle, no "..", no backslash or NUL."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{MANIFEST} names a {what} that is not a file name: {name!r}")
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name or "\x00" in name or name.startswith("~"):
+        raise UserError(f"{MANIFEST} names a {what} outside the bundle: {name!r}")
+    return name
+
+
+def bundle_file(bundle: str | Path, name: str, what: str = "file") -> Path:
+    """The path of a file the manifest names, checked to stay inside the bundle (symlinks resolved)."""
+    bundle = Path(bundle)
+    path = bundle / check_name(name, what)
+    root, real = bundle.resolve(), path.resolve()
+    if real != root and root not in real.parents:
+        raise UserError(f"bundle {bundle}: {name} leads outside the bundle (a symbolic link to {real})")
+    return path
+
+
+def own_file(bundle: str | Path, name: str) -> Path | None:
+    """The path of ``name`` when it is a file export or quantize makes, inside the bundle; else None.
+
+    What a manifest lists but llava-edge did not make (``notes.txt``, ``../x``) is never deleted.
+    """
+    try:
+        path = bundle_file(bundle, name)
+    except UserError:
+        return None
+    return path if OWN_FILE.fullmatch(name) and path.parent.resolve() == Path(bundle).resolve() else None
 
 
 def human_size(n: int) -> str:
@@ -70,7 +108,12 @@ class Variant:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Variant":
+        if not isinstance(d, dict):
+            raise UserError(f"{MANIFEST} has a variant that is not an object: {d!r}"[:200])
         base = {k: d[k] for k in ("name", "kind", "precision", "file", "size", "sha256")}
+        check_name(base["file"], f"{base['kind']} variant file")
+        if not (isinstance(base["name"], str) and isinstance(base["size"], int) and isinstance(base["sha256"], str)):
+            raise UserError(f"{MANIFEST} has a malformed variant record for {base['file']!r}")
         return cls(**base, extra={k: v for k, v in d.items() if k not in base})
 
     @property
@@ -154,6 +197,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        if not isinstance(d, dict):
+            raise UserError(f"{MANIFEST} is not a JSON object but a {type(d).__name__}")
         version = d.get("schema_version")
         if isinstance(version, int) and version > SCHEMA_VERSION:
             raise UserError(f"bundle manifest schema {version} was written by a newer llava-edge (this one reads "
@@ -163,6 +208,13 @@ class Manifest:
                                and isinstance(v.get("file"), str)],
                               f"bundle manifest schema {version!r} was written by an older llava-edge, which prompted "
                             f"differently (this one reads schema {SCHEMA_VERSION}): export the bundle again")
+        for key in ("source", "image", "vision", "llm", "tokenizer"):
+            if not isinstance(d[key], dict):
+                raise UserError(f"{MANIFEST}: section {key!r} is not an object")
+        if not isinstance(d["conv_mode"], str) or not isinstance(d.get("variants", []), list):
+            raise UserError(f"{MANIFEST}: conv_mode is not a name or variants is not a list")
+        if "file" in d["tokenizer"]:
+            check_name(d["tokenizer"]["file"], "tokenizer file")
         return cls(
             source=d["source"], conv_mode=d["conv_mode"], image=d["image"], vision=d["vision"], llm=d["llm"],
             tokenizer=d["tokenizer"], variants=[Variant.from_dict(v) for v in d.get("variants", [])],
@@ -237,10 +289,10 @@ def finish(bundle: str | Path, manifest: Manifest) -> bool:
 
 
 def check_files(bundle: str | Path, manifest: Manifest, files: list[str], verify_hash: bool = False) -> None:
-    """Every named file is present with its recorded size (and hash when asked)."""
+    """Every named file is inside the bundle and present with its recorded size (and hash when asked)."""
     by_file = {v.file: v for v in manifest.variants}
     for name in files:
-        p = Path(bundle) / name
+        p = bundle_file(bundle, name)
         if not p.is_file():
             raise UserError(f"bundle {bundle} is missing a file: {name}")
         v = by_file.get(name)

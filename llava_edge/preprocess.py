@@ -11,6 +11,7 @@ transformers.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 PAD_MODES = ("pad", "square")  # LLaVA's image_aspect_ratio: pad to square, or CLIP's crop
+# Limits checked on the header, before any pixel is decoded. A 196-byte PNG can declare 1 x 60000 pixels,
+# which PIL's decompression-bomb guard lets through and LLaVA's pad-to-square would turn into 60000 x 60000
+# (10.8 GB of RGB). 100 Mpx is a 12000 x 8000 photo decoded (300 MB of RGB), or a 10000 x 10000 padded square.
+MAX_PIXELS = 100_000_000
+MAX_ASPECT = 50  # longer side / shorter side: beyond this the picture is a strip the tower sees as a line
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,24 @@ class ImageSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
-        d = dict(d)
-        d["mean"] = tuple(d["mean"])
-        d["std"] = tuple(d["std"])
-        return cls(**d)
+        """From a manifest's ``image`` section, checked: a one-line error for settings no image can go through."""
+        try:
+            spec = cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(float(x) for x in d["mean"]),
+                       std=tuple(float(x) for x in d["std"]), pad=str(d.get("pad", "square")),
+                       rescale=float(d.get("rescale", 1 / 255)), resample=int(d.get("resample", 3)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the bundle's image settings are incomplete or malformed ({type(e).__name__}: {e}): "
+                            "export it again") from None
+        bad = [name for name, ok in (
+            ("resize", 1 <= spec.resize <= 16384), ("crop", 1 <= spec.crop <= 16384),
+            ("mean", len(spec.mean) == 3 and all(np.isfinite(spec.mean))),
+            ("std", len(spec.std) == 3 and all(np.isfinite(spec.std)) and all(x > 0 for x in spec.std)),
+            ("pad", spec.pad in PAD_MODES), ("rescale", np.isfinite(spec.rescale) and spec.rescale > 0),
+            ("resample", spec.resample in (0, 1, 2, 3, 4, 5))) if not ok]
+        if bad:
+            raise UserError(f"the bundle's image settings are invalid ({', '.join(f'{k} {getattr(spec, k)!r}' for k in bad)}): "
+                            "export it again")
+        return spec
 
     @classmethod
     def from_processor_config(cls, cfg: dict, pad: str = "square") -> "ImageSpec":
@@ -71,29 +92,56 @@ class ImageSpec:
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 
-def load_image(image: ImageInput) -> Image.Image:
+def check_image_size(width: int, height: int, padded: bool, what: str = "image") -> None:
+    """The size limits (``MAX_PIXELS``, ``MAX_ASPECT``, and the padded square's pixels when ``padded``)."""
+    if width < 1 or height < 1:
+        raise UserError(f"{what} has no pixels ({width} x {height})")
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{what} is {width} x {height} = {width * height / 1e6:.0f} Mpx, over the limit of "
+                        f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UserError(f"{what} is {width} x {height}, an aspect ratio over {MAX_ASPECT}:1: crop or pad it first")
+    side = max(width, height)
+    if padded and side * side > MAX_PIXELS:
+        raise UserError(f"{what} is {width} x {height}: padded to a square (the bundle's pad mode) it would be "
+                        f"{side * side / 1e6:.0f} Mpx, over the limit of {MAX_PIXELS / 1e6:.0f} Mpx: downscale it first")
+
+
+def load_image(image: ImageInput, padded: bool = False) -> Image.Image:
     """Any image Pillow reads, as 8-bit RGB, upright (EXIF orientation applied).
 
     Transparent pixels are composited onto white, as transformers' ``convert_to_rgb``
-    does; 16-bit and float images are scaled to 8 bits; decompression bombs are refused.
+    does; 16-bit and float images are scaled to 8 bits. The size limits are checked on
+    the header before anything is decoded (:func:`check_image_size`; ``padded``: the
+    image will be padded to a square).
     """
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2:
+            check_image_size(image.shape[1], image.shape[0], padded, "the image array")
         return _array_to_rgb(image)
     if isinstance(image, Image.Image):
+        check_image_size(*image.size, padded)
         return _to_rgb(image)
+    if isinstance(image, str) and _URL.match(image):
+        raise UserError(f"remote images are not supported, download it first: {image}")
     path = Path(image)
+    if path.is_dir():
+        raise UserError(f"the image is a directory, not a file: {image}")
     if not path.is_file():
-        raise UserError(f"image not found: {path}")
+        raise UserError(f"image not found: {image}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                check_image_size(*im.size, padded, f"image {path}")
                 im = ImageOps.exif_transpose(im)
                 im.load()
                 return _to_rgb(im)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise UserError(f"image too large (decompression bomb guard): {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except PermissionError:
+        raise UserError(f"image not readable (permission denied): {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise UserError(f"not a readable image: {path} ({type(e).__name__})") from None
 
 
@@ -143,7 +191,7 @@ def expand2square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
 
 def preprocess(image: ImageInput, spec: ImageSpec) -> np.ndarray:
     """One image as the tower's ``pixel_values``: float32, shape (3, crop, crop)."""
-    im = load_image(image)
+    im = load_image(image, padded=spec.pad == "pad")
     if spec.pad == "pad":
         im = expand2square(im, tuple(int(x * 255) for x in spec.mean))
     w, h = im.size
@@ -166,6 +214,3 @@ def preprocess(image: ImageInput, spec: ImageSpec) -> np.ndarray:
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
-
-def preprocess_batch(images: list[ImageInput], spec: ImageSpec) -> np.ndarray:
-    return np.stack([preprocess(im, spec) for im in images])

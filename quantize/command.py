@@ -23,7 +23,6 @@ as it was.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -34,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_edge import atomic, manifest
-from llava_edge.errors import UserError
+from llava_edge import atomic, bundle_lock, manifest
+from llava_edge.errors import UserError, describe_os_error
 from llava_edge.preprocess import ImageSpec
 
 from . import llm as llm_quant
@@ -85,6 +84,7 @@ def quantize_bundle(
     block_size: int = vision_quant.DEFAULT_BLOCK_SIZE,
     optimize: bool = False,
     trt_calib_cache: bool = False,
+    wait: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Outcome]:
     """Make (or find up to date) every requested variant of ``bundle``; see the module docstring."""
@@ -100,30 +100,33 @@ def quantize_bundle(
         raise UserError("--threads must be 0 (all cores) or more")
     if calib_images is not None and not Path(calib_images).is_dir():
         raise UserError(f"--calib-images {calib_images} is not a directory")
-    m = manifest.read(bundle)
-    llm_base = _llm_base(bundle, m) if llm_types else None
-    vision_base = _vision_base(bundle, m) if (vision_types or trt_calib_cache) else None
-    if trt_calib_cache:
-        from llava_edge.runtimes.tensorrt_vision import import_tensorrt
-
-        try:
-            import_tensorrt()
-        except UserError as e:
-            raise UserError(f"--trt-calib-cache needs TensorRT on this machine: {e}") from None
-    atomic.remove_partials(bundle)
-
-    job = _Job(bundle, m, log)
-    job.vision_base = vision_base
-    for t in llm_types:
-        job.llm_variant(t, llm_base, threads)
-    if vision_types or trt_calib_cache:
-        job.spec = ImageSpec.from_dict(m.image)
-        job.calib_dir, job.calib_count = calib_images, calib_count
-        for t in vision_types:
-            job.vision_variant(t, vision_base, block_size, optimize)
+    if not manifest.is_bundle(bundle):
+        manifest.read(bundle)  # the one-line error for what it is instead
+    with bundle_lock.writing(bundle, wait=wait, log=log):  # read-modify-write of the manifest, one writer at a time
+        m = manifest.read(bundle)
+        llm_base = _llm_base(bundle, m) if llm_types else None
+        vision_base = _vision_base(bundle, m) if (vision_types or trt_calib_cache) else None
         if trt_calib_cache:
-            job.tensorrt_calibration(vision_base)
-    return job.outcomes
+            from llava_edge.runtimes.tensorrt_vision import import_tensorrt
+
+            try:
+                import_tensorrt()
+            except UserError as e:
+                raise UserError(f"--trt-calib-cache needs TensorRT on this machine: {e}") from None
+        atomic.remove_partials(bundle)
+
+        job = _Job(bundle, m, log)
+        job.vision_base = vision_base
+        for t in llm_types:
+            job.llm_variant(t, llm_base, threads)
+        if vision_types or trt_calib_cache:
+            job.spec = ImageSpec.from_dict(m.image)
+            job.calib_dir, job.calib_count = calib_images, calib_count
+            for t in vision_types:
+                job.vision_variant(t, vision_base, block_size, optimize)
+            if trt_calib_cache:
+                job.tensorrt_calibration(vision_base)
+        return job.outcomes
 
 
 def _llm_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
@@ -217,7 +220,7 @@ class _Job:
     # -- the language model ---------------------------------------------------------------------------------
     def llm_variant(self, type_name: str, base: manifest.Variant, threads: int) -> None:
         params = {"type": type_name, "base": base.file, "base_sha256": base.sha256}
-        src = self.bundle / base.file
+        src = manifest.bundle_file(self.bundle, base.file)
         v = self._produce("llm", type_name, type_name, llm_quant.llm_file_name(type_name), params,
                           f"llama.cpp quantizes {base.file}",
                           lambda path: llm_quant.quantize_gguf(src, path, type_name, threads))
@@ -254,7 +257,7 @@ class _Job:
         import onnx
 
         if optimize not in self._graphs:
-            model = onnx.load(str(self.bundle / self.vision_base.file))
+            model = onnx.load(str(manifest.bundle_file(self.bundle, self.vision_base.file)))
             stats = {}
             if optimize:
                 model, stats = vision_quant.optimize_clip(model)
@@ -264,7 +267,7 @@ class _Job:
         return onnx.ModelProto.FromString(model.SerializeToString()), stats
 
     def vision_variant(self, name: str, base: manifest.Variant, block_size: int, optimize: bool) -> None:
-        src = self.bundle / base.file
+        src = manifest.bundle_file(self.bundle, base.file)
         fused = optimize and name != "fp16"  # fp16 is the GPU/TensorRT path: standard ops only
         params: dict = {"type": name, "base_sha256": base.sha256}
         if name != "fp16":
@@ -335,7 +338,7 @@ class _Job:
             # (`export --target tensorrt --int8` builds the real one on the device, reading the cache).
             with tempfile.TemporaryDirectory(dir=self.bundle, prefix=".trt-calib.", suffix=atomic.TMP_SUFFIX) as tmp:
                 cache = Path(tmp) / file
-                tensorrt_engine.build_engine(self.bundle / base.file, Path(tmp) / "calibration.engine",
+                tensorrt_engine.build_engine(manifest.bundle_file(self.bundle, base.file), Path(tmp) / "calibration.engine",
                                              precision="int8", calibration_images=pixels, calibration_cache=cache,
                                              log=self.log)
                 if not cache.is_file():
@@ -349,6 +352,4 @@ class _Job:
 
 
 def _os_error(e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"no space left ({e.strerror})"
-    return e.strerror or str(e)
+    return describe_os_error(e)

@@ -448,6 +448,9 @@ def onnx_providers(profile: Profile, hw: Hardware, v: Variant) -> tuple[list[Pro
     return chosen, "; ".join([lead, *why])
 
 
+MAX_THREADS_PER_CPU = 4  # more threads than this only spin; tens of thousands take a machine down
+
+
 def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | None = None,
                  llm_variant: str | None = None, hardware: Hardware | None = None, threads: int = 0,
                  n_gpu_layers: int | None = None, n_ctx: int | None = None, n_batch: int | None = None,
@@ -518,6 +521,9 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
         layers, offload_why = 0, ("this llama.cpp was built without GPU offload (reinstall llama-cpp-python with "
                                   "CMAKE_ARGS=\"-DGGML_CUDA=on\", or Metal/Vulkan): CPU only")
 
+    if threads < 0 or threads > MAX_THREADS_PER_CPU * hw.cpus:
+        raise UserError(f"--threads {threads} is out of range: 0 (the profile's choice) to "
+                        f"{MAX_THREADS_PER_CPU * hw.cpus} ({MAX_THREADS_PER_CPU} per CPU of this machine's {hw.cpus})")
     if threads and threads > 0:
         n_threads, threads_why = int(threads), "asked for (--threads)"
     else:

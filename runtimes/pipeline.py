@@ -24,6 +24,7 @@ kept). An answer that fills the context stops there; ``last_stop`` says so.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,8 +73,31 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy, deterministic
     top_p: float = 1.0
     max_tokens: int = 256
-    seed: int | None = None
+    seed: int | None = None  # None or -1: a random seed (as llama.cpp's -1)
     stop: tuple[str, ...] = ()  # text that ends the answer (left out of it), besides the template's own
+
+    def __post_init__(self) -> None:
+        """Every value checked: a one-line error for what would otherwise fail deep in numpy or llama.cpp."""
+        t, p, n, seed = self.temperature, self.top_p, self.max_tokens, self.seed
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100:
+            raise UserError(f"temperature must be a number from 0 (greedy) to 100, not {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+            raise UserError(f"top_p must be a number above 0 and at most 1, not {p!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
+            raise UserError(f"max_tokens must be a whole number from 1 to 1000000, not {n!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed < 2**63):
+            raise UserError(f"seed must be -1 (random) or a whole number from 0 to 2**63-1, not {seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(x, str) for x in self.stop):
+            raise UserError("stop must be a list of strings")
+        self.stop = tuple(self.stop)
+
+
+def _manifest_int(section: dict, key: str) -> int:
+    try:
+        return int(section[key])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"the bundle's manifest lacks a valid llm.{key} (has the language model been exported? "
+                        "`llava-edge export --target gguf`)") from None
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -103,7 +127,8 @@ class EdgeLLaVA:
                  n_ctx: int | None = None, threads: int = 0, n_gpu_layers: int | None = None,
                  vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
                  n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
-                 prefix_cache: bool = True, cache_images: bool | None = None, conv_mode: str | None = None):
+                 prefix_cache: bool = True, cache_images: bool | None = None, conv_mode: str | None = None,
+                 verify: bool = True):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -116,16 +141,18 @@ class EdgeLLaVA:
         self.vision_variant = self.plan.vision
         self.llm_variant = self.plan.llm
         self.on_overflow = on_overflow
-        bundle_manifest.check_files(
-            self.bundle, m, [self.vision_variant.file, self.llm_variant.file, m.tokenizer["file"]]
-        )
+        settings = Settings.from_dict(m.tokenizer)
+        loaded = [self.vision_variant.file, self.llm_variant.file, settings.file]
+        bundle_manifest.check_files(self.bundle, m, loaded)
+        if verify:
+            self._verify(loaded)
         self.spec = ImageSpec.from_dict(m.image)
         self.conv_mode = conv_mode or m.conv_mode
         self.template = get_template(self.conv_mode, m.chat_template)
-        self.tokenizer = Tokenizer(self.bundle, Settings.from_dict(m.tokenizer))
-        self.image_token_id = int(m.llm["image_token_id"])
-        self.eos_id = int(m.llm["eos_id"])
-        vision_file = self.bundle / self.vision_variant.file
+        self.tokenizer = Tokenizer(self.bundle, settings)
+        self.image_token_id = _manifest_int(m.llm, "image_token_id")
+        self.eos_id = _manifest_int(m.llm, "eos_id")
+        vision_file = bundle_manifest.bundle_file(self.bundle, self.vision_variant.file)
         if self.plan.vision_backend == "tensorrt":
             from .tensorrt_vision import TensorRTVisionEncoder
 
@@ -135,10 +162,11 @@ class EdgeLLaVA:
         p = self.plan
         opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
                             n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache)
-        self.llm = LlamaText(self.bundle / self.llm_variant.file, opts)
+        llm_file = bundle_manifest.bundle_file(self.bundle, self.llm_variant.file)
+        self.llm = LlamaText(llm_file, opts)
         vision_identity = {"sha256": self.vision_variant.sha256, "backend": p.vision_backend,
                            "providers": list(getattr(self.vision, "providers", None) or [])}
-        self.prefix_cache = (PrefixCache(self.bundle / self.llm_variant.file, self.llm_variant.sha256, kv_cache,
+        self.prefix_cache = (PrefixCache(llm_file, self.llm_variant.sha256, kv_cache,
                                          offloaded=p.n_gpu_layers != 0, vision=vision_identity, images=cache_images)
                              if prefix_cache else None)
         # (positions, cells) through an image decoded here, written after the answer (prefix_cache.py)
@@ -148,6 +176,18 @@ class EdgeLLaVA:
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
         self.last_ids: list[int] = []  # token ids of the last answer
+
+    def _verify(self, files: list[str]) -> None:
+        """Each file against the manifest's sha256 (``integrity.py``: hashed once per file version)."""
+        from llava_edge import integrity
+
+        recorded = {v.file: v.sha256 for v in self.manifest.variants}
+        recorded.update(self.manifest.tokenizer.get("sha256") or {})
+        for name in files:
+            if name not in recorded:
+                raise UserError(f"the manifest of {self.bundle} records no sha256 for {name}: export the bundle again "
+                                "(or load it with verify=False / chat --no-verify)")
+            integrity.verify(bundle_manifest.bundle_file(self.bundle, name), recorded[name], name)
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, device: str = "auto", **kw) -> "EdgeLLaVA":
@@ -160,7 +200,8 @@ class EdgeLLaVA:
         (False: never save or load KV caches of prompt beginnings, see ``prefix_cache.py``),
         ``cache_images`` (whether those include images; default: where the language model runs
         on the CPU), ``conv_mode`` (prompt with another of LLaVA's conversation modes than the
-        bundle's).
+        bundle's), ``verify`` (False: do not check the loaded files against the manifest's sha256;
+        see ``llava_edge/integrity.py``).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
@@ -293,7 +334,7 @@ class EdgeLLaVA:
         """Stream the answer to ``slots``; stops at EOS, a stop string (``sampling.stop`` and the conversation
         mode's), ``max_tokens`` or a full context (see ``last_stop``: "eos", "stop", "max_tokens", "context")."""
         logits = self.prefill(slots, embeds)
-        rng = np.random.default_rng(sampling.seed)
+        rng = np.random.default_rng(None if sampling.seed in (None, -1) else sampling.seed)
         stops = tuple(x for x in (*sampling.stop, *self.template.stop) if x)
         out: list[int] = []
         self.last_ids = out
@@ -301,6 +342,9 @@ class EdgeLLaVA:
         shown = ""
         text = ""
         for _ in range(sampling.max_tokens):
+            if not np.isfinite(logits).all():
+                raise UserError("the language model gave non-finite logits (NaN or infinity): its weights or the "
+                                "image embeddings are broken; check the bundle with `llava-edge info --verify`")
             tok = sample(logits, sampling, rng)
             if tok == self.eos_id or self.llm.is_eog(tok):
                 self.last_stop = "eos"
@@ -351,6 +395,16 @@ class EdgeLLaVA:
         self.llm.close()
         if hasattr(self.vision, "close"):
             self.vision.close()
+
+
+def check_text(text: object, what: str) -> None:
+    """``text`` is a string that can be encoded as UTF-8 (a command line with invalid bytes gives lone surrogates)."""
+    if not isinstance(text, str):
+        raise UserError(f"{what} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 text (byte {e.start}): check the terminal's encoding") from None
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
@@ -435,6 +489,7 @@ class ChatSession:
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         m = self.model
         s = Sampling(**sampling)
+        check_text(prompt, "the question")
         if m.template.single_turn:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
             self.history = []
         if self.image is not None and self._embedded is None:

@@ -63,6 +63,7 @@ SUBDIR = "prefix-kv"
 MAGIC = b"llava-edge prefix KV 2\n"
 LIMIT_ENV = "LLAVA_EDGE_PREFIX_CACHE_MB"
 DEFAULT_LIMIT_MB = 4096  # a dozen 7B f16 images, or thousands of TinyLLaVA ones
+MAX_LIMIT_MB = 1 << 30  # a petabyte: any larger "limit" is a typo
 _HASH = 32  # sha256 bytes
 _LEN = 4  # bytes of the length of the positions' JSON
 
@@ -76,8 +77,9 @@ def limit_bytes() -> int:
         mb = float(raw)
     except ValueError:
         mb = -1.0
-    if mb < 0:
-        raise UserError(f"{LIMIT_ENV}={raw!r} is not a size in MB (a number >= 0; 0 saves nothing)")
+    if not 0 <= mb <= MAX_LIMIT_MB:  # NaN and infinity included
+        raise UserError(f"{LIMIT_ENV}={raw!r} is not a size in MB (a number from 0 to {MAX_LIMIT_MB}; "
+                        "0 saves nothing)")
     return int(mb * (1 << 20))
 
 

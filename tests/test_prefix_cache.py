@@ -258,7 +258,7 @@ def test_an_unwritable_cache_or_prefix_cache_false_change_nothing(bundle, image,
     finally:
         m.close()
     assert np.array_equal(got, want) and decoded == len(slots)
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "prefix-kv").exists()
 
 
 def test_prompt_logits_never_use_it(bundle, image, cache):
