@@ -29,10 +29,23 @@ except ImportError:  # Windows: no flock; writers are then not serialised
     fcntl = None
 
 
+def check_writable(folder: str | Path) -> None:
+    """A one-line error, before any work, when ``folder`` cannot be written: a read-only file system, no permission."""
+    folder = Path(folder)
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            raise UserError(f"read-only file system: {folder}")
+    except (AttributeError, OSError):  # no statvfs here: the write itself will say
+        pass
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"permission denied: {folder} is not writable")
+
+
 @contextmanager
 def writing(bundle: str | Path, wait: bool = True, log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold the bundle's writer lock (``bundle`` must be an existing directory)."""
     bundle = Path(bundle)
+    check_writable(bundle)
     if fcntl is None:
         yield
         return

@@ -265,7 +265,11 @@ def _set_default(bundle: Path) -> None:
 
 
 @app.command("info")
-def info(bundle: Path = typer.Argument(..., help="Bundle directory")):
+def info(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    verify: bool = typer.Option(False, "--verify", help="Hash every file the manifest lists and compare with its "
+                                "sha256 (exit 1 naming the files that differ)"),
+):
     """What a bundle holds: its manifest's fields and every variant."""
     from rich.console import Console
     from rich.table import Table
@@ -301,6 +305,31 @@ def info(bundle: Path = typer.Argument(..., help="Bundle directory")):
     if manifest.is_incomplete(bundle):
         say(f"note: an export into {bundle} did not finish; run it again to finish it (the table shows the last "
             "finished state)")
+    if verify:
+        bad = verify_bundle(bundle, m)
+        if bad:
+            say(f"error: {len(bad)} file(s) do not match the manifest: {'; '.join(bad)}")
+            raise typer.Exit(1)
+        say(f"verified: every file of {bundle} matches its sha256 in the manifest")
+
+
+def verify_bundle(bundle: Path, m) -> list[str]:
+    """Every file the manifest records a sha256 for, hashed afresh: what differs, each as 'NAME: why'."""
+    from . import integrity, manifest
+
+    recorded = {v.file: v.sha256 for v in m.variants}
+    recorded.update(m.tokenizer.get("sha256") or {})
+    bad = []
+    for name, sha in recorded.items():
+        try:
+            path = manifest.bundle_file(bundle, name)
+            if not path.is_file():
+                bad.append(f"{name}: missing")
+                continue
+            integrity.verify(path, sha, name, remember=False)
+        except UserError as e:
+            bad.append(f"{name}: {'damaged or replaced' if 'sha256' in str(e) else e}")
+    return bad
 
 
 def _manifest_fields(m) -> list[tuple[str, str]]:
@@ -364,6 +393,8 @@ def chat(
                                          "size limit $LLAVA_EDGE_PREFIX_CACHE_MB; docs/RUNTIME.md)"),
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="Prompt in another conversation mode than "
                                             "the bundle's (LLaVA's names, e.g. vicuna_v1, llava_v1)"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Do not check the files loaded against the "
+                                   "manifest's sha256 (a file version that verified once is not hashed again anyway)"),
 ):
     """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from .preprocess import load_image
@@ -377,7 +408,7 @@ def chat(
         load_image(image)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
                        threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
-                       prefix_cache=not no_prefix_cache, conv_mode=conv_mode)
+                       prefix_cache=not no_prefix_cache, conv_mode=conv_mode, verify=not no_verify)
     if explain:
         say(m.explain())
         if prompt is None:

@@ -43,6 +43,27 @@ OWN_FILE = re.compile(r"(vision|llm|mmproj)\.[A-Za-z0-9_+-][A-Za-z0-9_.+-]*\.(on
                       r"|tensorrt\.int8\.calib(\.json)?")
 
 
+# numbers the runtime reads from the manifest: present ones must be whole numbers in these ranges
+NUMBERS = {
+    "vision": {"num_image_tokens": (1, 1 << 20), "embed_dim": (1, 1 << 20), "image_size": (1, 16384),
+               "patch_size": (1, 16384), "feature_layer": (-1024, 1024)},
+    "llm": {"image_token_id": (0, 1 << 31), "eos_id": (0, 1 << 31), "bos_id": (0, 1 << 31),
+            "n_ctx_train": (1, 1 << 31), "n_embd": (1, 1 << 20), "n_layer": (1, 1 << 16), "n_vocab": (1, 1 << 31)},
+}
+
+
+def _check_numbers(d: dict) -> None:
+    for section, keys in NUMBERS.items():
+        for key, (lo, hi) in keys.items():
+            if key not in d[section]:
+                continue
+            x = d[section][key]
+            if x is None and key == "bos_id":
+                continue
+            if isinstance(x, bool) or not isinstance(x, int) or not lo <= x < hi:
+                raise UserError(f"{MANIFEST}: {section}.{key} is {x!r}, not a whole number from {lo} to {hi - 1}")
+
+
 def check_name(name: object, what: str = "file") -> str:
     """A file name a manifest may hold: relative, inside the bundle, no "..", no backslash or NUL."""
     if not isinstance(name, str) or not name:
@@ -215,6 +236,7 @@ class Manifest:
             raise UserError(f"{MANIFEST}: conv_mode is not a name or variants is not a list")
         if "file" in d["tokenizer"]:
             check_name(d["tokenizer"]["file"], "tokenizer file")
+        _check_numbers(d)
         return cls(
             source=d["source"], conv_mode=d["conv_mode"], image=d["image"], vision=d["vision"], llm=d["llm"],
             tokenizer=d["tokenizer"], variants=[Variant.from_dict(v) for v in d.get("variants", [])],

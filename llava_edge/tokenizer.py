@@ -78,14 +78,34 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
+        """From a manifest's ``tokenizer`` section, every field's type checked (a one-line error otherwise)."""
+        def text(x, optional=True):
+            if (x is None and optional) or isinstance(x, str):
+                return x
+            raise TypeError(f"{x!r} is not text")
+
+        def flag(x):
+            if not isinstance(x, bool):
+                raise TypeError(f"{x!r} is not true or false")
+            return x
+
+        def token(a) -> AddedToken:
+            if not (isinstance(a, dict) and isinstance(a.get("id"), int) and not isinstance(a["id"], bool)
+                    and 0 <= a["id"] < 2**31):
+                raise TypeError(f"added token {a!r} has no valid id")
+            return AddedToken(text(a["content"], False), a["id"], bool(a.get("lstrip")), bool(a.get("rstrip")))
+
         try:
-            return cls(kind=d["kind"], file=d["file"], legacy=bool(d["legacy"]), add_bos=bool(d["add_bos"]),
-                       add_eos=bool(d["add_eos"]), bos=d.get("bos"), eos=d.get("eos"), unk=d.get("unk"), pad=d.get("pad"),
-                       special=tuple(d.get("special", ())),
-                       added=tuple(AddedToken(a["content"], int(a["id"]), bool(a.get("lstrip")),
-                                              bool(a.get("rstrip"))) for a in d.get("added", ())))
+            special, added = d.get("special", []), d.get("added", [])
+            if not isinstance(special, list) or not isinstance(added, list):
+                raise TypeError("special and added must be lists")
+            return cls(kind=text(d["kind"], False), file=text(d["file"], False), legacy=flag(d["legacy"]),
+                       add_bos=flag(d["add_bos"]), add_eos=flag(d["add_eos"]), bos=text(d.get("bos")),
+                       eos=text(d.get("eos")), unk=text(d.get("unk")), pad=text(d.get("pad")),
+                       special=tuple(text(x, False) for x in special), added=tuple(token(a) for a in added))
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"the bundle's tokenizer record is incomplete ({e}): export the bundle again") from None
+            raise UserError(f"the bundle's tokenizer record is incomplete or malformed ({type(e).__name__}: {e}): "
+                            "export the bundle again") from None
 
 
 def _content(x) -> str | None:
@@ -319,7 +339,10 @@ class _SentencePiece:
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor()
-        self.sp.LoadFromSerializedProto(model)
+        try:
+            self.sp.LoadFromSerializedProto(model)
+        except RuntimeError:  # sentencepiece's parser says only "INTERNAL"
+            raise UserError(f"the tokenizer file {s.file} is not a SentencePiece model (damaged?)") from None
         self.n = self.sp.get_piece_size()
         if s.legacy:
             self.word = self.sp

@@ -92,7 +92,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int
 
 def _space_hint(free: int, directory: Path, src: Path) -> str:
     """A note on disk space when less was free than the float source's size (the output is smaller)."""
-    return f" ({free / 1e6:.1f} MB were free in {directory}; is the disk full?)" if free < src.stat().st_size else ""
+    return (f" ({free / 1e6:.1f} MB were free in {directory}, less than the source's size: no space left on device?)"
+            if free < src.stat().st_size else "")
 
 
 def tensor_types(path: str | Path) -> dict[str, int]:

@@ -92,12 +92,12 @@ class Sampling:
         self.stop = tuple(self.stop)
 
 
-def _manifest_int(section: dict, key: str) -> int:
+def _manifest_int(section: dict, key: str, name: str) -> int:
     try:
         return int(section[key])
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"the bundle's manifest lacks a valid llm.{key} (has the language model been exported? "
-                        "`llava-edge export --target gguf`)") from None
+        hint = "`llava-edge export --target gguf`" if name == "llm" else "`llava-edge export --target onnx`"
+        raise UserError(f"the bundle's manifest lacks a valid {name}.{key} (was that half exported? {hint})") from None
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -150,8 +150,8 @@ class EdgeLLaVA:
         self.conv_mode = conv_mode or m.conv_mode
         self.template = get_template(self.conv_mode, m.chat_template)
         self.tokenizer = Tokenizer(self.bundle, settings)
-        self.image_token_id = _manifest_int(m.llm, "image_token_id")
-        self.eos_id = _manifest_int(m.llm, "eos_id")
+        self.image_token_id = _manifest_int(m.llm, "image_token_id", "llm")
+        self.eos_id = _manifest_int(m.llm, "eos_id", "llm")
         vision_file = bundle_manifest.bundle_file(self.bundle, self.vision_variant.file)
         if self.plan.vision_backend == "tensorrt":
             from .tensorrt_vision import TensorRTVisionEncoder
@@ -171,7 +171,7 @@ class EdgeLLaVA:
                              if prefix_cache else None)
         # (positions, cells) through an image decoded here, written after the answer (prefix_cache.py)
         self._unsaved_image: tuple | None = None
-        self.n_image_tokens = int(m.vision["num_image_tokens"])
+        self.n_image_tokens = _manifest_int(m.vision, "num_image_tokens", "vision")
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)

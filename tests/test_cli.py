@@ -7,21 +7,7 @@ import sys
 
 import pytest
 
-from torchless import BLOCK_TORCH  # tests/ is on sys.path under pytest
-
-
-def le(*args, block_torch=False):
-    code = BLOCK_TORCH if block_torch else "import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for w in words:
-        assert w in lines[0]
+from cli_run import assert_one_line_error, le  # tests/ is on sys.path under pytest
 
 
 def test_chat_runs_without_torch(bundle, toy_data):
