@@ -66,7 +66,7 @@ demo: setup
 	$(LE) export --model $(DEMO)/model --out $(DEMO)/bundle --set-default
 	$(LE) info $(DEMO)/bundle
 	@echo "--- what the held-out image $(DEMO)/data/images/eval_00002.png shows (ground truth):"
-	@$(PY) -m llava_edge.toy.scenes $(DEMO)/data/eval.json eval_00002
+	@$(PY) -m llava_edge.toy.data $(DEMO)/data/eval.json eval_00002
 	@for q in "Describe the image in detail." "What color are the shapes?" "How many shapes are there?"; do \
 		echo "--- llava-edge chat --image $(DEMO)/data/images/eval_00002.png \"$$q\""; \
 		$(LE) chat --image $(DEMO)/data/images/eval_00002.png "$$q"; done

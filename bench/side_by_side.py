@@ -135,9 +135,9 @@ class LlamaCppClip:
         import llama_cpp
         from llama_cpp import mtmd_cpp as M
 
-        from llava_edge.export.mmproj_gguf import _silence_mtmd_logs
+        from llava_edge.runtimes.mtmd import silence_mtmd_logs
 
-        _silence_mtmd_logs()
+        silence_mtmd_logs()
         self.M = M
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()

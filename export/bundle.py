@@ -45,7 +45,6 @@ Atomicity and re-runs:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Protocol
 
 from llava_edge import __version__, atomic, bundle_lock, manifest
-from llava_edge.checkpoint import Checkpoint, load_hf_vision_half
+from llava_edge.checkpoint import Checkpoint, load_hf_vision_half, source_record
 from llava_edge.errors import UserError, describe_os_error
 from llava_edge.templates import CHAT_TEMPLATE, MODES, get_template
 from llava_edge.tokenizer import FILES as TOKENIZER_FILES
@@ -166,29 +165,6 @@ def prepare_out_dir(out: str | Path) -> None:
 
 
 # -- the source ------------------------------------------------------------------------------------
-
-
-def source_stamp(ckpt: Checkpoint) -> str:
-    """sha256 of the names, sizes and modification times of the checkpoint folder's files.
-
-    The fingerprint hashes config and safetensors headers only, which retraining
-    does not change; the stamp changes whenever a file is rewritten.
-    """
-    h = hashlib.sha256()
-    for p in sorted(ckpt.path.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def source_record(ckpt: Checkpoint) -> dict:
-    """The manifest's ``source``: the model as the user named it, its fingerprint, the converted copy if any."""
-    rec = {"model": str(ckpt.origin or ckpt.path), "fingerprint": ckpt.fingerprint(), "stamp": source_stamp(ckpt)}
-    if ckpt.origin is not None:
-        rec["converted"] = str(ckpt.path)
-    return rec
 
 
 def same_source(a: dict, b: dict) -> bool:
@@ -320,7 +296,7 @@ def parity_pixels(ckpt: Checkpoint, n: int = PARITY_IMAGES):
     import numpy as np
 
     from llava_edge.preprocess import preprocess
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
 
     spec = ckpt.image_spec()
     rng = random.Random(0)

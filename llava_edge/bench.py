@@ -140,7 +140,7 @@ def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[tuple[str
 
 def write_bench_image(path: str | Path, size: tuple[int, int] = BENCH_IMAGE_SIZE, seed: int = 0) -> Path:
     """A JPEG scene of ``size`` (width, height), rendered here: benchmarks never download an image."""
-    from .toy.scenes import random_scene, render
+    from .scenes import random_scene, render
 
     rng = random.Random(seed)
     im = render(random_scene(rng), size=max(size), rng=rng).resize(size)
@@ -174,10 +174,7 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
     from .runtimes.pipeline import Sampling, image_key, sample
 
     cache = model.prefix_cache
-    images = cache.images if cache is not None else None
-    if cache is not None:
-        cache.images = saved_image
-    try:
+    with model.using_prefix_cache(cache.with_settings(images=saved_image) if cache is not None else None):
         if fresh:
             model.llm.reset()
         vision_s: list[float] = []
@@ -202,9 +199,6 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
         sample(logits, Sampling(), np.random.default_rng(0))  # the first token: greedy, as `chat` by default
         t4 = time.perf_counter()
         steps, decode_s = time_decode(model, slots, embeddings, decode_tokens)
-    finally:
-        if cache is not None:
-            cache.images = images
     prefill_s = t3 - t2 - sum(vision_s)
     return {
         "preprocess_ms": (t1 - t0) * 1e3,
@@ -291,15 +285,11 @@ def time_seen_image(model, image, settings: BenchSettings) -> list[dict]:
     cache = model.prefix_cache
     if cache is None or not cache.images:
         return []
-    directory = cache.directory
-    with tempfile.TemporaryDirectory(prefix="llava-edge-bench-kv-") as tmp:
-        cache.directory = Path(tmp)
-        try:
-            time_chat_pass(model, image, OTHER_QUESTION, 1, saved_image=True)
-            return [time_chat_pass(model, image, settings.question, settings.decode_tokens, saved_image=True)
-                    for _ in range(settings.runs)]
-        finally:
-            cache.directory = directory
+    with tempfile.TemporaryDirectory(prefix="llava-edge-bench-kv-") as tmp, \
+            model.using_prefix_cache(cache.with_settings(directory=Path(tmp))):
+        time_chat_pass(model, image, OTHER_QUESTION, 1, saved_image=True)
+        return [time_chat_pass(model, image, settings.question, settings.decode_tokens, saved_image=True)
+                for _ in range(settings.runs)]
 
 
 def measure_pair_isolated(bundle: str | Path, vision: str, llm: str, settings: BenchSettings,

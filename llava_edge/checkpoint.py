@@ -40,13 +40,16 @@ DEFAULT_RECIPE = {"template": "vicuna_v1", "image_pad": "pad"}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
 
-def write_recipe(folder: str | Path, template: str, image_pad: str) -> None:
-    """``llava_edge.json``: the conversation mode the checkpoint was trained with (key ``template``) and its pad mode."""
+def write_recipe(folder: str | Path, template: str, image_pad: str, toy: bool = False) -> None:
+    """``llava_edge.json``: the conversation mode the checkpoint was trained with (key ``template``), its pad mode,
+    and ``toy``: a synthetic model of ``llava_edge.toy`` (or trained from one), which quantize may calibrate on
+    synthetic scenes."""
     if template not in MODES:
         raise UserError(f"unknown conversation mode {template!r}; known: {', '.join(MODES)}")
     if image_pad not in PAD_MODES:
         raise UserError(f"unknown image pad mode {image_pad!r}; known: {', '.join(PAD_MODES)}")
-    atomic.write_json(Path(folder) / RECIPE_FILE, {"template": template, "image_pad": image_pad})
+    recipe = {"template": template, "image_pad": image_pad, **({"toy": True} if toy else {})}
+    atomic.write_json(Path(folder) / RECIPE_FILE, recipe)
 
 
 @dataclass
@@ -160,6 +163,32 @@ class Checkpoint:
             h.update(str(f.stat().st_size).encode())
             h.update(read_safetensors_header_bytes(f))
         return h.hexdigest()
+
+
+    def stamp(self) -> str:
+        """sha256 of the names, sizes and modification times of the folder's files.
+
+        The fingerprint hashes config and safetensors headers only, which retraining
+        does not change; the stamp changes whenever a file is rewritten.
+        """
+        h = hashlib.sha256()
+        for p in sorted(self.path.iterdir()):
+            if p.name.startswith(".") or not p.is_file():
+                continue
+            st = p.stat()
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def source_record(ckpt: Checkpoint) -> dict:
+    """A bundle manifest's ``source``: the model as the user named it, its fingerprint and stamp, the converted
+    copy if any, and whether it is a synthetic model of llava-edge's toy module (``toy``)."""
+    rec = {"model": str(ckpt.origin or ckpt.path), "fingerprint": ckpt.fingerprint(), "stamp": ckpt.stamp()}
+    if ckpt.origin is not None:
+        rec["converted"] = str(ckpt.path)
+    if ckpt.recipe.get("toy"):
+        rec["toy"] = True
+    return rec
 
 
 def read_safetensors_header_bytes(path: Path) -> bytes:

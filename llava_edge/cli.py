@@ -472,7 +472,7 @@ def quantize(
     vision: Optional[str] = typer.Option(None, "--vision", help="Vision ONNX types, comma-separated: fp16, int8 "
                                          "(dynamic), int8-static (QDQ, calibrated), int4 (weight-only)"),
     calib_images: Optional[Path] = typer.Option(None, "--calib-images", help="Folder of calibration images for "
-                                                "int8-static and TensorRT (default: toy scenes rendered here)"),
+                                                "int8-static and TensorRT (needed for a real model; toy models default to synthetic scenes)"),
     calib_count: int = typer.Option(32, "--calib-count", help="Calibration images to use (the first N by name)"),
     threads: int = typer.Option(0, "--threads", help="llama.cpp quantizer threads; 0: all cores"),
     block_size: int = typer.Option(32, "--block-size", help="int4 block size: 16 | 32 | 64 | 128 | 256"),
@@ -519,11 +519,23 @@ def drift(
     threads: int = typer.Option(0, "--threads", help="llama.cpp threads; 0: all cores"),
 ):
     """Accuracy drift of each vision/LLM variant pair against the Hugging Face model, with CI gates."""
+    import tempfile
+
     from .drift.run import drift_bundle
 
-    _, failed = drift_bundle(bundle, reference, eval_file=eval_file, eval_format=eval_format,
-                             image_folder=image_folder, variants=variants, report=report, fail_on=fail_on,
-                             limit=limit, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads, log=say)
+    with tempfile.TemporaryDirectory(prefix="llava-edge-drift-") as tmp:
+        source = None
+        if eval_file is None:  # the toy world's held-out questions, generated here
+            from .toy.data import write_eval_questions
+
+            if limit is not None and limit < 1:
+                raise UserError("--limit must be at least 1")
+            eval_file, eval_format = write_eval_questions(tmp, n=limit or 50), "toy"
+            source = f"toy held-out questions (seed 0, {limit or 50} generated)"
+        _, failed = drift_bundle(bundle, reference, eval_file=eval_file, eval_format=eval_format,
+                                 image_folder=image_folder, variants=variants, report=report, fail_on=fail_on,
+                                 limit=limit, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads,
+                                 eval_source=source, log=say)
     if failed:
         raise typer.Exit(1)
 

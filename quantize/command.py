@@ -235,19 +235,22 @@ class _Job:
     def calibration(self) -> tuple[np.ndarray, str, str]:
         """(pixels, where from, sha256 of the pixels): what int8-static and TensorRT calibrate on."""
         if self._calib is None:
+            if self.calib_dir is None and not self.m.source.get("toy"):
+                raise UserError("int8-static and TensorRT calibration need images like the ones the model will see: "
+                                "pass --calib-images DIR (synthetic scenes are the default only for the toy models)")
             pixels, source = vision_quant.calibration_pixels(self.spec, self.calib_dir, self.calib_count, seed=0)
             if self.calib_dir is None:
-                self.log(f"calibrating on {len(pixels)} toy scenes; pass --calib-images DIR for a real model")
+                self.log(f"calibrating on {len(pixels)} synthetic scenes (a toy model's own kind of picture)")
             digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
             self._calib = (pixels, source, digest)
         return self._calib
 
     def check_pixels(self) -> tuple[np.ndarray, str]:
-        """Images the variants are compared to fp32 on: held-out toy scenes, or the user's calibration images."""
+        """Images the variants are compared to fp32 on: held-out synthetic scenes, or the user's calibration images."""
         if self._check is None:
             if self.calib_dir is None:
                 pixels, _ = vision_quant.calibration_pixels(self.spec, None, CHECK_IMAGES, seed=1)
-                self._check = (pixels, "toy scenes not used for calibration")
+                self._check = (pixels, "synthetic scenes not used for calibration")
             else:
                 self._check = (self.calibration()[0][:CHECK_IMAGES], "the calibration images")
         return self._check

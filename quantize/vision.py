@@ -257,17 +257,17 @@ def calibration_pixels(spec: ImageSpec, directory: str | Path | None = None, cou
     """(N, 3, S, S) float32 pixels preprocessed as the runtime does, and where they came from.
 
     From ``directory``: its image files in name order, the first ``count``.
-    Without one: ``count`` toy scenes rendered here with ``seed`` (right for the
-    toy; a real model should be calibrated on its own kind of images).
+    Without one: ``count`` synthetic scenes (``llava_edge.scenes``) rendered here with ``seed``: the toy
+    models' own kind of picture (the quantize command asks a real model for its own images).
     """
     if count < 1:
         raise UserError("--calib-count must be at least 1")
     if directory is None:
-        from llava_edge.toy.scenes import random_scene, render
+        from llava_edge.scenes import random_scene, render
 
         rng = random.Random(seed)
         images = [render(random_scene(rng), rng=rng) for _ in range(count)]
-        return np.stack([preprocess(im, spec) for im in images]), f"toy scenes (seed {seed})"
+        return np.stack([preprocess(im, spec) for im in images]), f"synthetic scenes (seed {seed})"
     from PIL import Image
 
     directory = Path(directory)

@@ -23,6 +23,7 @@ kept). An answer that fills the context stops there; ``last_stop`` says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -188,6 +189,15 @@ class EdgeLLaVA:
                 raise UserError(f"the manifest of {self.bundle} records no sha256 for {name}: export the bundle again "
                                 "(or load it with verify=False / chat --no-verify)")
             integrity.verify(bundle_manifest.bundle_file(self.bundle, name), recorded[name], name)
+
+    @contextlib.contextmanager
+    def using_prefix_cache(self, cache: PrefixCache | None) -> Iterator[None]:
+        """Run with ``cache`` as the saved-KV-cache store (None: none), the model's own one afterwards."""
+        own, self.prefix_cache = self.prefix_cache, cache
+        try:
+            yield
+        finally:
+            self.prefix_cache = own
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, device: str = "auto", **kw) -> "EdgeLLaVA":

@@ -47,6 +47,7 @@ that nothing is saved. The directory is kept under ``$LLAVA_EDGE_PREFIX_CACHE_MB
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -125,6 +126,15 @@ class PrefixCache:
         # beginnings through an image: only where reading cells beats decoding them (see the module's text)
         self.images = (not offloaded if images is None else images) and vision is not None
         self.limit = limit_bytes()
+
+    def with_settings(self, images: bool | None = None, directory: Path | None = None) -> "PrefixCache":
+        """A copy saving images or not (``images``) in ``directory``; the same model identity and size limit."""
+        other = copy.copy(self)
+        if images is not None:
+            other.images = images and self._vision is not None
+        if directory is not None:
+            other.directory = Path(directory)
+        return other
 
     def path_for(self, slots: list[Slot]) -> Path:
         key = {**self._identity, "slots": encode_slots(slots)}

@@ -22,7 +22,6 @@ from llava_edge.drift.formats import (
     scienceqa_letter,
     score_pope,
     score_scienceqa,
-    toy_eval_set,
 )
 from llava_edge.errors import UserError
 
@@ -83,7 +82,7 @@ def test_cosine_and_relative_error():
 
 def toy_scenes(folder: Path, n: int, seed: int = 5) -> list[tuple[str, object]]:
     """``n`` toy scenes saved as PNGs under ``folder/images``: (relative path, scene)."""
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
 
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -98,7 +97,7 @@ def toy_scenes(folder: Path, n: int, seed: int = 5) -> list[tuple[str, object]]:
 
 def write_scienceqa(folder: Path, n: int = 4) -> Path:
     """``llava_test_CQM-A.json`` as LLaVA's convert_sqa_to_llava.py writes it, about toy scenes (the last: no image)."""
-    from llava_edge.toy.scenes import SHAPES
+    from llava_edge.scenes import SHAPES
 
     records = []
     for i, (rel, scene) in enumerate(toy_scenes(folder, n)):
@@ -120,7 +119,7 @@ def write_scienceqa(folder: Path, n: int = 4) -> Path:
 
 def write_pope(folder: Path, n: int = 4) -> Path:
     """``llava_pope_test.jsonl`` plus ``coco/coco_pope_random.json`` labels, about toy scenes."""
-    from llava_edge.toy.scenes import COLORS, SHAPES
+    from llava_edge.scenes import COLORS, SHAPES
 
     rng = random.Random(3)
     lines, labels = [], []
@@ -137,11 +136,13 @@ def write_pope(folder: Path, n: int = 4) -> Path:
 
 
 def test_toy_eval_set_reads_back(tmp_path):
-    generated = toy_eval_set(tmp_path, n=5)
+    from llava_edge.toy.data import write_eval_questions
+
+    assert write_eval_questions(tmp_path, n=5) == tmp_path / "eval.json"
     s = read_eval(tmp_path / "eval.json")
     records = json.loads((tmp_path / "eval.json").read_text())
     assert s.format == "toy" and len(s.items) == 5
-    assert [i.gold for i in s.items] == [r["answer"] for r in records] == [i.gold for i in generated.items]
+    assert [i.gold for i in s.items] == [r["answer"] for r in records]
     assert all(i.image.is_file() and "<image>" not in i.question for i in s.items)
     assert s.score([r["answer"] + "." for r in records])["accuracy"] == 1.0  # LLaVA's normalisation
     assert s.score(["nonsense"] * 5)["accuracy"] == 0.0

@@ -146,7 +146,7 @@ def test_fp16_variant_and_gguf_files_are_what_they_claim(exported):
 
 def test_the_bundle_answers_with_its_default_variants(exported):
     from llava_edge import EdgeLLaVA
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
     import random
 
     out, _, _ = exported

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 import llava_edge.export.mmproj_gguf as mmproj_gguf
+from llava_edge.runtimes import mtmd
 from llava_edge.checkpoint import Checkpoint, open_checkpoint
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec, preprocess
-from llava_edge.toy.scenes import random_scene, render
+from llava_edge.scenes import random_scene, render
 
 # per image token; the f32 path differs only by ggml's GELU and summation order
 # (measured: cosine 1.00000, max abs 5e-4 of the output's range)
@@ -191,7 +192,7 @@ def test_llama_cpp_runs_exactly_llavas_layers_on_identical_pixels(ckpt, mmproj, 
     """An image of the tower's size is not resized by llama.cpp: both sides see the same pixels."""
     out, info = mmproj
     im = scene(ckpt.vision_config["image_size"], seed=1)
-    got, = mmproj_gguf.llama_cpp_image_embeddings(out / f"mmproj.{outtype}.gguf", text_gguf, [np.asarray(im)])
+    got, = mtmd.image_embeddings(out / f"mmproj.{outtype}.gguf", text_gguf, [np.asarray(im)])
     px = preprocess(im, same_geometry(ckpt))
     assert_close(got, llama_cpp_llava_graph_in_torch(hf_model, px, info[outtype]["feature_layers"]), outtype)
 
@@ -205,7 +206,7 @@ def test_without_the_feature_layer_key_llama_cpp_drops_one_more_layer(ckpt, text
     path = tmp_path / "no_feature_layer.gguf"
     n_keep = mmproj_gguf.export_mmproj_gguf(ckpt, path, log=lambda _: None)["block_count"]
     im = scene(ckpt.vision_config["image_size"], seed=2)
-    got, = mmproj_gguf.llama_cpp_image_embeddings(path, text_gguf, [np.asarray(im)])
+    got, = mtmd.image_embeddings(path, text_gguf, [np.asarray(im)])
     px = preprocess(im, same_geometry(ckpt))
     assert_close(got, llama_cpp_llava_graph_in_torch(hf_model, px, [n_keep - 1]))
     with pytest.raises(AssertionError):
@@ -216,7 +217,7 @@ def test_llama_cpp_resizes_a_square_image_like_pillow(ckpt, mmproj, text_gguf, h
     """llama.cpp's own preprocessing of a larger square image equals ours when resize == crop (LLaVA-1.5's geometry)."""
     out, info = mmproj
     im = scene(3 * ckpt.vision_config["image_size"], seed=3)
-    got, = mmproj_gguf.llama_cpp_image_embeddings(out / "mmproj.f32.gguf", text_gguf, [np.asarray(im)])
+    got, = mtmd.image_embeddings(out / "mmproj.f32.gguf", text_gguf, [np.asarray(im)])
     px = preprocess(im, same_geometry(ckpt))
     assert_close(got, llama_cpp_llava_graph_in_torch(hf_model, px, info["f32"]["feature_layers"]))
 
@@ -226,7 +227,7 @@ def test_llama_cpp_letterboxes_like_llavas_expand2square(ckpt, mmproj, text_gguf
     """Nothing to resize: llama.cpp's padding (colour, centring) equals LLaVA's pad-to-square exactly."""
     out, info = mmproj
     im = scene(ckpt.vision_config["image_size"], seed=4).resize(size)
-    got, = mmproj_gguf.llama_cpp_image_embeddings(out / "mmproj.f32.gguf", text_gguf, [np.asarray(im)])
+    got, = mtmd.image_embeddings(out / "mmproj.f32.gguf", text_gguf, [np.asarray(im)])
     px = preprocess(im, same_geometry(ckpt))
     assert_close(got, llama_cpp_llava_graph_in_torch(hf_model, px, info["f32"]["feature_layers"]))
 
@@ -252,7 +253,7 @@ def test_several_feature_layers_are_concatenated_like_llava(toy_model, text_gguf
     n = multi.vision_config["num_hidden_layers"]
     assert info["feature_layers"] == [1, n] and info["block_count"] == n
     im = scene(multi.vision_config["image_size"], seed=5)
-    got, = mmproj_gguf.llama_cpp_image_embeddings(tmp_path / "mmproj.gguf", text_gguf, [np.asarray(im)])
+    got, = mtmd.image_embeddings(tmp_path / "mmproj.gguf", text_gguf, [np.asarray(im)])
     model = load_hf_model(multi)
     assert_close(got, llama_cpp_llava_graph_in_torch(model, preprocess(im, same_geometry(multi)), [1, n]))
 
@@ -261,7 +262,7 @@ def test_several_feature_layers_are_concatenated_like_llava(toy_model, text_gguf
 def test_llama_cpp_equals_hf_image_features(ckpt, mmproj, text_gguf, hf_model):
     out, _ = mmproj
     im = scene(ckpt.vision_config["image_size"], seed=1)
-    got, = mmproj_gguf.llama_cpp_image_embeddings(out / "mmproj.f32.gguf", text_gguf, [np.asarray(im)])
+    got, = mtmd.image_embeddings(out / "mmproj.f32.gguf", text_gguf, [np.asarray(im)])
     assert_close(got, hf_image_features(hf_model, preprocess(im, same_geometry(ckpt))))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torchless import without  # tests/ is on sys.path under pytest
 
-from llava_edge.runtimes import devices, vision
+from llava_edge.runtimes import vision
 from llava_edge.runtimes.devices import CPU_EP, Hardware, plan_runtime
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -51,7 +51,7 @@ def quantized(bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pixels(bundle):
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
 
     spec = ImageSpec.from_dict(manifest.read(bundle).image)
     rng = random.Random(11)  # not the calibration seed (0) nor the command's check seed (1)
@@ -121,7 +121,7 @@ def test_gguf_types_are_llama_cpps_choice_and_k_quants_fall_back_on_the_toys_row
 def test_every_llm_variant_loads_in_llama_cpp_and_answers(quantized):
     """llama.cpp loads each GGUF; its logits on an image prompt stay close to f32's; the chat answers."""
     from llava_edge import EdgeLLaVA
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
 
     qb, _, _ = quantized
     rng = random.Random(3)
@@ -256,7 +256,7 @@ def test_rerun_redoes_nothing_and_a_changed_parameter_redoes_only_its_variant(qu
 
 
 def test_calibration_images_from_a_folder(bundle, tmp_path):
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
 
     qb = copy_bundle(bundle, tmp_path / "b")
     images = tmp_path / "calib"
@@ -478,3 +478,16 @@ def test_k_quants_on_real_llama_widths_need_no_fallback(tmp_path):
     llm = LlamaText(q, LlamaOptions(n_ctx=64, n_threads=1))
     assert np.isfinite(llm.feed_tokens([1, 2, 3])).all()
     llm.close()
+
+
+def test_a_real_model_is_not_calibrated_on_synthetic_scenes(bundle, tmp_path):
+    from llava_edge import manifest
+
+    b = shutil.copytree(bundle, tmp_path / "b")
+    assert manifest.read(b).source.get("toy") is True  # the toy's bundle says so
+    d = json.loads((b / "manifest.json").read_text())
+    d["source"].pop("toy")  # as a bundle of a real model
+    (b / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match="--calib-images"):
+        quantize_bundle(b, vision="int8-static", log=lambda _: None)
+    assert quantize_bundle(b, vision="int8", log=lambda _: None)[0].made  # dynamic int8 needs no calibration

@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path

@@ -8,7 +8,7 @@ from PIL import Image
 
 from llava_edge.checkpoint import open_checkpoint
 from llava_edge.toy.data import FILES, write_dataset
-from llava_edge.toy.scenes import CELLS
+from llava_edge.scenes import CELLS
 
 
 def _digest(folder):
@@ -122,7 +122,7 @@ def test_stage2_asks_is_there_more_often_than_the_held_out_set():
     import random
 
     from llava_edge.toy.data import TRAIN_KIND_WEIGHTS, short_qa
-    from llava_edge.toy.scenes import random_scene
+    from llava_edge.scenes import random_scene
 
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(3000)]
@@ -137,10 +137,10 @@ def test_ground_truth_of_a_held_out_image_is_printed(toy_data):
     import sys
 
     from llava_edge.toy.data import detail
-    from llava_edge.toy.scenes import Scene
+    from llava_edge.scenes import Scene
 
     r = json.loads((toy_data / FILES["eval"]).read_text())[3]
-    out = subprocess.run([sys.executable, "-m", "llava_edge.toy.scenes", str(toy_data / FILES["eval"]), r["id"]],
+    out = subprocess.run([sys.executable, "-m", "llava_edge.toy.data", str(toy_data / FILES["eval"]), r["id"]],
                          capture_output=True, text=True, check=True).stdout
     scene = Scene.from_dict(r["scene"])
     assert scene.to_dict() == r["scene"]

@@ -28,7 +28,7 @@ FP16_UNIT_ROUNDOFF = 2.0**-11  # relative rounding error of one float16 operatio
 @pytest.fixture(scope="module")
 def pixels(bundle):
     """Three toy scenes, preprocessed as the runtime does: (3, 3, S, S) float32."""
-    from llava_edge.toy.scenes import random_scene, render
+    from llava_edge.scenes import random_scene, render
 
     spec = ImageSpec.from_dict(manifest.read(bundle).image)
     rng = random.Random(7)

@@ -71,7 +71,7 @@ def _save_full(acc, model, ckpt, out: Path, template: str, pad: str) -> None:
         acc.unwrap_model(model).save_pretrained(out, state_dict=sd, safe_serialization=True)
         model_setup.save_projector(acc.unwrap_model(model), out, sd)
         copy_side_files(ckpt.path, out)
-        write_recipe(out, template=template, image_pad=pad)
+        write_recipe(out, template=template, image_pad=pad, toy=bool(ckpt.recipe.get("toy")))
 
 
 def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_type: str | None = None,
@@ -114,7 +114,7 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
             peft_model.save_pretrained(output / "adapter", state_dict=sd)
             model_setup.save_projector(peft_model.get_base_model(), output, sd)
             copy_side_files(ckpt.path, output / "adapter")
-            write_recipe(output / "adapter", template=conv_mode, image_pad=pad)
+            write_recipe(output / "adapter", template=conv_mode, image_pad=pad, toy=bool(ckpt.recipe.get("toy")))
         return output / "adapter"
     _save_full(acc, trained, ckpt, output, conv_mode, pad)
     return output

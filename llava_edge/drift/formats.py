@@ -6,7 +6,7 @@ Three formats, each read into the same :class:`EvalItem` list:
   ``conversations``), as the toy's held-out ``eval.json``; the question is the
   first human turn without ``<image>`` (LLaVA's ``model_vqa.py``), the gold
   answer the record's ``answer`` key, else the first gpt turn. Scored by exact
-  match after LLaVA's short-answer normalisation (``toy.evaluate.normalize``).
+  match after LLaVA's short-answer normalisation (:func:`normalize_short`).
 - ``scienceqa``: ``llava_test_CQM-A.json`` (``scripts/convert_sqa_to_llava.py``:
   human turn ``Context: ...\\nQuestion...\\nOptions: (A) x (B) y\\n<image>``,
   gpt turn ``The answer is B.``). Prompted as ``model_vqa_science.py
@@ -200,10 +200,8 @@ def _read_pope(lines: list[dict], base: Path, path: Path) -> tuple[list[EvalItem
 
 
 def normalize_short(answer: str) -> str:
-    """LLaVA's short-answer normalisation (the toy's): strip, drop a final period, lower-case."""
-    from llava_edge.toy.evaluate import normalize
-
-    return normalize(answer)
+    """LLaVA's short-answer normalisation: strip, drop a final period, lower-case."""
+    return answer.strip().rstrip(".").strip().lower()
 
 
 def _accuracy(ok: list[bool], items: list[EvalItem]) -> dict:
@@ -293,19 +291,3 @@ def score_pope(items: list[EvalItem], answers: list[str]) -> dict:
 
 
 SCORERS = {"toy": score_toy, "scienceqa": score_scienceqa, "pope": score_pope}
-
-
-# ---- the default set --------------------------------------------------------------------------------------------
-
-
-def toy_eval_set(folder: str | Path, n: int = 50, seed: int = 0) -> EvalSet:
-    """``n`` toy held-out questions rendered into ``folder`` (the toy build's eval split for ``seed``)."""
-    from llava_edge import atomic
-    from llava_edge.toy.data import make_split
-
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    records = make_split("eval", n, folder, seed, 128)
-    atomic.write_json(folder / "eval.json", records)
-    items, _ = _read_toy(records, folder, folder / "eval.json")
-    return EvalSet("toy", items, f"toy held-out questions (seed {seed}, {n} generated)")

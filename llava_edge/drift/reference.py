@@ -76,7 +76,6 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     import torch
 
     from llava_edge.checkpoint import load_hf_model, resolve_model
-    from llava_edge.export.bundle import source_stamp
     from llava_edge.preprocess import preprocess
     from llava_edge.templates import expand_image, get_template
     from llava_edge.tokenizer import Tokenizer
@@ -89,7 +88,7 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     spec, n_img, img_id = ckpt.image_spec(), ckpt.num_image_tokens(), ckpt.image_token_id
     eos = tok.eos_id
     cfg = hf.config
-    ref = Reference(str(model), ckpt.fingerprint(), source_stamp(ckpt), dev, dtype, note)
+    ref = Reference(str(model), ckpt.fingerprint(), ckpt.stamp(), dev, dtype, note)
     log(f"reference: {ckpt.path} in {dtype} on {dev}, conversation mode {conv_mode} ({len(items)} questions)")
     for item in items:
         ids = tok.encode_prompt(template.prompt(item.question, image=item.image is not None), img_id)

@@ -249,19 +249,18 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
                  eval_format: str = "auto", image_folder: str | Path | None = None, variants: str | None = None,
                  report: str | Path | None = None, fail_on: str | None = None, limit: int | None = None,
                  max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
-                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                 eval_source: str | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """What ``llava-edge drift`` does: check the arguments, measure, judge the gates, write the report.
+
+    ``eval_source``: how the report names the questions (default: the file's path).
 
     Returns (the result, the failed verdicts of the gates named in ``fail_on``).
     Everything that can be checked before the (slow) measuring is checked first.
-    Without ``eval_file`` the questions are toy held-out questions generated here
-    (``limit`` of them, default 50).
+    ``eval_file`` is required here; the CLI generates toy questions when none is given.
     """
-    import tempfile
-
     from . import gates
     from .diagnose import diagnose_failures
-    from .formats import read_eval, toy_eval_set
+    from .formats import read_eval
     from .report import markdown, write_report
 
     bundle = Path(bundle)
@@ -271,13 +270,13 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
     pairs = parse_pairs(variants, m)
     precision = {(v.kind, v.name): v.precision for v in m.variants}
     names = gates.parse_fail_on(fail_on, [(precision[("vision", p.vision)], precision[("llm", p.llm)]) for p in pairs])
-    with tempfile.TemporaryDirectory(prefix="llava-edge-drift-") as tmp:
-        if eval_file is None:
-            eval_set = toy_eval_set(tmp, n=limit or 50)
-        else:
-            eval_set = read_eval(eval_file, eval_format, image_folder, limit)
-        result = run_drift(bundle, reference, eval_set, pairs, max_tokens=max_tokens, kv_cache=kv_cache,
-                           threads=threads, device=device, log=log)
+    if eval_file is None:
+        raise UserError("drift needs questions: --eval FILE (toy, ScienceQA or POPE format)")
+    eval_set = read_eval(eval_file, eval_format, image_folder, limit)
+    if eval_source:
+        eval_set.source = eval_source
+    result = run_drift(bundle, reference, eval_set, pairs, max_tokens=max_tokens, kv_cache=kv_cache,
+                       threads=threads, device=device, log=log)
     result["gates"] = gates.evaluate(result["pairs"])
     diagnose_failures(bundle, result["pairs"], result["gates"])
     result["fail_on"] = names

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from .. import atomic
-from .scenes import CELLS, COLORS, NUMBER_WORDS, SHAPES, Scene, random_scene, render
+from ..scenes import CELLS, COLORS, NUMBER_WORDS, SHAPES, Scene, random_scene, render
 
 SHORT = "Answer the question using a single word or phrase."
 CAPTION_PROMPTS = (
@@ -192,3 +192,21 @@ def write_dataset(out: str | Path, seed: int = 0, n_stage1: int = 2000, n_stage2
         paths[split] = out / FILES[split]
         atomic.write_json(paths[split], records)
     return paths
+
+
+def write_eval_questions(folder: str | Path, n: int = 50, seed: int = 0) -> Path:
+    """``n`` held-out questions of the toy world (the toy build's eval split for ``seed``) in ``folder``:
+    ``eval.json`` in the toy format, images under ``images/``. ``drift``'s questions when none are given."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = make_split("eval", n, folder, seed, 128)
+    atomic.write_json(folder / "eval.json", records)
+    return folder / "eval.json"
+
+
+if __name__ == "__main__":  # `python -m llava_edge.toy.data EVAL_JSON ID`: the ground truth of a held-out image
+    import json
+    import sys
+
+    record = next(r for r in json.load(open(sys.argv[1])) if r["id"] == sys.argv[2])
+    print(detail(Scene.from_dict(record["scene"])))

@@ -11,8 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def normalize(answer: str) -> str:
-    return answer.strip().rstrip(".").strip().lower()
+from ..drift.formats import normalize_short as normalize  # LLaVA's short-answer normalisation
 
 
 def question_of(record: dict) -> str:

@@ -124,7 +124,7 @@ def _write_processor(tmp: Path, p: dict, tok) -> None:
     )
     processor.save_pretrained(tmp)
     pin_tokenizer_config(tmp, legacy=LEGACY)  # how build_hf_tokenizer made it
-    write_recipe(tmp, template=MODE, image_pad="pad")
+    write_recipe(tmp, template=MODE, image_pad="pad", toy=True)
 
 
 def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,

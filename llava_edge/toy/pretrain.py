@@ -29,7 +29,7 @@ import random
 import numpy as np
 
 from ..preprocess import ImageSpec, preprocess
-from .scenes import CELLS, COLORS, SHAPES, SIZES, random_scene, render
+from ..scenes import CELLS, COLORS, SHAPES, SIZES, random_scene, render
 
 
 def _optimizer(params, lr: float, steps: int):

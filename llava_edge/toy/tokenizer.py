@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..templates import get_template
 from . import data
-from .scenes import random_scene
+from ..scenes import random_scene
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"

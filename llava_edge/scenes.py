@@ -1,5 +1,9 @@
 """Synthetic scenes: one to four copies of a coloured shape on a 2x2 grid, with their ground truth.
 
+The pictures of the toy world (``llava_edge.toy``), and the stand-in pictures of
+export's parity check and the benchmarks (nothing may download an image). Not a
+calibration set for a real model: quantize asks for ``--calib-images`` there.
+
 The vocabulary is small on purpose: a model of a few million parameters can
 learn to see it, and every question about a scene has one exact answer. All
 objects of a scene share shape, colour and size: a scene is "three small red
@@ -82,13 +86,3 @@ def render(scene: Scene, size: int = 128, rng: random.Random | None = None) -> I
         else:
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return im
-
-
-if __name__ == "__main__":  # `python -m llava_edge.toy.scenes EVAL_JSON ID`: the ground truth of a held-out image
-    import json
-    import sys
-
-    from .data import detail
-
-    record = next(r for r in json.load(open(sys.argv[1])) if r["id"] == sys.argv[2])
-    print(detail(Scene.from_dict(record["scene"])))
