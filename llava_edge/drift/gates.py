@@ -1,6 +1,6 @@
 """Accuracy-drift gates: the limits a variant pair must stay within, and ``--fail-on`` for CI.
 
-The limits are the issue's (issue 7), taken from llama.cpp's published
+The limits are taken from llama.cpp's published
 KL-divergence tables (Q8_0 of a Llama at a mean KL of the order of 1e-3,
 Q4_K_M of a few 1e-2) and from VLM quantization studies (8-bit within a point
 or two of the fp16 model's task accuracy, 4-bit within a few points). A gate covers the pairs whose language model has one of its
