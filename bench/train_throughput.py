@@ -192,7 +192,7 @@ def environment() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="llava-1.5-7b", help="model shape (llava_edge.toy.model.PRESETS)")
+    ap.add_argument("--preset", default="llava-1.5-7b", help="model shape (llava_edge.toy.model.SHAPES)")
     ap.add_argument("--layers", type=int, default=None, help="shorten the language model")
     ap.add_argument("--runs", default="s1,s2lora", help="comma list of s1, s2, s2lora, each optionally :nockpt")
     ap.add_argument("--batch-s1", type=int, default=32, help="per-GPU batch, stage 1 (LLaVA: 32)")

@@ -59,6 +59,7 @@ from typing import Protocol
 from llava_edge import __version__, atomic, bundle_lock, manifest
 from llava_edge.checkpoint import Checkpoint, load_hf_vision_half, source_record
 from llava_edge.errors import UserError, describe_os_error
+from llava_edge.quality import FP32_GRAPH_MIN_COSINE
 from llava_edge.templates import CHAT_TEMPLATE, MODES, get_template
 from llava_edge.tokenizer import FILES as TOKENIZER_FILES
 from llava_edge.tokenizer import read_settings
@@ -77,7 +78,6 @@ STAGING = ".export-staging" + atomic.TMP_SUFFIX  # removed by atomic.remove_part
 FP32_ONNX = "vision.fp32.onnx"
 FP16_ONNX = "vision.fp16.onnx"
 PARITY_IMAGES = 4
-FP32_MIN_COSINE = 0.9999  # the gate for the fp32 graph, per image token
 _VARIANT_KEYS = ("name", "kind", "precision", "file", "size", "sha256", "format", "options")
 
 
@@ -632,8 +632,8 @@ class _Export:
         p = {"images": len(pixels), **{k: float(f"{v:.4g}") if k != "min_cosine" else v for k, v in p.items()}}
         self.log(f"vision {name} vs Hugging Face on {len(pixels)} rendered images: min cosine per image token "
                  f"{p['min_cosine']:.8f}, max abs error {p['max_abs']:.3g} (largest value {p['max_ref']:.3g})")
-        if name == "fp32" and p["min_cosine"] < FP32_MIN_COSINE:
-            self.log(f"warning: the fp32 graph's min cosine {p['min_cosine']:.6f} is below {FP32_MIN_COSINE}")
+        if name == "fp32" and p["min_cosine"] < FP32_GRAPH_MIN_COSINE:
+            self.log(f"warning: the fp32 graph's min cosine {p['min_cosine']:.6f} is below {FP32_GRAPH_MIN_COSINE}")
         return p
 
     def vision_fp32(self) -> manifest.Variant:

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from llava_edge import atomic
+from llava_edge.quality import token_cosine
 
 OPSET = 17
 MAX_BATCH = 64
@@ -152,6 +153,6 @@ def parity_vs_hf(model, onnx_file: str | Path, pixel_values) -> dict:
     got = session.run(None, {session.get_inputs()[0].name: px})[0].astype(np.float32)
     if got.shape != ref.shape:
         raise RuntimeError(f"ONNX output shape {got.shape} differs from Hugging Face's {ref.shape}")
-    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    cos = token_cosine(got, ref)
     return {"min_cosine": float(cos.min()), "max_abs": float(np.abs(got - ref).max()),
             "max_ref": float(np.abs(ref).max())}

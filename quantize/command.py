@@ -36,12 +36,12 @@ import numpy as np
 from llava_edge import atomic, bundle_lock, manifest
 from llava_edge.errors import UserError, describe_os_error
 from llava_edge.preprocess import ImageSpec
+from llava_edge.quality import VISION_VARIANT_MIN_COSINE
 
 from . import llm as llm_quant
 from . import vision as vision_quant
 
 CHECK_IMAGES = 8  # images the vision variants are compared on against fp32
-COSINE_WARNING = 0.99  # below this (worst image token), a vision variant is reported as degraded
 
 
 @dataclass
@@ -307,7 +307,7 @@ class _Job:
             self.outcomes[-1].note = f"cosine vs fp32: min {c['min_cosine']:.4f}, mean {c['mean_cosine']:.4f}"
             self.log(f"vision {name}: {v.size / 1e6:.2f} MB ({v.size / base.size:.2f}x of fp32), "
                      f"{self.outcomes[-1].note} on {c['images']} {c['on']}")
-            if c["min_cosine"] < COSINE_WARNING:
+            if c["min_cosine"] < VISION_VARIANT_MIN_COSINE:
                 self.log(f"warning: vision {name} moves some image tokens far from fp32 "
                          f"(worst cosine {c['min_cosine']:.4f}); check answers with it before using it")
 

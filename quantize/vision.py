@@ -45,6 +45,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from llava_edge import atomic
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec, load_image, preprocess
+from llava_edge.quality import token_cosine
 
 VISION_TYPES = ("fp16", "int8", "int8-static", "int4")
 PRECISION = {"fp16": "fp16", "int8": "int8", "int8-static": "int8", "int4": "int4"}
@@ -289,7 +290,7 @@ def compare_to_reference(reference: str | Path, variant: str | Path, pixels: np.
     got = _run(variant, pixels)
     if got.shape != ref.shape:
         raise UserError(f"{Path(variant).name} returns shape {got.shape}, the fp32 graph {ref.shape}")
-    cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
+    cos = token_cosine(got, ref)
     return {
         "min_cosine": round(float(cos.min()), 6),
         "mean_cosine": round(float(cos.mean()), 6),

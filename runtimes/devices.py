@@ -35,13 +35,12 @@ from pathlib import Path
 
 from llava_edge.errors import UserError
 from llava_edge.manifest import Manifest, Variant
+from llava_edge.quality import VISION_VARIANT_MIN_COSINE
 
 DEVICES = ("auto", "cpu", "laptop-gpu", "jetson")
 CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-# A quantized vision variant whose worst image token moved this far from fp32 (cosine, recorded by
-# `llava-edge quantize` as vs_fp32) is never chosen without being named. Same bar as quantize's warning.
-VISION_MIN_COSINE = 0.99
-
+# A quantized vision variant whose worst image token is below VISION_VARIANT_MIN_COSINE against fp32 (recorded
+# by `llava-edge quantize` as vs_fp32) is never chosen without being named.
 
 # -- the hardware ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -278,8 +277,8 @@ def vision_quality_problem(v: Variant) -> str | None:
     """Why a quantized vision variant is too far from fp32 to pick by default (``None``: fine or unmeasured)."""
     rec = v.extra.get("vs_fp32") or {}
     worst = rec.get("min_cosine")
-    if worst is not None and worst < VISION_MIN_COSINE:
-        return f"worst image token cosine vs fp32 {worst:.4f} < {VISION_MIN_COSINE}"
+    if worst is not None and worst < VISION_VARIANT_MIN_COSINE:
+        return f"worst image token cosine vs fp32 {worst:.4f} < {VISION_VARIANT_MIN_COSINE}"
     return None
 
 

@@ -17,6 +17,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Union
 
 import numpy as np
 
@@ -45,7 +46,14 @@ class LlamaOptions:
     verbose: bool = False
 
 
-Slot = object  # an int (token id) or a (image hash, index) tuple
+class ImageSlot(NamedTuple):
+    """A KV position holding an image's embedding row: which image (its pixels' hash) and which row."""
+
+    key: str
+    index: int
+
+
+Slot = Union[int, ImageSlot]  # what one KV position holds: a token id or an image row
 
 
 class LlamaText:
@@ -161,7 +169,7 @@ class LlamaText:
             self._decode(self._emb_batch, len(chunk))
             if logits == "all":
                 out += [self._logits(i) for i in range(len(chunk))]
-            self.slots += [(key, start + i) for i in range(len(chunk))]
+            self.slots += [ImageSlot(key, start + i) for i in range(len(chunk))]
         if logits == "all":
             return np.stack(out)
         return self._logits(-1) if logits == "last" else None

@@ -40,7 +40,7 @@ from llava_edge.templates import Image, Parts, Turn, expand_image, get_template
 from llava_edge.tokenizer import Settings, Tokenizer
 
 from .devices import Hardware, RuntimePlan, plan_runtime
-from .llm import LlamaOptions, LlamaText
+from .llm import ImageSlot, LlamaOptions, LlamaText
 from .prefix_cache import PrefixCache, fixed_beginning, through_last_image
 from .vision import VisionEncoder
 
@@ -271,7 +271,7 @@ class EdgeLLaVA:
         if images != 1:
             raise UserError(f"the prompt must have one place for the image, it has {images}")
         ids = self.tokenizer.encode_prompt(parts, self.image_token_id)
-        return expand_image(ids, self.image_token_id, [(image_key, j) for j in range(n_image)])
+        return expand_image(ids, self.image_token_id, [ImageSlot(image_key, j) for j in range(n_image)])
 
     def prefill(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
                 logits: str = "last") -> np.ndarray | None:
@@ -309,8 +309,8 @@ class EdgeLLaVA:
         out, i = [], 0
         while i < len(todo):
             j = i
-            if isinstance(todo[i], tuple):
-                while j < len(todo) and isinstance(todo[j], tuple):
+            if isinstance(todo[i], ImageSlot):
+                while j < len(todo) and isinstance(todo[j], ImageSlot):
                     j += 1
                 key = todo[i][0]
                 idx = [s[1] for s in todo[i:j]]
@@ -320,7 +320,7 @@ class EdgeLLaVA:
                 if keep_image and self.llm.slots == through:  # a copy of the cells now, the file after the answer
                     self._unsaved_image = (through, self.llm.state_bytes())
             else:
-                while j < len(todo) and not isinstance(todo[j], tuple):
+                while j < len(todo) and not isinstance(todo[j], ImageSlot):
                     j += 1
                 r = self.llm.feed_tokens(todo[i:j], logits if logits == "all" else "last")
                 if save_head and self.llm.slots == head:

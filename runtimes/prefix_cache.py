@@ -57,7 +57,7 @@ from llava_edge import atomic
 from llava_edge.cache_dir import default_cache_dir
 from llava_edge.errors import UserError
 
-from .llm import LlamaText, Slot
+from .llm import ImageSlot, LlamaText, Slot
 
 MIN_POSITIONS = 8  # a shorter beginning is not worth a file
 SUBDIR = "prefix-kv"
@@ -88,7 +88,7 @@ def encode_slots(slots: list[Slot]) -> list:
     """JSON for ``slots``: token ids as they are, each run of one image's slots as ``["image", key, first, count]``."""
     out: list = []
     for s in slots:
-        if isinstance(s, tuple):
+        if isinstance(s, ImageSlot):
             key, j = s
             last = out[-1] if out else None
             if isinstance(last, list) and last[1] == key and last[2] + last[3] == j:
@@ -105,7 +105,7 @@ def decode_slots(items: list) -> list[Slot]:
     for it in items:
         if isinstance(it, list):
             _, key, first, count = it
-            slots += [(key, j) for j in range(first, first + count)]
+            slots += [ImageSlot(key, j) for j in range(first, first + count)]
         else:
             slots.append(int(it))
     return slots
@@ -138,7 +138,7 @@ class PrefixCache:
 
     def path_for(self, slots: list[Slot]) -> Path:
         key = {**self._identity, "slots": encode_slots(slots)}
-        if any(isinstance(s, tuple) for s in slots):
+        if any(isinstance(s, ImageSlot) for s in slots):
             key["vision"] = self._vision
         text = json.dumps(key, sort_keys=True)
         return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.kv"
@@ -186,7 +186,7 @@ class PrefixCache:
     def wanted(self, slots: list[Slot]) -> bool:
         """Whether cells of ``slots`` are saved at all (those of an image only where ``images``)."""
         return len(slots) >= MIN_POSITIONS and self.limit > 0 and (
-            self.images or not any(isinstance(s, tuple) for s in slots))
+            self.images or not any(isinstance(s, ImageSlot) for s in slots))
 
     def write(self, slots: list[Slot], state: bytes | bytearray) -> bool:
         """Write the cells ``state`` (from ``LlamaText.state_bytes``) of the positions ``slots``."""
@@ -236,7 +236,7 @@ class PrefixCache:
 def fixed_beginning(slots: list[Slot]) -> list[int]:
     """The token ids before the prompt's first image slot; empty when there is no image."""
     for i, s in enumerate(slots):
-        if isinstance(s, tuple):
+        if isinstance(s, ImageSlot):
             return list(slots[:i])
     return []
 
@@ -244,6 +244,6 @@ def fixed_beginning(slots: list[Slot]) -> list[int]:
 def through_last_image(slots: list[Slot]) -> list[Slot]:
     """``slots`` up to and including the last image slot; empty when there is no image."""
     for i in range(len(slots) - 1, -1, -1):
-        if isinstance(slots[i], tuple):
+        if isinstance(slots[i], ImageSlot):
             return list(slots[: i + 1])
     return []

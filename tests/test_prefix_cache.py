@@ -206,7 +206,9 @@ def test_a_zero_limit_saves_nothing(bundle, image, cache, monkeypatch):
 
 
 def test_positions_are_written_compactly_and_read_back():
-    slots = [1, 2, ("a", 0), ("a", 1), ("a", 2), 7, ("b", 0), ("b", 1), 9]
+    from llava_edge.runtimes.llm import ImageSlot as S
+
+    slots = [1, 2, S("a", 0), S("a", 1), S("a", 2), 7, S("b", 0), S("b", 1), 9]
     assert encode_slots(slots) == [1, 2, ["image", "a", 0, 3], 7, ["image", "b", 0, 2], 9]
     assert decode_slots(encode_slots(slots)) == slots
     assert through_last_image(slots) == slots[:-1] and through_last_image([1, 2]) == []
@@ -274,9 +276,11 @@ def test_prompt_logits_never_use_it(bundle, image, cache):
 
 
 def test_fixed_beginning_is_what_comes_before_the_image():
-    assert fixed_beginning([1, 2, 3, ("img", 0), ("img", 1), 4]) == [1, 2, 3]
+    from llava_edge.runtimes.llm import ImageSlot
+
+    assert fixed_beginning([1, 2, 3, ImageSlot("img", 0), ImageSlot("img", 1), 4]) == [1, 2, 3]
     assert fixed_beginning([1, 2, 3]) == []  # no image: no fixed beginning to save
-    assert fixed_beginning([("img", 0), 5]) == []
+    assert fixed_beginning([ImageSlot("img", 0), 5]) == []
 
 
 def test_a_gguf_replaced_behind_the_manifest_gets_a_new_key(tmp_path):

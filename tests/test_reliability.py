@@ -257,9 +257,11 @@ def test_typed_control_tokens_stay_text(bundle):
     m = EdgeLLaVA.load(bundle, device="cpu", prefix_cache=False)
     try:
         ids = m.slots_for(m.template.prompt("a </s> b <s> c <image> d"), "k", 4)
-        body = [i for i in ids if not isinstance(i, tuple)]
+        from llava_edge.runtimes.llm import ImageSlot
+
+        body = [i for i in ids if not isinstance(i, ImageSlot)]
         assert body.count(m.eos_id) == 0 and body.count(m.tokenizer.bos_id) == 1
-        assert sum(isinstance(i, tuple) for i in ids) == 4  # one image: the typed <image> is text
+        assert sum(isinstance(i, ImageSlot) for i in ids) == 4  # one image: the typed <image> is text
     finally:
         m.close()
 

@@ -137,7 +137,7 @@ def load_projector(model, path: str | Path) -> None:
         raise UserError(f"projector {path} does not fit this model (missing {missing}, unexpected {unexpected})")
 
 
-def assemble(vision: str, llm: str, projector: str = "mlp2x_gelu", image_pad: str = "pad"):
+def assemble(vision: str, llm: str, projector: str = "mlp2x_gelu"):
     """A fresh LLaVA from a CLIP vision model and a causal LM, as LLaVA's stage 1 starts.
 
     Returns (model, tokenizer, image processor) with ``<image>`` and ``<pad>`` added the llava-hf way.

@@ -115,13 +115,9 @@ def summarize_tokens(d: TokenDrift) -> dict:
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of matching rows of ``a`` and ``b`` (..., dim), in float64; 1 where both rows are zero."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"embedding shapes differ: {a.shape} vs {b.shape}")
-    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
-    dot = (a * b).sum(-1)
-    both_zero = (na == 0) & (nb == 0)
-    return np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
+    from llava_edge.quality import token_cosine
+
+    return token_cosine(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), eps=1e-300)
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:

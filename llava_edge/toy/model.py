@@ -40,7 +40,7 @@ _CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5
 )
 
 # The shape of each model. ``real`` presets are streamed to disk (see the module docstring).
-PRESETS = {
+SHAPES = {
     "toy": dict(
         image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
         hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
@@ -69,9 +69,9 @@ SHARD_BYTES = 5_000_000_000  # llava-hf's 7B ships as shards of about this size
 
 def preset_shape(preset: str, layers: int | None = None) -> dict:
     """The preset's shape, with the language model cut to ``layers`` decoder layers if given."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    p = dict(PRESETS[preset])
+    if preset not in SHAPES:
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(SHAPES)}")
+    p = dict(SHAPES[preset])
     if layers is not None:
         if layers < 1:
             raise UserError(f"--layers must be at least 1, not {layers}")
