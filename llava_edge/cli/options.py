@@ -1,0 +1,41 @@
+"""Options several commands take, defined once: device and variants, sampling, training hyperparameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# -- which bundle, device and variants (chat, bench) ----------------------------------------------------------
+Bundle = Annotated[Optional[Path], typer.Option("--bundle", help="Default: $LLAVA_EDGE_BUNDLE or the registered "
+                                                                 "default")]
+Device = Annotated[str, typer.Option("--device", help="Device profile: auto (detect) | cpu | laptop-gpu | jetson")]
+VisionVariant = Annotated[Optional[str], typer.Option("--vision-variant", help="Vision variant by name (fp32, fp16, "
+                                                      "int8, int8-static, int4, trt-fp16...); default: the profile's")]
+LlmVariant = Annotated[Optional[str], typer.Option("--llm-variant", help="Language-model variant by name (f32, f16, "
+                                                   "q8_0, q4_k_m...); default: the profile's")]
+Threads = Annotated[int, typer.Option("--threads", help="llama.cpp threads; 0: the profile's (one per physical "
+                                                        "core)")]
+
+# -- sampling (chat) --------------------------------------------------------------------------------------------
+Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy and deterministic")]
+TopP = Annotated[float, typer.Option("--top-p")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="-1 or none: random")]
+
+# -- training hyperparameters (train stage1, stage2): each overrides the preset's ------------------------------
+Preset = Annotated[str, typer.Option("--preset", help="Hyperparameters to start from: llava-1.5-7b, "
+                                                      "llava-1.5-7b-lora, toy, ...")]
+Lr = Annotated[Optional[float], typer.Option("--lr")]
+GlobalBatch = Annotated[Optional[int], typer.Option("--global-batch")]
+PerDeviceBatch = Annotated[Optional[int], typer.Option("--per-device-batch")]
+Epochs = Annotated[Optional[float], typer.Option("--epochs")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length")]
+SaveSteps = Annotated[Optional[int], typer.Option("--save-steps")]
+TrainSeed = Annotated[Optional[int], typer.Option("--seed")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint-last")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip bad records (and count them) instead of stopping")]
+StopAfter = Annotated[int, typer.Option("--stop-after", help="Checkpoint and stop at this step (continue later with "
+                                                             "--resume)")]
