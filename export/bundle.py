@@ -45,8 +45,6 @@ Atomicity and re-runs:
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import shutil
 import sys
@@ -63,18 +61,18 @@ from llava_edge.quality import FP32_GRAPH_MIN_COSINE
 from llava_edge.templates import CHAT_TEMPLATE, MODES, get_template
 from llava_edge.tokenizer import FILES as TOKENIZER_FILES
 from llava_edge.tokenizer import read_settings
+from llava_edge.variants import VariantMaker
 
 from .llm_gguf import OUTTYPES as LLM_OUTTYPES
 from .llm_gguf import check_exportable, export_llm_gguf
 from .mmproj_gguf import OUTTYPES as MMPROJ_OUTTYPES
 from .mmproj_gguf import export_mmproj_gguf
 from .tensorrt_engine import CALIBRATION_CACHE, DEFAULT_MAX_BATCH, TIMING_CACHE, build_engine, engine_file_name
-from .vision_fp16 import convert_vision_fp16
+from .vision_fp16 import convert_vision_fp16, fp16_options
 from .vision_onnx import MAX_BATCH, OPSET, export_vision_onnx, parity_vs_hf
 
 TARGETS = ("onnx", "tensorrt", "gguf", "mmproj", "all")
 DTYPES = ("fp32", "fp16")
-STAGING = ".export-staging" + atomic.TMP_SUFFIX  # removed by atomic.remove_partials too
 FP32_ONNX = "vision.fp32.onnx"
 FP16_ONNX = "vision.fp16.onnx"
 PARITY_IMAGES = 4
@@ -303,18 +301,12 @@ def parity_pixels(ckpt: Checkpoint, n: int = PARITY_IMAGES):
     return np.stack([preprocess(render(random_scene(rng), size=spec.crop, rng=rng), spec) for _ in range(n)])
 
 
-def _json(obj):
-    """``obj`` as it reads back from the manifest (tuples become lists), so option dicts compare equal."""
-    return json.loads(json.dumps(obj))
-
-
 class _Export:
     def __init__(self, ckpt: Checkpoint, out: Path, opts: ExportOptions, progress: Progress):
         self.ckpt, self.out, self.opts, self.progress = ckpt, out, opts, progress
         self.log = progress.message
-        self.staging = out / STAGING
         self.status: dict[str, str] = {}  # file -> "new" | "up to date"
-        self._sha: dict[tuple, str] = {}
+        self.maker: VariantMaker | None = None  # once the state to continue from is known
         self._model = None
 
     # -- plan (reads only) ----------------------------------------------------------------------------------------
@@ -345,6 +337,7 @@ class _Export:
             get_template(self.conv_mode, ckpt.chat_template())
         self.source = source_record(ckpt)
         self.m, stale, fresh = self._previous_state()
+        self.maker = VariantMaker(out, self.m, manifest.write_incomplete, self.log)
         get_template(self.m.conv_mode, self.m.chat_template)
         steps = self._plan()
         if self._needs_model():
@@ -369,10 +362,9 @@ class _Export:
         except OSError as e:
             raise UserError(f"export failed while writing {current} into {out}: {describe_os_error(e)}") from None
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
             self._model = None
-        self.m.vision["parity"] = {v.name: v.extra["parity"] for v in self.m.variants
-                                   if v.kind == "vision" and "parity" in v.extra}
+        self.m.vision["parity"] = {v.name: v.extra["quality"] for v in self.m.variants if v.kind == "vision"
+                                   and (v.extra.get("quality") or {}).get("against") == "huggingface"}
         self.m.created_by = f"llava-edge {__version__}"
         try:
             manifest.finish(out, self.m)
@@ -534,7 +526,7 @@ class _Export:
         if fp32 is None:
             return True
         if self.opts.dtype == "fp16" and t != "tensorrt":
-            return self._up_to_date("vision", "fp16", FP16_ONNX, self._fp16_options(fp32)) is None
+            return self._up_to_date("vision", "fp16", FP16_ONNX, fp16_options(fp32)) is None
         return False
 
     @property
@@ -556,60 +548,22 @@ class _Export:
         return model
 
     # -- one file ------------------------------------------------------------------------------------------------
-    def _sha256(self, path: Path) -> str:
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key not in self._sha:
-            self._sha[key] = manifest.sha256_file(path)
-        return self._sha[key]
-
     def _up_to_date(self, kind: str, name: str, file: str, options: dict) -> manifest.Variant | None:
-        """The registered variant when it can be kept as it is: same file, same options, intact."""
-        v = next((x for x in self.m.variants if x.kind == kind and x.name == name), None)
-        if v is None or v.file != file or v.extra.get("options") != _json(options):
-            return None
-        p = self.out / file
-        if not p.is_file() or p.stat().st_size != v.size or self._sha256(p) != v.sha256:
-            return None
-        return v
+        return self.maker.up_to_date(kind, name, file, options)
 
     def _produce(self, kind: str, name: str, precision: str, file: str, options: dict, label: str,
                  make: Callable[[Path, Callable[[int, int], None]], dict], total: int | None = None,
                  fmt: str = "onnx") -> tuple[manifest.Variant, bool]:
-        """Keep the variant if up to date, else make ``file`` in the staging folder, move it in, register it.
+        """``variants.VariantMaker.make`` with export's progress steps and summary; returns ``(variant, made)``."""
+        def build(staged: Path) -> dict:
+            with self.progress.step(label, total) as update:
+                return make(staged, update)
 
-        Returns ``(variant, made)``.
-        """
-        done = self._up_to_date(kind, name, file, options)
-        if done is not None:
+        v, made = self.maker.make(kind, name, precision, file, options, build, fmt)
+        if not made:
             self.log(f"{file}: up to date")
-            self.status[file] = "up to date"
-            return done, False
-        self.staging.mkdir(exist_ok=True)
-        staged = self.staging / file
-        with self.progress.step(label, total) as update:
-            extra = make(staged, update)
-        self._move_in(staged, file)
-        extra = {k: x for k, x in _json(extra).items() if k not in _VARIANT_KEYS}  # e.g. the engine's precision
-        v = self.m.add_variant(self.out, name, kind, precision, file, format=fmt, options=_json(options), **extra)
-        manifest.write_incomplete(self.out, self.m)
-        self.status[file] = "new"
-        return v, True
-
-    def _move_in(self, staged: Path, file: str) -> None:
-        """Rename a finished file (and its ONNX external data) into the bundle, unregistering the old one first."""
-        out = self.out
-        if manifest.is_bundle(out):
-            on_disk = manifest.read(out)
-            if on_disk.remove_file(file):
-                manifest.write(out, on_disk)  # never a manifest.json listing content it did not record
-        self.m.remove_file(file)
-        data = staged.with_name(staged.name + ".data")
-        if data.exists():
-            os.replace(data, out / data.name)
-        else:
-            (out / data.name).unlink(missing_ok=True)
-        os.replace(staged, out / file)
+        self.status[file] = "new" if made else "up to date"
+        return v, made
 
     def _copy_tokenizer(self) -> None:
         for name in TOKENIZER_FILES:
@@ -623,13 +577,11 @@ class _Export:
         return {"exporter": __version__, "opset": OPSET, "max_batch": MAX_BATCH,
                 "image_size": self.m.vision["image_size"]}
 
-    def _fp16_options(self, fp32: manifest.Variant) -> dict:
-        return {"exporter": __version__, "from_sha256": fp32.sha256}
-
     def _parity(self, onnx_file: Path, name: str) -> dict:
         pixels = parity_pixels(self.ckpt)
         p = parity_vs_hf(self.model, onnx_file, pixels)
-        p = {"images": len(pixels), **{k: float(f"{v:.4g}") if k != "min_cosine" else v for k, v in p.items()}}
+        p = {"against": "huggingface", "images": len(pixels),
+             **{k: float(f"{v:.4g}") if k != "min_cosine" else v for k, v in p.items()}}
         self.log(f"vision {name} vs Hugging Face on {len(pixels)} rendered images: min cosine per image token "
                  f"{p['min_cosine']:.8f}, max abs error {p['max_abs']:.3g} (largest value {p['max_ref']:.3g})")
         if name == "fp32" and p["min_cosine"] < FP32_GRAPH_MIN_COSINE:
@@ -641,7 +593,7 @@ class _Export:
 
         def make(staged: Path, _update) -> dict:
             export_vision_onnx(self.model, staged, size)
-            return {"parity": self._parity(staged, "fp32")}
+            return {"quality": self._parity(staged, "fp32")}
 
         return self._produce("vision", "fp32", "fp32", FP32_ONNX, self._fp32_options(),
                              f"vision tower + projector -> ONNX fp32 (opset {OPSET})", make)[0]
@@ -651,9 +603,9 @@ class _Export:
 
         def make(staged: Path, _update) -> dict:
             kept = convert_vision_fp16(self.out / FP32_ONNX, staged)
-            return {"fp32_kept": kept, "parity": self._parity(staged, "fp16")}
+            return {"fp32_kept": kept, "quality": self._parity(staged, "fp16")}
 
-        return self._produce("vision", "fp16", "fp16", FP16_ONNX, self._fp16_options(fp32),
+        return self._produce("vision", "fp16", "fp16", FP16_ONNX, fp16_options(fp32),
                              "vision ONNX fp32 -> fp16 (LayerNorm and Softmax kept in fp32)", make)[0]
 
     def llm(self) -> manifest.Variant:
@@ -690,7 +642,7 @@ class _Export:
         onnx = self.m.variant("vision", "fp32")
         cache = self._calibration_cache()
         options = {"exporter": __version__, "precision": precision, "max_batch": t.max_batch,
-                   "opt_batch": t.opt_batch, "workspace_mib": t.workspace_mib, "from_sha256": onnx.sha256,
+                   "opt_batch": t.opt_batch, "workspace_mib": t.workspace_mib, "base_sha256": onnx.sha256,
                    "calibration_sha256": manifest.sha256_file(cache) if cache else None, **running_platform()}
 
         def make(staged: Path, _update) -> dict:

@@ -159,3 +159,9 @@ def save_onnx(model, out_file: str | Path) -> None:
                         location=data_name)
         os.replace(Path(tmp) / data_name, out_file.with_name(data_name))
         os.replace(staged, out_file)
+
+
+def fp16_options(fp32) -> dict:
+    """What the fp16 graph is made from and with, the same for ``export --dtype fp16`` and ``quantize --vision fp16``
+    (so either one finds the other's file up to date). ``fp32``: the bundle's fp32 vision variant."""
+    return {"base_sha256": fp32.sha256, "kept_in_fp32": list(FP32_OPS)}

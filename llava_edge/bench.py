@@ -96,8 +96,8 @@ def default_pairs(m: bundle_manifest.Manifest) -> list[tuple[str, str]]:
 
     Device-specific variants (TensorRT engines) are timed only when named in ``--variants``.
     """
-    vision = [v.name for v in m.variants if v.kind == "vision" and not v.device_specific]
-    llms = [v.name for v in m.variants if v.kind == "llm"]
+    vision = [v.name for v in m.find("vision", portable=True)]
+    llms = [v.name for v in m.find("llm")]
     if not vision or not llms:
         raise UserError("the bundle needs a vision and a language-model variant to benchmark; export both first")
     pairs = [(v, llms[0]) for v in vision]

@@ -164,6 +164,16 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     created_by: str = f"llava-edge {__version__}"
 
+    def find(self, kind: str, *, name: str | None = None, precisions: tuple[str, ...] | None = None,
+             fmt: str | None = None, portable: bool | None = None) -> list[Variant]:
+        """The variants of ``kind``, in manifest order, by name (any case), precision, format and portability
+        (``portable``: not a device-specific TensorRT engine)."""
+        return [v for v in self.variants if v.kind == kind
+                and (name is None or v.name.lower() == name.strip().lower())
+                and (precisions is None or v.precision in precisions)
+                and (fmt is None or v.extra.get("format", Path(v.file).suffix.lstrip(".")) == fmt)
+                and (portable is None or portable != v.device_specific)]
+
     def variant(self, kind: str, name: str | None = None) -> Variant:
         """The variant ``name`` of ``kind``; without a name the first registered one that is not device-specific."""
         options = [v for v in self.variants if v.kind == kind]

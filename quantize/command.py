@@ -37,6 +37,7 @@ from llava_edge import atomic, bundle_lock, manifest
 from llava_edge.errors import UserError, describe_os_error
 from llava_edge.preprocess import ImageSpec
 from llava_edge.quality import VISION_VARIANT_MIN_COSINE
+from llava_edge.variants import VariantMaker
 
 from . import llm as llm_quant
 from . import vision as vision_quant
@@ -130,9 +131,9 @@ def quantize_bundle(
 
 
 def _llm_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
-    bases = [v for v in m.variants if v.kind == "llm" and v.precision in llm_quant.BASE_PRECISIONS]
+    bases = m.find("llm", precisions=tuple(llm_quant.BASE_PRECISIONS))
     if not bases:
-        have = ", ".join(v.name for v in m.variants if v.kind == "llm") or "none"
+        have = ", ".join(v.name for v in m.find("llm")) or "none"
         raise UserError(f"the bundle has no f32/bf16/f16 GGUF to quantize from (it has: {have}); export one first: "
                         f"llava-edge export --model MODEL --out {bundle} --target gguf --llm-outtype f16")
     base = min(bases, key=lambda v: llm_quant.BASE_PRECISIONS.index(v.precision))
@@ -141,7 +142,7 @@ def _llm_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
 
 
 def _vision_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
-    bases = [v for v in m.variants if v.kind == "vision" and v.precision == "fp32" and v.file.endswith(".onnx")]
+    bases = m.find("vision", precisions=("fp32",), fmt="onnx")
     if not bases:
         raise UserError("the bundle has no fp32 vision ONNX to quantize from; export one first: "
                         f"llava-edge export --model MODEL --out {bundle} --target onnx")
@@ -154,6 +155,7 @@ class _Job:
 
     def __init__(self, bundle: Path, m: manifest.Manifest, log: Callable[[str], None]):
         self.bundle, self.m, self.log = bundle, m, log
+        self.maker = VariantMaker(bundle, m, manifest.write, log)
         self.outcomes: list[Outcome] = []
         self.spec: ImageSpec | None = None
         self.calib_dir: str | Path | None = None
@@ -164,64 +166,27 @@ class _Job:
         self.vision_base: manifest.Variant | None = None
 
     # -- the bookkeeping every variant shares ---------------------------------------------------------------
-    def _registered(self, kind: str, name: str) -> manifest.Variant | None:
-        return next((v for v in self.m.variants if v.kind == kind and v.name == name), None)
-
-    def _up_to_date(self, kind: str, name: str, file: str, params: dict) -> bool:
-        v = self._registered(kind, name)
-        path = self.bundle / file
-        if v is None or v.file != file or not path.is_file():
-            return False
-        same = v.extra.get("params") == params or (
-            # `export --dtype fp16` makes the same fp16 graph; it records its source as options.from_sha256
-            name == "fp16" and (v.extra.get("options") or {}).get("from_sha256") == params.get("base_sha256")
-        )
-        if not same:
-            return False
-        if path.stat().st_size != v.size:
-            return False
-        return manifest.sha256_file(path) == v.sha256
-
-    def _unregister(self, kind: str, name: str, file: str) -> None:
-        """Drop the entry for (kind, name) and any entry naming ``file``, before ``file`` is rewritten."""
-        keep = [v for v in self.m.variants if not ((v.kind == kind and v.name == name) or v.file == file)]
-        if len(keep) != len(self.m.variants):
-            self.m.variants = keep
-            manifest.write(self.bundle, self.m)
-
-    def _produce(self, kind: str, name: str, precision: str, file: str, params: dict, label: str,
+    def _produce(self, kind: str, name: str, precision: str, file: str, options: dict, label: str,
                  make: Callable[[Path], dict]) -> manifest.Variant | None:
-        """Unless up to date: unregister, ``make(temporary path)``, rename into place, register."""
-        params = json.loads(json.dumps(params))  # as the manifest will hold it
-        if self._up_to_date(kind, name, file, params):
-            v = self._registered(kind, name)
-            self.outcomes.append(Outcome(kind, name, file, v.size, made=False, note="up to date"))
+        """``variants.VariantMaker.make``, with quantize's outcome list and log; None when up to date."""
+        before = self.maker.up_to_date(kind, name, file, options)
+        if before is not None:
+            self.outcomes.append(Outcome(kind, name, file, before.size, made=False, note="up to date"))
             self.log(f"{kind} {name}: up to date ({file})")
             return None
         self.log(f"{kind} {name}: {label}")
-        self._unregister(kind, name, file)
-        path = self.bundle / file
         try:
-            with atomic.atomic_path(path) as tmp:  # made and checked under a temporary name
-                record = make(tmp)
+            v, _ = self.maker.make(kind, name, precision, file, options, make, "gguf" if kind == "llm" else "onnx")
         except OSError as e:
-            raise UserError(f"could not write {path}: {_os_error(e)}") from None
-        try:
-            fmt = "gguf" if kind == "llm" else "onnx"
-            v = self.m.add_variant(self.bundle, name, kind, precision, file, format=fmt, params=params, **record)
-            manifest.write(self.bundle, self.m)
-        except OSError as e:
-            self.m.variants = [x for x in self.m.variants if not (x.kind == kind and x.name == name)]
-            path.unlink(missing_ok=True)
-            raise UserError(f"could not register {file} in {manifest.MANIFEST}: {_os_error(e)}") from None
+            raise UserError(f"could not write {file} into {self.bundle}: {_os_error(e)}") from None
         self.outcomes.append(Outcome(kind, name, file, v.size, made=True))
         return v
 
     # -- the language model ---------------------------------------------------------------------------------
     def llm_variant(self, type_name: str, base: manifest.Variant, threads: int) -> None:
-        params = {"type": type_name, "base": base.file, "base_sha256": base.sha256}
+        options = {"type": type_name, "base": base.file, "base_sha256": base.sha256}
         src = manifest.bundle_file(self.bundle, base.file)
-        v = self._produce("llm", type_name, type_name, llm_quant.llm_file_name(type_name), params,
+        v = self._produce("llm", type_name, type_name, llm_quant.llm_file_name(type_name), options,
                           f"llama.cpp quantizes {base.file}",
                           lambda path: llm_quant.quantize_gguf(src, path, type_name, threads))
         if v is not None:
@@ -272,13 +237,16 @@ class _Job:
     def vision_variant(self, name: str, base: manifest.Variant, block_size: int, optimize: bool) -> None:
         src = manifest.bundle_file(self.bundle, base.file)
         fused = optimize and name != "fp16"  # fp16 is the GPU/TensorRT path: standard ops only
-        params: dict = {"type": name, "base_sha256": base.sha256}
-        if name != "fp16":
-            params["optimize"] = "clip" if fused else None
+        if name == "fp16":  # the same file `export --dtype fp16` makes, with the same options
+            from llava_edge.export.vision_fp16 import fp16_options
+
+            options = fp16_options(base)
+        else:
+            options = {"type": name, "base_sha256": base.sha256, "optimize": "clip" if fused else None}
         if name == "int4":
-            params["block_size"] = block_size
+            options["block_size"] = block_size
         if name == "int8-static":
-            params["calibration"] = self.calibration()[2]
+            options["calibration"] = self.calibration()[2]
 
         def make(path: Path) -> dict:
             if name == "fp16":
@@ -298,12 +266,12 @@ class _Job:
                     record["fused"] = stats
             pixels, where = self.check_pixels()
             cos = vision_quant.compare_to_reference(src, path, pixels)  # also proves it loads and runs
-            return {**record, "vs_fp32": {**cos, "on": where}}
+            return {**record, "quality": {"against": "fp32", **cos, "on": where}}
 
         v = self._produce("vision", name, vision_quant.PRECISION[name], vision_quant.vision_file_name(name),
-                          params, f"from {base.file}{' (fused)' if fused else ''}", make)
+                          options, f"from {base.file}{' (fused)' if fused else ''}", make)
         if v is not None:
-            c = v.extra["vs_fp32"]
+            c = v.extra["quality"]
             self.outcomes[-1].note = f"cosine vs fp32: min {c['min_cosine']:.4f}, mean {c['mean_cosine']:.4f}"
             self.log(f"vision {name}: {v.size / 1e6:.2f} MB ({v.size / base.size:.2f}x of fp32), "
                      f"{self.outcomes[-1].note} on {c['images']} {c['on']}")
@@ -329,7 +297,7 @@ class _Job:
                 rec = json.loads(record_path.read_text())
             except ValueError:
                 rec = {}
-            if rec.get("params") == params and rec.get("sha256") == manifest.sha256_file(path):
+            if rec.get("options") == params and rec.get("sha256") == manifest.sha256_file(path):
                 self.outcomes.append(Outcome("tensorrt", "int8-calibration", file, path.stat().st_size, made=False,
                                             note="up to date"))
                 self.log(f"tensorrt int8-calibration: up to date ({file})")
@@ -347,7 +315,7 @@ class _Job:
                 if not cache.is_file():
                     raise UserError("TensorRT built the INT8 engine but wrote no calibration cache")
                 os.replace(cache, path)
-            atomic.write_json(record_path, {"params": params, "sha256": manifest.sha256_file(path),
+            atomic.write_json(record_path, {"options": params, "sha256": manifest.sha256_file(path),
                                             "calibrated_on": source})
         except OSError as e:
             raise UserError(f"could not write {path}: {_os_error(e)}") from None

@@ -40,7 +40,7 @@ from llava_edge.quality import VISION_VARIANT_MIN_COSINE
 DEVICES = ("auto", "cpu", "laptop-gpu", "jetson")
 CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # A quantized vision variant whose worst image token is below VISION_VARIANT_MIN_COSINE against fp32 (recorded
-# by `llava-edge quantize` as vs_fp32) is never chosen without being named.
+# by `llava-edge quantize` as its quality against fp32) is never chosen without being named.
 
 # -- the hardware ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -265,19 +265,23 @@ def pick_profile(device: str, hw: Hardware) -> tuple[Profile, str]:
 
 # -- variants ---------------------------------------------------------------------------------------------------------
 def _find(m: Manifest, kind: str, name: str) -> Variant | None:
-    want = name.strip().lower()
-    return next((v for v in m.variants if v.kind == kind and v.name.lower() == want), None)
+    found = m.find(kind, name=name)
+    return found[0] if found else None
 
 
 def _names(m: Manifest, kind: str) -> str:
-    return ", ".join(v.name for v in m.variants if v.kind == kind) or "none"
+    return ", ".join(v.name for v in m.find(kind)) or "none"
 
 
 def vision_quality_problem(v: Variant) -> str | None:
     """Why a quantized vision variant is too far from fp32 to pick by default (``None``: fine or unmeasured)."""
-    rec = v.extra.get("vs_fp32") or {}
+    rec = v.extra.get("quality")
+    if not isinstance(rec, dict) or rec.get("against") != "fp32":
+        return None
     worst = rec.get("min_cosine")
-    if worst is not None and worst < VISION_VARIANT_MIN_COSINE:
+    if not isinstance(worst, (int, float)) or isinstance(worst, bool):
+        return None if worst is None else "its recorded quality is not a number"
+    if not worst >= VISION_VARIANT_MIN_COSINE:  # NaN included
         return f"worst image token cosine vs fp32 {worst:.4f} < {VISION_VARIANT_MIN_COSINE}"
     return None
 

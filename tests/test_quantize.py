@@ -77,7 +77,7 @@ def test_every_variant_is_made_and_registered(quantized):
             v = m.variant(kind, name)
             p = qb / v.file
             assert p.is_file() and p.stat().st_size == v.size and manifest.sha256_file(p) == v.sha256
-            assert v.extra["params"]["base_sha256"] == (f32 if kind == "llm" else fp32).sha256
+            assert v.extra["options"]["base_sha256"] == (f32 if kind == "llm" else fp32).sha256
             assert v.size < (f32 if kind == "llm" else fp32).size
     assert m.variant("llm").name == "f32" and m.variant("vision").name == "fp32"  # the defaults did not move
     assert [v.precision for v in map(lambda n: m.variant("vision", n), VISION)] == ["fp16", "int8", "int8", "int4"]
@@ -156,7 +156,7 @@ def test_every_vision_variant_runs_in_onnxruntime_close_to_fp32(quantized, pixel
         cos = per_token_cosine(got, ref)
         measured[name] = {"min": float(cos.min()), "mean": float(cos.mean()),
                           "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
-        recorded = m.variant("vision", name).extra["vs_fp32"]
+        recorded = m.variant("vision", name).extra["quality"]
         assert recorded["images"] == CHECK_IMAGES and 0 < recorded["min_cosine"] <= recorded["mean_cosine"] <= 1
         print(f"vision {name}: cosine vs fp32 min {cos.min():.5f} mean {cos.mean():.5f}, "
               f"rel L2 {measured[name]['rel_l2']:.4f} (recorded by quantize: {recorded})")
@@ -244,7 +244,7 @@ def test_rerun_redoes_nothing_and_a_changed_parameter_redoes_only_its_variant(qu
     outcomes = quantize_bundle(qb, "q4_0", "int4,int8", block_size=64, log=lambda _: None)
     assert [(o.name, o.made) for o in outcomes] == [("q4_0", False), ("int4", True), ("int8", False)]
     new = manifest.read(qb)
-    assert new.variant("vision", "int4").extra["params"]["block_size"] == 64
+    assert new.variant("vision", "int4").extra["options"]["block_size"] == 64
     assert new.variant("vision", "int4").sha256 != old.variant("vision", "int4").sha256
     after = snapshot(qb)
     assert {k for k in before if before[k] != after.get(k)} == {"vision.int4.onnx", manifest.MANIFEST}
@@ -284,7 +284,7 @@ def test_optimize_fuses_clip_attention_before_quantizing(bundle, tmp_path, pixel
     qb = copy_bundle(bundle, tmp_path / "b")
     quantize_bundle(qb, vision="int8", optimize=True, log=lambda _: None)
     v = manifest.read(qb).variant("vision", "int8")
-    assert v.extra["params"]["optimize"] == "clip" and v.extra["fused"]["Attention"] == 3
+    assert v.extra["options"]["optimize"] == "clip" and v.extra["fused"]["Attention"] == 3
     g = onnx.load(str(qb / v.file))
     assert any(n.domain == "com.microsoft" for n in g.graph.node)
     assert vq.compare_to_reference(bundle / "vision.fp32.onnx", qb / v.file, pixels)["min_cosine"] > 0.99

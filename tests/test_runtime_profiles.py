@@ -101,8 +101,8 @@ def fake_manifest(bundle, int8_cosine=0.995, engine=ORIN) -> manifest.Manifest:
         m.variants.append(Variant(name, kind, precision, file, 1, "0" * 64, extra))
 
     add("fp16", "vision", "fp16", "vision.fp16.onnx", format="onnx")
-    add("int8", "vision", "int8", "vision.int8.onnx", format="onnx", vs_fp32={"min_cosine": int8_cosine})
-    add("int4", "vision", "int4", "vision.int4.onnx", format="onnx", vs_fp32={"min_cosine": 0.93})
+    add("int8", "vision", "int8", "vision.int8.onnx", format="onnx", quality={"against": "fp32", "min_cosine": int8_cosine})
+    add("int4", "vision", "int4", "vision.int4.onnx", format="onnx", quality={"against": "fp32", "min_cosine": 0.93})
     add("trt-fp16", "vision", "fp16", "vision.trt-fp16.engine", format="tensorrt", **engine)
     add("q8_0", "llm", "q8_0", "llm.q8_0.gguf", format="gguf")
     add("q4_k_m", "llm", "q4_k_m", "llm.q4_k_m.gguf", format="gguf")
@@ -148,7 +148,7 @@ def test_the_cpu_prefers_dynamic_int8_to_static_qdq(bundle):
     """Measured: dynamic int8 runs CLIP-L/336 in 0.72 s on 2 Zen 4 cores, static QDQ in 1.24 s (docs/BENCHMARKS.md)."""
     m = fake_manifest(bundle)
     m.variants.append(Variant("int8-static", "vision", "int8", "vision.int8-static.onnx", 1, "0" * 64,
-                              {"format": "onnx", "vs_fp32": {"min_cosine": 0.999}}))
+                              {"format": "onnx", "quality": {"against": "fp32", "min_cosine": 0.999}}))
     assert plan_runtime(m, "cpu", hardware=CPU_BOX).vision.name == "int8"
     m.variants = [v for v in m.variants if v.name != "int8"]
     assert plan_runtime(m, "cpu", hardware=CPU_BOX).vision.name == "int8-static"

@@ -23,7 +23,7 @@ TOP_TENSORS = 8
 
 def float_base(m: bundle_manifest.Manifest) -> bundle_manifest.Variant | None:
     """The bundle's most precise float GGUF, or None."""
-    bases = [v for v in m.variants if v.kind == "llm" and v.precision in FLOAT_LLM]
+    bases = m.find("llm", precisions=FLOAT_LLM)
     return min(bases, key=lambda v: FLOAT_LLM.index(v.precision)) if bases else None
 
 

@@ -50,7 +50,7 @@ class Pair:
 
 def runnable_variants(m: bundle_manifest.Manifest, kind: str) -> list[bundle_manifest.Variant]:
     """The variants of ``kind`` the CPU runtime can run (TensorRT engines need their GPU)."""
-    return [v for v in m.variants if v.kind == kind and not v.device_specific]
+    return m.find(kind, portable=True)
 
 
 def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[Pair]:
