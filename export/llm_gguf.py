@@ -22,7 +22,6 @@ a multiple of its 32-value block.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 from llava_edge import atomic
 from llava_edge.checkpoint import Checkpoint
 from llava_edge.errors import UserError
+from llava_edge.weights import FLOAT_NUMPY, StoredTensor, stored_tensors
 
 from .gguf_vocab import read_vocab
 
@@ -43,39 +43,19 @@ _TEXT_PREFIXES = {  # saved llava-hf layout and transformers 5's in-memory layou
     "language_model.lm_head.": "lm_head.",
     "lm_head.": "lm_head.",
 }
-_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 _QUANT_CHUNK = 1 << 20  # values quantized per call: gguf's numpy quantizer makes several temporaries
 
 
-@dataclass(frozen=True)
-class SourceTensor:
-    file: Path
-    key: str
-    shape: tuple[int, ...]
-    dtype: str = "F32"  # safetensors dtype name
-    offset: int = 0  # absolute byte offset of the data in ``file``
-
-
-def text_tensors(ckpt: Checkpoint) -> dict[str, SourceTensor]:
+def text_tensors(ckpt: Checkpoint) -> dict[str, StoredTensor]:
     """Language-model tensors by their plain Llama name (``model.layers.0...``), from headers only."""
-    from llava_edge.checkpoint import read_safetensors_header_bytes
-
-    out: dict[str, SourceTensor] = {}
+    out: dict[str, StoredTensor] = {}
     for f in ckpt.weight_files():
-        header = read_safetensors_header_bytes(f)
-        data_start = 8 + len(header)
-        for key, info in json.loads(header).items():
-            if key == "__metadata__":
-                continue
+        for key, st in stored_tensors(f, check=False).items():
             for prefix, canon in _TEXT_PREFIXES.items():
                 if key.startswith(prefix):
-                    begin, end = info["data_offsets"]
-                    st = SourceTensor(f, key, tuple(info["shape"]), info["dtype"], data_start + begin)
-                    if st.dtype not in _SAFETENSORS_DTYPES:
+                    if st.dtype not in FLOAT_NUMPY:
                         raise UserError(f"unsupported weight dtype {st.dtype} for {key} in {f.name} "
-                                        f"(supported: {', '.join(_SAFETENSORS_DTYPES)})")
-                    if end - begin != math.prod(st.shape) * np.dtype(_SAFETENSORS_DTYPES[st.dtype]).itemsize:
-                        raise UserError(f"corrupt safetensors file {f}: {key} has the wrong byte size")
+                                        f"(supported: {', '.join(FLOAT_NUMPY)})")
                     out[canon + key[len(prefix) :]] = st
                     break
     if not any(k.startswith("model.layers.") for k in out):
@@ -83,24 +63,9 @@ def text_tensors(ckpt: Checkpoint) -> dict[str, SourceTensor]:
     return out
 
 
-def read_tensor(st: SourceTensor) -> np.ndarray:
-    """One tensor as float32, read with ordinary file reads.
-
-    Not through ``safetensors.safe_open``: it memory-maps the file, and every page a
-    tensor read touches stays mapped, counted as resident memory of the exporting process,
-    until the handle closes; over a whole model that is the model's size. ``np.fromfile``
-    reads exactly this tensor's bytes. bfloat16 (numpy has no such type) is widened by
-    shifting its 16 bits into the high half of a float32.
-    """
-    raw = np.fromfile(st.file, dtype=_SAFETENSORS_DTYPES[st.dtype], count=math.prod(st.shape), offset=st.offset)
-    if raw.size != math.prod(st.shape):
-        raise UserError(f"corrupt safetensors file {st.file}: {st.key} is truncated")
-    if st.dtype == "BF16":
-        wide = raw.astype(np.uint32)
-        del raw
-        wide <<= 16  # in place: one float32-sized buffer, not two
-        return wide.view(np.float32).reshape(st.shape)
-    return raw.astype(np.float32, copy=False).reshape(st.shape)
+def read_tensor(st: StoredTensor) -> np.ndarray:
+    """One tensor as float32, read alone (``weights.StoredTensor.float32``: no memory map)."""
+    return st.float32()
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -192,7 +157,7 @@ class _Planned:
     load: Callable[[], np.ndarray]  # float32, already in llama.cpp's layout
 
 
-def _plan(src: dict[str, SourceTensor], n_layer: int, n_head: int, n_head_kv: int, rope: Rope, outtype: str):
+def _plan(src: dict[str, StoredTensor], n_layer: int, n_head: int, n_head_kv: int, rope: Rope, outtype: str):
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)

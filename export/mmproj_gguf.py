@@ -42,11 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from llava_edge import atomic
-from llava_edge.checkpoint import Checkpoint, read_safetensors_header_bytes
+from llava_edge.checkpoint import Checkpoint
+from llava_edge.weights import StoredTensor, read_safetensors_header_bytes, stored_tensors
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec
 
-from .llm_gguf import encode
+from .llm_gguf import check_finite, encode
 
 # bf16: llama.cpp's CPU matmuls use AVX512-BF16 dot products where the CPU has them (Zen 4, Sapphire Rapids):
 # its CLIP-L/336 ran 1.36x faster than with f16 on 2 Zen 4 cores (docs/BENCHMARKS.md); 1-D tensors stay f32
@@ -214,8 +215,6 @@ def export_mmproj_gguf(
     that type and keeps 1-D tensors in f32, like llama.cpp's own mmproj files.
     """
     import gguf
-    import torch
-    from safetensors import safe_open
 
     if outtype not in OUTTYPES:
         raise UserError(f"unknown mmproj outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
@@ -267,16 +266,16 @@ def export_mmproj_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        handles: dict[Path, object] = {}
+        stored: dict[Path, dict[str, StoredTensor]] = {}
         try:
-            for t in plan:
-                if t.file not in handles:
-                    handles[t.file] = safe_open(str(t.file), framework="pt")
-                a = handles[t.file].get_tensor(t.key).to(torch.float32).numpy()
+            for t in plan:  # one tensor in memory at a time, read without a memory map (weights.py)
+                if t.file not in stored:
+                    stored[t.file] = stored_tensors(t.file, check=False)
+                a = stored[t.file][t.key].float32()
+                check_finite(a, t.key)
                 w.write_tensor_data(encode(a, qtypes[t.dtype]))
                 del a
         finally:
-            handles.clear()
             w.close()
     for note in notes:
         log(f"note: llama.cpp's image preprocessing differs: {note}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from . import atomic
 from .errors import UserError
 from .preprocess import PAD_MODES, ImageSpec
 from .templates import CHAT_TEMPLATE, MODES, mode_for_model_name
+from .weights import check_safetensors, read_safetensors_header_bytes
 
 RECIPE_FILE = "llava_edge.json"  # what the config does not say: conversation mode and pad mode
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
@@ -34,8 +34,6 @@ SUPPORTED = (  # said in every "unsupported model" error
     "original LLaVA LlavaLlamaForCausalLM / LlavaMistralForCausalLM checkpoints (converted on export)"
 )
 HUB_SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]  # configs, tokenizer, processor, templates
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 DEFAULT_RECIPE = {"template": "vicuna_v1", "image_pad": "pad"}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
@@ -189,67 +187,6 @@ def source_record(ckpt: Checkpoint) -> dict:
     if ckpt.recipe.get("toy"):
         rec["toy"] = True
     return rec
-
-
-def read_safetensors_header_bytes(path: Path) -> bytes:
-    try:
-        fh = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"cannot read weights {path}: {e.strerror}") from None
-    with fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise UserError(f"corrupt safetensors file (truncated header): {path}")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise UserError(f"corrupt safetensors file (header size {n}): {path}")
-        header = fh.read(n)
-        if len(header) != n:
-            raise UserError(f"corrupt safetensors file (truncated header): {path}")
-    try:
-        json.loads(header)
-    except ValueError:
-        raise UserError(f"corrupt safetensors file (header is not JSON): {path}") from None
-    return header
-
-
-def check_safetensors(path: Path) -> dict:
-    """The parsed header of a safetensors file, after checking it describes the file exactly.
-
-    A truncated download keeps a valid header but loses data: every tensor's byte
-    range must match its dtype and shape, the ranges must tile the data without
-    gaps, and the data must end where the file ends (as the safetensors library
-    itself requires when it opens the file).
-    """
-    raw = read_safetensors_header_bytes(path)
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise UserError(f"corrupt safetensors file (header is not an object): {path}")
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            size = SAFETENSORS_DTYPE_BYTES[info["dtype"]]
-            for d in info["shape"]:
-                size *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"corrupt safetensors file (bad entry for {name}): {path}") from None
-        if end - begin != size:
-            raise UserError(f"corrupt safetensors file ({name} has {end - begin} bytes, its shape needs {size}): "
-                            f"{path}")
-        spans.append((begin, end))
-    expected = 0
-    for begin, end in sorted(spans):
-        if begin != expected:
-            raise UserError(f"corrupt safetensors file (tensor data overlaps or has gaps): {path}")
-        expected = end
-    actual = path.stat().st_size - 8 - len(raw)
-    if actual != expected:
-        kind = "truncated" if actual < expected else "trailing bytes"
-        raise UserError(f"corrupt safetensors file ({kind}: {actual} data bytes, header says {expected}): {path}")
-    return header
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -45,6 +45,7 @@ from . import atomic
 from .cache_dir import default_cache_dir
 from .errors import UserError
 from .tokenizer import pin_tokenizer_config
+from .weights import DTYPE_BYTES, TORCH_NAMES, stored_tensors
 
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 ORIGINAL_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
@@ -99,27 +100,21 @@ def _torch_bin_tensors(path: Path) -> dict[str, SourceTensor]:
 
 
 def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
+    """A safetensors file's tensors, each read (by ``weights.StoredTensor``, no memory map) when loaded."""
     import torch
-    from safetensors import safe_open
 
-    from .checkpoint import check_safetensors
-
-    header = check_safetensors(path)  # a clear error for a truncated or damaged file
-    handle = safe_open(str(path), framework="pt")
     out = {}
-    for k, info in header.items():
-        if k == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_TO_TORCH.get(info["dtype"])
-        if dtype is None:
-            raise UserError(f"unsupported tensor dtype {info['dtype']} for {k} in {path}")
-        out[k] = SourceTensor(path, tuple(info["shape"]), getattr(torch, dtype), (lambda k=k: handle.get_tensor(k)))
+    for k, t in stored_tensors(path).items():  # checked: a clear error for a truncated or damaged file
+        name = TORCH_NAMES.get(t.dtype)
+        if name is None:
+            raise UserError(f"unsupported tensor dtype {t.dtype} for {k} in {path}")
+        dtype = getattr(torch, name)
+        out[k] = SourceTensor(path, t.shape, dtype, (lambda t=t, dtype=dtype: torch.from_numpy(t.raw()).view(dtype)
+                                                     .reshape(t.shape)))
     return out
 
 
-_SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                         "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_TO_TORCH.items()}
+_TORCH_TO_SAFETENSORS = {v: k for k, v in TORCH_NAMES.items()}
 
 
 def _index_shards(index: Path) -> list[Path]:
@@ -167,13 +162,12 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = _DTYPE_BYTES[self.dtype]
+        n = DTYPE_BYTES[self.dtype]
         for d in self.shape:
             n *= d
         return n
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _tensor_bytes(t) -> object:
