@@ -47,9 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from . import atomic, variants
 from . import manifest as bundle_manifest
 from .errors import UserError
+from .variants import Pair
 
 # Every metric a pair reports (medians); the test checks each is present and positive.
 METRICS = ("preprocess_ms", "vision_encode_ms", "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s",
@@ -90,49 +91,9 @@ class BenchSettings:
 # -- which pairs -----------------------------------------------------------------------------------
 
 
-def default_pairs(m: bundle_manifest.Manifest) -> list[tuple[str, str]]:
-    """Each portable vision variant with the default language model, then each other language model
-    with the default vision variant: every variant is timed once without the full cross product.
-
-    Device-specific variants (TensorRT engines) are timed only when named in ``--variants``.
-    """
-    vision = [v.name for v in m.find("vision", portable=True)]
-    llms = [v.name for v in m.find("llm")]
-    if not vision or not llms:
-        raise UserError("the bundle needs a vision and a language-model variant to benchmark; export both first")
-    pairs = [(v, llms[0]) for v in vision]
-    pairs += [(vision[0], x) for x in llms[1:]]
-    return pairs
-
-
-def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[tuple[str, str]]:
-    """``"fp32:f16,int8:q4_k_m"`` -> pairs; a bare name means that variant with the default of the other kind.
-
-    Unknown names fail with the list of what the bundle has (``Manifest.variant`` does the lookup).
-    """
-    if not text or not text.strip():
-        return default_pairs(m)
-    pairs: list[tuple[str, str]] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        if ":" in item:
-            vision, llm = (p.strip() or None for p in item.split(":", 1))
-        else:  # one name: whichever kind has it
-            kinds = {v.kind for v in m.variants if v.name == item and v.kind in ("vision", "llm")}
-            if not kinds:
-                names = ", ".join(sorted({v.name for v in m.variants if v.kind in ("vision", "llm")}))
-                raise UserError(f"no vision or llm variant {item!r} in the bundle; it has: {names}")
-            if len(kinds) > 1:
-                raise UserError(f"{item!r} names both a vision and an llm variant: write VISION:LLM")
-            vision, llm = (item, None) if "vision" in kinds else (None, item)
-        pair = (m.variant("vision", vision).name, m.variant("llm", llm).name)
-        if pair not in pairs:
-            pairs.append(pair)
-    if not pairs:
-        raise UserError("--variants lists no variant; write e.g. fp32:f16,int8:q4_k_m")
-    return pairs
+def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[Pair]:
+    """``--variants`` by ``variants.parse_pairs``; by default each variant once (engines only when named)."""
+    return variants.parse_pairs(text, m, default=variants.each_variant_once)
 
 
 # -- the input ---------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from . import atomic, manifest
+from .errors import UserError
 from .manifest import Manifest, Variant
 
 STAGING = ".staging" + atomic.TMP_SUFFIX  # removed by atomic.remove_partials too
@@ -105,3 +107,71 @@ class VariantMaker:
         else:
             (self.bundle / data.name).unlink(missing_ok=True)
         os.replace(staged, self.bundle / file)
+
+
+# -- pairs of a vision and a language-model variant (``--variants`` of drift and bench) ------------------------------
+class Pair(NamedTuple):
+    vision: str
+    llm: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.vision}:{self.llm}"
+
+
+def every_pair(m: Manifest) -> list[Pair]:
+    """Every portable vision variant with every language model (drift's default)."""
+    vis, llm = _portable(m)
+    return [Pair(v, x) for x in llm for v in vis]
+
+
+def each_variant_once(m: Manifest) -> list[Pair]:
+    """Each portable vision variant with the default language model, then each other language model with the default
+    vision variant: every variant measured once without the full cross product (bench's default)."""
+    vis, llm = _portable(m)
+    return [Pair(v, llm[0]) for v in vis] + [Pair(vis[0], x) for x in llm[1:]]
+
+
+def _portable(m: Manifest) -> tuple[list[str], list[str]]:
+    vis = [v.name for v in m.find("vision", portable=True)]
+    llm = [v.name for v in m.find("llm")]
+    if not vis or not llm:
+        raise UserError("the bundle needs a vision and a language-model variant: export with --target all")
+    return vis, llm
+
+
+def parse_pairs(text: str | None, m: Manifest, default: Callable[[Manifest], list[Pair]] = every_pair) -> list[Pair]:
+    """``--variants``: ``VISION:LLM`` entries, comma-separated, repeats dropped.
+
+    ``*`` is every portable variant of that kind (``*:q4_k_m``); an empty side is that kind's default variant
+    (``:q4_k_m``); a bare name is that variant with the default of the other kind. Nothing given: ``default(m)``.
+    A name the bundle lacks is a one-line error listing what it has.
+    """
+    if text is None or not text.strip():
+        return default(m)
+    vis, llm = _portable(m)
+    out: list[Pair] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if item.count(":") > 1:
+            raise UserError(f"--variants entry {item!r} is not VISION:LLM (e.g. int8:q8_0, *:q4_k_m)")
+        if ":" in item:
+            v, x = (p.strip() for p in item.split(":"))
+        else:
+            kinds = {k for k in ("vision", "llm") if m.find(k, name=item)}
+            if not kinds:
+                names = ", ".join(sorted({v.name for v in m.variants if v.kind in ("vision", "llm")}))
+                raise UserError(f"no vision or llm variant {item!r} in the bundle; it has: {names}")
+            if len(kinds) > 1:
+                raise UserError(f"{item!r} names both a vision and an llm variant: write VISION:LLM")
+            v, x = (item, "") if "vision" in kinds else ("", item)
+        vs = vis if v == "*" else [m.variant("vision", v or None).name]
+        xs = llm if x == "*" else [m.variant("llm", x or None).name]
+        for xn in xs:
+            for vn in vs:
+                if Pair(vn, xn) not in out:
+                    out.append(Pair(vn, xn))
+    if not out:
+        raise UserError("--variants names no pair; write e.g. fp32:f16,int8:q4_k_m")
+    return out

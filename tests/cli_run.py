@@ -13,6 +13,12 @@ def le(*args, block_torch=False, input=None, env=None, timeout=300):
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, env=env)
 
 
+def one_line_error(r, *words, **kw) -> str:
+    """:func:`assert_one_line_error`, returning the error line."""
+    assert_one_line_error(r, *words, **kw)
+    return [line for line in r.stderr.strip().splitlines() if line.startswith("error: ")][0]
+
+
 def assert_one_line_error(r, *words, code=2, progress=False):
     """Exit ``code``, exactly one non-empty stderr line, starting "error: ", holding every word; no traceback.
 

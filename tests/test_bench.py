@@ -12,14 +12,11 @@ import textwrap
 
 import pytest
 
+from cli_run import le
+
 from llava_edge import manifest
 from llava_edge.bench import METRICS, BenchSettings, parse_pairs, write_bench_image
 from llava_edge.errors import UserError
-
-
-def le(*args):
-    code = "import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_bench_command_writes_every_metric(bundle, tmp_path, monkeypatch):

@@ -327,7 +327,7 @@ def test_drift_command_fails_a_gate_against_another_model(drift_bundle, tmp_path
 
 @pytest.mark.parametrize("args,words", [
     (["--variants", "fp32:q4_k_m"], ["no llm variant 'q4_k_m'"]),
-    (["--variants", "fp32"], ["VISION:LLM"]),
+    (["--variants", "fp32:f32:q8_0"], ["VISION:LLM"]),
     (["--variants", "fp32:f32", "--fail-on", "q8_0"], ["gate q8_0 covers none"]),
     (["--fail-on", "fastest"], ["unknown gate"]),
     (["--limit", "0"], ["--limit"]),

@@ -8,6 +8,7 @@ import types
 from dataclasses import replace
 from pathlib import Path
 
+from cli_run import one_line_error
 from torchless import without  # tests/ is on sys.path under pytest
 
 from llava_edge.runtimes import vision
@@ -89,13 +90,6 @@ def _manifest():
 def cli_without(packages, *args):
     return subprocess.run([sys.executable, "-c", without(*packages), *map(str, args)], capture_output=True,
                           text=True, timeout=300)
-
-
-def one_line_error(r) -> str:
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 def test_without_onnxruntime_chat_and_quantize_say_which_extra_installs_it(bundle, toy_data, tmp_path):

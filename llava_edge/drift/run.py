@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llava_edge import manifest as bundle_manifest
+from llava_edge import variants
+from llava_edge.variants import Pair
 from llava_edge.errors import UserError
 
 from . import metrics
@@ -38,46 +39,14 @@ FLIPS = 20  # positions where the variant's most likely token differs from the r
 DISAGREEMENTS = 20  # answers that differ from the reference's kept per pair
 
 
-@dataclass(frozen=True)
-class Pair:
-    vision: str
-    llm: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.vision}:{self.llm}"
-
-
 def runnable_variants(m: bundle_manifest.Manifest, kind: str) -> list[bundle_manifest.Variant]:
     """The variants of ``kind`` the CPU runtime can run (TensorRT engines need their GPU)."""
     return m.find(kind, portable=True)
 
 
 def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[Pair]:
-    """``"fp32:f32,int8:q8_0,*:q4_k_m"`` -> pairs (``*`` is every variant of that kind); None: every combination."""
-    vis = [v.name for v in runnable_variants(m, "vision")]
-    llm = [v.name for v in runnable_variants(m, "llm")]
-    if not vis or not llm:
-        raise UserError("the bundle needs a vision and a language model variant: export with --target all")
-    if text is None or not text.strip():
-        return [Pair(v, l) for l in llm for v in vis]
-    out: list[Pair] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part.count(":") != 1:
-            raise UserError(f"--variants entry {part!r} is not VISION:LLM (e.g. int8:q8_0, *:q4_k_m)")
-        v, l = (s.strip() for s in part.split(":"))
-        for name, have, kind in ((v, vis, "vision"), (l, llm, "llm")):
-            if name != "*" and name not in have:
-                raise UserError(f"no {kind} variant {name!r} in the bundle; it has: {', '.join(have)}")
-        for ln in llm if l == "*" else [l]:
-            for vn in vis if v == "*" else [v]:
-                if Pair(vn, ln) not in out:
-                    out.append(Pair(vn, ln))
-    if not out:
-        raise UserError("--variants names no pair")
-    return out
+    """``--variants`` by ``variants.parse_pairs``; by default every combination."""
+    return variants.parse_pairs(text, m, default=variants.every_pair)
 
 
 def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *, max_tokens: int,
