@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +148,77 @@ def stored_tensors(path: Path, check: bool = True) -> dict[str, StoredTensor]:
             raise UserError(f"corrupt safetensors file {path}: {key} has the wrong byte size or dtype")
         out[key] = t
     return out
+
+
+# -- writing, tensor by tensor ------------------------------------------------------------------------------------
+MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
+
+
+@dataclass
+class OutTensor:
+    """A tensor to write: its name, safetensors dtype, shape, and a producer of its bytes in order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterable[object]]  # buffers (numpy arrays / bytes), concatenated = the tensor
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict | None = None) -> None:
+    """Write one safetensors file tensor by tensor.
+
+    Written here because ``safetensors.save_file`` takes every tensor at once (the
+    whole model in memory); the format is an 8-byte header length, a JSON header
+    with dtype/shape/offsets, then the raw bytes, which is all a streaming writer needs.
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors:
+            written = 0
+            for buf in t.chunks():
+                mv = memoryview(buf).cast("B")
+                f.write(mv)
+                written += mv.nbytes
+            if written != t.nbytes:
+                raise RuntimeError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_sharded(folder: Path, tensors: list[OutTensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index when over ``max_shard_bytes``."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0])
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, group in zip(names, shards):
+        write_safetensors(folder / name, group)
+        weight_map.update({t.name: name for t in group})
+    total = sum(t.nbytes for t in tensors)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return names

@@ -23,7 +23,6 @@ model's row count (32064 for LLaVA-1.5), as llava-hf pads its own.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -209,7 +208,9 @@ def _fill(name: str, shape: tuple[int, ...]) -> float | None:
     return None
 
 
-def _write_tensor(f, name: str, shape: tuple[int, ...], st_dtype: str, rng) -> None:
+def _random_chunks(name: str, shape: tuple[int, ...], st_dtype: str, rng):
+    """The tensor's values in chunks of ``_CHUNK``, as stored bytes (one generator per tensor: the values do
+    not depend on the sharding)."""
     import numpy as np
 
     n = int(np.prod(shape, dtype=np.int64))
@@ -224,47 +225,10 @@ def _write_tensor(f, name: str, shape: tuple[int, ...], st_dtype: str, rng) -> N
             x -= 0.5
             x *= 0.02 * 12**0.5
         if st_dtype == "BF16":  # the upper half of a float32 is its bfloat16 (truncated)
-            f.write((x.view(np.uint32) >> 16).astype("<u2").tobytes())
+            yield (x.view(np.uint32) >> 16).astype("<u2")
         else:
-            f.write(x.astype("<f2").tobytes())
+            yield x.astype("<f2")
         done += k
-
-
-def _shard_plan(shapes: dict[str, tuple[int, ...]], item: int, shard_bytes: int) -> list[list[str]]:
-    import numpy as np
-
-    shards, cur, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * item
-        if cur and size + nbytes > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += nbytes
-    if cur:
-        shards.append(cur)
-    return shards
-
-
-def _write_shard(path: Path, names: list[str], shapes: dict, st_dtype: str, item: int, seed: int,
-                 order: dict[str, int]) -> int:
-    import struct
-
-    import numpy as np
-
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name in names:
-        nbytes = int(np.prod(shapes[name], dtype=np.int64)) * item
-        header[name] = {"dtype": st_dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:  # one generator per tensor: the values do not depend on the sharding
-            _write_tensor(f, name, shapes[name], st_dtype, np.random.default_rng([seed, order[name]]))
-    return offset
 
 
 def write_streamed_model(out: str | Path, preset: str, seed: int = 0, layers: int | None = None,
@@ -273,21 +237,17 @@ def write_streamed_model(out: str | Path, preset: str, seed: int = 0, layers: in
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
     preset_shape(preset, layers)  # a bad preset or layer count fails before anything is written
-    st_dtype, item = DTYPES[dtype], 2
+    import numpy as np
+
+    from ..weights import OutTensor, write_sharded
+
+    st_dtype = DTYPES[dtype]
     out = Path(out)
     with atomic.atomic_path(out) as tmp:
         config = write_skeleton(tmp, preset, layers, dtype)
         shapes = saved_tensor_names(config)
         order = {name: i for i, name in enumerate(sorted(shapes))}
-        plan = _shard_plan(shapes, item, shard_bytes)
-        if len(plan) == 1:
-            _write_shard(tmp / "model.safetensors", plan[0], shapes, st_dtype, item, seed, order)
-        else:
-            weight_map, total = {}, 0
-            for i, names in enumerate(plan, 1):
-                file = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-                total += _write_shard(tmp / file, names, shapes, st_dtype, item, seed, order)
-                weight_map.update({n: file for n in names})
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        tensors = [OutTensor(name, st_dtype, shape, (lambda name=name, shape=shape: _random_chunks(
+            name, shape, st_dtype, np.random.default_rng([seed, order[name]])))) for name, shape in shapes.items()]
+        write_sharded(tmp, tensors, shard_bytes)
     return out
