@@ -195,15 +195,15 @@ def test_conversion_is_cached_and_redone_when_the_source_changes(original, tmp_p
 
 
 def test_failed_conversion_leaves_nothing(original, tmp_path, monkeypatch):
-    from llava_edge import original_llava
+    from llava_edge import weights
 
-    real = original_llava.write_safetensors
+    real = weights.write_safetensors
 
     def crash_after_first(path, tensors, metadata=None):
         real(path, tensors, metadata)
         raise KeyboardInterrupt  # a kill half-way through writing
 
-    monkeypatch.setattr(original_llava, "write_safetensors", crash_after_first)
+    monkeypatch.setattr(weights, "write_safetensors", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(*original, cache_dir=tmp_path, log=lambda _: None)
     assert nothing_converted(tmp_path)
