@@ -44,7 +44,6 @@ from pathlib import Path
 from . import atomic
 from .cache_dir import default_cache_dir
 from .errors import UserError
-from .tokenizer import pin_tokenizer_config
 from .weights import MAX_SHARD_BYTES, TORCH_NAMES, OutTensor, stored_tensors, write_sharded
 
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
@@ -411,10 +410,10 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
     ``conv_mode`` is recorded as the checkpoint's conversation mode (``resolve_model`` passes the one LLaVA's
     scripts pick from the model's name).
     """
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
+    from transformers import CLIPImageProcessor
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .checkpoint import write_recipe
+    from .llava_hf import llava_config, write_side_files
 
     src, vision, out = Path(src), Path(vision), Path(out)
     orig = inspect_original(src)
@@ -437,14 +436,10 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
               and not (k == "rope_scaling" and v is None)}
     fields.update(vocab_size=n_rows, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     text_config = CONFIG_MAPPING[orig.text_model_type](**fields)
-    n_patches = (int(vcfg.image_size) // int(vcfg.patch_size)) ** 2
-    config = LlavaConfig(
-        text_config=text_config, vision_config=vcfg, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act="gelu" if orig.projector_type == "mlp2x_gelu" else "linear",
-        vision_feature_layer=orig.select_layer, vision_feature_select_strategy=orig.select_strategy,
-        image_seq_length=n_patches + (1 if orig.select_strategy == "full" else 0),
-        multimodal_projector_bias=True, tie_word_embeddings=False,
-    )
+    config = llava_config(vcfg, text_config, tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                          projector_act="gelu" if orig.projector_type == "mlp2x_gelu" else "linear",
+                          feature_layer=orig.select_layer, strategy=orig.select_strategy,
+                          multimodal_projector_bias=True, tie_word_embeddings=False)
     config.architectures = ["LlavaForConditionalGeneration"]
     if cfg.get("torch_dtype") or cfg.get("dtype"):
         config.dtype = cfg.get("dtype") or cfg.get("torch_dtype")
@@ -461,22 +456,17 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
         write_sharded(tmp, tensors, max_shard_bytes)
         config.save_pretrained(str(tmp))
         image_processor = CLIPImageProcessor.from_pretrained(str(vision))
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tok, patch_size=int(vcfg.patch_size),
-            vision_feature_select_strategy=orig.select_strategy,
-            num_additional_image_tokens=1,  # CLIP's CLS token
-        )
-        processor.save_pretrained(str(tmp))
+        # the tokenizer settings are what LLaVA's transformers decided from the source config (legacy=True when
+        # it is silent): the ids llava-edge makes follow them
+        src_cfg = tcfg_of(src)
+        write_side_files(tmp, tok, image_processor, patch_size=int(vcfg.patch_size), strategy=orig.select_strategy,
+                         conv_mode=conv_mode, image_pad=orig.image_pad, legacy=bool(src_cfg.get("legacy", True)),
+                         add_bos=bool(src_cfg.get("add_bos_token", True)),
+                         add_eos=bool(src_cfg.get("add_eos_token", False)))
         if (src / "tokenizer.model").is_file():  # the GGUF export reads the SentencePiece model itself
             shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
-        # what LLaVA's transformers decided from the source config (legacy=True when it is silent), written
-        # down: transformers 5 saves neither key, and the ids llava-edge makes follow them
-        pin_tokenizer_config(tmp, legacy=bool(tcfg_of(src).get("legacy", True)),
-                             add_bos=bool(tcfg_of(src).get("add_bos_token", True)),
-                             add_eos=bool(tcfg_of(src).get("add_eos_token", False)))
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
-        write_recipe(tmp, template=conv_mode, image_pad=orig.image_pad)
         (tmp / PROVENANCE_FILE).write_text(json.dumps({
             "original": str(src.resolve()), "vision": str(vision.resolve()), "converter_version": CONVERTER_VERSION,
         }, indent=2) + "\n")

@@ -143,7 +143,9 @@ def assemble(vision: str, llm: str, projector: str = "mlp2x_gelu"):
     Returns (model, tokenizer, image processor) with ``<image>`` and ``<pad>`` added the llava-hf way.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor,
-                              CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration)
+                              CLIPVisionModel, LlavaForConditionalGeneration)
+
+    from llava_edge.llava_hf import llava_config
 
     if projector not in PROJECTOR_TYPES:
         raise UserError(f"unknown --projector-type {projector!r}; choose {', '.join(PROJECTOR_TYPES)}")
@@ -161,9 +163,7 @@ def assemble(vision: str, llm: str, projector: str = "mlp2x_gelu"):
         tok.add_special_tokens({"pad_token": "<pad>"})
     n = -(-len(tok) // 64) * 64
     lm.resize_token_embeddings(n)
-    config = LlavaConfig(vision_config=vcfg, text_config=lm.config, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2)
+    config = llava_config(vcfg, lm.config, tok.convert_tokens_to_ids("<image>"))
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.language_model.load_state_dict(lm.model.state_dict())

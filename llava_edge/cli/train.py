@@ -28,11 +28,17 @@ def _model_arg(model: Optional[str], vision: Optional[str], llm: Optional[str], 
         raise UserError("give --model, or --vision and --llm to assemble a fresh LLaVA")
     from ..train.model_setup import assemble
 
+    from ..checkpoint import resolve_path
+    from ..llava_hf import write_side_files
+    from ..tokenizer import read_settings
+
     m, tok, improc = assemble(vision, llm, projector_type)
+    settings = read_settings(resolve_path(llm, "language model"))  # the LLM's own tokenizer settings
     base = output / "base"
     m.save_pretrained(base)
-    tok.save_pretrained(base)
-    improc.save_pretrained(base)
+    write_side_files(base, tok, improc, patch_size=m.config.vision_config.patch_size, strategy="default",
+                     conv_mode="plain", image_pad="square", legacy=settings.legacy, add_bos=settings.add_bos,
+                     add_eos=settings.add_eos)
     return str(base)
 
 

@@ -28,9 +28,7 @@ import tempfile
 from pathlib import Path
 
 from .. import atomic
-from ..checkpoint import write_recipe
 from ..errors import UserError
-from ..tokenizer import pin_tokenizer_config
 from .tokenizer import IMAGE_TOKEN, LEGACY, MODE, build_hf_tokenizer, train_sentencepiece
 
 _CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and TinyLLaVA
@@ -79,7 +77,9 @@ def preset_shape(preset: str, layers: int | None = None) -> dict:
 
 
 def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from ..llava_hf import llava_config
 
     vision = CLIPVisionConfig(
         hidden_size=p["vision_hidden"], intermediate_size=p["vision_ffn"], num_hidden_layers=p["vision_layers"],
@@ -92,12 +92,7 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
         max_position_embeddings=p["max_positions"], rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False,
     )
-    n_patches = (p["image_size"] // p["patch_size"]) ** 2
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id,
-        projector_hidden_act=p["projector_act"], vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=n_patches, tie_word_embeddings=False,
-    )
+    return llava_config(vision, text, image_token_id, projector_act=p["projector_act"], tie_word_embeddings=False)
 
 
 def _tokenizer_and_config(tmp: Path, p: dict):
@@ -112,18 +107,15 @@ def _tokenizer_and_config(tmp: Path, p: dict):
 
 
 def _write_processor(tmp: Path, p: dict, tok) -> None:
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessor
+
+    from ..llava_hf import write_side_files
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": p["resize"]}, crop_size={"height": p["image_size"], "width": p["image_size"]}
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=p["patch_size"],
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(tmp)
-    pin_tokenizer_config(tmp, legacy=LEGACY)  # how build_hf_tokenizer made it
-    write_recipe(tmp, template=MODE, image_pad="pad", toy=True)
+    write_side_files(tmp, tok, image_processor, patch_size=p["patch_size"], strategy="default", conv_mode=MODE,
+                     image_pad="pad", legacy=LEGACY, toy=True)  # legacy: how build_hf_tokenizer made it
 
 
 def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,
