@@ -80,10 +80,20 @@ def _rounds(turns, template, tok, image_token_id, has_image, max_length, sep: st
     conversation = template.conversation(turns)
     ids = _ids(tok, conversation, image_token_id, has_image)
     labels = list(ids)
-    v1 = template.style != LLAMA_2
-    cur = 1
-    labels[:cur] = [IGNORE_INDEX]
-    for i, rou in enumerate(split_fixed(conversation, template.sep2)):
+    _ignore(labels, 0, 1)
+    # later rounds: "USER" after "</s>" has no word start in a non-legacy tokenizer, one piece fewer (LLaMA's)
+    adjust = -1 if template.style != LLAMA_2 and not tok.settings.legacy else 0
+    cur = _mask_rounds(labels, split_fixed(conversation, template.sep2), sep, tok, image_token_id, has_image,
+                       start=1, drop=2, adjust=adjust)
+    return _finish(ids, labels, cur, max_length)
+
+
+def _mask_rounds(labels: list[int], rounds: list[Parts], sep: str, tok: Tokenizer, image_token_id: int,
+                 has_image: bool, *, start: int, drop: int, adjust: int) -> int:
+    """LLaVA's loop over rounds: ignore each round's instruction (its tokens alone, less ``drop``), learn the rest;
+    rounds after the first are ``adjust``-ed; returns where the rounds end (``cur_len``)."""
+    cur = start
+    for i, rou in enumerate(rounds):
         if flat(rou) == "":
             break
         parts = split_fixed(rou, sep)
@@ -91,13 +101,13 @@ def _rounds(turns, template, tok, image_token_id, has_image, max_length, sep: st
             break
         instruction = normalize((*parts[0], fixed(sep)))
         round_len = len(_ids(tok, rou, image_token_id, has_image))
-        instruction_len = len(_ids(tok, instruction, image_token_id, has_image)) - 2
-        if v1 and i != 0 and not tok.settings.legacy:
-            round_len -= 1
-            instruction_len -= 1
+        instruction_len = len(_ids(tok, instruction, image_token_id, has_image)) - drop
+        if i != 0:
+            round_len += adjust
+            instruction_len += adjust
         _ignore(labels, cur, cur + instruction_len)
         cur += round_len
-    return _finish(ids, labels, cur, max_length)
+    return cur
 
 
 def _mpt(turns, template, tok, image_token_id, has_image, max_length) -> Labeled:
@@ -117,21 +127,8 @@ def _mpt(turns, template, tok, image_token_id, has_image, max_length) -> Labeled
         return normalize(out)
 
     regrouped = [join(rounds[:3])] + [join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)]
-    cur = 0
-    for i, rou in enumerate(regrouped):
-        if flat(rou) == "":
-            break
-        parts = split_fixed(rou, sep)
-        if len(parts) != 2:
-            break
-        instruction = normalize((*parts[0], fixed(sep)))
-        round_len = len(_ids(tok, rou, image_token_id, has_image))
-        instruction_len = len(_ids(tok, instruction, image_token_id, has_image)) - 1
-        if i != 0 and tok.settings.legacy:
-            round_len += 1
-            instruction_len += 1
-        _ignore(labels, cur, cur + instruction_len)
-        cur += round_len
+    cur = _mask_rounds(labels, regrouped, sep, tok, image_token_id, has_image, start=0, drop=1,
+                       adjust=1 if tok.settings.legacy else 0)
     return _finish(ids, labels, cur, max_length)
 
 

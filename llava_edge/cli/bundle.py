@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from . import options as o
 from ._app import app, say
 
 
@@ -35,8 +36,7 @@ def export(
     set_default: bool = typer.Option(False, "--set-default", help="Make this the bundle `chat` uses by default"),
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="The bundle's conversation mode (default: "
                                             "the checkpoint's; see README, 'Conversation modes')"),
-    no_wait: bool = typer.Option(False, "--no-wait", help="When another export or quantize is writing the bundle, "
-                                 "stop with an error instead of waiting for it"),
+    no_wait: o.NoWait = False,
 ):
     """Split a LLaVA checkpoint into the files an edge device runs, under one manifest.json."""
     from ..checkpoint import resolve_model
@@ -68,7 +68,8 @@ def quantize(
     vision: Optional[str] = typer.Option(None, "--vision", help="Vision ONNX types, comma-separated: fp16, int8 "
                                          "(dynamic), int8-static (QDQ, calibrated), int4 (weight-only)"),
     calib_images: Optional[Path] = typer.Option(None, "--calib-images", help="Folder of calibration images for "
-                                                "int8-static and TensorRT (needed for a real model; toy models default to synthetic scenes)"),
+                                                "int8-static and TensorRT (needed for a real model; toy models "
+                                                "default to synthetic scenes)"),
     calib_count: int = typer.Option(32, "--calib-count", help="Calibration images to use (the first N by name)"),
     threads: int = typer.Option(0, "--threads", help="llama.cpp quantizer threads; 0: all cores"),
     block_size: int = typer.Option(32, "--block-size", help="int4 block size: 16 | 32 | 64 | 128 | 256"),
@@ -76,8 +77,7 @@ def quantize(
                                   "optimizer) before int8/int4; the result runs in onnxruntime only"),
     trt_calib_cache: bool = typer.Option(False, "--trt-calib-cache", help="Also write TensorRT's INT8 calibration "
                                          "cache for `export --target tensorrt --int8` (needs TensorRT)"),
-    no_wait: bool = typer.Option(False, "--no-wait", help="When another export or quantize is writing the bundle, "
-                                 "stop with an error instead of waiting for it"),
+    no_wait: o.NoWait = False,
 ):
     """Add quantized variants (llama.cpp GGUF types, int8/int4/fp16 ONNX) to a bundle; finished ones are kept."""
     from ..quantize.command import quantize_bundle
@@ -85,10 +85,10 @@ def quantize(
     outcomes = quantize_bundle(bundle, llm, vision, calib_images=calib_images, calib_count=calib_count,
                                threads=threads, block_size=block_size, optimize=optimize,
                                trt_calib_cache=trt_calib_cache, wait=not no_wait, log=say)
-    for o in outcomes:
-        state = "new" if o.made else "up to date"
-        say(f"  {o.kind:8} {o.name:16} {o.file:28} {o.size / 1e6:8.2f} MB  {state}"
-            f"{'  ' + o.note if o.note and o.made else ''}")
+    for out in outcomes:
+        state = "new" if out.made else "up to date"
+        say(f"  {out.kind:8} {out.name:16} {out.file:28} {out.size / 1e6:8.2f} MB  {state}"
+            f"{'  ' + out.note if out.note and out.made else ''}")
 
 
 @app.command("info")

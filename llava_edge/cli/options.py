@@ -18,6 +18,10 @@ LlmVariant = Annotated[Optional[str], typer.Option("--llm-variant", help="Langua
 Threads = Annotated[int, typer.Option("--threads", help="llama.cpp threads; 0: the profile's (one per physical "
                                                         "core)")]
 
+# -- writing a bundle (export, quantize) -------------------------------------------------------------------------
+NoWait = Annotated[bool, typer.Option("--no-wait", help="When another export or quantize is writing the bundle, stop "
+                                                        "with an error instead of waiting for it")]
+
 # -- sampling (chat) --------------------------------------------------------------------------------------------
 Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy and deterministic")]
 TopP = Annotated[float, typer.Option("--top-p")]

@@ -18,7 +18,8 @@ def _stage_config(stage: str, preset: str, **overrides):
     return getattr(get_preset(preset), stage).with_(**overrides)
 
 
-def _model_arg(model: Optional[str], vision: Optional[str], llm: Optional[str], projector_type: str, output: Path) -> str:
+def _model_arg(model: Optional[str], vision: Optional[str], llm: Optional[str], projector_type: str,
+               output: Path) -> str:
     """--model, or --vision + --llm assembled into a fresh LLaVA under OUTPUT/base."""
     if model and (vision or llm):
         raise UserError("give either --model or --vision with --llm, not both")

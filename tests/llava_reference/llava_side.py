@@ -313,7 +313,7 @@ def cmd_make_checkpoint(req: dict) -> dict:
 # ---------------------------------------------------------------- answer
 
 def conv_mode_for(model_name: str) -> str:
-    """run_llava.py's rule."""
+    """run_llava.py's rule, as its ``eval_model`` writes it inline (LLaVA has no function to call for it)."""
     n = model_name.lower()
     if "llama-2" in n:
         return "llava_llama_2"
