@@ -282,12 +282,13 @@ def test_a_damaged_manifest_is_one_line(b, image, edit, words):
     assert_one_line_error(le("chat", "--bundle", b, "--image", image, "Hi", block_torch=True), *words)
 
 
-@pytest.mark.parametrize("which", ["tokenizer.model", "manifest.json"])
+@pytest.mark.parametrize("which", ["tokenizer.model", "tokenizer.json", "manifest.json"])
 def test_a_corrupt_tokenizer_or_manifest_file_is_one_line(b, image, which):
     (b / which).write_bytes(b"\x00garbage\xff" * 10)
-    if which == "tokenizer.model":  # a damaged file with its hash fixed: the reader itself must say so
+    if which.startswith("tokenizer"):  # a damaged file with its hash fixed: the reader itself must say so
         sha = manifest.sha256_file(b / which)
-        _edit_manifest(b, lambda d: d["tokenizer"]["sha256"].update({which: sha}))
+        kind = "sentencepiece" if which == "tokenizer.model" else "tokenizer.json"  # as a byte-level BPE model's
+        _edit_manifest(b, lambda d: d["tokenizer"].update(kind=kind, file=which, sha256={which: sha}))
     assert_one_line_error(le("chat", "--bundle", b, "--image", image, "Hi", block_torch=True), which)
 
 
