@@ -11,6 +11,7 @@ transformers.
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -89,7 +90,7 @@ class ImageSpec:
         )
 
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]  # bytes: an encoded file's content
 
 
 def check_image_size(width: int, height: int, padded: bool, what: str = "image") -> None:
@@ -107,13 +108,14 @@ def check_image_size(width: int, height: int, padded: bool, what: str = "image")
                         f"{side * side / 1e6:.0f} Mpx, over the limit of {MAX_PIXELS / 1e6:.0f} Mpx: downscale it first")
 
 
-def load_image(image: ImageInput, padded: bool = False) -> Image.Image:
+def load_image(image: ImageInput, padded: bool = False, formats: tuple[str, ...] | None = None) -> Image.Image:
     """Any image Pillow reads, as 8-bit RGB, upright (EXIF orientation applied).
 
     Transparent pixels are composited onto white, as transformers' ``convert_to_rgb``
     does; 16-bit and float images are scaled to 8 bits. The size limits are checked on
     the header before anything is decoded (:func:`check_image_size`; ``padded``: the
-    image will be padded to a square).
+    image will be padded to a square). ``formats``: the file formats accepted (Pillow's
+    names, e.g. ``("PNG", "JPEG", "WEBP")``; None: any Pillow reads).
     """
     if isinstance(image, np.ndarray):
         if image.ndim >= 2:
@@ -122,17 +124,20 @@ def load_image(image: ImageInput, padded: bool = False) -> Image.Image:
     if isinstance(image, Image.Image):
         check_image_size(*image.size, padded)
         return _to_rgb(image)
-    if isinstance(image, str) and _URL.match(image):
-        raise UserError(f"remote images are not supported, download it first: {image}")
-    path = Path(image)
-    if path.is_dir():
-        raise UserError(f"the image is a directory, not a file: {image}")
-    if not path.is_file():
-        raise UserError(f"image not found: {image}")
+    if isinstance(image, (bytes, bytearray)):
+        path, source = "the image data", io.BytesIO(image)
+    else:
+        if isinstance(image, str) and _URL.match(image):
+            raise UserError(f"remote images are not supported, download it first: {image}")
+        path = source = Path(image)
+        if path.is_dir():
+            raise UserError(f"the image is a directory, not a file: {image}")
+        if not path.is_file():
+            raise UserError(f"image not found: {image}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source, formats=formats) as im:
                 check_image_size(*im.size, padded, f"image {path}")
                 im = ImageOps.exif_transpose(im)
                 im.load()
@@ -141,7 +146,10 @@ def load_image(image: ImageInput, padded: bool = False) -> Image.Image:
         raise UserError(f"image too large (decompression bomb guard): {path}") from None
     except PermissionError:
         raise UserError(f"image not readable (permission denied): {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+    except UnidentifiedImageError:
+        kinds = f" ({', '.join(formats)})" if formats else ""
+        raise UserError(f"not a readable image{kinds}: {path}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise UserError(f"not a readable image: {path} ({type(e).__name__})") from None
 
 
@@ -189,9 +197,9 @@ def expand2square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return out
 
 
-def preprocess(image: ImageInput, spec: ImageSpec) -> np.ndarray:
-    """One image as the tower's ``pixel_values``: float32, shape (3, crop, crop)."""
-    im = load_image(image, padded=spec.pad == "pad")
+def preprocess(image: ImageInput, spec: ImageSpec, formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """One image as the tower's ``pixel_values``: float32, shape (3, crop, crop) (``formats``: see ``load_image``)."""
+    im = load_image(image, padded=spec.pad == "pad", formats=formats)
     if spec.pad == "pad":
         im = expand2square(im, tuple(int(x * 255) for x in spec.mean))
     w, h = im.size

@@ -39,9 +39,11 @@ from llava_edge.preprocess import ImageInput, ImageSpec, preprocess
 from llava_edge.templates import Image, Parts, Turn, expand_image, get_template
 from llava_edge.tokenizer import Settings, Tokenizer
 
+from .answer import AnswerText, seeded_rng
+from .answer import sample as sample_token
 from .devices import Hardware, RuntimePlan, plan_runtime
 from .llm import ImageSlot, LlamaOptions, LlamaText
-from .prefix_cache import PrefixCache, fixed_beginning, through_last_image
+from .prefix_cache import PrefixCache, Reuse, reuse
 from .vision import VisionEncoder
 
 BUNDLE_ENV = "LLAVA_EDGE_BUNDLE"
@@ -102,18 +104,7 @@ def _manifest_int(section: dict, key: str, name: str) -> int:
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    if s.temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / s.temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if s.top_p < 1.0:
-        order = np.argsort(-p)
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), s.top_p)) + 1]
-        q = np.zeros_like(p)
-        q[keep] = p[keep]
-        p = q / q.sum()
-    return int(rng.choice(len(p), p=p))
+    return sample_token(logits, s.temperature, s.top_p, rng)
 
 
 def image_key(pixels: np.ndarray) -> str:
@@ -129,7 +120,7 @@ class EdgeLLaVA:
                  vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
                  n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
                  prefix_cache: bool = True, cache_images: bool | None = None, conv_mode: str | None = None,
-                 verify: bool = True):
+                 verify: bool = True, parallel: int = 1):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -162,7 +153,7 @@ class EdgeLLaVA:
             self.vision = VisionEncoder(vision_file, self.plan.providers, self.plan.threads)
         p = self.plan
         opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
-                            n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache)
+                            n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache, n_seq=parallel)
         llm_file = bundle_manifest.bundle_file(self.bundle, self.llm_variant.file)
         self.llm = LlamaText(llm_file, opts)
         vision_identity = {"sha256": self.vision_variant.sha256, "backend": p.vision_backend,
@@ -170,8 +161,8 @@ class EdgeLLaVA:
         self.prefix_cache = (PrefixCache(llm_file, self.llm_variant.sha256, kv_cache,
                                          offloaded=p.n_gpu_layers != 0, vision=vision_identity, images=cache_images)
                              if prefix_cache else None)
-        # (positions, cells) through an image decoded here, written after the answer (prefix_cache.py)
-        self._unsaved_image: tuple | None = None
+        # the last prompt's saved-cache bookkeeping; cells through its image are written after the answer
+        self._reuse: Reuse | None = None
         self.n_image_tokens = _manifest_int(m.vision, "num_image_tokens", "vision")
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
@@ -211,7 +202,8 @@ class EdgeLLaVA:
         ``cache_images`` (whether those include images; default: where the language model runs
         on the CPU), ``conv_mode`` (prompt with another of LLaVA's conversation modes than the
         bundle's), ``verify`` (False: do not check the loaded files against the manifest's sha256;
-        see ``llava_edge/integrity.py``).
+        see ``llava_edge/integrity.py``), ``parallel`` (sequences in the llama.cpp context, each with
+        ``n_ctx`` positions: ``serve`` answers that many requests at once; ``chat`` uses the first).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
@@ -284,49 +276,24 @@ class EdgeLLaVA:
         the image after the answer, by ``generate``). Not for ``logits="all"``, which must compute
         every position.
         """
-        kept = self.llm.keep_prefix(slots)
         cache = self.prefix_cache if logits != "all" else None
-        head = fixed_beginning(slots) if cache else []
-        through = through_last_image(slots) if cache and cache.images else []
-        keep_image = False
-        if kept < len(through):
-            if cache.restore(self.llm, through):  # replaces what the context held
-                self.stats["image_prefix_loads"] += 1
-            else:
-                keep_image = cache.wanted(through)
-            kept = self.llm.keep_prefix(slots)
-        save_head = False
-        if kept == 0 and head:
-            if cache.restore(self.llm, head):
-                kept = self.llm.keep_prefix(slots)
-            else:
-                save_head = True
-        if kept == len(slots):  # all cached: recompute the last position's logits
-            self.llm.keep_prefix(slots[:-1])
-            kept -= 1
-        todo = slots[kept:]
+        r = reuse(cache, self.llm, slots)
+        if r.loaded_image:
+            self.stats["image_prefix_loads"] += 1
+        todo = slots[r.kept:]
         self.stats["prefill_tokens"] += len(todo)
-        out, i = [], 0
-        while i < len(todo):
-            j = i
+        out = []
+        for i, j in runs(todo):
             if isinstance(todo[i], ImageSlot):
-                while j < len(todo) and isinstance(todo[j], ImageSlot):
-                    j += 1
-                key = todo[i][0]
-                idx = [s[1] for s in todo[i:j]]
                 if callable(embeds):
                     embeds = embeds()
-                r = self.llm.feed_embeddings(embeds[idx[0] : idx[-1] + 1], key, logits if logits == "all" else "last")
-                if keep_image and self.llm.slots == through:  # a copy of the cells now, the file after the answer
-                    self._unsaved_image = (through, self.llm.state_bytes())
+                first, last = todo[i].index, todo[j - 1].index
+                out.append(self.llm.feed_embeddings(embeds[first : last + 1], todo[i].key,
+                                                    logits if logits == "all" else "last", first=first))
             else:
-                while j < len(todo) and not isinstance(todo[j], ImageSlot):
-                    j += 1
-                r = self.llm.feed_tokens(todo[i:j], logits if logits == "all" else "last")
-                if save_head and self.llm.slots == head:
-                    self.prefix_cache.save(self.llm)
-            out.append(r)
-            i = j
+                out.append(self.llm.feed_tokens(todo[i:j], logits if logits == "all" else "last"))
+            r.decoded(cache, self.llm)
+        self._reuse = r
         if logits == "all":
             return np.concatenate([o if o.ndim == 2 else o[None] for o in out])
         return out[-1]
@@ -344,50 +311,34 @@ class EdgeLLaVA:
         """Stream the answer to ``slots``; stops at EOS, a stop string (``sampling.stop`` and the conversation
         mode's), ``max_tokens`` or a full context (see ``last_stop``: "eos", "stop", "max_tokens", "context")."""
         logits = self.prefill(slots, embeds)
-        rng = np.random.default_rng(None if sampling.seed in (None, -1) else sampling.seed)
-        stops = tuple(x for x in (*sampling.stop, *self.template.stop) if x)
-        out: list[int] = []
-        self.last_ids = out
+        rng = seeded_rng(sampling.seed)
+        answer = AnswerText(self.tokenizer, (*sampling.stop, *self.template.stop))
+        self.last_ids = answer.ids
         self.last_stop = "max_tokens"
-        shown = ""
-        text = ""
         for _ in range(sampling.max_tokens):
-            if not np.isfinite(logits).all():
-                raise UserError("the language model gave non-finite logits (NaN or infinity): its weights or the "
-                                "image embeddings are broken; check the bundle with `llava-edge info --verify`")
             tok = sample(logits, sampling, rng)
             if tok == self.eos_id or self.llm.is_eog(tok):
                 self.last_stop = "eos"
                 break
-            out.append(tok)
-            # Hold text back while it can still change: an unfinished multi-byte character (U+FFFD at the end)
-            # or trailing byte-fallback pieces, which the next byte may turn into U+FFFDs, or the start of a
-            # stop string. What is yielded is then always a prefix of the final answer, so the pieces add up to it.
-            if tok not in self.tokenizer.byte_token_ids:
-                text = self.tokenizer.decode(out)
-                cut = _stop_at(text, stops)
-                if cut is not None:
-                    text = text[:cut]
-                    self.last_stop = "stop"
-                    break
-                ready = text[:len(text) - _held_for_stops(text, stops)]
-                if not ready.endswith("\ufffd") and ready.startswith(shown) and len(ready) > len(shown):
-                    yield ready[len(shown):]
-                    shown = ready
-            if len(out) == sampling.max_tokens:
+            piece = answer.add(tok)
+            if answer.stopped:
+                self.last_stop = "stop"
+                break
+            if piece:
+                yield piece
+            if len(answer.ids) == sampling.max_tokens:
                 break
             if len(self.llm.slots) >= self.llm.n_ctx:  # no room to decode this token: the answer ends here
                 self.last_stop = "context"
                 break
             logits = self.llm.feed_tokens([tok])
-        if self.last_stop != "stop":
-            text = self.tokenizer.decode(out)
-        if len(text) > len(shown) and text.startswith(shown):
-            yield text[len(shown):]
+        rest = answer.finish()
+        if rest:
+            yield rest
         # after the answer, so that hashing and writing the file never delay a token
-        unsaved, self._unsaved_image = self._unsaved_image, None
-        if unsaved and self.prefix_cache is not None:
-            self.prefix_cache.write(*unsaved)
+        done, self._reuse = self._reuse, None
+        if done is not None:
+            done.write_unsaved(self.prefix_cache)
 
     def session(self, image: ImageInput | None = None, on_overflow: str | None = None) -> "ChatSession":
         policy = on_overflow or self.on_overflow
@@ -407,6 +358,18 @@ class EdgeLLaVA:
             self.vision.close()
 
 
+def runs(slots: list) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of token ids and of image slots in ``slots``."""
+    i = 0
+    while i < len(slots):
+        image = isinstance(slots[i], ImageSlot)
+        j = i + 1
+        while j < len(slots) and isinstance(slots[j], ImageSlot) == image:
+            j += 1
+        yield i, j
+        i = j
+
+
 def check_text(text: object, what: str) -> None:
     """``text`` is a string that can be encoded as UTF-8 (a command line with invalid bytes gives lone surrogates)."""
     if not isinstance(text, str):
@@ -415,23 +378,6 @@ def check_text(text: object, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError(f"{what} is not valid UTF-8 text (byte {e.start}): check the terminal's encoding") from None
-
-
-def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop string begins in ``text``, if one is there."""
-    found = [i for i in (text.find(x) for x in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _held_for_stops(text: str, stops: tuple[str, ...]) -> int:
-    """How many characters at the end of ``text`` may be the start of a stop string (not shown yet)."""
-    held = 0
-    for x in stops:
-        for n in range(min(len(x) - 1, len(text)), held, -1):
-            if text.endswith(x[:n]):
-                held = n
-                break
-    return held
 
 
 def drop_oldest_exchange(history: list[Turn]) -> list[Turn]:

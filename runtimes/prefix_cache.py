@@ -51,6 +51,7 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_edge import atomic
@@ -143,8 +144,9 @@ class PrefixCache:
         text = json.dumps(key, sort_keys=True)
         return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.kv"
 
-    def restore(self, llm: LlamaText, slots: list[Slot]) -> bool:
-        """Replace what ``llm`` holds with the cells saved for ``slots``; False when there is no usable file.
+    def restore(self, llm: LlamaText, slots: list[Slot], seq: int = 0) -> bool:
+        """Replace what sequence ``seq`` of ``llm`` holds with the cells saved for ``slots``; False when there
+        is no usable file.
 
         Only a file that is intact reaches llama.cpp, and a refused one leaves the cache empty.
         """
@@ -170,7 +172,7 @@ class PrefixCache:
             return False
         if saved != list(slots):
             return False
-        if not llm.load_state_bytes(body[_LEN + n :], saved):
+        if not llm.load_state_bytes(body[_LEN + n :], saved, seq):
             return False
         try:
             os.utime(path)  # recently used: the last to be deleted when the directory is over its limit
@@ -178,10 +180,11 @@ class PrefixCache:
             pass
         return True
 
-    def save(self, llm: LlamaText) -> bool:
-        """Save everything ``llm`` holds (never raises for the disk: a read-only or full disk means the next
-        process decodes again)."""
-        return self.wanted(llm.slots) and self.write(llm.slots, llm.state_bytes())
+    def save(self, llm: LlamaText, seq: int = 0) -> bool:
+        """Save everything sequence ``seq`` of ``llm`` holds (never raises for the disk: a read-only or full
+        disk means the next process decodes again)."""
+        held = llm.seqs[seq]
+        return self.wanted(held) and self.write(held, llm.state_bytes(seq))
 
     def wanted(self, slots: list[Slot]) -> bool:
         """Whether cells of ``slots`` are saved at all (those of an image only where ``images``)."""
@@ -247,3 +250,62 @@ def through_last_image(slots: list[Slot]) -> list[Slot]:
         if isinstance(slots[i], ImageSlot):
             return list(slots[: i + 1])
     return []
+
+
+@dataclass
+class Reuse:
+    """How a prompt starts on a sequence: the positions it keeps or loaded from saved cells (``kept``), and
+    the beginnings to save as they get decoded (``head``: the fixed beginning; ``through``: through the
+    image, copied when decoded and written by ``write_unsaved`` after the answer)."""
+
+    kept: int
+    head: list[Slot] = field(default_factory=list)
+    through: list[Slot] = field(default_factory=list)
+    loaded_image: bool = False  # the image's cells came from a file: no vision graph, no image prefill
+    unsaved: tuple | None = None
+
+    def decoded(self, cache: "PrefixCache | None", llm: LlamaText, seq: int = 0) -> None:
+        """Call after each decode of the prompt: saves or copies a beginning when the sequence holds it."""
+        held = llm.seqs[seq]
+        if self.head and len(held) == len(self.head) and held == self.head:
+            cache.save(llm, seq)
+            self.head = []
+        if self.through and len(held) == len(self.through) and held == self.through:
+            self.unsaved = (self.through, llm.state_bytes(seq))
+            self.through = []
+
+    def write_unsaved(self, cache: "PrefixCache | None") -> None:
+        """Write the cells through the image (after the answer: hashing and writing never delay a token)."""
+        unsaved, self.unsaved = self.unsaved, None
+        if unsaved and cache is not None:
+            cache.write(*unsaved)
+
+
+def reuse(cache: PrefixCache | None, llm: LlamaText, slots: list[Slot], seq: int = 0) -> Reuse:
+    """Bring sequence ``seq`` to the longest beginning of ``slots`` it holds or a saved file has.
+
+    What the sequence does not hold is looked for in the files earlier processes saved: the
+    prompt through its image, else its fixed beginning before the image. At least the last
+    position is left to decode, for its logits.
+    """
+    kept = llm.keep_prefix(slots, seq)
+    r = Reuse(kept)
+    if cache is not None:
+        head = fixed_beginning(slots)
+        through = through_last_image(slots) if cache.images else []
+        if kept < len(through):
+            if cache.restore(llm, through, seq):  # replaces what the sequence held
+                r.loaded_image = True
+            elif cache.wanted(through):
+                r.through = through
+            kept = llm.keep_prefix(slots, seq)
+        if kept == 0 and head:
+            if cache.restore(llm, head, seq):
+                kept = llm.keep_prefix(slots, seq)
+            else:
+                r.head = head
+    if kept == len(slots):  # all held: decode the last position again for its logits
+        llm.keep_prefix(slots[:-1], seq)
+        kept -= 1
+    r.kept = kept
+    return r

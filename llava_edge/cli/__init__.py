@@ -12,12 +12,14 @@ from __future__ import annotations
 import sys
 
 from ..errors import UserError, describe_os_error
-from . import bundle, chat, evaluate, toy, train  # noqa: F401 - registers the commands
+from . import bundle, chat, evaluate, serve, toy, train  # noqa: F401 - registers the commands
 from ._app import app, say
 
 # optional packages -> the extra that installs them (a command that needs one says so in one line)
 EXTRA_OF = {"torch": "export", "transformers": "export", "onnx": "export",
-            "onnxscript": "export", "peft": "train", "accelerate": "train", "tensorrt": "tensorrt", "cuda": "tensorrt"}
+            "onnxscript": "export", "peft": "train", "accelerate": "train", "tensorrt": "tensorrt", "cuda": "tensorrt",
+            "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "prometheus_client": "serve",
+            "httpx": "serve"}
 
 
 def missing_package_message(e: ModuleNotFoundError) -> str | None:

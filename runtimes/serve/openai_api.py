@@ -1,0 +1,163 @@
+"""OpenAI's chat completions API: ``POST /v1/chat/completions`` (streamed or not) and ``GET /v1/models``.
+
+What the official ``openai`` client sends and reads: messages whose content is a
+string or parts (``text``, ``image_url``), ``stream`` with server-sent events
+ending in ``[DONE]`` (``stream_options.include_usage`` adds a usage chunk),
+``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
+``stop``, ``n`` (1 only), ``ignore_eos`` (llama.cpp server's extension) and ``usage`` (prompt tokens count the image's
+positions; ``prompt_tokens_details.cached_tokens`` those not decoded again).
+Errors are OpenAI's error object with its status codes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request as HttpRequest
+
+from .conversation import (ApiError, Conversation, SamplingRequest, flag, image_from_url, json_type, number,
+                           one_image, stop_strings, text_of, turns_to_conversation)
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+async def read_json(request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(f"the request body must be a JSON object, not {json_type(body)}")
+    return body
+
+
+def parse_chat(body: dict) -> tuple[Conversation, SamplingRequest]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty array", param="messages")
+    system, turns, images = [], [], []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ApiError(f"'{where}' must be an object, not {json_type(msg)}", param=where)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ApiError(f"'{where}.role' must be one of {', '.join(ROLES)}, not {role!r}", param=f"{where}.role")
+        content = msg.get("content")
+        texts, found = [], []
+        if isinstance(content, str):
+            texts.append(text_of(content, f"{where}.content"))
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                pw = f"{where}.content[{j}]"
+                if not isinstance(part, dict):
+                    raise ApiError(f"'{pw}' must be an object, not {json_type(part)}", param=pw)
+                kind = part.get("type")
+                if kind == "text":
+                    texts.append(text_of(part.get("text"), f"{pw}.text"))
+                elif kind == "image_url":
+                    ref = part.get("image_url")
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    found.append(image_from_url(url, f"{pw}.image_url.url"))
+                else:
+                    raise ApiError(f"'{pw}.type' must be 'text' or 'image_url', not {kind!r}", param=f"{pw}.type")
+        elif content is None and role == "assistant":
+            pass
+        else:
+            raise ApiError(f"'{where}.content' must be a string or an array of parts", param=f"{where}.content")
+        text = "\n".join(texts)
+        if role in ("system", "developer"):
+            if found:
+                raise ApiError(f"'{where}': a system message cannot hold an image", param=where)
+            system.append(text)
+            continue
+        if found and role != "user":
+            raise ApiError(f"'{where}': only user messages can hold an image", param=where)
+        images += found
+        turns.append((role, text, bool(found)))
+    image = one_image(images)
+    conv = turns_to_conversation(turns, "\n".join(system) if system else None)
+    conv.image = image
+    n = number(body, "n", "", 1, 1, integer=True)
+    del n  # only one choice per request
+    max_tokens = number(body, "max_completion_tokens", "", 1, 1_000_000, integer=True)
+    if max_tokens is None:
+        max_tokens = number(body, "max_tokens", "", 1, 1_000_000, integer=True)
+    sampling = SamplingRequest(
+        temperature=number(body, "temperature", "", 0, 100), top_p=number(body, "top_p", "", 1e-9, 1),
+        max_tokens=max_tokens, seed=number(body, "seed", "", -1, 2**63 - 1, integer=True),
+        stop=stop_strings(body.get("stop"), "stop"), ignore_eos=flag(body, "ignore_eos"))
+    return conv, sampling
+
+
+def register(app, server) -> None:
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    def check_stream(body: dict) -> tuple[bool, bool]:
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise ApiError("'stream' must be a boolean", param="stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise ApiError("'stream_options' must be an object", param="stream_options")
+        return bool(stream), bool(opts.get("include_usage"))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.options.model_name, "object": "model",
+                                            "created": int(server.started), "owned_by": "llava-edge"}]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        server.check_model(name)
+        return {"id": server.options.model_name, "object": "model", "created": int(server.started),
+                "owned_by": "llava-edge"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        body = await read_json(request)
+        server.check_model(body.get("model"))
+        stream, include_usage = check_stream(body)
+        conv, sampling = parse_chat(body)
+        answer = await server.answer(conv, sampling, "openai")
+        name = server.options.model_name
+        if not stream:
+            text = await answer.full()
+            return JSONResponse({
+                "id": f"chatcmpl-{answer.id}", "object": "chat.completion", "created": answer.created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": answer.finish_reason, "logprobs": None}],
+                "usage": usage(answer.req)})
+
+        def chunk(delta: dict, finish=None) -> str:
+            return "data: " + json.dumps({
+                "id": f"chatcmpl-{answer.id}", "object": "chat.completion.chunk", "created": answer.created,
+                "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }) + "\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for piece in answer.pieces():
+                    yield chunk({"content": piece})
+            except ApiError as e:  # the response has begun: the error goes in the stream, as OpenAI does
+                yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}}) + "\n\n"
+                return
+            yield chunk({}, answer.finish_reason)
+            if include_usage:
+                yield "data: " + json.dumps({
+                    "id": f"chatcmpl-{answer.id}", "object": "chat.completion.chunk", "created": answer.created,
+                    "model": name, "choices": [], "usage": usage(answer.req)}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def usage(req) -> dict:
+    completion = len(req.completion_ids)
+    return {"prompt_tokens": req.prompt_positions, "completion_tokens": completion,
+            "total_tokens": req.prompt_positions + completion,
+            "prompt_tokens_details": {"cached_tokens": req.reused_positions,
+                                      "image_tokens": req.image_positions}}
