@@ -24,7 +24,7 @@ SPM_DIR     := .cache/llama-spm
 SPM_STAMP   := $(SPM_DIR)/.fetched-stamp
 SPM_FILES   := ggml-vocab-llama-spm.gguf ggml-vocab-llama-spm.gguf.inp ggml-vocab-llama-spm.gguf.out
 
-.PHONY: setup llava-ref test test-slow demo clean
+.PHONY: setup llava-ref test test-slow test-browser demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,15 @@ test: setup llava-ref
 
 test-slow: setup llava-ref
 	$(PY) -m pytest -q -m slow
+
+# the chat page of `llava-edge serve` in a real headless browser: Chromium and its driver from the
+# distribution's packages (Debian/Ubuntu names), installed when missing; the default suite runs the same
+# test where they are present and skips it, saying so, where not
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
+	$(PY) -m pytest -q tests/test_serve.py -k browser -rs
 
 demo: setup
 	# the whole recipe on the toy world: pretrain the halves, stage 1, stage 2 (about 6.5 minutes on 2 cores)

@@ -329,8 +329,9 @@ class BatchEngine:
         if r.answer.stopped:
             self._finish(r, "stop")
             return
-        if piece:
-            _emit(req, Event("text", piece))
+        # one event per token, its text empty while held back (a multi-byte character or a stop string
+        # being completed): a streaming client sees each token come, as from llama.cpp's servers
+        _emit(req, Event("text", piece))
         if len(r.answer.ids) >= req.max_tokens:
             self._finish(r, "max_tokens")
         elif len(self.llm.seqs[r.seq]) >= self.llm.n_ctx:

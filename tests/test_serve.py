@@ -388,3 +388,52 @@ def test_no_torch_in_the_server(server):
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libllama" in maps and "onnxruntime" in maps  # the model is loaded ...
     assert "libtorch" not in maps  # ... and torch is not
+
+
+# -- the chat page in a real browser (Chromium from the distribution; `make test-browser` installs it) ------------
+def _browser():
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (make test-browser)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no Chromium and chromedriver on this machine (make test-browser installs them)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_the_chat_page_in_a_browser_asks_follows_up_and_resets(server, toy, solo):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(server.url + "/")
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+        image = toy[1][3]
+        browser.find_element(By.ID, "image-input").send_keys(str(image))
+        wait.until(lambda b: b.find_element(By.ID, "preview").is_displayed())
+        answers = []
+        for q in QUESTIONS[:2]:
+            box = browser.find_element(By.ID, "question")
+            box.send_keys(q)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == len(answers) + 1)
+            answers.append(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text)
+        # the page sends no max_tokens: the answers end on their own, as the toy's do within MAX tokens
+        assert answers[0] == solo(image, QUESTIONS[0])
+        assert answers[1] == solo(image, QUESTIONS[1], history=(QUESTIONS[0],))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        browser.find_element(By.ID, "reset").click()
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+        assert not browser.find_element(By.ID, "preview").is_displayed()
+    finally:
+        browser.quit()
