@@ -10,11 +10,12 @@ picks it. Every request carries a picture neither server has seen (random pixels
 640x480 JPEG) and one of a few questions; answers are ``MAX_TOKENS`` long (the
 random-weight presets almost never end early; how many did is recorded). Servers
 are measured one at a time, alternating, so neither slows the other; both stay
-loaded.
+loaded. llama_cpp.server runs with ``--interrupt_requests False``: by default a new
+request interrupts the one streaming (cut-off answers, not a queue).
 
 Sections:
 
-1. ``ttft``: one client, streamed: time to the first token's chunk.
+1. ``ttft``: one client, streamed, one token asked: time to its chunk.
    Goal: llava-edge <= 0.8x.
 2. ``load``: 4 clients at once, each sending ``--requests-per-client`` requests
    one after the other: aggregate completion tokens/s (streamed token chunks /
@@ -104,11 +105,11 @@ class Server:
             self.proc.kill()
 
 
-def ask(server: Server, image: str, question: str, model: str) -> dict:
+def ask(server: Server, image: str, question: str, model: str, max_tokens: int | None = None) -> dict:
     """One streamed request: time to the first chunk with text, total time, chunks and how it ended."""
     # sampled, not greedy: a random-weight model's greedy answer is often one control token repeated, which
     # decodes to no text at all; sampled tokens are text, on both servers alike
-    body = {"model": model, "stream": True, "temperature": 1.0, "seed": 7, "max_tokens": MAX_TOKENS,
+    body = {"model": model, "stream": True, "temperature": 1.0, "seed": 7, "max_tokens": max_tokens or MAX_TOKENS,
             "messages": [{"role": "user", "content": [{"type": "text", "text": question},
                                                       {"type": "image_url", "image_url": {"url": image}}]}]}
     t0 = time.perf_counter()
@@ -140,7 +141,7 @@ def section_ttft(servers: list[Server], rounds: int, seed: iter) -> dict:
     out = {s.name: [] for s in servers}
     for r in range(rounds + 1):  # the first round warms up and is not counted
         for s in servers:
-            res = ask(s, picture(next(seed)), QUESTIONS[r % len(QUESTIONS)], s.model)
+            res = ask(s, picture(next(seed)), QUESTIONS[r % len(QUESTIONS)], s.model, max_tokens=1)
             assert res["ok"], res
             if r:
                 out[s.name].append(res["ttft"])
@@ -152,11 +153,12 @@ def run_clients(server: Server, clients: int, per_client: int, seed: iter, bad_e
     images = [[picture(next(seed)) for _ in range(per_client)] for _ in range(clients)]
     results: list[dict] = []
     lock = threading.Lock()
-    rng = random.Random(0)
+    rng = random.Random(next(seed))  # which bad requests, and where in the run they come
+    rng_offset = rng.randrange(bad_every) if bad_every else 0
 
     def client(i: int):
         for k in range(per_client):
-            if bad_every and rng.randrange(bad_every) == 0:
+            if bad_every and (i * per_client + k) % bad_every == rng_offset:
                 bad = send_bad(server, rng)
                 with lock:
                     results.append({"bad": True, "ok": 400 <= bad < 500, "status": bad})
@@ -211,7 +213,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="load section: alternating runs per server")
     ap.add_argument("--soak-minutes", type=float, default=10)
     ap.add_argument("--sections", default="ttft,load,soak")
+    ap.add_argument("--max-tokens", type=int, default=64, help="answer length (load and soak)")
     a = ap.parse_args()
+    global MAX_TOKENS
+    MAX_TOKENS = a.max_tokens
     sections = a.sections.split(",")
     from llava_edge import manifest
 
@@ -231,7 +236,10 @@ def main() -> None:
                                           "--clip_model_path", str(mmproj), "--chat_format", "llava-1-5",
                                           "--n_ctx", str(a.ctx), "--n_threads", str(a.threads),
                                           "--n_threads_batch", str(a.threads), "--port", str(cpp_port),
-                                          "--host", "127.0.0.1", "--model_alias", "m", "--verbose", "False"],
+                                          "--host", "127.0.0.1", "--model_alias", "m", "--verbose", "False",
+                                          # queue concurrent requests: by default a new request interrupts
+                                          # the one streaming, so 3 of 4 clients get cut-off answers
+                                          "--interrupt_requests", "False"],
                      cpp_port)
         cpp.model = "m"
         servers.append(cpp)

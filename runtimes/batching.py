@@ -200,6 +200,11 @@ class BatchEngine:
 
     def _pop_admissible(self) -> list[tuple[Request, int]]:
         """Waiting requests that get a free sequence now: each the one sharing most of its prompt."""
+        now = time.monotonic()
+        for req in [r for r in self._waiting if r.cancelled or (r.timeout_s is not None
+                                                                and now > r.t_submit + r.timeout_s)]:
+            self._waiting.remove(req)  # gone or too late before a sequence was free
+            self._end(req, "cancelled" if req.cancelled else "timeout")
         free = [s for s in range(self.llm.n_seq) if s not in self._running]
         out = []
         while self._waiting and free:

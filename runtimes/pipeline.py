@@ -24,6 +24,7 @@ kept). An answer that fills the context stops there; ``last_stop`` says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -36,7 +37,7 @@ import numpy as np
 from llava_edge import manifest as bundle_manifest
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageInput, ImageSpec, preprocess
-from llava_edge.templates import Image, Parts, Turn, expand_image, get_template
+from llava_edge.templates import Image, Parts, Template, Turn, expand_image, get_template
 from llava_edge.tokenizer import Settings, Tokenizer
 
 from .answer import AnswerText, seeded_rng
@@ -264,6 +265,29 @@ class EdgeLLaVA:
             raise UserError(f"the prompt must have one place for the image, it has {images}")
         ids = self.tokenizer.encode_prompt(parts, self.image_token_id)
         return expand_image(ids, self.image_token_id, [ImageSlot(image_key, j) for j in range(n_image)])
+
+    def conversation_slots(self, question: str, image: ImageInput | None = None,
+                           history: list[Turn] | None = None, system: str | None = None,
+                           formats: tuple[str, ...] | None = None) -> tuple[list, tuple | None, Template]:
+        """A conversation's generation prompt: (slots, (image key, preprocessed pixels) or None, template).
+
+        ``system`` replaces the conversation mode's system prompt (text with the tokenizer's control
+        tokens, or a ``chat_template`` mode, is refused); ``formats``: the image file formats accepted.
+        The image is read and preprocessed here, the vision graph is not run.
+        """
+        template = self.template
+        if system is not None:
+            if template.jinja is not None:
+                raise UserError("this model's conversation mode (chat_template) takes no system message")
+            special = [t for t in self.tokenizer.settings.special if t and t in system]
+            if special:
+                raise UserError(f"the system message contains the control token {special[0]!r}")
+            template = dataclasses.replace(template, system=system)
+        pixels = None if image is None else preprocess(image, self.spec, formats=formats)
+        key = None if pixels is None else image_key(pixels)
+        parts = template.prompt(question, image=pixels is not None, history=list(history or []))
+        slots = self.slots_for(parts, key, 0 if pixels is None else self.n_image_tokens)
+        return slots, (None if pixels is None else (key, pixels)), template
 
     def prefill(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
                 logits: str = "last") -> np.ndarray | None:

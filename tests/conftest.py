@@ -77,3 +77,15 @@ def trained_toy(tmp_path_factory):
     out = Path(keep) if keep else tmp_path_factory.mktemp("trained") / "toy"
     result = build(out, seed=0, log=lambda _: None)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(trained_toy, tmp_path_factory):
+    """(bundle, held-out images) of the trained toy, exported once (serve and data tests)."""
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.export.bundle import export_bundle
+
+    root, _ = trained_toy
+    b = tmp_path_factory.mktemp("trained_bundle") / "toy"
+    export_bundle(open_checkpoint(root / "model"), b, log=lambda _: None)
+    return b, sorted((root / "data" / "images").glob("eval_*.png"))[:6]

@@ -1,6 +1,6 @@
 """The layers of docs/ARCHITECTURE.md, read from the imports themselves (ast): a forbidden edge fails here.
 
-    core  <-  runtimes  <-  export, quantize | train  <-  evaluation (drift, bench)  <-  recipes (toy)  <-  cli
+    core  <-  runtimes  <-  export, quantize | train  <-  evaluation (drift, bench, datagen, judge)  <-  recipes (toy)  <-  cli
 
 A module imports only from its own layer or the layers to its left; export/quantize and train, side by side,
 import neither each other. The package's ``__init__`` (the public ``EdgeLLaVA``) is the one exception.
@@ -22,7 +22,7 @@ def layer(module: str) -> str:
         return "cli"
     if module.startswith("llava_edge.toy"):
         return "recipes"
-    if module.startswith(("llava_edge.drift", "llava_edge.bench")):
+    if module.startswith(("llava_edge.drift", "llava_edge.bench", "llava_edge.datagen", "llava_edge.judge")):
         return "evaluation"
     if module.startswith(("llava_edge.export", "llava_edge.quantize")):
         return "export/quantize"

@@ -30,15 +30,9 @@ MAX = 48
 
 
 @pytest.fixture(scope="module")
-def toy(trained_toy, tmp_path_factory):
+def toy(trained_bundle):
     """(bundle, eval images) of the trained toy."""
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-
-    root, _ = trained_toy
-    b = tmp_path_factory.mktemp("serve") / "toy"
-    export_bundle(open_checkpoint(root / "model"), b, log=lambda _: None)
-    return b, sorted((root / "data" / "images").glob("eval_*.png"))[:6]
+    return trained_bundle
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +281,96 @@ def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server, toy):
     r = client(server).chat.completions.create(model="toy", messages=[user_message(QUESTIONS[1], toy[1][0])],
                                                 temperature=0, max_tokens=MAX)
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_and_seeds(server, toy, solo):
+    c = client(server)
+    image, q = toy[1][0], QUESTIONS[0]
+    want = solo(image, q)
+    word = want.split()[3]
+    r = c.chat.completions.create(model="toy", messages=[user_message(q, image)], temperature=0, max_tokens=MAX,
+                                  stop=[word])
+    assert r.choices[0].message.content == want[:want.index(word)] and r.choices[0].finish_reason == "stop"
+    sampled = [c.chat.completions.create(model="toy", messages=[user_message(q, image)], temperature=1.5, seed=s,
+                                         max_tokens=MAX).choices[0].message.content for s in (5, 5, 6)]
+    assert sampled[0] == sampled[1]  # a seed gives the same answer again ...
+    assert len(set(sampled)) == 2  # ... and another seed another answer (at temperature 1.5, on this toy)
+
+
+def test_images_batched_through_the_vision_graph(toy, solo):
+    """Requests admitted together: one vision batch for their pictures, and the answers of each alone."""
+    from llava_edge import EdgeLLaVA
+    from llava_edge.preprocess import preprocess
+    from llava_edge.runtimes.batching import BatchEngine, Request
+    from llava_edge.runtimes.pipeline import image_key
+
+    m = EdgeLLaVA.load(toy[0], device="cpu", prefix_cache=False, parallel=4)
+    engine = BatchEngine(m)
+    try:
+        done, answers = threading.Semaphore(0), {}
+        requests = []
+        for image in toy[1][:4]:
+            px = preprocess(str(image), m.spec)
+            slots = m.slots_for(m.template.prompt(QUESTIONS[1], image=True), image_key(px), m.n_image_tokens)
+            pieces = []
+
+            def on_event(ev, pieces=pieces, name=image.name):
+                if ev.kind == "text":
+                    pieces.append(ev.text)
+                else:
+                    answers[name] = "".join(pieces)
+                    done.release()
+            requests.append(Request(slots, (image_key(px), px), 0.0, 1.0, MAX, None, m.template.stop, on_event))
+        with engine._cv:  # all four wait before the engine looks: they are admitted in one step
+            for r in requests:
+                engine._waiting.append(r)
+            engine._cv.notify()
+        for _ in requests:
+            assert done.acquire(timeout=120)
+        assert engine.stats["vision_batches"] == 1 and engine.stats["vision_images"] == 4
+        for image in toy[1][:4]:
+            assert answers[image.name] == solo(image, QUESTIONS[1])
+    finally:
+        engine.close()
+        m.close()
+
+
+def test_remote_images_when_allowed_and_cors_when_asked(toy, tmp_path, solo):
+    import http.server
+    import socketserver
+
+    site = tmp_path / "site"
+    site.mkdir()
+    image = toy[1][5]
+    (site / "pic.png").write_bytes(image.read_bytes())
+    (site / "huge.png").write_bytes(b"\x89PNG" + b"\0" * (21 << 20))
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{web.server_address[1]}"
+        with serving(toy[0], tmp_path, "--allow-remote-images", "--cors", "http://app.test", "--quiet") as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+            r = c.chat.completions.create(model="toy", messages=[_image_message(base + "/pic.png", QUESTIONS[2])],
+                                          temperature=0, max_tokens=MAX)
+            assert r.choices[0].message.content == solo(image, QUESTIONS[2])
+            url = s.url + "/v1/chat/completions"
+            r = httpx.post(url, json={"messages": [_image_message(base + "/huge.png")]})
+            assert r.status_code == 413, r.text
+            r = httpx.post(url, json={"messages": [_image_message(base + "/nothing.png")]})
+            assert r.status_code == 400 and "404" in r.json()["error"]["message"]
+            pre = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+                   "Access-Control-Request-Headers": "authorization,content-type"}
+            r = httpx.options(url, headers=pre)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.test"
+            r = httpx.options(url, headers={**pre, "Origin": "http://evil.test"})
+            assert r.headers.get("access-control-allow-origin") is None
+        web.shutdown()
+
+
+def test_no_cors_unless_asked(server):
+    r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.test"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 # -- safe by default ------------------------------------------------------------------------------------------------

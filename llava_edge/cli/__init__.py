@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UserError, describe_os_error
-from . import bundle, chat, evaluate, serve, toy, train  # noqa: F401 - registers the commands
+from . import bundle, chat, data, evaluate, serve, toy, train  # noqa: F401 - registers the commands
 from ._app import app, say
 
 # optional packages -> the extra that installs them (a command that needs one says so in one line)

@@ -17,6 +17,11 @@ toy_app = typer.Typer(help="The toy world: synthetic data and small real LLaVA c
 app.add_typer(toy_app, name="toy")
 train_app = typer.Typer(help="LLaVA's two training stages, and LoRA merging.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+data_app = typer.Typer(help="Training data: instruction data written by a text-only LLM, caption data for stage 1.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluation with a text-only LLM as the judge.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 
 def say(msg: str) -> None:

@@ -14,7 +14,6 @@ read only from ``--image-dir``, and only for the model.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -107,28 +106,15 @@ class Server:
     # -- one answer ----------------------------------------------------------------------------------------
     def prepare(self, conv: Conversation, s: SamplingRequest, on_event) -> Request:
         """The engine's request for ``conv`` (worker thread: image read, decoded and preprocessed, prompt tokenized)."""
-        from ..pipeline import image_key
-        from llava_edge.preprocess import preprocess
-
         m, o = self.model, self.options
-        template = m.template
-        if conv.system is not None:
-            if template.jinja is not None:
-                raise ApiError("this model's conversation mode (chat_template) takes no system message here",
-                               param="messages")
-            special = [t for t in m.tokenizer.settings.special if t and t in conv.system]
-            if special:
-                raise ApiError(f"the system message contains the control token {special[0]!r}", param="messages")
-            template = dataclasses.replace(template, system=conv.system)
-        image = None
         try:
-            if conv.image is not None:
-                pixels = preprocess(image_bytes(conv.image, o.images), m.spec, formats=IMAGE_FORMATS)
-                image = (image_key(pixels), pixels)
-            parts = template.prompt(conv.question, image=image is not None, history=conv.history)
-            slots = m.slots_for(parts, image and image[0], m.n_image_tokens if image else 0)
+            data = None if conv.image is None else image_bytes(conv.image, o.images)
+            slots, image, template = m.conversation_slots(conv.question, data, conv.history, conv.system,
+                                                          formats=IMAGE_FORMATS)
         except UserError as e:
-            raise ApiError(str(e), param=conv.image.where if conv.image and "image" in str(e) else None) from None
+            where = conv.image.where if conv.image and "image" in str(e) else \
+                "messages" if "system message" in str(e) else None
+            raise ApiError(str(e), param=where) from None
         if len(slots) >= m.llm.n_ctx:
             raise ApiError(f"the conversation needs {len(slots)} positions but the context holds {m.llm.n_ctx} "
                            "(with room for the answer): shorten it", code="context_length_exceeded",

@@ -152,6 +152,32 @@ def one_image(found: list[ImageSource]) -> ImageSource | None:
     return found[0] if found else None
 
 
+def from_messages(messages, roles: tuple[str, ...], read) -> Conversation:
+    """A chat API's ``messages`` -> a Conversation. ``read(message, where)`` gives a message's (text, images);
+    system messages (``system``, OpenAI's ``developer``) are joined into the system prompt."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("'messages' must be a non-empty array", param="messages")
+    system, turns, images = [], [], []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ApiError(f"'{where}' must be an object, not {json_type(msg)}", param=where)
+        role = msg.get("role")
+        if role not in roles:
+            raise ApiError(f"'{where}.role' must be one of {', '.join(roles)}, not {role!r}", param=f"{where}.role")
+        text, found = read(msg, where)
+        if found and role != "user":
+            raise ApiError(f"'{where}': only user messages can hold an image", param=where)
+        if role in ("system", "developer"):
+            system.append(text)
+            continue
+        images += found
+        turns.append((role, text, bool(found)))
+    conv = turns_to_conversation(turns, "\n".join(system) if system else None)
+    conv.image = one_image(images)
+    return conv
+
+
 def turns_to_conversation(turns: list[tuple[str, str, bool]], system: str | None) -> Conversation:
     """(role, text, has_image) in order -> a Conversation; consecutive messages of one role are joined."""
     merged: list[list] = []

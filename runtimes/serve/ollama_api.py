@@ -9,8 +9,8 @@ import json
 from starlette.requests import Request as HttpRequest
 import time
 
-from .conversation import (ApiError, Conversation, ImageSource, SamplingRequest, decode_base64, flag, json_type,
-                           number, one_image, stop_strings, text_of, turns_to_conversation)
+from .conversation import (ApiError, Conversation, ImageSource, SamplingRequest, decode_base64, flag, from_messages,
+                           json_type, number, one_image, stop_strings, text_of)
 from .openai_api import read_json
 
 # the Ollama release whose API this follows (the `ollama` Python client is tested against it)
@@ -51,29 +51,11 @@ def unsupported(body: dict, keys: tuple[str, ...]) -> None:
 
 def parse_chat(body: dict) -> Conversation:
     unsupported(body, ("tools", "format"))
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty array", param="messages")
-    system, turns, images = [], [], []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise ApiError(f"'{where}' must be an object, not {json_type(msg)}", param=where)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise ApiError(f"'{where}.role' must be one of {', '.join(ROLES)}, not {role!r}", param=f"{where}.role")
-        text = text_of(msg.get("content") or "", f"{where}.content")
-        found = images_of(msg.get("images"), f"{where}.images")
-        if found and role != "user":
-            raise ApiError(f"'{where}': only user messages can hold images", param=where)
-        if role == "system":
-            system.append(text)
-            continue
-        images += found
-        turns.append((role, text, bool(found)))
-    conv = turns_to_conversation(turns, "\n".join(system) if system else None)
-    conv.image = one_image(images)
-    return conv
+
+    def read(msg: dict, where: str) -> tuple[str, list]:
+        return text_of(msg.get("content") or "", f"{where}.content"), images_of(msg.get("images"), f"{where}.images")
+
+    return from_messages(body.get("messages"), ROLES, read)
 
 
 def parse_generate(body: dict) -> Conversation:

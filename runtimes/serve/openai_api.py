@@ -15,8 +15,8 @@ import json
 
 from starlette.requests import Request as HttpRequest
 
-from .conversation import (ApiError, Conversation, SamplingRequest, flag, image_from_url, json_type, number,
-                           one_image, stop_strings, text_of, turns_to_conversation)
+from .conversation import (ApiError, Conversation, SamplingRequest, flag, from_messages, image_from_url, json_type,
+                           number, stop_strings, text_of)
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -32,55 +32,35 @@ async def read_json(request) -> dict:
     return body
 
 
+def read_message(msg: dict, where: str) -> tuple[str, list]:
+    """An OpenAI message's text (its text parts joined by newlines) and images (``image_url`` parts)."""
+    content = msg.get("content")
+    texts, found = [], []
+    if isinstance(content, str):
+        texts.append(text_of(content, f"{where}.content"))
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            pw = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise ApiError(f"'{pw}' must be an object, not {json_type(part)}", param=pw)
+            kind = part.get("type")
+            if kind == "text":
+                texts.append(text_of(part.get("text"), f"{pw}.text"))
+            elif kind == "image_url":
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                found.append(image_from_url(url, f"{pw}.image_url.url"))
+            else:
+                raise ApiError(f"'{pw}.type' must be 'text' or 'image_url', not {kind!r}", param=f"{pw}.type")
+    elif not (content is None and msg.get("role") == "assistant"):
+        raise ApiError(f"'{where}.content' must be a string or an array of parts", param=f"{where}.content")
+    return "\n".join(texts), found
+
+
 def parse_chat(body: dict) -> tuple[Conversation, SamplingRequest]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty array", param="messages")
-    system, turns, images = [], [], []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise ApiError(f"'{where}' must be an object, not {json_type(msg)}", param=where)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise ApiError(f"'{where}.role' must be one of {', '.join(ROLES)}, not {role!r}", param=f"{where}.role")
-        content = msg.get("content")
-        texts, found = [], []
-        if isinstance(content, str):
-            texts.append(text_of(content, f"{where}.content"))
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                pw = f"{where}.content[{j}]"
-                if not isinstance(part, dict):
-                    raise ApiError(f"'{pw}' must be an object, not {json_type(part)}", param=pw)
-                kind = part.get("type")
-                if kind == "text":
-                    texts.append(text_of(part.get("text"), f"{pw}.text"))
-                elif kind == "image_url":
-                    ref = part.get("image_url")
-                    url = ref.get("url") if isinstance(ref, dict) else ref
-                    found.append(image_from_url(url, f"{pw}.image_url.url"))
-                else:
-                    raise ApiError(f"'{pw}.type' must be 'text' or 'image_url', not {kind!r}", param=f"{pw}.type")
-        elif content is None and role == "assistant":
-            pass
-        else:
-            raise ApiError(f"'{where}.content' must be a string or an array of parts", param=f"{where}.content")
-        text = "\n".join(texts)
-        if role in ("system", "developer"):
-            if found:
-                raise ApiError(f"'{where}': a system message cannot hold an image", param=where)
-            system.append(text)
-            continue
-        if found and role != "user":
-            raise ApiError(f"'{where}': only user messages can hold an image", param=where)
-        images += found
-        turns.append((role, text, bool(found)))
-    image = one_image(images)
-    conv = turns_to_conversation(turns, "\n".join(system) if system else None)
-    conv.image = image
-    n = number(body, "n", "", 1, 1, integer=True)
-    del n  # only one choice per request
+    conv = from_messages(body.get("messages"), ROLES, read_message)
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+        raise ApiError("'n' must be 1: this server gives one choice per request", param="n")
     max_tokens = number(body, "max_completion_tokens", "", 1, 1_000_000, integer=True)
     if max_tokens is None:
         max_tokens = number(body, "max_tokens", "", 1, 1_000_000, integer=True)
