@@ -317,6 +317,8 @@ class EdgeLLaVA:
             else:
                 out.append(self.llm.feed_tokens(todo[i:j], logits if logits == "all" else "last"))
             r.decoded(cache, self.llm)
+        if self._reuse is not None and self._reuse.unsaved and r.unsaved is None:
+            r.unsaved = self._reuse.unsaved  # cells copied by an earlier prefill, not written yet: still due
         self._reuse = r
         if logits == "all":
             return np.concatenate([o if o.ndim == 2 else o[None] for o in out])
