@@ -292,3 +292,19 @@ def test_judge_end_to_end_is_resumable_and_reports(server, trained_bundle, tmp_p
     assert le(*args).returncode == 0  # resumed: nothing asked again
     assert metric(httpx.get(server.url + "/metrics").text, "llava_edge_requests_total") == \
         metric(before, "llava_edge_requests_total")
+
+
+def test_relative_scores_per_category_and_the_report(tmp_path):
+    from llava_edge.judge import summarize, write_report
+
+    rows = [{"category": "conversation", "scores": [8, 6]}, {"category": "conversation", "scores": [6, 6]},
+            {"category": "detail", "scores": [10, 5]}, {"category": "reasoning", "scores": None}]
+    s = summarize(rows)
+    assert s["categories"]["conversation"] == {"questions": 2, "scored": 2, "reference": 7, "model": 6,
+                                               "relative": 85.7}
+    assert s["categories"]["detail"]["relative"] == 50.0 and s["categories"]["reasoning"]["scored"] == 0
+    assert s["overall"]["relative"] == round(100 * (17 / 3) / 8, 1) and s["unparsed"] == 1
+    write_report(tmp_path, s, rows)
+    assert "| conversation | 2 | 2 | 6 | 7 | 85.7% |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "summary.json").read_text()) == s

@@ -61,11 +61,13 @@ def read_pairs(path: Path) -> list[tuple[str, str, str]]:
             if isinstance(a, dict) and a.get("image_id") in names and isinstance(a.get("caption"), str):
                 out.append((str(a.get("id", len(out))), str(names[a["image_id"]]), a["caption"].strip()))
         return out
+    if isinstance(doc, dict):  # a JSONL file of one record parses as one JSON object
+        doc, rows = None, [doc]
     for i, r in enumerate(doc if isinstance(doc, list) else rows or []):
         if not isinstance(r, dict) or not isinstance(r.get("image"), str) or not isinstance(r.get("caption"), str):
             raise UserError(f"{path}: record {i} is not {{\"image\": ..., \"caption\": ...}}")
         out.append((str(r.get("id", i)), r["image"], r["caption"].strip()))
-    if not out and doc is not None and not isinstance(doc, list):
+    if not out and not isinstance(doc, list) and not rows:
         raise UserError(f"{path}: neither COCO captions nor a list of {{\"image\", \"caption\"}}")
     return out
 
