@@ -136,48 +136,48 @@ def run(items: list[dict], answerer, judge, report: Path, images: Path | None = 
 
         for item in items:
             image_of(item)
-        todo = [it for it in items if it["id"] not in answers]
-        done = [len(items) - len(todo)]
+        failed: list[str] = []
 
-        def answer(item):
-            text = answerer.ask(item["text"], image_of(item), max_tokens=max_tokens)
-            answers.add({"key": item["id"], "answer": text})
-            with lock:
-                done[0] += 1
-                if progress:
-                    progress("answering", done[0], len(items))
+        def each(step: str, journal: Journal, work: Callable[[dict], dict]) -> None:
+            """``work`` on every item the journal lacks, in parallel; what fails is listed, not journaled."""
+            todo = [it for it in items if it["id"] not in journal]
+            done = len(items) - len(todo)
 
-        with ThreadPoolExecutor(max(1, parallel)) as pool:
-            list(pool.map(answer, todo))
-        failed = []
-        todo = [it for it in items if it["id"] not in reviews]
-        done = [len(items) - len(todo)]
+            def one(item):
+                nonlocal done
+                try:
+                    journal.add({"key": item["id"], **work(item)})
+                except LLMError as e:
+                    with lock:
+                        failed.append(f"{item['id']} ({step}): {e}")
+                    return
+                with lock:
+                    done += 1
+                    if progress:
+                        progress(step, done, len(items))
 
-        def review(item):
+            with ThreadPoolExecutor(max(1, parallel)) as pool:
+                list(pool.map(one, todo))
+
+        def answer(item) -> dict:
+            return {"answer": answerer.ask(item["text"], image_of(item), max_tokens=max_tokens)}
+
+        def review(item) -> dict:
             ans = answers.entries[item["id"]]["answer"]
             msgs = judge_messages(item["context"], item["text"], item["reference"], ans)
             scores, text = None, ""
-            try:
-                for attempt in range(2):  # a judge that wrote no readable scores is asked once more
-                    text = judge.complete(msgs, max_tokens=judge_max_tokens, temperature=0.0 if attempt == 0
-                                          else 0.7, seed=attempt).text
-                    scores = parse_scores(text)
-                    if scores:
-                        break
-            except LLMError as e:
-                with lock:
-                    failed.append(f"{item['id']}: {e}")
-                return
-            reviews.add({"key": item["id"], "category": item["category"], "question": item["text"],
-                         "answer": ans, "reference": item["reference"], "review": text,
-                         "scores": list(scores) if scores else None})
-            with lock:
-                done[0] += 1
-                if progress:
-                    progress("judging", done[0], len(items))
+            for attempt in range(2):  # a judge that wrote no readable scores is asked once more
+                text = judge.complete(msgs, max_tokens=judge_max_tokens, temperature=0.0 if attempt == 0 else 0.7,
+                                      seed=attempt).text
+                scores = parse_scores(text)
+                if scores:
+                    break
+            return {"category": item["category"], "question": item["text"], "answer": ans,
+                    "reference": item["reference"], "review": text, "scores": list(scores) if scores else None}
 
-        with ThreadPoolExecutor(max(1, parallel)) as pool:
-            list(pool.map(review, todo))
+        each("answering", answers, answer)
+        items = [it for it in items if it["id"] in answers]  # a question not answered is not judged
+        each("judging", reviews, review)
         summary = summarize([reviews.entries[it["id"]] for it in items if it["id"] in reviews.entries])
         summary["failed"] = failed
         write_report(report, summary, [reviews.entries[it["id"]] for it in items if it["id"] in reviews.entries])
@@ -207,7 +207,7 @@ def write_report(report: Path, summary: dict, rows: list[dict]) -> None:
              "| --- | --- | --- | --- | --- | --- |"]
     for name, b in [*summary["categories"].items(), ("overall", summary["overall"])]:
         lines.append(f"| {name} | {b['questions']} | {b['scored']} | {b.get('model', '-')} | "
-                     f"{b.get('reference', '-')} | {b.get('relative', '-')}% |")
+                     f"{b.get('reference', '-')} | " + (f"{b['relative']}%" if b.get("relative") is not None else "-") + " |")
     md = ["# Judged evaluation", "", "Mean scores 1-10 given by the judge; relative = model / reference.", "",
           *lines, "", f"Reviews whose scores could not be read: {summary['unparsed']}."]
     atomic.write_bytes(report / "report.md", ("\n".join(md) + "\n").encode())
