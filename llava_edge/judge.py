@@ -206,8 +206,9 @@ def write_report(report: Path, summary: dict, rows: list[dict]) -> None:
     lines = ["| category | questions | scored | model | reference | relative |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, b in [*summary["categories"].items(), ("overall", summary["overall"])]:
+        rel = f"{b['relative']}%" if b.get("relative") is not None else "-"
         lines.append(f"| {name} | {b['questions']} | {b['scored']} | {b.get('model', '-')} | "
-                     f"{b.get('reference', '-')} | " + (f"{b['relative']}%" if b.get("relative") is not None else "-") + " |")
+                     f"{b.get('reference', '-')} | {rel} |")
     md = ["# Judged evaluation", "", "Mean scores 1-10 given by the judge; relative = model / reference.", "",
           *lines, "", f"Reviews whose scores could not be read: {summary['unparsed']}."]
     atomic.write_bytes(report / "report.md", ("\n".join(md) + "\n").encode())
