@@ -138,6 +138,18 @@ class Variant:
         return cls(**base, extra={k: v for k, v in d.items() if k not in base})
 
     @property
+    def token_reduction(self):
+        """How this vision variant reduces the patch grid (``image_tokens.TokenReduction``); None: every patch."""
+        d = self.extra.get("token_reduction")
+        if d is None:
+            return None
+        from .image_tokens import TokenReduction
+
+        if not isinstance(d, dict):
+            raise UserError(f"{MANIFEST}: vision variant {self.name} has a token_reduction that is not an object")
+        return TokenReduction.from_dict(d)
+
+    @property
     def device_specific(self) -> bool:
         """A TensorRT engine: runs only where it was built, so never picked without being named."""
         return self.extra.get("format") == "tensorrt" or self.file.endswith(".engine")
@@ -173,6 +185,23 @@ class Manifest:
                 and (precisions is None or v.precision in precisions)
                 and (fmt is None or v.extra.get("format", Path(v.file).suffix.lstrip(".")) == fmt)
                 and (portable is None or portable != v.device_specific)]
+
+    def image_tokens(self, v: Variant) -> int:
+        """How many positions the vision variant ``v`` gives the language model."""
+        r = v.token_reduction
+        return r.tokens if r is not None else int(self.vision["num_image_tokens"])
+
+    def drift_records(self, v: Variant) -> dict[str, dict]:
+        """What ``drift --record`` measured for ``v``, by the other variant of each pair, where both files measured
+        are still the bundle's (by sha256)."""
+        kind = "llm" if v.kind == "vision" else "vision"
+        out = {}
+        for other, rec in (v.extra.get("drift") or {}).items() if isinstance(v.extra.get("drift"), dict) else ():
+            sha = rec.get("sha256") if isinstance(rec, dict) else None
+            found = self.find(kind, name=other) if isinstance(sha, dict) else []
+            if found and sha.get(v.kind) == v.sha256 and sha.get(kind) == found[0].sha256:
+                out[other] = rec
+        return out
 
     def variant(self, kind: str, name: str | None = None) -> Variant:
         """The variant ``name`` of ``kind``; without a name the first registered one that is not device-specific."""

@@ -85,13 +85,28 @@ def quantize_bundle(
     block_size: int = vision_quant.DEFAULT_BLOCK_SIZE,
     optimize: bool = False,
     trt_calib_cache: bool = False,
+    image_tokens: str | None = None,
+    token_method: str = "pool",
+    projector: str | Path | None = None,
     wait: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Outcome]:
-    """Make (or find up to date) every requested variant of ``bundle``; see the module docstring."""
+    """Make (or find up to date) every requested variant of ``bundle``; see the module docstring.
+
+    ``image_tokens`` (``"144,64"``): the vision types are made for each of these token counts and each of
+    ``token_method``'s methods (``"pool,dominant"``), as reduced-token variants named ``TYPE-METHODK``
+    (``int8-pool144``; the type ``fp32`` is the reduced float graph itself, the default type); a count equal
+    to the full grid is the ordinary variant. ``projector``: a projector fine-tuned for the reduction
+    (``train stage2 --image-tokens K --tune projector``) replaces the graph's; the names end in ``-tuned``.
+    """
     bundle = Path(bundle)
     llm_types = parse_types(llm, tuple(llm_quant.LLM_TYPES), "--llm")
-    vision_types = parse_types(vision, vision_quant.VISION_TYPES, "--vision")
+    reduced_types = ("fp32",) + vision_quant.VISION_TYPES
+    vision_types = parse_types(vision, reduced_types if image_tokens else vision_quant.VISION_TYPES, "--vision")
+    if image_tokens and not vision_types:
+        vision_types = ["fp32"]
+    if projector is not None and not image_tokens:
+        raise UserError("--projector replaces the projector of reduced-token variants: pass --image-tokens K too")
     if not (llm_types or vision_types or trt_calib_cache):
         raise UserError("nothing to quantize: pass --llm TYPES and/or --vision TYPES (or --trt-calib-cache)")
     vision_quant.check_block_size(block_size)
@@ -105,6 +120,9 @@ def quantize_bundle(
         manifest.read(bundle)  # the one-line error for what it is instead
     with bundle_lock.writing(bundle, wait=wait, log=log):  # read-modify-write of the manifest, one writer at a time
         m = manifest.read(bundle)
+        reductions = _reductions(m, image_tokens, token_method) if image_tokens else [None]
+        if projector is not None and None in reductions:
+            raise UserError("--projector is for reduced-token variants; drop the full token count from --image-tokens")
         llm_base = _llm_base(bundle, m) if llm_types else None
         vision_base = _vision_base(bundle, m) if (vision_types or trt_calib_cache) else None
         if trt_calib_cache:
@@ -123,11 +141,37 @@ def quantize_bundle(
         if vision_types or trt_calib_cache:
             job.spec = ImageSpec.from_dict(m.image)
             job.calib_dir, job.calib_count = calib_images, calib_count
-            for t in vision_types:
-                job.vision_variant(t, vision_base, block_size, optimize)
+            for r in reductions:
+                for t in vision_types:
+                    if r is None:
+                        if t != "fp32":  # the full fp32 graph is the export's
+                            job.vision_variant(t, vision_base, block_size, optimize)
+                    else:
+                        job.reduced_variant(t, r, vision_base, block_size, optimize, projector)
             if trt_calib_cache:
                 job.tensorrt_calibration(vision_base)
         return job.outcomes
+
+
+def _reductions(m: manifest.Manifest, image_tokens: str, token_method: str) -> list:
+    """``--image-tokens`` x ``--token-method`` -> reductions (None for the full grid), checked against the graph."""
+    from llava_edge import image_tokens as it
+
+    v = m.vision
+    if v.get("select_strategy", "default") != "default":
+        raise UserError(f"token reduction needs LLaVA's 'default' feature selection; this bundle's is "
+                        f"{v.get('select_strategy')!r}")
+    grid = int(v["image_size"]) // int(v["patch_size"])
+    if grid * grid != int(v["num_image_tokens"]):
+        raise UserError(f"the bundle's {v['num_image_tokens']} image tokens are not a {grid}x{grid} patch grid")
+    out = []
+    for k in it.parse_tokens(image_tokens):
+        if k == grid * grid:
+            out.append(None)
+            continue
+        for method in it.parse_methods(token_method):
+            out.append(it.plan(method, k, grid))
+    return list(dict.fromkeys(out))
 
 
 def _llm_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
@@ -142,7 +186,7 @@ def _llm_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
 
 
 def _vision_base(bundle: Path, m: manifest.Manifest) -> manifest.Variant:
-    bases = m.find("vision", precisions=("fp32",), fmt="onnx")
+    bases = [v for v in m.find("vision", precisions=("fp32",), fmt="onnx") if v.token_reduction is None]
     if not bases:
         raise UserError("the bundle has no fp32 vision ONNX to quantize from; export one first: "
                         f"llava-edge export --model MODEL --out {bundle} --target onnx")
@@ -164,6 +208,7 @@ class _Job:
         self._check: tuple[np.ndarray, str] | None = None
         self._graphs: dict[bool, tuple[object, dict]] = {}
         self.vision_base: manifest.Variant | None = None
+        self._reduced: dict[tuple, tuple[object, dict]] = {}
 
     # -- the bookkeeping every variant shares ---------------------------------------------------------------
     def _produce(self, kind: str, name: str, precision: str, file: str, options: dict, label: str,
@@ -279,6 +324,85 @@ class _Job:
                 self.log(f"warning: vision {name} moves some image tokens far from fp32 "
                          f"(worst cosine {c['min_cosine']:.4f}); check answers with it before using it")
 
+    # -- reduced image tokens ---------------------------------------------------------------------------------
+    def reduced_graph(self, r, projector: str | Path | None) -> tuple[object, dict]:
+        """(the fp32 graph with ``r`` spliced in, what it was made from): kept for the run's other types."""
+        from . import image_tokens as splice
+
+        key = (r, str(projector))
+        if key not in self._reduced:
+            made = {"reduction": r.to_dict(), "base_sha256": self.vision_base.sha256}
+            weights = None
+            if projector is not None:
+                weights, made["projector_sha256"] = splice.read_projector(projector, r)
+            model, _ = self.graph(False)
+            self._reduced[key] = (splice.splice(model, r, weights), made)
+        model, made = self._reduced[key]
+        import onnx
+
+        return onnx.ModelProto.FromString(model.SerializeToString()), made
+
+    def reduced_variant(self, name: str, r, base: manifest.Variant, block_size: int, optimize: bool,
+                        projector: str | Path | None) -> None:
+        """``name`` (fp32, fp16, int8, ...) of the vision graph reduced by ``r``: ``int8-pool144[-tuned]``."""
+        from llava_edge.export.vision_fp16 import save_onnx, to_fp16
+
+        full_name = f"{name}-{r.label}" + ("-tuned" if projector is not None else "")
+        fused = optimize and name not in ("fp16", "fp32")
+        _, made = self.reduced_graph(r, projector)
+        options = {**made, "type": name, "optimize": "clip" if fused else None}
+        if name == "int4":
+            options["block_size"] = block_size
+        if name == "int8-static":
+            options["calibration"] = self.calibration()[2]
+
+        def make(path: Path) -> dict:
+            model, _ = self.reduced_graph(r, projector)
+            record: dict = {"type": name, "image_tokens": r.tokens, "token_reduction": r.to_dict()}
+            if projector is not None:
+                record["projector"] = {"from": str(projector), "sha256": made["projector_sha256"]}
+            if name == "fp32":
+                save_onnx(model, path)
+            elif name == "fp16":
+                fp16, kept = to_fp16(model)
+                save_onnx(fp16, path)
+                record.update(method="fp16, LayerNorm/Softmax in fp32", **kept)
+            else:
+                stats = {}
+                if fused:
+                    model, stats = vision_quant.optimize_clip(model)
+                if name == "int8":
+                    record.update(vision_quant.quantize_int8_dynamic(model, path))
+                elif name == "int8-static":
+                    pixels, source, _ = self.calibration()
+                    record.update(vision_quant.quantize_int8_static(model, path, pixels), calibrated_on=source)
+                else:
+                    record.update(vision_quant.quantize_int4(model, path, block_size))
+                if fused:
+                    record["fused"] = stats
+            pixels, where = self.check_pixels()
+            if name == "fp32":
+                got = vision_quant._run(path, pixels)
+                if got.shape[1] != r.tokens or not np.isfinite(got).all():
+                    raise UserError(f"the reduced graph gives {got.shape[1]} tokens (finite: "
+                                    f"{bool(np.isfinite(got).all())}), not {r.tokens}")
+                record["quality"] = {"against": "none", "images": int(len(pixels)), "on": where,
+                                     "checked": "runs, gives the reduced token count, finite"}
+            else:
+                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                    ref = Path(tmp) / "reference.onnx"
+                    save_onnx(self.reduced_graph(r, projector)[0], ref)
+                    cos = vision_quant.compare_to_reference(ref, path, pixels)
+                record["quality"] = {"against": "fp32", "reference": f"fp32-{r.label}", **cos, "on": where}
+            return record
+
+        precision = "fp32" if name == "fp32" else vision_quant.PRECISION[name]
+        v = self._produce("vision", full_name, precision, vision_quant.vision_file_name(full_name), options,
+                          f"{r.tokens} image tokens by {r.method} ({_describe(r)}) from {base.file}"
+                          + (f", projector {projector}" if projector is not None else ""), make)
+        if v is not None:
+            self.log(f"vision {full_name}: {v.size / 1e6:.2f} MB, {r.tokens} image tokens of {r.full}")
+
     # -- TensorRT's INT8 calibration cache --------------------------------------------------------------------
     def tensorrt_calibration(self, base: manifest.Variant) -> None:
         """``tensorrt.int8.calib``, read by ``export --target tensorrt --int8``.
@@ -320,6 +444,12 @@ class _Job:
         except OSError as e:
             raise UserError(f"could not write {path}: {_os_error(e)}") from None
         self.outcomes.append(Outcome("tensorrt", "int8-calibration", file, path.stat().st_size, made=True))
+
+
+def _describe(r) -> str:
+    if r.method == "pool":
+        return f"{r.grid}x{r.grid} averaged to {r.pool[0]}x{r.pool[1]}"
+    return f"{r.dominant} dominant + {r.contextual} contextual"
 
 
 def _os_error(e: OSError) -> str:

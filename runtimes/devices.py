@@ -158,6 +158,32 @@ def llama_capabilities(info: str | None = None) -> tuple[bool, tuple[str, ...]]:
     return bool(llama_cpp.llama_supports_gpu_offload()), backends
 
 
+AMX_CPU_FEATURE = "AMX_INT8"
+EXTRA_BUFFERS_ENV = "LLAVA_EDGE_LLAMA_EXTRA_BUFFERS"
+
+
+def extra_buffers(features: tuple[str, ...], env: dict | None = None) -> tuple[bool, str]:
+    """Whether llama.cpp may load weights into its extra buffer types (``use_extra_bufts``), and why.
+
+    Off where its CPU backend has AMX: llama.cpp then moves Q4_0/Q4_1/Q8_0/K-quant weights into AMX
+    buffers, and its AMX matrix product crashed the process here (segmentation fault in
+    ``ggml_backend_amx_mul_mat`` on the first ``llama_decode`` of a Q8_0 GGUF with 128-wide rows, llama-cpp-python
+    0.3.36 on a Xeon with AMX_INT8; llama.cpp#20824 reports the same crash, #16315 wrong Q4_0/Q4_1 results).
+    Turning them off also turns off CPU_REPACK's interleaved layouts. ``$LLAVA_EDGE_LLAMA_EXTRA_BUFFERS`` = 1 or 0
+    decides instead.
+    """
+    env = os.environ if env is None else env
+    asked = (env.get(EXTRA_BUFFERS_ENV) or "").strip()
+    if asked in ("0", "1"):
+        return asked == "1", f"${EXTRA_BUFFERS_ENV}={asked}"
+    if asked:
+        raise UserError(f"${EXTRA_BUFFERS_ENV} must be 0 or 1, not {asked!r}")
+    if AMX_CPU_FEATURE in features:
+        return False, (f"off because llama.cpp's CPU backend has {AMX_CPU_FEATURE}, whose kernels crashed on small "
+                       f"models (llama.cpp#20824); ${EXTRA_BUFFERS_ENV}=1 turns them on")
+    return True, "llama.cpp's default (no AMX in its CPU backend)"
+
+
 def llama_cpu_features(info: str) -> tuple[str, ...]:
     """The features llama.cpp's CPU backend was built to use (``NAME = 1`` after ``CPU :`` in ``info``)."""
     cpu = info.split("CPU :", 1)[1] if "CPU :" in info else ""
@@ -286,6 +312,61 @@ def vision_quality_problem(v: Variant) -> str | None:
     return None
 
 
+def reduced_problem(v: Variant) -> str | None:
+    """A reduced-token vision variant is never picked unasked: it changes what the model sees."""
+    r = v.token_reduction
+    return None if r is None else f"it gives {r.tokens} image tokens of {r.full} (ask for it with --image-tokens)"
+
+
+def choose_reduced(m: Manifest, tokens: int | None, method: str | None, preference: tuple[str, ...],
+                   problem: Callable[[Variant], str | None]) -> tuple[Variant, str]:
+    """The vision variant giving ``tokens`` image positions (by ``method`` if given), and why.
+
+    Among those, what decides accuracy first: a projector fine-tuned for the reduction, then the least accuracy
+    lost in the variant's drift record (``drift --record``), else ``pool`` before ``dominant`` (training-free
+    on the trained toy, pooling lost 2.0 / 9.5 points at 32 / 16 of 64 tokens, selection 14.0 / 19.5: see
+    docs/BENCHMARKS.md; VisionZip reports the opposite on LLaVA-1.5, so measure a real model with drift);
+    then speed: a type within its quality limit, in the profile's type order (``int8-pool144`` is int8).
+    """
+    from llava_edge.image_tokens import METHODS
+
+    full = int(m.vision["num_image_tokens"])
+    if method is not None and method not in METHODS:
+        raise UserError(f"unknown --token-method {method!r}; valid: {', '.join(METHODS)}")
+    if tokens is not None and tokens == full and method is None:
+        return choose_variant(m, "vision", None, preference, lambda v: problem(v) or reduced_problem(v),
+                              "--vision-variant")
+    found = [v for v in m.find("vision") if v.token_reduction is not None
+             and (tokens is None or v.token_reduction.tokens == tokens)
+             and (method is None or v.token_reduction.method == method)]
+    have = sorted({f"{v.token_reduction.tokens} ({v.token_reduction.method})" for v in m.find("vision")
+                   if v.token_reduction is not None})
+    asked = " ".join(x for x in (f"{tokens} image tokens" if tokens else "", f"by {method}" if method else "") if x)
+    if not found:
+        raise UserError(f"the bundle has no vision variant with {asked}; it has "
+                        f"{', '.join(have) or 'only the full ' + str(full)} (make one: llava-edge quantize BUNDLE "
+                        f"--image-tokens {tokens or 'K'} --token-method {method or 'pool'})")
+    usable = [v for v in found if not problem(v)]
+    if not usable:
+        raise UserError(f"no vision variant with {asked} can run here: "
+                        + "; ".join(f"{v.name}: {problem(v)}" for v in found))
+
+    def rank(v: Variant) -> tuple:
+        kind = v.extra.get("type", v.precision)
+        pref = preference.index(kind) if kind in preference else len(preference)
+        drops = [r.get("accuracy_drop_points") for r in m.drift_records(v).values()]
+        drops = [d for d in drops if isinstance(d, (int, float)) and not isinstance(d, bool)]
+        drop = min(drops) if drops else None
+        return ("projector" not in v.extra, drop if isinstance(drop, (int, float)) else float("inf"),
+                METHODS.index(v.token_reduction.method), vision_quality_problem(v) is not None, pref)
+
+    v = min(usable, key=rank)
+    why = (f"asked for {asked}; of {', '.join(x.name for x in found)}: a projector tuned for the reduction first, "
+           "then the least accuracy lost in the bundle's drift record (else pool before dominant), then a type "
+           f"within its quality limit in the profile's order {' > '.join(preference)}")
+    return v, why
+
+
 def choose_variant(m: Manifest, kind: str, requested: str | None, preference: tuple[str, ...],
                    problem: Callable[[Variant], str | None], flag: str) -> tuple[Variant, str]:
     """The variant of ``kind`` to load and why.
@@ -352,6 +433,8 @@ class RuntimePlan:
     ctx_why: str
     kv_cache: str
     notes: list[str] = field(default_factory=list)
+    extra_buffers: bool = True  # llama.cpp's use_extra_bufts: repacked (AMX, CPU_REPACK) weight layouts
+    extra_buffers_why: str = "llama.cpp's default"
 
     def provider_names(self) -> list[str]:
         return [p if isinstance(p, str) else p[0] for p in self.providers]
@@ -380,6 +463,7 @@ class RuntimePlan:
             f"threads: {self.threads} - {self.threads_why}",
             f"llama.cpp batch: {self.n_batch} (micro-batch {self.n_ubatch}) - profile {self.profile.name}",
             f"context: {self.n_ctx} tokens - {self.ctx_why}; KV cache {self.kv_cache}",
+            f"llama.cpp repacked weight layouts: {'on' if self.extra_buffers else 'off'} - {self.extra_buffers_why}",
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -458,7 +542,8 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
                  llm_variant: str | None = None, hardware: Hardware | None = None, threads: int = 0,
                  n_gpu_layers: int | None = None, n_ctx: int | None = None, n_batch: int | None = None,
                  vision_providers: list[Provider] | None = None, kv_cache: str = "f16",
-                 trt_platform: Callable[[], dict] | None = None) -> RuntimePlan:
+                 trt_platform: Callable[[], dict] | None = None, image_tokens: int | None = None,
+                 token_method: str | None = None) -> RuntimePlan:
     """Choose profile, variants, providers, offload, threads, batch and context for the bundle ``m``.
 
     Explicit arguments override the profile (each says so in the explanation);
@@ -489,8 +574,16 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     if cpu_only_onnx:  # an ONNX graph would run on the CPU provider anyway: prefer what the CPU runs best
         vision_preference = (tuple(n for n in profile.vision_preference if n.startswith("trt-"))
                              + PROFILES["cpu"].vision_preference)
-    vision, vision_why = choose_variant(m, "vision", vision_variant, vision_preference, vision_problem,
-                                        "--vision-variant")
+    if image_tokens is not None or token_method is not None:
+        if vision_variant:
+            raise UserError("--vision-variant names one variant; --image-tokens/--token-method choose among the "
+                            "reduced ones: pass one or the other")
+        vision, vision_why = choose_reduced(m, image_tokens, token_method, vision_preference, vision_problem)
+    else:
+        vision, vision_why = choose_variant(
+            m, "vision", vision_variant, vision_preference,
+            vision_problem if vision_variant else (lambda v: vision_problem(v) or reduced_problem(v)),
+            "--vision-variant")
     if cpu_only_onnx and not vision_variant:
         vision_why += f" (this onnxruntime has no {' or '.join(gpu_providers)}: ONNX variants as for the CPU)"
     lm_on_cpu = n_gpu_layers == 0 if n_gpu_layers is not None else not (profile.gpu_offload and hw.llama_gpu_offload)
@@ -548,7 +641,9 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     if batch < 1:
         raise UserError(f"the batch size must be positive, not {batch}")
     ubatch = min(batch, profile.n_ubatch)
-    return RuntimePlan(profile=profile, profile_why=profile_why, hardware=hw, vision=vision, vision_why=vision_why,
+    extra, extra_why = extra_buffers(hw.llama_cpu_features)
+    return RuntimePlan(extra_buffers=extra, extra_buffers_why=extra_why,
+                       profile=profile, profile_why=profile_why, hardware=hw, vision=vision, vision_why=vision_why,
                        vision_backend=backend, providers=providers, providers_why=providers_why, llm=llm,
                        llm_why=llm_why, n_gpu_layers=layers, offload_why=offload_why, threads=n_threads,
                        threads_why=threads_why, n_batch=batch, n_ubatch=ubatch, n_ctx=ctx, ctx_why=ctx_why,

@@ -50,6 +50,7 @@ class LlamaOptions:
     kv_cache: str = "f16"  # llama.cpp's default; "f32" for exact parity with an f32 reference
     n_seq: int = 1  # sequences decoded side by side, each with a context of n_ctx
     verbose: bool = False
+    extra_buffers: bool | None = None  # llama.cpp's use_extra_bufts; None: devices.extra_buffers decides
 
 
 class ImageSlot(NamedTuple):
@@ -83,6 +84,12 @@ class LlamaText:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = o.n_gpu_layers
+        if o.extra_buffers is None:
+            from .devices import extra_buffers, llama_cpu_features, llama_system_info
+
+            mp.use_extra_bufts = extra_buffers(llama_cpu_features(llama_system_info()))[0]
+        else:
+            mp.use_extra_bufts = o.extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mp)
         if not self.model:
             raise UserError(f"llama.cpp could not load {gguf_path}")

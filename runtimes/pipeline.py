@@ -121,7 +121,8 @@ class EdgeLLaVA:
                  vision_providers: list | None = None, kv_cache: str = "f16", device: str = "auto",
                  n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
                  prefix_cache: bool = True, cache_images: bool | None = None, conv_mode: str | None = None,
-                 verify: bool = True, parallel: int = 1):
+                 verify: bool = True, parallel: int = 1, image_tokens: int | None = None,
+                 token_method: str | None = None):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -129,7 +130,7 @@ class EdgeLLaVA:
         self.plan: RuntimePlan = plan_runtime(
             m, device, vision_variant=vision_variant, llm_variant=llm_variant, hardware=hardware, threads=threads,
             n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, vision_providers=vision_providers,
-            kv_cache=kv_cache,
+            kv_cache=kv_cache, image_tokens=image_tokens, token_method=token_method,
         )
         self.vision_variant = self.plan.vision
         self.llm_variant = self.plan.llm
@@ -154,7 +155,8 @@ class EdgeLLaVA:
             self.vision = VisionEncoder(vision_file, self.plan.providers, self.plan.threads)
         p = self.plan
         opts = LlamaOptions(n_ctx=p.n_ctx, n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=p.threads,
-                            n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache, n_seq=parallel)
+                            n_gpu_layers=p.n_gpu_layers, kv_cache=kv_cache, n_seq=parallel,
+                            extra_buffers=p.extra_buffers)
         llm_file = bundle_manifest.bundle_file(self.bundle, self.llm_variant.file)
         self.llm = LlamaText(llm_file, opts)
         vision_identity = {"sha256": self.vision_variant.sha256, "backend": p.vision_backend,
@@ -164,7 +166,8 @@ class EdgeLLaVA:
                              if prefix_cache else None)
         # the last prompt's saved-cache bookkeeping; cells through its image are written after the answer
         self._reuse: Reuse | None = None
-        self.n_image_tokens = _manifest_int(m.vision, "num_image_tokens", "vision")
+        _manifest_int(m.vision, "num_image_tokens", "vision")
+        self.n_image_tokens = m.image_tokens(self.vision_variant)  # fewer for a reduced-token variant
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
@@ -204,7 +207,9 @@ class EdgeLLaVA:
         on the CPU), ``conv_mode`` (prompt with another of LLaVA's conversation modes than the
         bundle's), ``verify`` (False: do not check the loaded files against the manifest's sha256;
         see ``llava_edge/integrity.py``), ``parallel`` (sequences in the llama.cpp context, each with
-        ``n_ctx`` positions: ``serve`` answers that many requests at once; ``chat`` uses the first).
+        ``n_ctx`` positions: ``serve`` answers that many requests at once; ``chat`` uses the first),
+        ``image_tokens`` / ``token_method`` (a reduced-token vision variant giving that many image
+        positions, see ``llava_edge/image_tokens.py``; never chosen unless asked for).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
@@ -225,8 +230,34 @@ class EdgeLLaVA:
         tok = self.tokenizer.settings
         tokenizer = (f"{tok.kind} ({'legacy' if tok.legacy else 'non-legacy'} word starts, "
                      f"BOS {'added' if tok.add_bos else 'not added'})")
-        return (self.plan.explain(running) + f"\nconversation mode: {mode}\ntokenizer: {tokenizer}"
-                + f"\nsaved KV caches: {saved}")
+        return (self.plan.explain(running) + f"\nimage tokens: {self._explain_tokens()}\nconversation mode: {mode}"
+                + f"\ntokenizer: {tokenizer}\nsaved KV caches: {saved}")
+
+    def _explain_tokens(self) -> str:
+        """How many positions an image takes, and for a reduced-token variant what drift measured it costs."""
+        v, m = self.vision_variant, self.manifest
+        r = v.token_reduction
+        if r is None:
+            return f"{self.n_image_tokens} (every patch of the feature layer)"
+        how = (f"{r.grid}x{r.grid} patches averaged to {r.pool[0]}x{r.pool[1]}" if r.method == "pool" else
+               f"{r.dominant} patches the class token attends to most + {r.contextual} merged from the rest")
+        how += ", projector tuned for it" if "projector" in v.extra else ", training-free"
+        records = m.drift_records(v)
+        if not records:
+            return (f"{r.tokens} of {r.full} ({how}); accuracy cost not measured: llava-edge drift {self.bundle} "
+                    f"--reference MODEL --variants {v.name}:{self.llm_variant.name} --record")
+        other, rec = (self.llm_variant.name, records[self.llm_variant.name]) if self.llm_variant.name in records \
+            else next(iter(records.items()))
+
+        def pct(x):
+            return "?" if not isinstance(x, (int, float)) else f"{100 * x:.1f}%"
+
+        drop = rec.get("accuracy_drop_points")
+        cost = (f"accuracy {rec.get('accuracy', 0) * 100:.1f}% ({0.0 - drop:+.1f} points against the full reference)"
+                if isinstance(drop, (int, float)) else "no gold answers")
+        return (f"{r.tokens} of {r.full} ({how}); measured with {other} on {rec.get('questions')} questions "
+                f"({rec.get('eval')}, {rec.get('date')}): {cost}, answers as the reference's "
+                f"{pct(rec.get('answer_agreement'))}, mean KL {rec.get('kl_mean', float('nan')):.3g}")
 
     # -- image ---------------------------------------------------------------
     def image_embeddings(self, image: ImageInput) -> tuple[str, np.ndarray]:

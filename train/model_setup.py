@@ -93,8 +93,9 @@ def setup_stage2(model, lr: float, lora: dict | None = None, projector_lr: float
     return model, [{"params": params, "lr": lr}]
 
 
-def save_projector(model, out: Path, state_dict: dict | None = None) -> Path:
-    """``mm_projector.safetensors`` (+ its config), as LLaVA's stage 1 hands to stage 2."""
+def save_projector(model, out: Path, state_dict: dict | None = None, token_reduction: dict | None = None) -> Path:
+    """``mm_projector.safetensors`` (+ its config), as LLaVA's stage 1 hands to stage 2. ``token_reduction``:
+    the reduced image tokens it was tuned for (``quantize --image-tokens K --projector`` checks it)."""
     from safetensors.torch import save_file
 
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -106,11 +107,14 @@ def save_projector(model, out: Path, state_dict: dict | None = None) -> Path:
     if not tensors:
         raise UserError("the model has no multi_modal_projector weights to save")
     save_file(tensors, str(out / PROJECTOR_FILE))
-    (out / PROJECTOR_CONFIG).write_text(json.dumps({
+    config = {
         "projector_type": projector_type(model),
         "vision_hidden_size": model.config.vision_config.hidden_size,
         "text_hidden_size": model.config.text_config.hidden_size,
-    }, indent=2))
+    }
+    if token_reduction is not None:
+        config["token_reduction"] = token_reduction
+    (out / PROJECTOR_CONFIG).write_text(json.dumps(config, indent=2))
     return out / PROJECTOR_FILE
 
 

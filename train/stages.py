@@ -42,15 +42,23 @@ def _load(model: str, dtype: str = "float32"):
     return ckpt, m, Tokenizer(ckpt.path)
 
 
-def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_length: int, skip_bad: bool, log):
+def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_length: int, skip_bad: bool, log,
+             image_tokens: int | None = None, images_only: bool = False):
     from dataclasses import replace
 
     records, skipped = load_records(data, image_folder, skip_bad=skip_bad)
     if skipped:
         log(f"skipped {skipped} bad record(s) of {skipped + len(records)}")
+    if images_only:  # a text-only record gives the projector no gradient
+        text_only = sum(r.image is None for r in records)
+        records = [r for r in records if r.image is not None]
+        if text_only:
+            log(f"left out {text_only} text-only record(s): only the projector learns")
+        if not records:
+            raise UserError("no record has an image: the projector has nothing to learn from")
     spec = replace(ckpt.image_spec(), pad=pad)
     ds = LlavaDataset(records, get_template(template), tok, model.config.image_token_index,
-                      ckpt.num_image_tokens(), spec, max_length)
+                      image_tokens or ckpt.num_image_tokens(), spec, max_length)
     if ds.mismatched:
         log(f"{len(ds.mismatched)} record(s) teach nothing: LLaVA's label rule finds their rounds do not add up "
             f"(\"tokenization mismatch\") and ignores every label, as LLaVA does; first: "
@@ -95,12 +103,35 @@ def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_t
 
 def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: str | None = None,
            pad: str = "pad", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
-           conv_mode: str = "vicuna_v1", log=print) -> Path | None:
+           conv_mode: str = "vicuna_v1", image_tokens: int | None = None, token_method: str = "pool",
+           tune: str = "all", log=print) -> Path | None:
+    """``image_tokens``: train with the image reduced to that many tokens by ``token_method``
+    (``llava_edge/image_tokens.py``); ``tune="projector"``: only the projector learns, the recovery fine-tune of
+    a reduced-token variant (``quantize --image-tokens K --projector OUTPUT``)."""
     output = Path(output)
+    if tune not in ("all", "projector"):
+        raise UserError(f"unknown --tune {tune!r}: all (projector + language model) | projector")
     ckpt, m, tok = _load(model, load_dtype(cfg))
+    reduction = _reduction(m, image_tokens, token_method) if image_tokens else None
     if projector:  # before accelerate.prepare: under ZeRO-3 the parameters are still whole here
         model_setup.load_projector(m, projector)
-    ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log)
+    ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log,
+                  image_tokens=reduction.tokens if reduction else None, images_only=tune == "projector")
+    if tune == "projector":
+        if cfg.lora:
+            raise UserError("--tune projector trains the projector alone: drop --lora")
+        groups = model_setup.setup_stage1(m)  # everything frozen but the projector, as in stage 1
+        for g in groups:
+            g["lr"] = cfg.projector_lr or cfg.lr
+        _log_precision(m, cfg, upcast_trainable(m, cfg), log)
+        acc, trained = train(m, groups, ds, cfg, output, tok.pad_id, resume=resume, stop_after=stop_after, log=log)
+        if trained is None:
+            return None
+        sd = acc.get_state_dict(trained)  # every process takes part in gathering partitioned weights
+        if acc.is_main_process:
+            model_setup.save_projector(acc.unwrap_model(trained), output, sd,
+                                       token_reduction=reduction.to_dict() if reduction else None)
+        return output
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.lora else None
     m, groups = model_setup.setup_stage2(m, cfg.lr, lora, cfg.projector_lr)
     _log_precision(m, cfg, upcast_trainable(m, cfg), log)
@@ -118,6 +149,17 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
         return output / "adapter"
     _save_full(acc, trained, ckpt, output, conv_mode, pad)
     return output
+
+
+def _reduction(m, image_tokens: int, method: str):
+    """The reduction to train with, installed into ``m``; checked against the model's patch grid."""
+    from llava_edge import image_tokens as it
+
+    vc = m.config.vision_config
+    grid = int(vc.image_size) // int(vc.patch_size)
+    r = it.plan(method, image_tokens, grid)
+    it.install(m, r)
+    return r
 
 
 def merge_lora(base: str, adapter: str, output, log=print) -> Path:

@@ -77,6 +77,14 @@ def quantize(
                                   "optimizer) before int8/int4; the result runs in onnxruntime only"),
     trt_calib_cache: bool = typer.Option(False, "--trt-calib-cache", help="Also write TensorRT's INT8 calibration "
                                          "cache for `export --target tensorrt --int8` (needs TensorRT)"),
+    image_tokens: Optional[str] = typer.Option(None, "--image-tokens", help="Reduced-token vision variants: token "
+                                               "counts, comma-separated (e.g. 144,64); --vision types (default "
+                                               "fp32) are made for each, named TYPE-METHODK (int8-pool144)"),
+    token_method: str = typer.Option("pool", "--token-method", help="How tokens are reduced, comma-separated: pool "
+                                     "(average the patch grid) | dominant (class-token attention + merged context)"),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="A projector fine-tuned for the reduced "
+                                             "tokens (train stage2 --image-tokens K --tune projector): variants "
+                                             "named ...-tuned"),
     no_wait: o.NoWait = False,
 ):
     """Add quantized variants (llama.cpp GGUF types, int8/int4/fp16 ONNX) to a bundle; finished ones are kept."""
@@ -84,7 +92,8 @@ def quantize(
 
     outcomes = quantize_bundle(bundle, llm, vision, calib_images=calib_images, calib_count=calib_count,
                                threads=threads, block_size=block_size, optimize=optimize,
-                               trt_calib_cache=trt_calib_cache, wait=not no_wait, log=say)
+                               trt_calib_cache=trt_calib_cache, image_tokens=image_tokens,
+                               token_method=token_method, projector=projector, wait=not no_wait, log=say)
     for out in outcomes:
         state = "new" if out.made else "up to date"
         say(f"  {out.kind:8} {out.name:16} {out.file:28} {out.size / 1e6:8.2f} MB  {state}"

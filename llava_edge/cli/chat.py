@@ -17,6 +17,8 @@ def chat(
     bundle: o.Bundle = None,
     device: o.Device = "auto",
     vision_variant: o.VisionVariant = None,
+    image_tokens: o.ImageTokens = None,
+    token_method: o.TokenMethod = None,
     llm_variant: o.LlmVariant = None,
     explain: bool = typer.Option(False, "--explain", help="Print what was chosen (profile, variants, providers, "
                                  "offload, threads, context) and why, on stderr; without a prompt, then exit"),
@@ -47,6 +49,7 @@ def chat(
     if image is not None:
         load_image(image)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
+                       image_tokens=image_tokens, token_method=token_method,
                        threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
                        prefix_cache=not no_prefix_cache, conv_mode=conv_mode, verify=not no_verify)
     if explain:

@@ -28,7 +28,11 @@ def drift(
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for drift.json, drift.md and drift.png "
                                           "(default: print the table)"),
     fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when one of these gates fails: f16, q8_0, "
-                                          "q4_k_m, all"),
+                                          "q4_k_m, tokens (reduced image tokens), all"),
+    gate_limit: Optional[str] = typer.Option(None, "--gate-limit", help="Change gates' limits: GATE.LIMIT=VALUE, "
+                                             "comma-separated (e.g. tokens.accuracy_drop_max=2); see docs/DRIFT.md"),
+    record: bool = typer.Option(False, "--record", help="Write each pair's outcome into the bundle's manifest "
+                                "(chat --explain shows it; the device profiles read it)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions"),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Longest answer, in tokens"),
     kv_cache: str = typer.Option("f16", "--kv-cache", help="llama.cpp KV cache: f16 (its default, what devices "
@@ -52,7 +56,7 @@ def drift(
         _, failed = drift_bundle(bundle, reference, eval_file=eval_file, eval_format=eval_format,
                                  image_folder=image_folder, variants=variants, report=report, fail_on=fail_on,
                                  limit=limit, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads,
-                                 eval_source=source, log=say)
+                                 eval_source=source, gate_limit=gate_limit, record=record, log=say)
     if failed:
         raise typer.Exit(1)
 

@@ -13,6 +13,11 @@ Bundle = Annotated[Optional[Path], typer.Option("--bundle", help="Default: $LLAV
 Device = Annotated[str, typer.Option("--device", help="Device profile: auto (detect) | cpu | laptop-gpu | jetson")]
 VisionVariant = Annotated[Optional[str], typer.Option("--vision-variant", help="Vision variant by name (fp32, fp16, "
                                                       "int8, int8-static, int4, trt-fp16...); default: the profile's")]
+ImageTokens = Annotated[Optional[int], typer.Option("--image-tokens", help="Use a reduced-token vision variant "
+                                                   "giving this many image positions (made by quantize "
+                                                   "--image-tokens); never chosen unless asked for")]
+TokenMethod = Annotated[Optional[str], typer.Option("--token-method", help="With --image-tokens: pool | dominant "
+                                                   "(default: a tuned projector, then the bundle's drift record, then pool)")]
 LlmVariant = Annotated[Optional[str], typer.Option("--llm-variant", help="Language-model variant by name (f32, f16, "
                                                    "q8_0, q4_k_m...); default: the profile's")]
 Threads = Annotated[int, typer.Option("--threads", help="llama.cpp threads; 0: the profile's (one per physical "

@@ -93,6 +93,12 @@ def train_stage2(
     conv_mode: str = typer.Option("vicuna_v1", "--conv-mode", help="LLaVA's --version: the conversation mode the "
                                   "records are rendered and masked with (LLaVA-1.5: v1 = vicuna_v1); recorded in "
                                   "the output for export and chat"),
+    image_tokens: Optional[int] = typer.Option(None, "--image-tokens", help="Train with each image reduced to this "
+                                               "many tokens (see quantize --image-tokens)"),
+    token_method: str = typer.Option("pool", "--token-method", help="With --image-tokens: pool | dominant"),
+    tune: str = typer.Option("all", "--tune", help="all (projector + language model) | projector (the recovery "
+                             "fine-tune of a reduced-token variant: writes OUTPUT/mm_projector.safetensors for "
+                             "quantize --projector)"),
 ):
     """Stage 2, visual instruction tuning: projector + language model (or LoRA) learn."""
     from ..train import stages
@@ -102,9 +108,11 @@ def train_stage2(
                         lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr)
     _check_train_mode(conv_mode)
     out = stages.stage2(model, data, image_folder, output, cfg, projector=projector, pad=image_aspect,
-                        resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode, log=say)
+                        resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode,
+                        image_tokens=image_tokens, token_method=token_method, tune=tune, log=say)
     if out:
-        say(f"stage 2 done: {out}")
+        say(f"stage 2 done: {out}" + (f" (projector: {out / 'mm_projector.safetensors'})" if tune == "projector"
+                                      else ""))
 
 
 def _check_train_mode(conv_mode: str) -> None:

@@ -16,11 +16,19 @@ vision precision (a more precise vision graph is no excuse for missing it):
 
 "Unchanged" accuracy means the variant's accuracy equals the reference's.
 Accuracy limits apply only where the evaluation set has gold answers.
+
+A reduced-token vision variant (``quantize --image-tokens``) feeds the language
+model fewer positions than the reference: its answers are expected to move, so
+the precision gates above do not cover it. The ``tokens`` gate does: task
+accuracy drop <= 5 points (VisionZip's training-free LLaVA-1.5 results at 64 of
+576 tokens stay within a few points on most benchmarks). Its limits, and every
+other gate's, can be set with ``--gate-limit tokens.accuracy_drop_max=2`` (and
+``answer_agreement_min``, ``kl_mean_max``, ``top1_min``, ``vision_cos_min``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from llava_edge.errors import UserError
 
@@ -35,9 +43,12 @@ class Gate:
     vision_cos_min: float | None = None  # the worst image token's cosine
     accuracy_drop_max: float | None = None  # points (percent of questions)
     accuracy_unchanged: bool = False
+    answer_agreement_min: float | None = None  # share of greedy answers equal to the reference's
+    reduced: bool = False  # covers reduced-token vision variants (and only those)
 
     def covers(self, pair: dict) -> bool:
-        return pair["llm_precision"] in self.llm and pair["vision_precision"] in self.vision
+        return (pair["llm_precision"] in self.llm and pair["vision_precision"] in self.vision
+                and bool(pair.get("token_reduction")) == self.reduced)
 
     def check(self, pair: dict) -> list[dict]:
         """One entry per limit: metric, value, limit, ok (None when the metric was not measured)."""
@@ -54,6 +65,8 @@ class Gate:
             add("kl_mean", t.get("kl_mean"), "<=", self.kl_mean_max)
         if self.vision_cos_min is not None:
             add("vision_cos_min", v.get("cos_min"), ">=", self.vision_cos_min)
+        if self.answer_agreement_min is not None:
+            add("answer_agreement", pair.get("answer_agreement"), ">=", self.answer_agreement_min)
         drop = pair.get("accuracy_drop_points")
         if self.accuracy_unchanged:
             add("accuracy_change_points", None if drop is None else abs(drop), "<=", 0.0)
@@ -69,11 +82,39 @@ GATES: dict[str, Gate] = {g.name: g for g in (
          accuracy_drop_max=2.0),
     Gate("q4_k_m", llm=("q4_k_m",), vision=("fp32", "fp16", "int8", "int4"), kl_mean_max=0.05,
          accuracy_drop_max=5.0),
+    Gate("tokens", llm=("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                        "q4_1", "q4_0", "iq4_nl", "iq4_xs"),
+         vision=("fp32", "fp16", "int8", "int4"), accuracy_drop_max=5.0, reduced=True),
 )}
+LIMITS = ("top1_min", "kl_mean_max", "vision_cos_min", "accuracy_drop_max", "answer_agreement_min")
 
 
-def parse_fail_on(text: str | None, pairs: list[tuple[str, str]]) -> list[str]:
-    """``"f16,q8_0"`` or ``"all"`` -> the gate names to fail on, for the (vision, llm) precision ``pairs`` measured.
+def with_limits(text: str | None, gates: dict[str, Gate] | None = None) -> dict[str, Gate]:
+    """``"tokens.accuracy_drop_max=2, q8_0.kl_mean_max=0.02"`` -> the gates with those limits (``none`` drops one)."""
+    gates = dict(GATES if gates is None else gates)
+    for item in (x.strip() for x in (text or "").split(",")):
+        if not item:
+            continue
+        name, _, rest = item.partition(".")
+        metric, eq, value = rest.partition("=")
+        if not eq or name not in gates or metric not in LIMITS:
+            raise UserError(f"--gate-limit {item!r} is not GATE.LIMIT=VALUE with a gate of {', '.join(gates)} and a "
+                            f"limit of {', '.join(LIMITS)}")
+        if value.strip().lower() == "none":
+            number = None
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                raise UserError(f"--gate-limit {item!r}: {value!r} is not a number (or none)") from None
+            if number != number:
+                raise UserError(f"--gate-limit {item!r}: not a number")
+        gates[name] = replace(gates[name], **{metric: number})
+    return gates
+
+
+def parse_fail_on(text: str | None, pairs: list[tuple[str, str, bool]]) -> list[str]:
+    """``"f16,q8_0"`` or ``"all"`` -> the gate names to fail on, for the (vision, llm precision, reduced) ``pairs``.
 
     ``all`` means every gate that covers a measured pair. A gate named
     explicitly must cover one (else the CI check would pass vacuously): a
@@ -91,24 +132,26 @@ def parse_fail_on(text: str | None, pairs: list[tuple[str, str]]) -> list[str]:
         g = GATES[name]
         if not _covers_any(g, pairs):
             raise UserError(f"gate {name} covers none of the variant pairs measured (it needs a language model "
-                            f"{'/'.join(g.llm)} with vision {'/'.join(g.vision)}); add such a pair or drop the gate")
+                            f"{'/'.join(g.llm)} with {'a reduced-token ' if g.reduced else ''}vision "
+                            f"{'/'.join(g.vision)}); add such a pair or drop the gate")
         if name not in names:
             names.append(name)
     return names
 
 
-def _covers_any(g: Gate, pairs: list[tuple[str, str]]) -> bool:
-    return any(g.covers({"vision_precision": v, "llm_precision": l}) for v, l in pairs)
+def _covers_any(g: Gate, pairs: list[tuple]) -> bool:
+    return any(g.covers({"vision_precision": p[0], "llm_precision": p[1],
+                         "token_reduction": p[2] if len(p) > 2 else None}) for p in pairs)
 
 
-def evaluate(pairs: list[dict]) -> list[dict]:
+def evaluate(pairs: list[dict], gates: dict[str, Gate] | None = None) -> list[dict]:
     """Every gate's verdict on every pair it covers: ``{gate, pair, ok, checks}``.
 
     ``ok`` is False when a measured limit is missed; limits not measured (no
     gold answers) do not decide.
     """
     out = []
-    for g in GATES.values():
+    for g in (GATES if gates is None else gates).values():
         for p in pairs:
             if g.covers(p):
                 checks = g.check(p)

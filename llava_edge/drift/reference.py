@@ -36,6 +36,8 @@ class ReferenceItem:
     answer: str
     logits: np.ndarray  # (len(answer_ids), vocab) float32: the logits each answer token was chosen from
     image_features: np.ndarray | None  # (image tokens, LM width) float32, what the projector gives the LM
+    # the same with a token reduction applied before the projector, by TokenReduction.label
+    reduced_features: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,11 +71,17 @@ def pick_device(device: str = "auto") -> tuple[str, str, str]:
 
 
 def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, chat_template: str | None = None, *,
-                      max_new_tokens: int = 32, device: str = "auto",
+                      max_new_tokens: int = 32, device: str = "auto", reductions: tuple = (),
                       log: Callable[[str], None] = print) -> Reference:
     """Run the Hugging Face model over ``items``, prompted in the bundle's conversation mode with the ids LLaVA's
-    evaluation gives (``<image>\\n`` + question, ``get_prompt``, ``tokenizer_image_token``)."""
+    evaluation gives (``<image>\\n`` + question, ``get_prompt``, ``tokenizer_image_token``).
+
+    ``reductions`` (``image_tokens.TokenReduction``): the image features are also computed with each applied,
+    what a reduced-token vision graph is compared with; the answers are always the full model's.
+    """
     import torch
+
+    from llava_edge.image_tokens import image_features
 
     from llava_edge.checkpoint import load_hf_model, resolve_model
     from llava_edge.preprocess import preprocess
@@ -93,7 +101,7 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     for item in items:
         ids = tok.encode_prompt(template.prompt(item.question, image=item.image is not None), img_id)
         kwargs = {}
-        feats = None
+        feats, reduced = None, {}
         full = ids
         if item.image is not None:
             full = expand_image(ids, img_id, [img_id] * n_img)
@@ -105,6 +113,8 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
                     vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
                 ).pooler_output
             feats = torch.stack(list(f))[0].float().cpu().numpy()
+            with torch.no_grad():
+                reduced = {r.label: image_features(hf, px, r)[0].float().cpu().numpy() for r in reductions}
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([full], device=dev), max_new_tokens=max_new_tokens,
                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_id or eos,
@@ -115,6 +125,6 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
         logits = torch.stack([s[0] for s in out.logits[: len(new)]]).float().cpu().numpy()
         answer = tok.decode(new)
         cut = [i for i in (answer.find(x) for x in template.stop) if i >= 0]  # where the runtime stops too
-        ref.items.append(ReferenceItem(ids, new, answer[:min(cut)] if cut else answer, logits, feats))
+        ref.items.append(ReferenceItem(ids, new, answer[:min(cut)] if cut else answer, logits, feats, reduced))
     del hf
     return ref

@@ -62,11 +62,14 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         images: list[dict] = []
         flips: list[dict] = []
         prompt_mismatch = 0
+        reduction = m.vision_variant.token_reduction
+        tuned = "projector" in m.vision_variant.extra  # its projector is not the reference's: no feature comparison
         for item, r in zip(eval_set.items, ref.items):
             key, emb = m.image_embeddings(item.image) if item.image is not None else (None, None)
-            if emb is not None and r.image_features is not None:
-                cosines.append(metrics.cosine_rows(emb, r.image_features))
-                rel_errors.append(metrics.relative_error(emb, r.image_features))
+            features = r.image_features if reduction is None else r.reduced_features.get(reduction.label)
+            if emb is not None and features is not None and not tuned:
+                cosines.append(metrics.cosine_rows(emb, features))
+                rel_errors.append(metrics.relative_error(emb, features))
                 images.append({"id": item.id, "cos_min": float(cosines[-1].min()),
                                "worst_token": int(cosines[-1].argmin()), "rel_error": rel_errors[-1]})
             parts = m.template.prompt(item.question, image=item.image is not None)
@@ -91,6 +94,9 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
     return {
         "vision": pair.vision, "llm": pair.llm,
         "vision_precision": v_var.precision, "llm_precision": l_var.precision,
+        "image_tokens": m.n_image_tokens,
+        "token_reduction": None if reduction is None else {**reduction.to_dict(), "tuned_projector": tuned},
+        "sha256": {"vision": v_var.sha256, "llm": l_var.sha256},
         "files": {"vision": v_var.file, "llm": l_var.file},
         "llm_tensor_types": l_var.extra.get("tensor_types"),
         "vision_drift": metrics.summarize_vision(cosines, rel_errors),
@@ -149,8 +155,9 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
         raise UserError(f"unknown --kv-cache {kv_cache!r} (f16 or f32)")
     m = bundle_manifest.read(bundle)
     pairs = pairs or parse_pairs(None, m)
+    reductions = tuple(dict.fromkeys(r for r in (m.variant("vision", p.vision).token_reduction for p in pairs) if r))
     ref = compute_reference(reference, eval_set.items, m.conv_mode, m.chat_template, max_new_tokens=max_tokens,
-                            device=device, log=log)
+                            device=device, reductions=reductions, log=log)
     ref_score = eval_set.score([r.answer for r in ref.items])
     notes = list(eval_set.notes)
     for note in source_notes(m.source or {}, ref, reference):
@@ -218,10 +225,13 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
                  eval_format: str = "auto", image_folder: str | Path | None = None, variants: str | None = None,
                  report: str | Path | None = None, fail_on: str | None = None, limit: int | None = None,
                  max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
-                 eval_source: str | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                 eval_source: str | None = None, gate_limit: str | None = None, record: bool = False,
+                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """What ``llava-edge drift`` does: check the arguments, measure, judge the gates, write the report.
 
-    ``eval_source``: how the report names the questions (default: the file's path).
+    ``eval_source``: how the report names the questions (default: the file's path). ``gate_limit``: limits
+    that replace the gates' (``gates.with_limits``). ``record``: write each pair's outcome into the bundle's
+    manifest (:func:`record_drift`), where ``chat --explain`` and the device profiles read it.
 
     Returns (the result, the failed verdicts of the gates named in ``fail_on``).
     Everything that can be checked before the (slow) measuring is checked first.
@@ -237,8 +247,10 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
         raise UserError("--limit must be at least 1")
     m = bundle_manifest.read(bundle)
     pairs = parse_pairs(variants, m)
+    limits = gates.with_limits(gate_limit)
     precision = {(v.kind, v.name): v.precision for v in m.variants}
-    names = gates.parse_fail_on(fail_on, [(precision[("vision", p.vision)], precision[("llm", p.llm)]) for p in pairs])
+    names = gates.parse_fail_on(fail_on, [(precision[("vision", p.vision)], precision[("llm", p.llm)],
+                                           m.variant("vision", p.vision).token_reduction is not None) for p in pairs])
     if eval_file is None:
         raise UserError("drift needs questions: --eval FILE (toy, ScienceQA or POPE format)")
     eval_set = read_eval(eval_file, eval_format, image_folder, limit)
@@ -246,7 +258,9 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
         eval_set.source = eval_source
     result = run_drift(bundle, reference, eval_set, pairs, max_tokens=max_tokens, kv_cache=kv_cache,
                        threads=threads, device=device, log=log)
-    result["gates"] = gates.evaluate(result["pairs"])
+    result["gates"] = gates.evaluate(result["pairs"], limits)
+    if record:
+        record_drift(bundle, result, log=log)
     diagnose_failures(bundle, result["pairs"], result["gates"])
     result["fail_on"] = names
     failed = gates.failures(result["gates"], names)
@@ -258,3 +272,37 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
     for v in failed:
         log(f"FAILED {gates.describe(v)}")
     return result, failed
+
+
+RECORD_KEYS = ("accuracy", "accuracy_drop_points", "answer_agreement")
+
+
+def record_drift(bundle: str | Path, result: dict, log: Callable[[str], None] = print) -> None:
+    """Write what drift measured into the manifest: on each vision and language-model variant of a measured pair,
+    ``drift[<the other variant's name>]`` = accuracy, its drop against the reference in points, answer agreement,
+    mean KL, top-1 agreement, the gates it passed or failed, the questions, the date, and the sha256 of both files
+    measured (a record whose files have changed since is not read: ``Manifest.drift_records``)."""
+    import datetime
+
+    from llava_edge import bundle_lock
+
+    bundle = Path(bundle)
+    when = datetime.date.today().isoformat()
+    verdicts = {}
+    for v in result.get("gates", []):
+        verdicts.setdefault(v["pair"], {})[v["gate"]] = v["ok"]
+    with bundle_lock.writing(bundle, log=log):
+        m = bundle_manifest.read(bundle)
+        for p in result["pairs"]:
+            rec = {k: p.get(k) for k in RECORD_KEYS}
+            rec.update(kl_mean=p["token_drift"].get("kl_mean"), top1=p["token_drift"].get("top1"),
+                       gates=verdicts.get(f"{p['vision']}:{p['llm']}", {}), image_tokens=p.get("image_tokens"),
+                       questions=result["eval"]["questions"], eval=result["eval"]["source"], date=when,
+                       sha256=p["sha256"])
+            for kind, other in (("vision", "llm"), ("llm", "vision")):
+                found = m.find(kind, name=p[kind])
+                if found and found[0].sha256 == p["sha256"][kind]:
+                    found[0].extra.setdefault("drift", {})[p[other]] = rec
+        bundle_manifest.write(bundle, m)
+    log(f"recorded {len(result['pairs'])} pair(s) in {bundle / bundle_manifest.MANIFEST}")
+
