@@ -231,8 +231,9 @@ def test_gate_limits_at_their_boundaries():
     assert verdict(fake_pair("int8", "q8_0", top1=0.97, kl=0.01, drop=2.0), "q8_0")["ok"]
     v = verdict(fake_pair("int8", "q8_0", kl=0.0101), "q8_0")
     assert not v["ok"] and "kl_mean" in gates.describe(v)
-    assert verdict(fake_pair("int4", "q4_k_m", top1=0.5, kl=0.05, drop=5.0), "q4_k_m")["ok"]  # no top-1 limit
-    assert not verdict(fake_pair("int4", "q4_k_m", drop=5.1), "q4_k_m")["ok"]
+    assert verdict(fake_pair("int4", "q4_k_m", top1=0.5, kl=0.05, drop=5.0), "q4")["ok"]  # no top-1 limit
+    assert not verdict(fake_pair("int4", "q4_k_m", drop=5.1), "q4")["ok"]
+    assert not verdict(fake_pair("int8", "iq4_nl", kl=0.06), "q4")["ok"]  # every 4-bit type
     no_gold = fake_pair("fp32", "q8_0")
     no_gold["accuracy_drop_points"] = None
     assert verdict(no_gold, "q8_0")["ok"]  # no gold answers: accuracy does not decide
@@ -242,7 +243,7 @@ def test_which_pairs_a_gate_covers():
     covered = {(v["gate"], v["pair"]) for v in gates.evaluate([
         fake_pair("int8", "f32"), fake_pair("int4", "q8_0"), fake_pair("fp16", "q8_0"), fake_pair("int4", "q4_k_m"),
         fake_pair("fp32", "q4_0")])}
-    assert covered == {("q8_0", "fp16:q8_0"), ("q4_k_m", "int4:q4_k_m")}
+    assert covered == {("q8_0", "fp16:q8_0"), ("q4", "int4:q4_k_m"), ("q4", "fp32:q4_0")}
 
 
 def test_fail_on_names():
@@ -252,8 +253,8 @@ def test_fail_on_names():
     assert gates.parse_fail_on("Q8_0, f16,q8_0", measured) == ["q8_0", "f16"]
     with pytest.raises(UserError, match="unknown gate"):
         gates.parse_fail_on("q2_k", measured)
-    with pytest.raises(UserError, match="covers none"):
-        gates.parse_fail_on("q4_k_m", measured)
+    with pytest.raises(UserError, match="gate q4 covers none"):
+        gates.parse_fail_on("q4_k_m", measured)  # the 4-bit gate's older name
 
 
 # ---- the command, end to end on the random toy -------------------------------------------------------------------

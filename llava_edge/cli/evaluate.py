@@ -28,7 +28,7 @@ def drift(
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for drift.json, drift.md and drift.png "
                                           "(default: print the table)"),
     fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 1 when one of these gates fails: f16, q8_0, "
-                                          "q4_k_m, tokens (reduced image tokens), all"),
+                                          "q4, tokens (reduced image tokens), all"),
     gate_limit: Optional[str] = typer.Option(None, "--gate-limit", help="Change gates' limits: GATE.LIMIT=VALUE, "
                                              "comma-separated (e.g. tokens.accuracy_drop_max=2); see docs/DRIFT.md"),
     record: bool = typer.Option(False, "--record", help="Write each pair's outcome into the bundle's manifest "

@@ -11,8 +11,9 @@ vision precision (a more precise vision graph is no excuse for missing it):
   worst image-token cosine >= 0.999, task accuracy unchanged;
 - ``q8_0``: q8_0 with fp32/fp16/int8 (dynamic or static) vision: top-1 >= 97 %,
   mean KL <= 0.01, accuracy drop <= 2 points;
-- ``q4_k_m``: q4_k_m with fp32/fp16/int8/int4 vision: mean KL <= 0.05,
-  accuracy drop <= 5 points.
+- ``q4``: a 4-bit GGUF (q4_k_m, q4_k_s, q4_0, q4_1, iq4_nl, iq4_xs) with
+  fp32/fp16/int8/int4 vision: mean KL <= 0.05, accuracy drop <= 5 points
+  (``q4_k_m``, its name before the other 4-bit types were covered, still names it).
 
 "Unchanged" accuracy means the variant's accuracy equals the reference's.
 Accuracy limits apply only where the evaluation set has gold answers.
@@ -75,13 +76,15 @@ class Gate:
         return out
 
 
+FOUR_BIT = ("q4_k_m", "q4_k_s", "q4_0", "q4_1", "iq4_nl", "iq4_xs")
+ALIASES = {"q4_k_m": "q4"}
+
 GATES: dict[str, Gate] = {g.name: g for g in (
     Gate("f16", llm=("f32", "f16"), vision=("fp32", "fp16"), top1_min=0.995, kl_mean_max=0.001,
          vision_cos_min=0.999, accuracy_unchanged=True),
     Gate("q8_0", llm=("q8_0",), vision=("fp32", "fp16", "int8"), top1_min=0.97, kl_mean_max=0.01,
          accuracy_drop_max=2.0),
-    Gate("q4_k_m", llm=("q4_k_m",), vision=("fp32", "fp16", "int8", "int4"), kl_mean_max=0.05,
-         accuracy_drop_max=5.0),
+    Gate("q4", llm=FOUR_BIT, vision=("fp32", "fp16", "int8", "int4"), kl_mean_max=0.05, accuracy_drop_max=5.0),
     Gate("tokens", llm=("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
                         "q4_1", "q4_0", "iq4_nl", "iq4_xs"),
          vision=("fp32", "fp16", "int8", "int4"), accuracy_drop_max=5.0, reduced=True),
@@ -96,6 +99,7 @@ def with_limits(text: str | None, gates: dict[str, Gate] | None = None) -> dict[
         if not item:
             continue
         name, _, rest = item.partition(".")
+        name = ALIASES.get(name, name)
         metric, eq, value = rest.partition("=")
         if not eq or name not in gates or metric not in LIMITS:
             raise UserError(f"--gate-limit {item!r} is not GATE.LIMIT=VALUE with a gate of {', '.join(gates)} and a "
@@ -126,7 +130,7 @@ def parse_fail_on(text: str | None, pairs: list[tuple[str, str, bool]]) -> list[
     if "all" in words:
         return [n for n, g in GATES.items() if _covers_any(g, pairs)]
     names: list[str] = []
-    for name in words:
+    for name in (ALIASES.get(w, w) for w in words):
         if name not in GATES:
             raise UserError(f"unknown gate {name!r} in --fail-on; known: {', '.join(GATES)}, all")
         g = GATES[name]
