@@ -354,3 +354,14 @@ def test_a_projector_tuned_for_the_reduction_becomes_its_own_variant(reduced, to
                           "tuned for pool 16 tokens, not pool 32", progress=True)
     assert_one_line_error(le("quantize", b, "--image-tokens", "16", "--projector", toy_model),
                           "projector file not found", progress=True)
+
+
+def test_bench_times_a_reduced_variant_with_its_positions(reduced, tmp_path, monkeypatch):
+    from llava_edge.bench import BenchSettings, run_bench
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    report = run_bench(reduced, BenchSettings(runs=1, decode_tokens=2, threads=1, device="cpu"),
+                       "fp32:f32,int8-pool16:f32", log=lambda _: None)
+    full, pooled = report["results"]
+    assert pooled["vision"] == "int8-pool16"
+    assert full["prefill_tokens"] - pooled["prefill_tokens"] == 64 - 16  # the same prompt, 48 image positions fewer
