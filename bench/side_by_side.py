@@ -459,7 +459,7 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
 
 def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[str], mmproj: str, rounds: int,
                         threads: int, decode_tokens: int, n_ctx: int, tmp: Path, sections: set[str],
-                        device: str = "cpu", flash_attn: bool = True) -> dict:
+                        device: str = "cpu", flash_attn: bool = True, extras: bool = True) -> dict:
     from llava_edge.runtimes.pipeline import EdgeLLaVA
 
     image = write_bench_image(tmp / "photo.jpg")  # 640x480 JPEG: both pipelines decode, pad/resize it
@@ -523,6 +523,9 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
                                 question=QUESTION if len(seen) > 1 else OTHER_QUESTION)
             if best_model.prefix_cache is not None and best_model.plan.n_gpu_layers == 0:  # saved on the CPU only
                 contestants[f"llava-edge ({vision_variants[0]}, image seen before, new process)"] = seen_image
+            if not extras:  # each vision variant's first question about a new picture, against llama.cpp's only
+                for k in [k for k in contestants if k.startswith(f"llava-edge ({vision_variants[0]}, ")]:
+                    del contestants[k]
 
             def theirs_ttft() -> float:
                 s, n = theirs.first_token(image, QUESTION)
@@ -799,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmproj", default=None, help="llama.cpp's mmproj in the TTFT race (default: the fastest "
                     "in the vision section)")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--ttft-new-picture-only", action="store_true", help="time only each --ttft-vision variant's "
+                    "first question about a new picture against llama.cpp (no warm, nothing-saved, seen-before runs)")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--export-model", type=Path, default=None, help="full-size checkpoint for the export section")
     ap.add_argument("--device", default="cpu", help="llava-edge's device profile (cpu, laptop-gpu, jetson, auto); "
@@ -841,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             llms = a.llm.split(",") if a.llm else [x.name for x in m.variants if x.kind == "llm"]
             save("ttft_decode", section_ttft_decode(a.bundle, m, llms, vis, mmproj, a.rounds, a.threads,
                                                     a.decode_tokens, a.ctx, tmp, sections, a.device,
-                                                    a.flash_attn == "on"))
+                                                    a.flash_attn == "on", extras=not a.ttft_new_picture_only))
         if "export" in sections:
             save("export", section_export(a.export_model, a.model, Path(tempfile.mkdtemp(dir=a.out))))
     md = markdown(report)
