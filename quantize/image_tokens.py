@@ -203,6 +203,10 @@ def _replace_projector(g, projector: list, weights: dict[str, np.ndarray], numpy
         name = f"tuned_projector.{key}"
         g.initializer.append(numpy_helper.from_array(value, name))
         node.input[list(node.input).index(const[0])] = name
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]  # the replaced ones no node reads any more
+    del g.initializer[:]
+    g.initializer.extend(kept)
 
 
 def read_projector(path: str | Path, r: TokenReduction) -> tuple[dict[str, np.ndarray], str]:

@@ -238,6 +238,14 @@ _LLM_EDGE = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0", "q4
 # 2 Zen 4 cores prefills 1.6-1.75x faster than with f16 and decodes at 0.83-0.98x of its speed (`llava-edge bench`,
 # docs/BENCHMARKS.md), so the first token comes 1.5-1.65x sooner. Elsewhere the bundle's default.
 BF16_CPU_FEATURE = "AVX512_BF16"
+# 4-bit GGUF types, fastest decode first, measured with llama.cpp's kernels for (CPU feature, whether its extra
+# buffer types are on) by bench/cpu_q4.py (docs/BENCHMARKS.md, "4-bit types on the CPU"). Extra buffers on: Q4_0,
+# IQ4_NL and the K-quants are repacked into interleaved layouts (CPU_REPACK); off: llama.cpp's plain vec_dot
+# kernels. Where the CPU matches no row, llama.cpp's usual size/quality point, Q4_K_M, leads.
+CPU_Q4_FASTEST: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("AVX512", True): ("q4_k_s", "q4_k_m", "q4_0", "iq4_nl", "iq4_xs"),
+    ("AVX512", False): ("q4_k_m", "q4_0", "iq4_xs", "q4_k_s", "iq4_nl"),
+}
 
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
@@ -312,6 +320,26 @@ def vision_quality_problem(v: Variant) -> str | None:
     return None
 
 
+def cpu_llm_preference(features: tuple[str, ...], extra: bool) -> tuple[tuple[str, ...], str]:
+    """The cpu profile's language-model order for llama.cpp's CPU ``features`` with extra buffer types ``extra``:
+    the measured 4-bit order first, then the rest of the edge list; and why."""
+    for (feature, with_extra), order in CPU_Q4_FASTEST.items():
+        if feature in features and with_extra == extra:
+            rest = tuple(n for n in _LLM_EDGE if n not in order)
+            return order + rest, (f"4-bit types in the order measured fastest to decode with llama.cpp's {feature} "
+                                  f"kernels, extra buffer types {'on' if extra else 'off'}")
+    return _LLM_EDGE, "no 4-bit speed measured for this CPU's kernels: llama.cpp's usual Q4_K_M first"
+
+
+def llm_drift_problem(m: Manifest, v: Variant) -> str | None:
+    """A 4-bit variant that failed its drift gate (``drift --record``) is not picked unasked."""
+    for other, rec in m.drift_records(v).items():
+        failed = [g for g, ok in (rec.get("gates") or {}).items() if ok is False]
+        if failed:
+            return f"it failed the drift gate {', '.join(failed)} with vision {other} ({rec.get('date')})"
+    return None
+
+
 def reduced_problem(v: Variant) -> str | None:
     """A reduced-token vision variant is never picked unasked: it changes what the model sees."""
     r = v.token_reduction
@@ -368,13 +396,15 @@ def choose_reduced(m: Manifest, tokens: int | None, method: str | None, preferen
 
 
 def choose_variant(m: Manifest, kind: str, requested: str | None, preference: tuple[str, ...],
-                   problem: Callable[[Variant], str | None], flag: str) -> tuple[Variant, str]:
+                   problem: Callable[[Variant], str | None], flag: str,
+                   avoid: Callable[[Variant], str | None] | None = None) -> tuple[Variant, str]:
     """The variant of ``kind`` to load and why.
 
     ``requested`` (a name as ``quantize``/``export`` gave it, any case) wins, or is
     an error listing the bundle's names. Otherwise the first of ``preference``
     present in the bundle for which ``problem`` says nothing; otherwise the
-    bundle's default (the first portable variant ``problem`` accepts).
+    bundle's default (the first portable variant ``problem`` accepts). ``avoid``: why a preferred variant is
+    passed over (it still runs: a measured quality problem), like a vision graph below its cosine limit.
     """
     if not any(v.kind == kind for v in m.variants):
         raise UserError(f"the bundle has no {kind} variant; export one first")
@@ -391,7 +421,8 @@ def choose_variant(m: Manifest, kind: str, requested: str | None, preference: tu
         v = _find(m, kind, name)
         if v is None:
             continue
-        why_not = problem(v) or (vision_quality_problem(v) if kind == "vision" else None)
+        why_not = (problem(v) or (vision_quality_problem(v) if kind == "vision" else None)
+                   or (avoid(v) if avoid else None))
         if why_not:
             skipped.append(f"{v.name}: {why_not}")
             continue
@@ -588,8 +619,15 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
         vision_why += f" (this onnxruntime has no {' or '.join(gpu_providers)}: ONNX variants as for the CPU)"
     lm_on_cpu = n_gpu_layers == 0 if n_gpu_layers is not None else not (profile.gpu_offload and hw.llama_gpu_offload)
     bf16_dots = lm_on_cpu and BF16_CPU_FEATURE in hw.llama_cpu_features
-    llm_preference = profile.llm_preference + (("bf16",) if bf16_dots else ())
-    llm, llm_why = choose_variant(m, "llm", llm_variant, llm_preference, lambda _v: None, "--llm-variant")
+    extra, extra_why = extra_buffers(hw.llama_cpu_features)
+    llm_order, order_why = profile.llm_preference, ""
+    if profile.name == "cpu" and lm_on_cpu:
+        llm_order, order_why = cpu_llm_preference(hw.llama_cpu_features, extra)
+    llm_preference = llm_order + (("bf16",) if bf16_dots else ())
+    llm, llm_why = choose_variant(m, "llm", llm_variant, llm_preference, lambda _v: None, "--llm-variant",
+                                  avoid=lambda v: llm_drift_problem(m, v))
+    if order_why and not llm_variant:
+        llm_why += f" ({order_why})"
     if bf16_dots and llm.name == "bf16" and not llm_variant:
         llm_why += f" (bf16 before f16/f32: llama.cpp runs bf16 matmuls with this CPU's {BF16_CPU_FEATURE})"
 
@@ -641,7 +679,6 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     if batch < 1:
         raise UserError(f"the batch size must be positive, not {batch}")
     ubatch = min(batch, profile.n_ubatch)
-    extra, extra_why = extra_buffers(hw.llama_cpu_features)
     return RuntimePlan(extra_buffers=extra, extra_buffers_why=extra_why,
                        profile=profile, profile_why=profile_why, hardware=hw, vision=vision, vision_why=vision_why,
                        vision_backend=backend, providers=providers, providers_why=providers_why, llm=llm,

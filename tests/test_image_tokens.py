@@ -347,6 +347,7 @@ def test_a_projector_tuned_for_the_reduction_becomes_its_own_variant(reduced, to
     with torch.no_grad():
         want = image_features(tuned, torch.from_numpy(pixels), plan("pool", 16, 8)).numpy()
         before = image_features(hf_model, torch.from_numpy(pixels), plan("pool", 16, 8)).numpy()
+    assert unused_weights(b / v.file) == []  # the replaced weights are gone, not left for onnxruntime to warn of
     got = run_graph(b / v.file, pixels)
     assert np.abs(got - want).max() < 1e-5 and np.abs(got - before).max() > 1e-4  # the tuned projector, not the old
 
@@ -365,3 +366,16 @@ def test_bench_times_a_reduced_variant_with_its_positions(reduced, tmp_path, mon
     full, pooled = report["results"]
     assert pooled["vision"] == "int8-pool16"
     assert full["prefill_tokens"] - pooled["prefill_tokens"] == 64 - 16  # the same prompt, 48 image positions fewer
+
+
+def unused_weights(path) -> list[str]:
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    used = {i for n in g.node for i in n.input}
+    return [t.name for t in g.initializer if t.name not in used]
+
+
+def test_a_spliced_graph_keeps_no_unused_weights(reduced):
+    for f in sorted(reduced.glob("vision.fp32-*.onnx")):
+        assert unused_weights(f) == [], f.name

@@ -549,3 +549,45 @@ def test_llama_cpp_offloads_every_layer_to_the_gpu(bundle, cpu_runtime, toy_data
         assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
     finally:
         m.close()
+
+
+def four_bit_manifest(bundle) -> manifest.Manifest:
+    m = manifest.read(bundle)
+    for name in ("q4_k_m", "q4_0", "q4_k_s", "iq4_nl"):
+        m.variants.append(Variant(name, "llm", name, f"llm.{name}.gguf", 1, name[-1] * 64, {"format": "gguf"}))
+    return m
+
+
+def test_the_cpu_profile_orders_4_bit_types_as_measured_for_llama_cpp_s_kernels(bundle, monkeypatch):
+    monkeypatch.delenv(devices.EXTRA_BUFFERS_ENV, raising=False)
+    m = four_bit_manifest(bundle)
+    avx512 = replace(CPU_BOX, llama_cpu_features=("AVX2", "AVX512"))  # extra buffer types on: CPU_REPACK
+    amx = replace(CPU_BOX, llama_cpu_features=("AVX2", "AVX512", "AMX_INT8"))  # extra buffer types off
+    for hw in (avx512, amx):
+        extra = devices.extra_buffers(hw.llama_cpu_features)[0]
+        plan = plan_runtime(m, "cpu", hardware=hw)
+        assert plan.llm.name == devices.CPU_Q4_FASTEST[("AVX512", extra)][0] and "measured fastest" in plan.llm_why
+        assert plan.extra_buffers == extra
+    assert plan_runtime(m, "cpu", hardware=replace(CPU_BOX, llama_cpu_features=("NEON",))).llm.name == "q4_k_m"
+    assert not devices.extra_buffers(amx.llama_cpu_features)[0] and devices.extra_buffers(("AVX512",))[0]
+    monkeypatch.setenv(devices.EXTRA_BUFFERS_ENV, "1")
+    assert devices.extra_buffers(amx.llama_cpu_features) == (True, f"${devices.EXTRA_BUFFERS_ENV}=1")
+    monkeypatch.setenv(devices.EXTRA_BUFFERS_ENV, "yes")
+    with pytest.raises(UserError, match="must be 0 or 1"):
+        devices.extra_buffers(amx.llama_cpu_features)
+
+
+def test_a_4_bit_type_that_failed_its_drift_gate_is_passed_over(bundle, monkeypatch):
+    monkeypatch.delenv(devices.EXTRA_BUFFERS_ENV, raising=False)
+    m = four_bit_manifest(bundle)
+    hw = replace(CPU_BOX, llama_cpu_features=("AVX2", "AVX512"))
+    first, second = devices.CPU_Q4_FASTEST[("AVX512", True)][:2]
+    vision = m.variant("vision")
+    bad = m.find("llm", name=first)[0]
+    bad.extra["drift"] = {vision.name: {"gates": {"q4": False}, "date": "2026-12-04",
+                                        "sha256": {"vision": vision.sha256, "llm": bad.sha256}}}
+    plan = plan_runtime(m, "cpu", hardware=hw)
+    assert plan.llm.name == second and f"{first}: it failed the drift gate q4" in plan.llm_why
+    assert plan_runtime(m, "cpu", hardware=hw, llm_variant=first).llm.name == first  # asked for: loaded
+    bad.extra["drift"][vision.name]["sha256"]["llm"] = "f" * 64  # a record of another file: not read
+    assert plan_runtime(m, "cpu", hardware=hw).llm.name == first
