@@ -6,14 +6,15 @@ type's mixture (Q4_K_M keeps ``attn_v`` and half of ``ffn_down`` at Q6_K, the
 output matrix at Q6_K, ...), quantizes, and writes a GGUF that stock llama.cpp
 loads. Nothing here re-implements a quantization format.
 
-Row-length fallback: K-quants (Q2_K..Q6_K) pack 256 values per block, the
-legacy types (Q4_0, Q5_0, Q5_1, Q8_0) 32. A tensor whose rows are not a
-multiple of the block size cannot take the type; llama.cpp then falls back per
-tensor (K-quants to Q4_0/Q5_0/Q5_1/Q8_0 of similar bits, rows not a multiple
-of 32 to F16) and logs it. On a real Llama (4096-wide) nothing falls back; on
-the toy (128 wide, 344-wide ``ffn_down`` rows) nearly everything does: see
-docs/QUANTIZE.md for the measured outcome. The tensor types that were actually
-written, and how many tensors fell back, are returned for the manifest.
+Row-length fallback: K-quants (Q2_K..Q6_K) and IQ4_XS pack 256 values per
+block, the legacy types (Q4_0, Q5_0, Q5_1, Q8_0) and IQ4_NL 32. A tensor whose
+rows are not a multiple of the block size cannot take the type; llama.cpp then
+falls back per tensor (K-quants to Q4_0/Q5_0/Q5_1/Q8_0 of similar bits, IQ4_XS
+to IQ4_NL, rows not a multiple of 32 to F16) and logs it. On a real Llama
+(4096-wide) nothing falls back; on the toy (128 wide, 344-wide ``ffn_down``
+rows) nearly everything does: see docs/QUANTIZE.md for the measured outcome.
+The tensor types that were actually written, and how many tensors fell back,
+are returned for the manifest.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ LLM_TYPES: dict[str, int] = {
     "q4_k_s": 14,
     "q4_1": 3,
     "q4_0": 2,
+    # the non-linear 4-bit codebooks; neither needs an importance matrix (llama.cpp requires one only for the
+    # 1-3 bit IQ types). Without one, llama.cpp keeps the first eighth of ffn_down (and attn_v with GQA >= 4) at Q5_K.
+    "iq4_nl": 25,  # 32-value blocks, 4.5 bits per weight
+    "iq4_xs": 30,  # 256-value super-blocks, 4.25 bits per weight
     "q3_k_l": 13,
     "q3_k_m": 12,
     "q3_k_s": 11,
@@ -140,3 +145,7 @@ class _captured_llama_log:
 
     def __exit__(self, *exc) -> None:
         self._c.llama_log_set(self._prev_cb, self._prev_data)
+
+
+# the public name, for callers outside this module (bench/cpu_q4.py reads llama.cpp's load log with it)
+captured_llama_log = _captured_llama_log
