@@ -165,12 +165,13 @@ EXTRA_BUFFERS_ENV = "LLAVA_EDGE_LLAMA_EXTRA_BUFFERS"
 def extra_buffers(features: tuple[str, ...], env: dict | None = None) -> tuple[bool, str]:
     """Whether llama.cpp may load weights into its extra buffer types (``use_extra_bufts``), and why.
 
-    Off where its CPU backend has AMX: llama.cpp then moves Q4_0/Q4_1/Q8_0/K-quant weights into AMX
-    buffers, and its AMX matrix product crashed the process here (segmentation fault in
-    ``ggml_backend_amx_mul_mat`` on the first ``llama_decode`` of a Q8_0 GGUF with 128-wide rows, llama-cpp-python
-    0.3.36 on a Xeon with AMX_INT8; llama.cpp#20824 reports the same crash, #16315 wrong Q4_0/Q4_1 results).
-    Turning them off also turns off CPU_REPACK's interleaved layouts. ``$LLAVA_EDGE_LLAMA_EXTRA_BUFFERS`` = 1 or 0
-    decides instead.
+    Off where its CPU backend has AMX: llama.cpp then moves Q4_0/Q8_0/K-quant/IQ4_XS weights into AMX
+    buffers, and in llama-cpp-python 0.3.36 on a Xeon with AMX_INT8 every ``llama_decode`` of more than one token
+    that reads one crashed the process (SIGSEGV at ``ldtilecfg`` in ``ggml_backend_amx_mul_mat``: the tile
+    configuration ``ggml_tile_config_init`` fills is left mostly unwritten by the compiler; llama.cpp#20824), at
+    every model size measured (a toy, TinyLLaVA-1.1B, 7B 4-layer). Turning them off also turns off CPU_REPACK's
+    interleaved layouts: measured at TinyLLaVA size, Q4_K_M prefills 1.5-1.6x faster and decodes at 0.76-0.81x
+    (docs/BENCHMARKS.md, "4-bit types on the CPU"). ``$LLAVA_EDGE_LLAMA_EXTRA_BUFFERS`` = 1 or 0 decides instead.
     """
     env = os.environ if env is None else env
     asked = (env.get(EXTRA_BUFFERS_ENV) or "").strip()
@@ -179,8 +180,8 @@ def extra_buffers(features: tuple[str, ...], env: dict | None = None) -> tuple[b
     if asked:
         raise UserError(f"${EXTRA_BUFFERS_ENV} must be 0 or 1, not {asked!r}")
     if AMX_CPU_FEATURE in features:
-        return False, (f"off because llama.cpp's CPU backend has {AMX_CPU_FEATURE}, whose kernels crashed on small "
-                       f"models (llama.cpp#20824); ${EXTRA_BUFFERS_ENV}=1 turns them on")
+        return False, (f"off because llama.cpp's CPU backend has {AMX_CPU_FEATURE}, whose matrix product crashes "
+                       f"on batches of more than one token (llama.cpp#20824); ${EXTRA_BUFFERS_ENV}=1 turns them on")
     return True, "llama.cpp's default (no AMX in its CPU backend)"
 
 
@@ -244,7 +245,7 @@ BF16_CPU_FEATURE = "AVX512_BF16"
 # kernels. Where the CPU matches no row, llama.cpp's usual size/quality point, Q4_K_M, leads.
 CPU_Q4_FASTEST: dict[tuple[str, bool], tuple[str, ...]] = {
     ("AVX512", True): ("q4_k_s", "q4_k_m", "q4_0", "iq4_nl", "iq4_xs"),
-    ("AVX512", False): ("q4_k_m", "q4_0", "iq4_xs", "q4_k_s", "iq4_nl"),
+    ("AVX512", False): ("q4_k_m", "q4_k_s", "iq4_xs", "q4_0", "iq4_nl"),
 }
 
 PROFILES: dict[str, Profile] = {

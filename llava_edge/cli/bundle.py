@@ -64,7 +64,8 @@ def _set_default(bundle: Path) -> None:
 def quantize(
     bundle: Path = typer.Argument(..., help="Bundle directory (from `llava-edge export`)"),
     llm: Optional[str] = typer.Option(None, "--llm", help="GGUF types, comma-separated: q8_0, q6_k, q5_k_m, q5_k_s, "
-                                      "q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k"),
+                                      "q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, iq4_nl, iq4_xs, q3_k_l, q3_k_m, "
+                                      "q3_k_s, q2_k"),
     vision: Optional[str] = typer.Option(None, "--vision", help="Vision ONNX types, comma-separated: fp16, int8 "
                                          "(dynamic), int8-static (QDQ, calibrated), int4 (weight-only)"),
     calib_images: Optional[Path] = typer.Option(None, "--calib-images", help="Folder of calibration images for "
