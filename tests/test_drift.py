@@ -345,6 +345,11 @@ def test_drift_bad_arguments_fail_before_measuring(drift_bundle, tmp_path, capsy
 # ---- gate of tests/test_toy_build.py: about 6.5 minutes of training on 2 cores, once per session) ----------
 
 
+# every full-token pair (a build re-used through LLAVA_EDGE_TRAINED_TOY may hold reduced ones too)
+FULL_TOKEN_PAIRS = ",".join(f"{v}:{x}" for x in ("f32", "f16", "q8_0", "q4_k_m")
+                            for v in ("fp32", "fp16", "int8", "int8-static", "int4"))
+
+
 @pytest.fixture(scope="module")
 def trained_drift(trained_toy):
     """The toy built by the real recipe, exported and quantized, measured with every gate."""
@@ -360,8 +365,14 @@ def trained_drift(trained_toy):
         export_bundle(ckpt, b, target, dtype, outtype, log=lambda _: None)
     quantize_bundle(b, "q8_0,q4_k_m", "int8,int8-static,int4", threads=1, log=lambda _: None)
     result, failed = drift_bundle(b, root / "model", eval_file=root / "data" / "eval.json", fail_on="all",
-                                  max_tokens=12, threads=1, report=root / "report", log=lambda _: None)
-    return built, result, failed
+                                  max_tokens=12, threads=1, report=root / "report", variants=FULL_TOKEN_PAIRS,
+                                  log=lambda _: None)
+    # the tokens gate, on a reduced-token variant against the full model (pooling 64 -> 32 tokens)
+    quantize_bundle(b, None, "fp32", image_tokens="32", token_method="pool", log=lambda _: None)
+    reduced, reduced_failed = drift_bundle(b, root / "model", eval_file=root / "data" / "eval.json", fail_on="tokens",
+                                           max_tokens=12, threads=1, variants="fp32-pool32:f32", log=lambda _: None)
+    result["gates"] += reduced["gates"]
+    return built, result, failed + reduced_failed
 
 
 @pytest.mark.parametrize("gate", list(gates.GATES))
