@@ -21,7 +21,7 @@ fine-tune can adapt to them):
   64 tokens on LLaVA-1.5).
 
 One torch implementation serves every consumer: ``quantize --image-tokens``
-exports :class:`Reducer` to ONNX and splices it into the bundle's vision graph
+exports :func:`reducer_module` to ONNX and splices it into the bundle's vision graph
 (``quantize/image_tokens.py``), training's recovery fine-tune and the reference
 use :func:`image_features`. torch is imported inside functions: the runtime
 reads :class:`TokenReduction` from the manifest without it.
@@ -182,21 +182,19 @@ def reduce_tokens(feats, cls_attention, r: TokenReduction):
     return torch.cat([dominant, merged], dim=1)
 
 
-class Reducer:
-    """A ``torch.nn.Module`` factory: (patch tokens, the feature layer's attention probabilities) -> K tokens.
+def reducer_module(r: TokenReduction):
+    """A ``torch.nn.Module``: (patch tokens, the feature layer's attention probabilities) -> K tokens.
 
     ``probs``: (B, heads, 1 + N, 1 + N), the softmax of the feature layer's self-attention, class token first.
     The ``pool`` method ignores it. Exported to ONNX by ``quantize/image_tokens.py``.
     """
+    import torch
 
-    def __new__(cls, r: TokenReduction):
-        import torch
+    class Reducer(torch.nn.Module):
+        def forward(self, feats, probs):
+            return reduce_tokens(feats, probs[:, :, 0, 1:].sum(dim=1) / probs.shape[1], r)  # the mean
 
-        class _Reducer(torch.nn.Module):
-            def forward(self, feats, probs):
-                return reduce_tokens(feats, probs[:, :, 0, 1:].sum(dim=1) / probs.shape[1], r)  # the mean
-
-        return _Reducer().eval()
+    return Reducer().eval()
 
 
 def feature_layer_index(config) -> int:

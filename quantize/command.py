@@ -208,7 +208,8 @@ class _Job:
         self._check: tuple[np.ndarray, str] | None = None
         self._graphs: dict[bool, tuple[object, dict]] = {}
         self.vision_base: manifest.Variant | None = None
-        self._reduced: dict[tuple, tuple[object, dict]] = {}
+        self._reduced: dict[tuple, object] = {}  # (reduction, projector) -> the spliced fp32 graph
+        self._projectors: dict[tuple, tuple[dict, str]] = {}  # (reduction, projector) -> (weights, sha256)
 
     # -- the bookkeeping every variant shares ---------------------------------------------------------------
     def _produce(self, kind: str, name: str, precision: str, file: str, options: dict, label: str,
@@ -325,22 +326,29 @@ class _Job:
                          f"(worst cosine {c['min_cosine']:.4f}); check answers with it before using it")
 
     # -- reduced image tokens ---------------------------------------------------------------------------------
-    def reduced_graph(self, r, projector: str | Path | None) -> tuple[object, dict]:
-        """(the fp32 graph with ``r`` spliced in, what it was made from): kept for the run's other types."""
+    def reduction_options(self, r, projector: str | Path | None) -> tuple[dict, dict | None]:
+        """(what a reduced graph is made from, the tuned projector's weights or None); the projector read once."""
+        from . import image_tokens as splice
+
+        made = {"reduction": r.to_dict(), "base_sha256": self.vision_base.sha256}
+        if projector is None:
+            return made, None
+        if (r, str(projector)) not in self._projectors:
+            self._projectors[(r, str(projector))] = splice.read_projector(projector, r)
+        weights, made["projector_sha256"] = self._projectors[(r, str(projector))]
+        return made, weights
+
+    def reduced_graph(self, r, projector: str | Path | None):
+        """A fresh copy of the fp32 graph with ``r`` spliced in (spliced once a run, only when a variant is made)."""
+        import onnx
+
         from . import image_tokens as splice
 
         key = (r, str(projector))
         if key not in self._reduced:
-            made = {"reduction": r.to_dict(), "base_sha256": self.vision_base.sha256}
-            weights = None
-            if projector is not None:
-                weights, made["projector_sha256"] = splice.read_projector(projector, r)
             model, _ = self.graph(False)
-            self._reduced[key] = (splice.splice(model, r, weights), made)
-        model, made = self._reduced[key]
-        import onnx
-
-        return onnx.ModelProto.FromString(model.SerializeToString()), made
+            self._reduced[key] = splice.splice(model, r, self.reduction_options(r, projector)[1])
+        return onnx.ModelProto.FromString(self._reduced[key].SerializeToString())
 
     def reduced_variant(self, name: str, r, base: manifest.Variant, block_size: int, optimize: bool,
                         projector: str | Path | None) -> None:
@@ -349,7 +357,7 @@ class _Job:
 
         full_name = f"{name}-{r.label}" + ("-tuned" if projector is not None else "")
         fused = optimize and name not in ("fp16", "fp32")
-        _, made = self.reduced_graph(r, projector)
+        made, _ = self.reduction_options(r, projector)
         options = {**made, "type": name, "optimize": "clip" if fused else None}
         if name == "int4":
             options["block_size"] = block_size
@@ -357,7 +365,7 @@ class _Job:
             options["calibration"] = self.calibration()[2]
 
         def make(path: Path) -> dict:
-            model, _ = self.reduced_graph(r, projector)
+            model = self.reduced_graph(r, projector)
             record: dict = {"type": name, "image_tokens": r.tokens, "token_reduction": r.to_dict()}
             if projector is not None:
                 record["projector"] = {"from": str(projector), "sha256": made["projector_sha256"]}
@@ -382,7 +390,7 @@ class _Job:
                     record["fused"] = stats
             pixels, where = self.check_pixels()
             if name == "fp32":
-                got = vision_quant._run(path, pixels)
+                got = vision_quant.run_graph(path, pixels)
                 if got.shape[1] != r.tokens or not np.isfinite(got).all():
                     raise UserError(f"the reduced graph gives {got.shape[1]} tokens (finite: "
                                     f"{bool(np.isfinite(got).all())}), not {r.tokens}")
@@ -391,7 +399,7 @@ class _Job:
             else:
                 with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                     ref = Path(tmp) / "reference.onnx"
-                    save_onnx(self.reduced_graph(r, projector)[0], ref)
+                    save_onnx(self.reduced_graph(r, projector), ref)
                     cos = vision_quant.compare_to_reference(ref, path, pixels)
                 record["quality"] = {"against": "fp32", "reference": f"fp32-{r.label}", **cos, "on": where}
             return record

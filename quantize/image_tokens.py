@@ -1,6 +1,6 @@
 """Reduced-token vision graphs: the bundle's fp32 graph with a token reduction spliced in before the projector.
 
-The reduction itself is ``llava_edge.image_tokens.Reducer`` (the torch code
+The reduction itself is ``llava_edge.image_tokens.reducer_module`` (the torch code
 training's recovery fine-tune runs), exported by ``torch.onnx`` and inserted
 into the graph between the feature layer and the projector. Working on the
 bundle's graph rather than on a checkpoint keeps one base for every vision
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_edge.errors import UserError
-from llava_edge.image_tokens import Reducer, TokenReduction
+from llava_edge.image_tokens import TokenReduction, reducer_module
 
 # ops a per-token projector (Linear -> activation -> Linear) is made of in an exported graph
 PER_TOKEN_OPS = {"MatMul", "Add", "Gelu", "Mul", "Div", "Erf", "Tanh", "Pow", "Sigmoid", "Cast", "Identity", "Sub"}
@@ -90,7 +90,7 @@ def reducer_graph(r: TokenReduction, width: int, heads: int, opset: int):
     probs = torch.softmax(torch.randn(2, heads, n + 1, n + 1), dim=-1)
     batch = torch.export.Dim("batch", min=1, max=64)
     with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(Reducer(r), (feats, probs), None, input_names=["feats", "probs"],
+        program = torch.onnx.export(reducer_module(r), (feats, probs), None, input_names=["feats", "probs"],
                                     output_names=["reduced"], dynamic_shapes={"feats": {0: batch}, "probs": {0: batch}},
                                     opset_version=opset, dynamo=True, optimize=True, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -286,8 +286,8 @@ def compare_to_reference(reference: str | Path, variant: str | Path, pixels: np.
 
     Both graphs run in onnxruntime on the CPU, so this also proves the variant loads and runs.
     """
-    ref = _run(reference, pixels)
-    got = _run(variant, pixels)
+    ref = run_graph(reference, pixels)
+    got = run_graph(variant, pixels)
     if got.shape != ref.shape:
         raise UserError(f"{Path(variant).name} returns shape {got.shape}, the fp32 graph {ref.shape}")
     cos = token_cosine(got, ref)
@@ -299,7 +299,8 @@ def compare_to_reference(reference: str | Path, variant: str | Path, pixels: np.
     }
 
 
-def _run(path: str | Path, pixels: np.ndarray) -> np.ndarray:
+def run_graph(path: str | Path, pixels: np.ndarray) -> np.ndarray:
+    """The graph at ``path`` on ``pixels`` in onnxruntime (CPU), float32 out; a graph that does not load is one line."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -7,23 +7,19 @@ bandwidth fractions derived from them, what llama.cpp's load log said).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_script import load_bench_script
+
 TYPES = ["q4_0", "iq4_nl", "q4_k_m", "q4_k_s", "iq4_xs", "f32"]  # f32: the bundle's own GGUF, a reference
 
 
 @pytest.fixture(scope="module")
 def cpu_q4():
-    spec = importlib.util.spec_from_file_location("cpu_q4", ROOT / "bench" / "cpu_q4.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("cpu_q4")
 
 
 @pytest.fixture(scope="module")

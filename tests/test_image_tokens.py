@@ -91,10 +91,9 @@ def pixels(bundle):
 
 
 def run_graph(path, px):
-    import onnxruntime as ort
+    from llava_edge.quantize.vision import run_graph as run
 
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return s.run(None, {"pixel_values": px})[0]
+    return run(path, px)
 
 
 @pytest.mark.parametrize("name,method,tokens", [("fp32-pool16", "pool", 16), ("fp32-pool32", "pool", 32),

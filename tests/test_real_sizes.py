@@ -145,13 +145,9 @@ def test_bad_preset_and_layers_are_one_line_errors(tmp_path, capsys):
 
 def test_throughput_bench_runs_the_real_loop_on_cpu(tmp_path):
     """bench/train_throughput.py end to end at toy size: samples/s from the loop's own step log."""
-    import importlib.util
-    from pathlib import Path
+    from bench_script import load_bench_script
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_script("train_throughput")
     out = tmp_path / "r.json"
     rc = bench.main(["--preset", "toy", "--runs", "s1,s2lora", "--steps", "2", "--warmup", "1", "--batch-s1", "2",
                      "--batch-s2", "2", "--text-tokens-s2", "24", "--workers", "0", "--out", str(out)])

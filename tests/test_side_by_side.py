@@ -6,21 +6,17 @@ script measures (which positions each pipeline evaluates, the ratios it derives)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_script import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def side_by_side():
-    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "bench" / "side_by_side.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("side_by_side")
 
 
 @pytest.fixture(scope="module")
