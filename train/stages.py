@@ -111,6 +111,8 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
     output = Path(output)
     if tune not in ("all", "projector"):
         raise UserError(f"unknown --tune {tune!r}: all (projector + language model) | projector")
+    if tune == "projector" and cfg.lora:
+        raise UserError("--tune projector trains the projector alone: drop --lora")
     ckpt, m, tok = _load(model, load_dtype(cfg))
     reduction = _reduction(m, image_tokens, token_method) if image_tokens else None
     if projector:  # before accelerate.prepare: under ZeRO-3 the parameters are still whole here
@@ -118,8 +120,6 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
     ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log,
                   image_tokens=reduction.tokens if reduction else None, images_only=tune == "projector")
     if tune == "projector":
-        if cfg.lora:
-            raise UserError("--tune projector trains the projector alone: drop --lora")
         groups = model_setup.setup_stage1(m)  # everything frozen but the projector, as in stage 1
         for g in groups:
             g["lr"] = cfg.projector_lr or cfg.lr
