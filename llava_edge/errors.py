@@ -26,6 +26,11 @@ _CAUSES = {
 
 def describe_os_error(e: OSError) -> str:
     """An ``OSError`` as people read it: the cause by name, then the path (``no space left on device: /x``)."""
-    cause = _CAUSES.get(e.errno) or (e.strerror or type(e).__name__).lower()
+    cause = _CAUSES.get(e.errno)
+    if cause is None:
+        text = e.strerror or (str(e) if e.errno is None else "") or type(e).__name__
+        # numpy's tofile (gguf-py writes tensors with it) reports a short write with no errno
+        short = e.errno is None and " requested and " in text and " written" in text
+        cause = f"short write ({text}): is the disk full?" if short else text.lower()
     path = e.filename if e.filename is not None else None
     return f"{cause}: {path}" if path else cause

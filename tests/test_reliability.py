@@ -433,3 +433,21 @@ def test_a_bundle_on_a_read_only_file_system(read_only_copy, toy_model, image):
                           "read-only file system", progress=True)
     r = le("chat", "--bundle", b, "--image", image, "Hi", "--max-tokens", "2", block_torch=True)
     assert r.returncode == 0, r.stderr  # reading needs no write (the verification record lives in the cache)
+
+
+def test_system_errors_are_said_by_their_cause():
+    import errno
+
+    import numpy as np
+
+    from llava_edge.errors import describe_os_error
+
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/b/x")) == \
+        "no space left on device: /b/x"
+    assert describe_os_error(OSError(errno.ENAMETOOLONG, "File name too long")) == "file name too long"
+    # numpy's tofile, as gguf-py writes tensors, on a short write: no errno, the byte counts in the message
+    with open("/dev/full", "wb") as f:
+        with pytest.raises(OSError) as e:
+            np.zeros(1 << 20, np.float32).tofile(f)
+    assert describe_os_error(e.value) == "short write (1048576 requested and 0 written): is the disk full?"
+    assert describe_os_error(OSError("something else")) == "something else"
