@@ -229,9 +229,13 @@ def cls_attention(tower, hidden_states, index: int):
     return probs[:, :, 0, 1:].mean(dim=1)
 
 
-def image_features(model, pixel_values, r: TokenReduction | None):
+def image_features(model, pixel_values, r: TokenReduction | None, projectors: tuple = ()):
     """(B, K, LM width): what the language model reads for ``pixel_values``, with ``r`` applied before the
-    projector (``r`` None: LLaVA's own features, all patches). ``model``: a ``LlavaForConditionalGeneration``."""
+    projector (``r`` None: LLaVA's own features, all patches). ``model``: a ``LlavaForConditionalGeneration``.
+
+    ``projectors`` (modules shaped as the model's): a list instead, the model's projector's output then each of
+    these on the same reduced features (the tower runs once).
+    """
     cfg = model.config
     if cfg.vision_feature_select_strategy != "default":
         raise UserError("token reduction needs LLaVA's 'default' feature selection (class token dropped); this "
@@ -243,7 +247,8 @@ def image_features(model, pixel_values, r: TokenReduction | None):
     if r is not None:
         attention = cls_attention(tower, hidden, index) if r.method == "dominant" else None
         feats = reduce_tokens(feats, attention, r)
-    return model.model.multi_modal_projector(feats)
+    return [model.model.multi_modal_projector(feats)] + [p(feats) for p in projectors] if projectors \
+        else model.model.multi_modal_projector(feats)
 
 
 def install(model, r: TokenReduction) -> None:
@@ -261,3 +266,38 @@ def install(model, r: TokenReduction) -> None:
         return BaseModelOutputWithPooling(pooler_output=list(image_features(outer, pixel_values, r)))
 
     outer.model.get_image_features = get_image_features
+
+
+def read_projector(path, r: TokenReduction) -> tuple[dict, str]:
+    """(weights by name within the projector, as float32 numpy arrays; sha256 of the file) of a projector fine-tuned
+    for ``r`` (``train stage2 --image-tokens K --tune projector``: ``path`` is its output folder or the
+    ``mm_projector.safetensors`` in it), checked to be tuned for ``r``."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from .manifest import sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "mm_projector.safetensors"
+    if not path.is_file():
+        raise UserError(f"projector file not found: {path}")
+    meta = path.with_name("mm_projector.json")
+    tuned = json.loads(meta.read_text()).get("token_reduction") if meta.is_file() else None
+    if tuned is None:
+        raise UserError(f"{path} was not tuned for reduced image tokens (its mm_projector.json records none); "
+                        "make one with: llava-edge train stage2 --image-tokens K --tune projector")
+    want = {k: v for k, v in r.to_dict().items() if k in ("method", "tokens")}
+    got = {k: tuned.get(k) for k in want}
+    if got != want:
+        raise UserError(f"{path} was tuned for {got['method']} {got['tokens']} tokens, not {r.method} {r.tokens}")
+    try:
+        raw = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    weights = {k.split("multi_modal_projector.", 1)[1]: v.astype(np.float32) for k, v in raw.items()
+               if "multi_modal_projector." in k}
+    return weights, sha256_file(path)

@@ -328,13 +328,13 @@ class _Job:
     # -- reduced image tokens ---------------------------------------------------------------------------------
     def reduction_options(self, r, projector: str | Path | None) -> tuple[dict, dict | None]:
         """(what a reduced graph is made from, the tuned projector's weights or None); the projector read once."""
-        from . import image_tokens as splice
+        from llava_edge.image_tokens import read_projector
 
         made = {"reduction": r.to_dict(), "base_sha256": self.vision_base.sha256}
         if projector is None:
             return made, None
         if (r, str(projector)) not in self._projectors:
-            self._projectors[(r, str(projector))] = splice.read_projector(projector, r)
+            self._projectors[(r, str(projector))] = read_projector(projector, r)
         weights, made["projector_sha256"] = self._projectors[(r, str(projector))]
         return made, weights
 
@@ -368,7 +368,7 @@ class _Job:
             model = self.reduced_graph(r, projector)
             record: dict = {"type": name, "image_tokens": r.tokens, "token_reduction": r.to_dict()}
             if projector is not None:
-                record["projector"] = {"from": str(projector), "sha256": made["projector_sha256"]}
+                record["projector"] = {"from": str(Path(projector).resolve()), "sha256": made["projector_sha256"]}
             if name == "fp32":
                 save_onnx(model, path)
             elif name == "fp16":

@@ -26,7 +26,6 @@ Add biases.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -207,33 +206,3 @@ def _replace_projector(g, projector: list, weights: dict[str, np.ndarray], numpy
     kept = [t for t in g.initializer if t.name in used]  # the replaced ones no node reads any more
     del g.initializer[:]
     g.initializer.extend(kept)
-
-
-def read_projector(path: str | Path, r: TokenReduction) -> tuple[dict[str, np.ndarray], str]:
-    """(weights, sha256) of a fine-tuned projector file, checked to be tuned for ``r``."""
-    from safetensors.numpy import load_file
-
-    from llava_edge.manifest import sha256_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "mm_projector.safetensors"
-    if not path.is_file():
-        raise UserError(f"projector file not found: {path}")
-    meta = path.with_name("mm_projector.json")
-    tuned = json.loads(meta.read_text()).get("token_reduction") if meta.is_file() else None
-    if tuned is None:
-        raise UserError(f"{path} was not tuned for reduced image tokens (its mm_projector.json records none); "
-                        "make one with: llava-edge train stage2 --image-tokens K --tune projector")
-    want = {k: v for k, v in r.to_dict().items() if k in ("method", "tokens")}
-    got = {k: tuned.get(k) for k in want}
-    if got != want:
-        raise UserError(f"{path} was tuned for {got['method']} {got['tokens']} tokens, not {r.method} {r.tokens}")
-    try:
-        raw = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    weights = {k.split("multi_modal_projector.", 1)[1]: v.astype(np.float32) for k, v in raw.items()
-               if "multi_modal_projector." in k}
-    return weights, sha256_file(path)
-

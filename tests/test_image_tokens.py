@@ -355,6 +355,23 @@ def test_a_projector_tuned_for_the_reduction_becomes_its_own_variant(reduced, to
     assert_one_line_error(le("quantize", b, "--image-tokens", "16", "--projector", toy_model),
                           "projector file not found", progress=True)
 
+    # drift compares the tuned graph's features with the reference's through the same tuned projector
+    from llava_edge.drift.run import drift_bundle
+    from llava_edge.toy.data import write_eval_questions
+
+    questions = write_eval_questions(tmp_path, n=2)
+
+    def vision_drift():
+        result, _ = drift_bundle(b, toy_model, eval_file=questions, variants="fp32-pool16-tuned:f32", max_tokens=2,
+                                 threads=1, log=lambda _: None)
+        return result["pairs"][0]["vision_drift"], result["notes"]
+
+    drift, notes = vision_drift()
+    assert drift["tokens"] == 2 * 16 and drift["cos_min"] > 0.9999 and not any("tuned" in n for n in notes)
+    out.rename(tmp_path / "moved")  # its projector gone: said, and nothing compared against the wrong one
+    drift, notes = vision_drift()
+    assert drift == {"images": 0} and any("fp32-pool16-tuned" in n and "not there" in n for n in notes)
+
 
 def test_bench_times_a_reduced_variant_with_its_positions(reduced, tmp_path, monkeypatch):
     from llava_edge.bench import BenchSettings, run_bench

@@ -29,7 +29,7 @@ other gate's, can be set with ``--gate-limit tokens.accuracy_drop_max=2`` (and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from llava_edge.errors import UserError
 

@@ -15,6 +15,7 @@ code the runtime uses.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,14 @@ def pick_device(device: str = "auto") -> tuple[str, str, str]:
 
 def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, chat_template: str | None = None, *,
                       max_new_tokens: int = 32, device: str = "auto", reductions: tuple = (),
-                      log: Callable[[str], None] = print) -> Reference:
+                      projectors: dict | None = None, log: Callable[[str], None] = print) -> Reference:
     """Run the Hugging Face model over ``items``, prompted in the bundle's conversation mode with the ids LLaVA's
     evaluation gives (``<image>\\n`` + question, ``get_prompt``, ``tokenizer_image_token``).
 
     ``reductions`` (``image_tokens.TokenReduction``): the image features are also computed with each applied,
     what a reduced-token vision graph is compared with; the answers are always the full model's.
+    ``projectors``: {key: (reduction, weights)}, projectors fine-tuned for a reduction (``image_tokens.
+    read_projector``): the features with the reduction and that projector, under ``key``.
     """
     import torch
 
@@ -96,6 +99,17 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     spec, n_img, img_id = ckpt.image_spec(), ckpt.num_image_tokens(), ckpt.image_token_id
     eos = tok.eos_id
     cfg = hf.config
+    tuned = {}  # reduction -> [(key, a copy of the projector holding the tuned weights)]
+    for key, (r, weights) in (projectors or {}).items():
+        proj = copy.deepcopy(hf.model.multi_modal_projector)
+        try:
+            proj.load_state_dict({k: torch.from_numpy(v).to(dev, getattr(torch, dtype)) for k, v in weights.items()})
+        except RuntimeError as e:
+            raise UserError(f"the projector tuned for {r.label} does not fit the reference model "
+                            f"({str(e).splitlines()[0]})") from None
+        tuned.setdefault(r, []).append((key, proj))
+        if r not in reductions:
+            reductions = (*reductions, r)
     ref = Reference(str(model), ckpt.fingerprint(), ckpt.stamp(), dev, dtype, note)
     log(f"reference: {ckpt.path} in {dtype} on {dev}, conversation mode {conv_mode} ({len(items)} questions)")
     for item in items:
@@ -114,7 +128,11 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
                 ).pooler_output
             feats = torch.stack(list(f))[0].float().cpu().numpy()
             with torch.no_grad():
-                reduced = {r.label: image_features(hf, px, r)[0].float().cpu().numpy() for r in reductions}
+                for r in reductions:
+                    mine = tuned.get(r, [])
+                    outs = image_features(hf, px, r, tuple(p for _, p in mine)) if mine else [image_features(hf, px, r)]
+                    for key, out in zip([r.label] + [k for k, _ in mine], outs):
+                        reduced[key] = out[0].float().cpu().numpy()
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([full], device=dev), max_new_tokens=max_new_tokens,
                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_id or eos,

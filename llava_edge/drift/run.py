@@ -49,6 +49,34 @@ def parse_pairs(text: str | None, m: bundle_manifest.Manifest) -> list[Pair]:
     return variants.parse_pairs(text, m, default=variants.every_pair)
 
 
+def feature_key(v: bundle_manifest.Variant) -> str | None:
+    """Which of the reference's image features vision variant ``v`` is compared with: None, LLaVA's own (every
+    patch); else its reduction's, and with a tuned projector that projector's (by its file's sha256)."""
+    r = v.token_reduction
+    if r is None:
+        return None
+    proj = v.extra.get("projector")
+    return r.label if proj is None else f"{r.label}-tuned-{str(proj.get('sha256'))[:16]}"
+
+
+def tuned_projector(bundle: Path, v: bundle_manifest.Variant) -> tuple:
+    """(reduction, weights) of the projector ``v`` was made with (``quantize --projector``), read from where it was
+    made from (relative to the working directory quantize ran in, or to the bundle) and checked by sha256."""
+    from llava_edge.image_tokens import read_projector
+
+    rec = v.extra["projector"]
+    src = Path(str(rec.get("from")))
+    for path in (src, bundle / src) if not src.is_absolute() else (src,):
+        if path.exists():
+            break
+    else:
+        raise UserError(f"its tuned projector {src} is not there any more")
+    weights, sha = read_projector(path, v.token_reduction)
+    if sha != rec.get("sha256"):
+        raise UserError(f"its tuned projector {src} changed since the variant was made (sha256)")
+    return v.token_reduction, weights
+
+
 def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *, max_tokens: int,
                  kv_cache: str = "f16", threads: int = 0) -> dict:
     """Every metric of one pair (see the module docstring); answers included for scoring."""
@@ -63,11 +91,12 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         flips: list[dict] = []
         prompt_mismatch = 0
         reduction = m.vision_variant.token_reduction
-        tuned = "projector" in m.vision_variant.extra  # its projector is not the reference's: no feature comparison
+        tuned = "projector" in m.vision_variant.extra
+        fkey = feature_key(m.vision_variant)
         for item, r in zip(eval_set.items, ref.items):
             key, emb = m.image_embeddings(item.image) if item.image is not None else (None, None)
-            features = r.image_features if reduction is None else r.reduced_features.get(reduction.label)
-            if emb is not None and features is not None and not tuned:
+            features = r.image_features if reduction is None else r.reduced_features.get(fkey)
+            if emb is not None and features is not None:
                 cosines.append(metrics.cosine_rows(emb, features))
                 rel_errors.append(metrics.relative_error(emb, features))
                 images.append({"id": item.id, "cos_min": float(cosines[-1].min()),
@@ -156,10 +185,18 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
     m = bundle_manifest.read(bundle)
     pairs = pairs or parse_pairs(None, m)
     reductions = tuple(dict.fromkeys(r for r in (m.variant("vision", p.vision).token_reduction for p in pairs) if r))
-    ref = compute_reference(reference, eval_set.items, m.conv_mode, m.chat_template, max_new_tokens=max_tokens,
-                            device=device, reductions=reductions, log=log)
-    ref_score = eval_set.score([r.answer for r in ref.items])
     notes = list(eval_set.notes)
+    projectors = {}
+    for v in (m.variant("vision", name) for name in dict.fromkeys(p.vision for p in pairs)):
+        if "projector" in v.extra:
+            try:
+                projectors[feature_key(v)] = tuned_projector(bundle, v)
+            except UserError as e:
+                notes.append(f"{v.name}'s image features are not compared with the reference's: {e}")
+                log(f"warning: {notes[-1]}")
+    ref = compute_reference(reference, eval_set.items, m.conv_mode, m.chat_template, max_new_tokens=max_tokens,
+                            device=device, reductions=reductions, projectors=projectors, log=log)
+    ref_score = eval_set.score([r.answer for r in ref.items])
     for note in source_notes(m.source or {}, ref, reference):
         notes.append(note)
         log(f"warning: {note}")
@@ -173,8 +210,9 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
             r["accuracy"] = score["accuracy"]
             r["accuracy_drop_points"] = round(100 * (ref_score["accuracy"] - score["accuracy"]), 6)
         t, v = r["token_drift"], r["vision_drift"]
-        log(f"  vision cos mean {v.get('cos_mean', float('nan')):.6f} min {v.get('cos_min', float('nan')):.6f}; "
-            f"KL mean {t.get('kl_mean', float('nan')):.3g} p99 {t.get('kl_p99', float('nan')):.3g}; "
+        log((f"  vision cos mean {v['cos_mean']:.6f} min {v['cos_min']:.6f}; " if "cos_min" in v
+             else "  vision not compared; ")
+            + f"KL mean {t.get('kl_mean', float('nan')):.3g} p99 {t.get('kl_p99', float('nan')):.3g}; "
             f"top-1 {t.get('top1', float('nan')):.2%}; answers as reference {r['answer_agreement']:.1%}"
             + (f"; accuracy {r['accuracy']:.1%}" if "accuracy" in r else "") + f" ({r['seconds']} s)")
         results.append(r)
