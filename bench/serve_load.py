@@ -2,6 +2,7 @@
 
     python bench/serve_load.py --bundle BUNDLE --out results.json [--llm bf16] [--mmproj bf16]
         [--threads 2] [--rounds 5] [--requests-per-client 4] [--soak-minutes 10] [--sections ttft,load,soak]
+        [--max-tokens 64] [--image-tokens K]
 
 Both servers get the bundle's language-model GGUF (``--llm``); llama-cpp-python's
 server gets the bundle's mmproj (``--mmproj``: llama.cpp's own CLIP, with its
@@ -22,7 +23,7 @@ Sections:
    wall time: both servers send one chunk per token) and the 95th percentile time to first token. Goals: >= 2.5x
    llama_cpp.server's tokens/s, p95 TTFT <= 0.5x.
 3. ``soak``: llava-edge alone, ``--soak-minutes`` at 4 clients with 5% bad
-   requests mixed in (bad JSON, bad images, two images, unknown model, an
+   requests mixed in (1 in 20) (bad JSON, bad images, two images, unknown model, an
    oversized body): good requests that failed (goal 0) and the server's
    resident memory at the end against after the warm-up (goal <= +5%).
 """
@@ -149,16 +150,19 @@ def section_ttft(servers: list[Server], rounds: int, seed: iter) -> dict:
     return {k: {"median_s": statistics.median(v), "runs_s": v} for k, v in out.items()}
 
 
-def run_clients(server: Server, clients: int, per_client: int, seed: iter, bad_every: int = 0) -> dict:
+def run_clients(server: Server, clients: int, per_client: int, seed: iter, bad_every: int = 0,
+                first_slot: int = 0) -> dict:
+    """``clients`` threads, ``per_client`` good requests each; with ``bad_every`` = B, a bad request goes
+    before the good one in every slot numbered ``first_slot + ...`` that is a multiple of B - 1 (slots
+    count on across calls, so 1 request in B is bad however many a call has)."""
     images = [[picture(next(seed)) for _ in range(per_client)] for _ in range(clients)]
     results: list[dict] = []
     lock = threading.Lock()
-    rng = random.Random(next(seed))  # which bad requests, and where in the run they come
-    rng_offset = rng.randrange(bad_every) if bad_every else 0
+    rng = random.Random(next(seed))  # which kinds of bad request
 
     def client(i: int):
         for k in range(per_client):
-            if bad_every and (i * per_client + k) % bad_every == rng_offset:
+            if bad_every and (first_slot + i * per_client + k) % (bad_every - 1) == 0:
                 bad = send_bad(server, rng)
                 with lock:
                     results.append({"bad": True, "ok": 400 <= bad < 500, "status": bad})
@@ -214,6 +218,9 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=10)
     ap.add_argument("--sections", default="ttft,load,soak")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (load and soak)")
+    ap.add_argument("--image-tokens", type=int, default=0,
+                    help="ttft and load: also a llava-edge server with `serve --image-tokens K` (a reduced-token "
+                         "vision variant of the bundle: its answers differ from the full model's)")
     a = ap.parse_args()
     global MAX_TOKENS
     MAX_TOKENS = a.max_tokens
@@ -225,12 +232,17 @@ def main() -> None:
     mmproj = manifest.bundle_file(a.bundle, m.variant("mmproj", a.mmproj).file)
     cache = tempfile.mkdtemp(prefix="serve-load-cache-")
     edge_port, cpp_port = free_port(), free_port()
-    edge = Server("llava-edge", [sys.executable, "-m", "llava_edge.cli", "serve", "--bundle", str(a.bundle),
-                                 "--port", str(edge_port), "--parallel", str(a.clients), "--llm-variant", a.llm,
-                                 "--threads", str(a.threads), "--ctx", str(a.ctx), "--quiet", "--model-name", "m"],
-                  edge_port, env={"LLAVA_EDGE_CACHE": cache}, ready_path="/health")
+    edge = Server("llava-edge", edge_argv(a, edge_port), edge_port, env={"LLAVA_EDGE_CACHE": cache},
+                  ready_path="/health")
     edge.model = "m"
     servers = [edge]
+    reduced = f"llava-edge ({a.image_tokens} image tokens)"
+    if a.image_tokens and ("ttft" in sections or "load" in sections):
+        port = free_port()
+        fewer = Server(reduced, [*edge_argv(a, port), "--image-tokens", str(a.image_tokens)], port,
+                       env={"LLAVA_EDGE_CACHE": cache}, ready_path="/health")
+        fewer.model = "m"
+        servers.append(fewer)
     if "ttft" in sections or "load" in sections:
         cpp = Server("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(llm),
                                           "--clip_model_path", str(mmproj), "--chat_format", "llava-1-5",
@@ -246,13 +258,17 @@ def main() -> None:
     seed = iter(range(10**9))
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "bundle": str(a.bundle), "llm": a.llm, "mmproj": a.mmproj,
-              "threads": a.threads, "max_tokens": MAX_TOKENS, "versions": versions()}
+              "threads": a.threads, "max_tokens": MAX_TOKENS, "image_tokens": a.image_tokens or None,
+              "versions": versions()}
     try:
         if "ttft" in sections:
             t = section_ttft(servers, a.rounds, seed)
             t["ratio"] = t["llava-edge"]["median_s"] / t["llama_cpp.server"]["median_s"]
+            if reduced in t:
+                t["ratio_reduced"] = t[reduced]["median_s"] / t["llama_cpp.server"]["median_s"]
             result["ttft"] = t
-            print(f"ttft ratio {t['ratio']:.2f}x", flush=True)
+            print(f"ttft ratio {t['ratio']:.2f}x" + (f", {reduced} {t['ratio_reduced']:.2f}x" if reduced in t else ""),
+                  flush=True)
         if "load" in sections:
             runs = {s.name: [] for s in servers}
             for rep in range(a.repeats):
@@ -267,8 +283,12 @@ def main() -> None:
             result["load"] = {"runs": runs, "median": med,
                               "tokens_per_s_ratio": edge_m["tokens_per_s"] / cpp_m["tokens_per_s"],
                               "ttft_p95_ratio": edge_m["ttft_p95_s"] / cpp_m["ttft_p95_s"]}
+            if reduced in med:
+                result["load"]["reduced"] = {"tokens_per_s_ratio": med[reduced]["tokens_per_s"] / cpp_m["tokens_per_s"],
+                                             "ttft_p95_ratio": med[reduced]["ttft_p95_s"] / cpp_m["ttft_p95_s"]}
             print(f"load ratios: tokens/s {result['load']['tokens_per_s_ratio']:.2f}x, "
-                  f"p95 TTFT {result['load']['ttft_p95_ratio']:.2f}x", flush=True)
+                  f"p95 TTFT {result['load']['ttft_p95_ratio']:.2f}x"
+                  + (f"; {reduced}: {result['load']['reduced']}" if reduced in med else ""), flush=True)
         for s in servers[1:]:
             s.stop()
         servers = servers[:1]
@@ -278,7 +298,7 @@ def main() -> None:
             end = time.monotonic() + a.soak_minutes * 60
             totals = {"requests": 0, "failed": 0, "bad_requests": 0, "bad_not_4xx": []}
             while time.monotonic() < end:
-                r = run_clients(edge, a.clients, 4, seed, bad_every=20)
+                r = run_clients(edge, a.clients, 4, seed, bad_every=20, first_slot=totals["requests"] + 1)
                 for k in ("requests", "failed", "bad_requests"):
                     totals[k] += r[k]
                 totals["bad_not_4xx"] += r["bad_not_4xx"]
@@ -293,6 +313,12 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k in ("ttft", "load", "soak")}, indent=1, default=str)[:3000])
+
+
+def edge_argv(a: argparse.Namespace, port: int) -> list[str]:
+    return [sys.executable, "-m", "llava_edge.cli", "serve", "--bundle", str(a.bundle), "--port", str(port),
+            "--parallel", str(a.clients), "--llm-variant", a.llm, "--threads", str(a.threads), "--ctx", str(a.ctx),
+            "--quiet", "--model-name", "m"]
 
 
 def versions() -> dict:
