@@ -182,17 +182,32 @@ class LlamaCppChat:
     """llama.cpp's own multimodal pipeline: ``Llama`` + ``Llava15ChatHandler`` (mmproj + text GGUF)."""
 
     def __init__(self, text_gguf: Path, mmproj: Path, threads: int, n_ctx: int, n_gpu_layers: int = 0,
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, extra_buffers: bool = True):
+        import llama_cpp.llama_cpp as C
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Llava15ChatHandler
 
         # its CLIP runs on the GPU whenever llama.cpp was built with one (the handler's default)
         handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
-        # flash attention: this wrapper offers on or off, not llama.cpp's "auto" that llava-edge's context gets;
-        # the caller passes what auto resolves to (on for a CPU; off for a GPU build without its FA kernels)
-        self.llama = Llama(model_path=str(text_gguf), chat_handler=handler, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
-                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
-                           flash_attn=flash_attn, verbose=False)
+        # extra buffer types as llava-edge's plan has them (off for quantized weights on an AMX CPU, where they
+        # crash: runtimes/devices.py, extra_buffers); Llama takes no such argument, so its default params are
+        # replaced while it loads
+        defaults = C.llama_model_default_params
+
+        def params():
+            p = defaults()
+            p.use_extra_bufts = extra_buffers
+            return p
+
+        C.llama_model_default_params = params
+        try:
+            # flash attention: this wrapper offers on or off, not llama.cpp's "auto" that llava-edge's context
+            # gets; the caller passes what auto resolves to (on for a CPU; off for a GPU build without its FA kernels)
+            self.llama = Llama(model_path=str(text_gguf), chat_handler=handler, n_ctx=n_ctx, n_batch=512,
+                               n_ubatch=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                               flash_attn=flash_attn, verbose=False)
+        finally:
+            C.llama_model_default_params = defaults
 
     @staticmethod
     def messages(image: Path, question: str, history: tuple[tuple[str, str], ...] = ()) -> list[dict]:
@@ -472,11 +487,13 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
                                   n_ctx=n_ctx) for v in vision_variants}
         # the baselines offload what llava-edge's plan offloads (every layer on a GPU profile)
         layers = next(iter(ours.values())).plan.n_gpu_layers
-        res["n_gpu_layers"] = layers
+        extra = next(iter(ours.values())).plan.extra_buffers  # and load weights into the same buffer types
+        res["n_gpu_layers"], res["extra_buffers"] = layers, extra
         prompt_tokens: dict = {}
         res["llava_edge_plan"] = {v: x.explain() for v, x in ours.items() if hasattr(x, "explain")}
         if "ttft" in sections:
-            theirs = LlamaCppChat(gguf, mm, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn)
+            theirs = LlamaCppChat(gguf, mm, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn,
+                                  extra_buffers=extra)
             contestants: dict[str, Callable[[], float]] = {}
             phases: dict[str, list[dict]] = {}  # where llava-edge's time goes, seconds per phase
             # a second picture of the same size for the warm contestant: a new image in a running process
@@ -590,7 +607,7 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
             }
         if "followup" in sections:
             res["followup"] = race_followup(ours[vision_variants[0]], gguf, mm, image, vision_variants[0], rounds,
-                                            threads, n_ctx, layers, flash_attn)
+                                            threads, n_ctx, layers, flash_attn, extra)
         for model in ours.values():
             model.close()
         out["llm"][llm] = res
@@ -598,9 +615,10 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
 
 
 def race_followup(model, gguf: Path, mmproj: Path, image: Path, vision: str, rounds: int, threads: int,
-                  n_ctx: int, layers: int, flash_attn: bool) -> dict:
+                  n_ctx: int, layers: int, flash_attn: bool, extra_buffers: bool = True) -> dict:
     """Time to the first token of a second question about the same image (section ``followup``)."""
-    theirs = LlamaCppChat(gguf, mmproj, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn)
+    theirs = LlamaCppChat(gguf, mmproj, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn,
+                          extra_buffers=extra_buffers)
     their_answer = theirs.answer(image, QUESTION, ANSWER_TOKENS)  # untimed: the history of every round
     positions: dict[str, int] = {}
     decoded: list[int] = []
