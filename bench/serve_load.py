@@ -25,7 +25,8 @@ Sections:
 3. ``soak``: llava-edge alone, ``--soak-minutes`` at 4 clients with 5% bad
    requests mixed in (1 in 20) (bad JSON, bad images, two images, unknown model, an
    oversized body): good requests that failed (goal 0) and the server's
-   resident memory at the end against after the warm-up (goal <= +5%).
+   resident memory at the end against after a warm-up round shaped as the
+   soak's (goal <= +5%), with its value after every round.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import numpy as np
 QUESTIONS = ("What is in the image?", "Describe the image in detail.", "What colors do you see?",
              "Is there a person in the picture?")
 MAX_TOKENS = 64
+SOAK_PER_CLIENT = 4  # good requests per client in each soak round
 
 
 def free_port() -> int:
@@ -293,17 +295,20 @@ def main() -> None:
             s.stop()
         servers = servers[:1]
         if "soak" in sections:
-            run_clients(edge, a.clients, 2, seed)  # warm-up: every sequence used once
+            # warm-up: one round shaped as the soak's (every sequence, the buffers of four prefills at once and
+            # the in-memory caches filled as a round fills them), so that growth is measured from a loaded server
+            run_clients(edge, a.clients, SOAK_PER_CLIENT, seed)
             rss0 = edge.rss_mb()
             end = time.monotonic() + a.soak_minutes * 60
-            totals = {"requests": 0, "failed": 0, "bad_requests": 0, "bad_not_4xx": []}
+            totals = {"requests": 0, "failed": 0, "bad_requests": 0, "bad_not_4xx": [], "rss_mb_by_round": []}
             while time.monotonic() < end:
-                r = run_clients(edge, a.clients, 4, seed, bad_every=20, first_slot=totals["requests"] + 1)
+                r = run_clients(edge, a.clients, SOAK_PER_CLIENT, seed, bad_every=20, first_slot=totals["requests"] + 1)
                 for k in ("requests", "failed", "bad_requests"):
                     totals[k] += r[k]
                 totals["bad_not_4xx"] += r["bad_not_4xx"]
+                totals["rss_mb_by_round"].append(round(edge.rss_mb(), 1))
                 print(f"soak: {totals['requests']} good, {totals['failed']} failed, {totals['bad_requests']} bad, "
-                      f"RSS {edge.rss_mb():.0f} MB", flush=True)
+                      f"RSS {totals['rss_mb_by_round'][-1]:.0f} MB", flush=True)
             rss1 = edge.rss_mb()
             result["soak"] = {**totals, "minutes": a.soak_minutes, "rss_after_warmup_mb": rss0, "rss_end_mb": rss1,
                               "rss_growth": rss1 / rss0 - 1}
