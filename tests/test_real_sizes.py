@@ -182,3 +182,71 @@ def test_int8_static_calibrates_clip_l_336_in_bounded_memory(llava7b_1layer, tmp
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
     assert peak < 16e9, f"int8-static calibration peaked at {peak / 1e9:.1f} GB"
     assert (b / "vision.int8-static.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_fewer_image_tokens_end_to_end_at_7b_shape(llava7b_1layer, tmp_path):
+    """Reduced-token variants, the recovery fine-tune, drift and the runtime's choice at LLaVA-1.5-7B's widths
+    (CLIP-L/336: 24x24 patches, a 1024 -> 4096 projector), the language model cut to one layer."""
+    import numpy as np
+    import torch
+
+    from cli_run import le
+    from llava_edge import manifest
+    from llava_edge.checkpoint import load_hf_model, open_checkpoint
+    from llava_edge.image_tokens import image_features, plan
+    from llava_edge.preprocess import ImageSpec, load_image, preprocess
+    from llava_edge.quantize.vision import run_graph
+
+    model, _ = llava7b_1layer
+    data, b, tuned = tmp_path / "data", tmp_path / "b", tmp_path / "tuned"
+
+    def ok(*args, timeout=1800):
+        r = le(*args, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    ok("toy", "data", "--out", data, "--n-stage1", "1", "--n-stage2", "4", "--n-eval", "2", "--image-size", "336")
+    ok("export", "--model", model, "--out", b, "--target", "all", "--llm-outtype", "f16", "--mmproj-outtype", "f16")
+    ok("quantize", b, "--image-tokens", "144", "--token-method", "pool,dominant")
+    m = manifest.read(b)
+    for name, method in (("fp32-pool144", "pool"), ("fp32-dominant144", "dominant")):
+        v = m.find("vision", name=name)[0]
+        assert m.image_tokens(v) == 144 and v.token_reduction.method == method
+
+    # the spliced graph computes the torch reduction of the model it came from, 144 positions of 4096
+    image = sorted((data / "images").glob("eval_*.png"))[0]
+    px = preprocess(load_image(image), ImageSpec.from_dict(m.image))[None]
+    hf = load_hf_model(open_checkpoint(model), dtype="float32").eval()
+    with torch.no_grad():
+        want = image_features(hf, torch.from_numpy(px), plan("pool", 144, 24)).numpy()
+    del hf
+    got = run_graph(b / "vision.fp32-pool144.onnx", px)
+    assert got.shape == want.shape == (1, 144, 4096)
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+    # the recovery fine-tune at this size (LLaVA-1.5's preset; fp32 on a CPU), then its own variant
+    ok("train", "stage2", "--model", model, "--data", data / "stage2_instruct.json", "--image-folder", data,
+       "--output", tuned, "--preset", "llava-1.5-7b", "--image-tokens", "144", "--token-method", "pool",
+       "--tune", "projector", "--max-steps", "2", "--global-batch", "2", "--per-device-batch", "1")
+    assert json.loads((tuned / "mm_projector.json").read_text())["token_reduction"]["tokens"] == 144
+    ok("quantize", b, "--image-tokens", "144", "--token-method", "pool", "--projector", tuned)
+
+    # drift of every 144-token variant against the full reference, recorded in the bundle
+    ok("drift", b, "--reference", model, "--eval", data / "eval.json", "--report", tmp_path / "drift", "--record",
+       "--variants", "fp32:f16,fp32-pool144:f16,fp32-dominant144:f16,fp32-pool144-tuned:f16", "--max-tokens", "4")
+    pairs = {f"{p['vision']}:{p['llm']}": p for p in json.loads((tmp_path / "drift" / "drift.json").read_text())["pairs"]}
+    assert {p["image_tokens"] for k, p in pairs.items() if k != "fp32:f16"} == {144}
+    full = pairs["fp32:f16"]["token_drift"]
+    for k in ("fp32-pool144:f16", "fp32-dominant144:f16", "fp32-pool144-tuned:f16"):
+        d = pairs[k]["token_drift"]
+        assert d["positions"] == full["positions"] > 0 and np.isfinite(d["kl_mean"])
+        assert pairs[k]["vision_drift"]["tokens"] == 144 * 2  # both questions' features against torch's
+    m = manifest.read(b)
+    assert m.drift_records(m.find("vision", name="fp32-pool144-tuned")[0])["f16"]["image_tokens"] == 144
+
+    # asked for 144 tokens, the runtime takes the tuned projector and says what it cost
+    r = ok("chat", "--bundle", b, "--image-tokens", "144", "--explain", "--image", image, "--max-tokens", "2",
+           "What is in the image?")
+    assert "fp32-pool144-tuned" in r.stdout + r.stderr
+    assert "image tokens: 144 of 576" in r.stdout + r.stderr and "measured with f16 on 2 questions" in r.stdout + r.stderr
