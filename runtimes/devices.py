@@ -241,10 +241,11 @@ _LLM_EDGE = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0", "q4
 BF16_CPU_FEATURE = "AVX512_BF16"
 # 4-bit GGUF types, fastest decode first, measured with llama.cpp's kernels for (CPU feature, whether its extra
 # buffer types are on) by bench/cpu_q4.py (docs/BENCHMARKS.md, "4-bit types on the CPU"). Extra buffers on: Q4_0,
-# IQ4_NL and the K-quants are repacked into interleaved layouts (CPU_REPACK); off: llama.cpp's plain vec_dot
-# kernels. Where the CPU matches no row, llama.cpp's usual size/quality point, Q4_K_M, leads.
+# IQ4_NL and the K-quants are repacked into interleaved layouts (CPU_REPACK), measured on AMD Zen 4 (AVX-512
+# without AMX); off: llama.cpp's plain vec_dot kernels, measured on an AMX Xeon, where they are off. Where the CPU
+# matches no row, llama.cpp's usual size/quality point, Q4_K_M, leads.
 CPU_Q4_FASTEST: dict[tuple[str, bool], tuple[str, ...]] = {
-    ("AVX512", True): ("q4_k_s", "q4_k_m", "q4_0", "iq4_nl", "iq4_xs"),
+    ("AVX512", True): ("q4_k_m", "q4_k_s", "iq4_nl", "q4_0", "iq4_xs"),
     ("AVX512", False): ("q4_k_m", "q4_k_s", "iq4_xs", "q4_0", "iq4_nl"),
 }
 
