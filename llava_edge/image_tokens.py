@@ -229,13 +229,9 @@ def cls_attention(tower, hidden_states, index: int):
     return probs[:, :, 0, 1:].mean(dim=1)
 
 
-def image_features(model, pixel_values, r: TokenReduction | None, projectors: tuple = ()):
-    """(B, K, LM width): what the language model reads for ``pixel_values``, with ``r`` applied before the
-    projector (``r`` None: LLaVA's own features, all patches). ``model``: a ``LlavaForConditionalGeneration``.
-
-    ``projectors`` (modules shaped as the model's): a list instead, the model's projector's output then each of
-    these on the same reduced features (the tower runs once).
-    """
+def reduced_patch_features(model, pixel_values, r: TokenReduction | None):
+    """(B, K, vision width): the feature layer's patch tokens for ``pixel_values`` with ``r`` applied, what the
+    projector reads (``r`` None: every patch, LLaVA's own). ``model``: a ``LlavaForConditionalGeneration``."""
     cfg = model.config
     if cfg.vision_feature_select_strategy != "default":
         raise UserError("token reduction needs LLaVA's 'default' feature selection (class token dropped); this "
@@ -247,8 +243,13 @@ def image_features(model, pixel_values, r: TokenReduction | None, projectors: tu
     if r is not None:
         attention = cls_attention(tower, hidden, index) if r.method == "dominant" else None
         feats = reduce_tokens(feats, attention, r)
-    return [model.model.multi_modal_projector(feats)] + [p(feats) for p in projectors] if projectors \
-        else model.model.multi_modal_projector(feats)
+    return feats
+
+
+def image_features(model, pixel_values, r: TokenReduction | None):
+    """(B, K, LM width): what the language model reads for ``pixel_values``, with ``r`` applied before the
+    projector (``r`` None: LLaVA's own features, all patches). ``model``: a ``LlavaForConditionalGeneration``."""
+    return model.model.multi_modal_projector(reduced_patch_features(model, pixel_values, r))
 
 
 def install(model, r: TokenReduction) -> None:

@@ -84,9 +84,8 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     """
     import torch
 
-    from llava_edge.image_tokens import image_features
-
     from llava_edge.checkpoint import load_hf_model, resolve_model
+    from llava_edge.image_tokens import reduced_patch_features
     from llava_edge.preprocess import preprocess
     from llava_edge.templates import expand_image, get_template
     from llava_edge.tokenizer import Tokenizer
@@ -128,11 +127,10 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
                 ).pooler_output
             feats = torch.stack(list(f))[0].float().cpu().numpy()
             with torch.no_grad():
-                for r in reductions:
-                    mine = tuned.get(r, [])
-                    outs = image_features(hf, px, r, tuple(p for _, p in mine)) if mine else [image_features(hf, px, r)]
-                    for key, out in zip([r.label] + [k for k, _ in mine], outs):
-                        reduced[key] = out[0].float().cpu().numpy()
+                for r in reductions:  # the tower runs once per reduction, then each projector on its tokens
+                    patches = reduced_patch_features(hf, px, r)
+                    for key, proj in [(r.label, hf.model.multi_modal_projector), *tuned.get(r, [])]:
+                        reduced[key] = proj(patches)[0].float().cpu().numpy()
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([full], device=dev), max_new_tokens=max_new_tokens,
                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_id or eos,
