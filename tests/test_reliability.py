@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -132,9 +133,9 @@ def test_info_verify_passes_on_a_good_bundle(bundle):
 
 
 # -- one writer at a time -------------------------------------------------------------------------------------------
-def _quantize(b, *args) -> subprocess.Popen:
+def _quantize(b, *args, stdout=subprocess.PIPE) -> subprocess.Popen:
     code = "import sys; from llava_edge.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "quantize", str(b), *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code, "quantize", str(b), *args], stdout=stdout,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -159,11 +160,28 @@ def test_a_second_writer_waits_or_with_no_wait_stops(b):
     with bundle_lock.writing(b):
         assert_one_line_error(le("quantize", b, "--llm", "q8_0", "--no-wait"), "is writing", "--no-wait",
                               progress=True)
-        p = _quantize(b, "--llm", "q8_0")
-        time.sleep(3)
-        assert p.poll() is None  # waiting for the lock
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0 and "waiting for another llava-edge" in err
+        p = _quantize(b, "--llm", "q8_0", stdout=subprocess.DEVNULL)
+        err, waiting = [], threading.Event()
+
+        def read_stderr():
+            for line in p.stderr:
+                err.append(line)
+                if "waiting for another llava-edge" in line:
+                    waiting.set()
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        # the lock is held until the second writer says it waits, however long its start-up takes on this
+        # machine (released earlier, it would find the bundle free); the deadline only stops a hang
+        deadline = time.monotonic() + 600
+        while not waiting.wait(0.1):
+            assert p.poll() is None, "".join(err)  # it ended instead of waiting
+            assert time.monotonic() < deadline, "no 'waiting' message: " + "".join(err)
+        assert p.poll() is None  # still waiting for the lock
+    p.wait(timeout=600)
+    reader.join(timeout=60)
+    err = "".join(err)
+    assert p.returncode == 0 and "waiting for another llava-edge" in err, err
     assert ("llm", "q8_0") in {(v.kind, v.name) for v in manifest.read(b).variants}
 
 
@@ -344,8 +362,16 @@ def test_read_only_filesystem_is_named(b, toy_model, monkeypatch, capsys, tmp_pa
     assert err[-1].startswith("error: ") and "read-only file system" in err[-1] and "disk full" not in err[-1]
 
 
-# -- seeded fuzz, fixed time budgets (LLAVA_EDGE_FUZZ_SECONDS scales them for a longer run by hand) ---------------
+# -- seeded fuzz, fixed budgets (LLAVA_EDGE_FUZZ_SECONDS multiplies them for a longer run by hand) ----------------
+# A budget is a number of cases, not of seconds: a seed then gives the same cases, and the same outcome, on a
+# fast machine and on a busy one (a time budget tried a fifth as many on a loaded 2-vCPU machine, so what was
+# checked, and whether enough was, depended on the machine). Each is about 3 s at the idle rates that
+# docs/RELIABILITY.md records.
 FUZZ_SCALE = float(os.environ.get("LLAVA_EDGE_FUZZ_SECONDS", "1"))
+FUZZ_IMAGES = round(5000 * FUZZ_SCALE)
+FUZZ_MANIFESTS = round(300 * FUZZ_SCALE)  # each one loads the bundle
+
+
 def test_fuzzed_image_bytes_give_an_image_or_one_line(b, image, tmp_path):
     from PIL import Image
 
@@ -357,8 +383,7 @@ def test_fuzzed_image_bytes_give_an_image_or_one_line(b, image, tmp_path):
     rng = random.Random(int(os.environ.get("LLAVA_EDGE_FUZZ_SEED", "1234")))
     f = tmp_path / "fuzz.img"
     tried = ok = 0
-    deadline = time.monotonic() + 8 * FUZZ_SCALE
-    while time.monotonic() < deadline:
+    for _ in range(FUZZ_IMAGES):
         data = bytearray(rng.choice(seeds))
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] = rng.randrange(256)
@@ -373,7 +398,7 @@ def test_fuzzed_image_bytes_give_an_image_or_one_line(b, image, tmp_path):
         assert x.shape == (3, spec.crop, spec.crop) and np.isfinite(x).all()
         ok += 1
     print(f"fuzzed image files: {tried} tried, {ok} decoded, {tried - ok} refused in one line")
-    assert tried > 50 and 0 < ok < tried
+    assert 0 < ok < tried
 
 
 def test_fuzzed_manifest_fields_load_or_fail_in_one_line(b):
@@ -383,8 +408,7 @@ def test_fuzzed_manifest_fields_load_or_fail_in_one_line(b):
     values = [None, -1, 0, 2**70, "", "x", [], {}, [1, 2], math.pi, True, "../x", "/etc/passwd"]
     rng = random.Random(int(os.environ.get("LLAVA_EDGE_FUZZ_SEED", "4321")))
     tried = loaded = 0
-    deadline = time.monotonic() + 10 * FUZZ_SCALE
-    while time.monotonic() < deadline:
+    for _ in range(FUZZ_MANIFESTS):
         d = json.loads(json.dumps(original))
         section = rng.choice(["image", "vision", "llm", "tokenizer", "variants", "conv_mode", "source"])
         target = d[section]
@@ -406,7 +430,7 @@ def test_fuzzed_manifest_fields_load_or_fail_in_one_line(b):
         except UserError as e:
             assert "\n" not in str(e)
     print(f"fuzzed manifests: {tried} tried, {loaded} loaded, {tried - loaded} refused in one line")
-    assert tried > 10
+    assert 0 < loaded < tried
 
 
 @pytest.fixture()
