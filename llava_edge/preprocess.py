@@ -202,6 +202,14 @@ def preprocess(image: ImageInput, spec: ImageSpec, formats: tuple[str, ...] | No
     im = load_image(image, padded=spec.pad == "pad", formats=formats)
     if spec.pad == "pad":
         im = expand2square(im, tuple(int(x * 255) for x in spec.mean))
+    return clip_pixels(im, spec)
+
+
+def clip_pixels(im: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """An RGB picture through CLIP's steps (resize the shortest edge, center crop, rescale, normalize).
+
+    ``spec.pad`` is not looked at: padding, where the checkpoint wants it, happens before. Float32 (3, crop, crop).
+    """
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = spec.resize, int(spec.resize * long / short)

@@ -30,13 +30,14 @@ VOCAB_FILES = (GGUF, Path(str(GGUF) + ".inp"), Path(str(GGUF) + ".out"))
 _built: dict[str, Path] = {}
 
 
-def available() -> tuple[bool, str]:
-    """Whether the reference can run here, and if not why (for pytest.skip)."""
+def available(vocab: bool = True) -> tuple[bool, str]:
+    """Whether the reference can run here, and if not why (for pytest.skip); ``vocab``: the test needs the
+    LLaMA vocabulary too."""
     if not LLAVA_PYTHON.exists():
         return False, f"{LLAVA_PYTHON.relative_to(ROOT)} missing: run `make llava-ref`"
     if not any(LLAVA_PYTHON.parents[1].glob("lib/python*/site-packages/llava/train/train.py")):
         return False, "llava-torch is not installed in .venv-llava: run `make llava-ref`"
-    missing = [p for p in VOCAB_FILES if not p.exists()]
+    missing = [p for p in VOCAB_FILES if not p.exists()] if vocab else []
     if missing:
         return False, f"{missing[0].relative_to(ROOT)} missing: run `make llava-ref`"
     return True, ""
@@ -66,25 +67,26 @@ def llama_tokenizer_dir(tmp, legacy: bool, extra_special=()) -> Path:
                                                        legacy, extra_special)
 
 
-def run(subcommand: str, request: dict, timeout: float = 600) -> dict:
-    """Run ``llava_side.py SUBCOMMAND`` on ``request`` in .venv-llava; its JSON result."""
+def run(subcommand: str, request: dict, timeout: float = 600, script: Path = SIDE) -> dict:
+    """Run ``llava_side.py SUBCOMMAND`` (or another reference-side ``script``) on ``request`` in .venv-llava;
+    its JSON result."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as f:
         json.dump(request, f)
         path = f.name
     try:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run([str(LLAVA_PYTHON), str(SIDE), subcommand, path], cwd=str(ROOT), env=env,
+        proc = subprocess.run([str(LLAVA_PYTHON), str(script), subcommand, path], cwd=str(ROOT), env=env,
                               capture_output=True, text=True, timeout=timeout)
     finally:
         os.unlink(path)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.splitlines()[-30:])
-        raise RuntimeError(f"llava_side.py {subcommand} failed (exit {proc.returncode}):\n{tail}")
+        raise RuntimeError(f"{Path(script).name} {subcommand} failed (exit {proc.returncode}):\n{tail}")
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as e:
-        raise RuntimeError(f"llava_side.py {subcommand}: no JSON on stdout ({e}): {proc.stdout[-2000:]!r}\n"
+        raise RuntimeError(f"{Path(script).name} {subcommand}: no JSON on stdout ({e}): {proc.stdout[-2000:]!r}\n"
                            + "\n".join(proc.stderr.splitlines()[-30:])) from None
 
 

@@ -1,0 +1,257 @@
+"""LLaVA-NeXT's "anyres" input in numpy/PIL: the picture as tiles, and the tiles' features packed for the LM.
+
+It reproduces two references, each exactly (tests/test_anyres.py checks pixels, grids, counts and packed
+features against both):
+
+* transformers (``LlavaNextImageProcessor``, ``LlavaNextProcessor``'s token count and
+  ``LlavaNextModel.pack_image_features``): ``AnyresSpec(orientation="hw", rounding="hf")``;
+* LLaVA's own code (``llava/mm_utils.py`` ``process_anyres_image`` and the ``spatial_unpad`` branch of
+  ``llava/model/llava_arch.py``): ``AnyresSpec(orientation="wh", rounding="llava")``.
+
+Both pick the pinpoint (a canvas of whole tiles) that keeps most of the picture's pixels and wastes least,
+resize the picture into it (aspect kept, centred on black), cut it into tiles, and put a base tile (the whole
+picture squashed to one tile) first. The packing lays the tiles' patch features out as one grid, crops the
+black bands off ("unpad") and ends every row with the model's ``image_newline``. They differ in two ways:
+
+* orientation: transformers reads each pinpoint as (height, width), LLaVA as (width, height). With a list
+  closed under transposition (LLaVA-1.6's five) this only matters on ties, which the first pinpoint wins: a
+  square picture, or one whose sides both fit in one tile. At 336 px tiles a 300 x 200 picture gets one row
+  of two tiles from transformers (1464 positions) and two rows of one tile from LLaVA (976 positions).
+* rounding in unpad: transformers takes ``int(round(x, 7))`` of the scaled side, LLaVA ``int(x)``, so a
+  side that is a whole number of patches only up to float error (e.g. 23.999999999999996) loses a row
+  or column of patches in LLaVA's packing.
+
+:func:`num_positions` and :func:`pack` share :func:`_layout`, so the count the prompt is built with is the
+length of what the model receives.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+from .preprocess import ImageSpec, clip_pixels
+
+ORIENTATIONS = ("hw", "wh")  # how a pinpoint pair reads: (height, width) as transformers, (width, height) as LLaVA
+ROUNDINGS = ("hf", "llava")  # unpad's rounding: int(round(x, 7)) as transformers, int(x) as LLaVA
+ORIGINS = {"hf": ("hw", "hf"), "llava": ("wh", "llava")}  # config flavour -> (orientation, rounding)
+# transformers' LlavaNextConfig default, used when a Hugging Face config.json leaves the list out, as transformers does
+HF_DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def check_pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
+    """``image_grid_pinpoints`` as a tuple of integer pairs, each side a positive multiple of ``tile``; else a UserError."""
+    if isinstance(pinpoints, (str, bytes)) or not hasattr(pinpoints, "__iter__"):
+        raise UserError(f"image_grid_pinpoints must be a list of [a, b] pairs, not {pinpoints!r}")
+    pairs = list(pinpoints)
+    if not pairs:
+        raise UserError("image_grid_pinpoints is empty: a LLaVA-NeXT checkpoint lists at least one resolution")
+    out = []
+    for p in pairs:
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) != 2:
+            raise UserError(f"image_grid_pinpoints: {p!r} is not a pair of sides")
+        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in p):
+            raise UserError(f"image_grid_pinpoints: {list(p)!r} has a side that is not an integer")
+        if min(p) <= 0:
+            raise UserError(f"image_grid_pinpoints: {list(p)!r} has a side that is not positive")
+        if p[0] % tile or p[1] % tile:
+            raise UserError(f"image_grid_pinpoints: {list(p)!r} is not a multiple of the {tile} px tile")
+        out.append((int(p[0]), int(p[1])))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AnyresSpec:
+    """How a checkpoint tiles pictures and packs the tiles' features (checked on construction)."""
+
+    tile: int  # the vision tower's image size: each tile is tile x tile pixels
+    patch: int  # the tower's patch size: a tile gives (tile // patch)^2 features
+    pinpoints: tuple[tuple[int, int], ...]  # image_grid_pinpoints as the checkpoint's config lists them
+    orientation: str  # one of ORIENTATIONS
+    rounding: str  # one of ROUNDINGS
+    max_tiles: int | None = None  # refuse a picture whose grid needs more tiles (the base tile not counted)
+
+    def __post_init__(self):
+        for name in ("tile", "patch"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise UserError(f"anyres {name} must be a positive integer, not {v!r}")
+        if self.tile % self.patch:
+            raise UserError(f"anyres tile {self.tile} px is not a whole number of {self.patch} px patches")
+        if self.orientation not in ORIENTATIONS:
+            raise UserError(f"anyres orientation {self.orientation!r} is not one of {', '.join(ORIENTATIONS)}")
+        if self.rounding not in ROUNDINGS:
+            raise UserError(f"anyres rounding {self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        m = self.max_tiles
+        if m is not None and (not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1):
+            raise UserError(f"--max-tiles must be a positive integer, not {m!r}")
+        object.__setattr__(self, "pinpoints", check_pinpoints(self.pinpoints, self.tile))
+
+    @property
+    def side(self) -> int:
+        """Patches per tile side."""
+        return self.tile // self.patch
+
+    def to_dict(self) -> dict:
+        return {"tile": self.tile, "patch": self.patch, "pinpoints": [list(p) for p in self.pinpoints],
+                "orientation": self.orientation, "rounding": self.rounding, "max_tiles": self.max_tiles}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AnyresSpec":
+        """From :meth:`to_dict`'s form (a manifest's section); a one-line UserError for anything missing or invalid."""
+        if not isinstance(d, dict):
+            raise UserError(f"the anyres settings must be a mapping, not {type(d).__name__}")
+        missing = [k for k in ("tile", "patch", "pinpoints", "orientation", "rounding") if k not in d]
+        if missing:
+            raise UserError(f"the anyres settings lack {', '.join(missing)}: export the bundle again")
+        return cls(tile=d["tile"], patch=d["patch"], pinpoints=d["pinpoints"], orientation=d["orientation"],
+                   rounding=d["rounding"], max_tiles=d.get("max_tiles"))
+
+    @classmethod
+    def from_config(cls, config: dict, origin: str, tower: dict | None = None,
+                    max_tiles: int | None = None) -> "AnyresSpec":
+        """From a checkpoint's ``config.json`` (a dict).
+
+        ``origin="hf"``: a transformers ``LlavaNextConfig``; the tile and patch come from its ``vision_config``
+        (or from ``tower``), the pinpoints from ``image_grid_pinpoints`` (transformers' default list when absent).
+        ``origin="llava"``: an original LLaVA-1.6 config (``image_aspect_ratio: anyres``,
+        ``mm_patch_merge_type: spatial_unpad``), which names its tower only by ``mm_vision_tower``: ``tower``
+        is then required, the tower's own ``config.json`` (``image_size``, ``patch_size``).
+        """
+        if origin not in ORIGINS:
+            raise UserError(f"unknown config origin {origin!r}; known: {', '.join(ORIGINS)}")
+        orientation, rounding = ORIGINS[origin]
+        if origin == "hf":
+            tower = tower if tower is not None else config.get("vision_config")
+            pinpoints = config.get("image_grid_pinpoints", HF_DEFAULT_PINPOINTS)
+        else:
+            aspect, merge = config.get("image_aspect_ratio"), config.get("mm_patch_merge_type", "flat")
+            if aspect != "anyres" or merge != "spatial_unpad":
+                raise UserError(f"the LLaVA config says image_aspect_ratio {aspect!r} and mm_patch_merge_type "
+                                f"{merge!r}: not a LLaVA-NeXT (anyres, spatial_unpad) checkpoint")
+            if tower is None:
+                raise UserError(f"the LLaVA config names its vision tower ({config.get('mm_vision_tower')!r}) "
+                                "but not its size: pass the tower's config.json as tower")
+            pinpoints = config.get("image_grid_pinpoints")
+            if isinstance(pinpoints, str):  # LLaVA accepts the list written as a string (ast.literal_eval)
+                try:
+                    pinpoints = ast.literal_eval(pinpoints)
+                except (ValueError, SyntaxError):
+                    raise UserError(f"image_grid_pinpoints {pinpoints!r} is not a list of pairs") from None
+            if pinpoints is None:
+                raise UserError("the LLaVA config has no image_grid_pinpoints")
+        if not isinstance(tower, dict) or "image_size" not in tower or "patch_size" not in tower:
+            raise UserError("the vision tower's config gives no image_size and patch_size")
+        return cls(tile=tower["image_size"], patch=tower["patch_size"], pinpoints=pinpoints,
+                   orientation=orientation, rounding=rounding, max_tiles=max_tiles)
+
+
+def _check_size(width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise UserError(f"the picture has no pixels ({width} x {height})")
+
+
+def best_resolution(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
+    """(width, height) of the pinpoint the picture is fitted into: most picture pixels kept, then least canvas
+    wasted, the first listed on a tie (both references' ``select_best_resolution``, same float steps)."""
+    _check_size(width, height)
+    best, best_kept, best_waste = None, 0, math.inf
+    for a, b in spec.pinpoints:
+        w, h = (b, a) if spec.orientation == "hw" else (a, b)
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (w, h), kept, waste
+    return best
+
+
+def grid(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
+    """(rows, cols) of tiles; a UserError when that is over ``spec.max_tiles``."""
+    w, h = best_resolution(width, height, spec)
+    rows, cols = h // spec.tile, w // spec.tile
+    if spec.max_tiles is not None and rows * cols > spec.max_tiles:
+        raise UserError(f"a {width} x {height} picture needs {rows * cols} tiles ({rows} x {cols}) besides the base "
+                        f"one, over the limit of {spec.max_tiles}: raise it with --max-tiles or downscale the picture")
+    return rows, cols
+
+
+def _layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, int, int, int]:
+    """(rows, cols, top, left, h, w): the tile grid, and the window of its patch grid that unpad keeps
+    (rows top..top+h, columns left..left+w), as both references' ``unpad_image`` slices it."""
+    rows, cols = grid(width, height, spec)
+    cur_h, cur_w = rows * spec.side, cols * spec.side
+    fit = (lambda x: int(round(x, 7))) if spec.rounding == "hf" else int
+    top = left = 0
+    if width / height > cur_w / cur_h:  # wider than the grid: black bands above and below
+        top = (cur_h - fit(height * (cur_w / width))) // 2
+    else:
+        left = (cur_w - fit(width * (cur_h / height))) // 2
+    return rows, cols, top, left, cur_h - 2 * top, cur_w - 2 * left
+
+
+def unpadded_size(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
+    """(h, w) in patches of the tile grid's features once the black bands are cropped off."""
+    *_, h, w = _layout(width, height, spec)
+    return h, w
+
+
+def _positions(spec: AnyresSpec, h: int, w: int) -> int:
+    return spec.side * spec.side + h * (w + 1)  # the base tile, then each unpadded row and its image_newline
+
+
+def num_positions(width: int, height: int, spec: AnyresSpec) -> int:
+    """How many LM positions the picture takes (what the prompt's image placeholder expands to)."""
+    return _positions(spec, *unpadded_size(width, height, spec))
+
+
+def tiles(image: Image.Image, spec: AnyresSpec, image_spec: ImageSpec) -> np.ndarray:
+    """The picture as the vision tower's input: float32 (1 + rows*cols, 3, tile, tile), the base tile first,
+    then the grid's tiles row by row, each through the checkpoint's CLIP steps (``image_spec``).
+
+    Resizes use ``image_spec.resample``, as transformers does; LLaVA's own code uses PIL's default (bicubic)
+    there, which is what CLIP's processor says too.
+    """
+    if image_spec.crop != spec.tile:
+        raise UserError(f"the image settings crop {image_spec.crop} px, not the {spec.tile} px anyres tile")
+    im = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = im.size
+    canvas_w, canvas_h = best_resolution(width, height, spec)
+    rows, cols = grid(width, height, spec)
+    # fit inside the canvas, aspect kept: the tighter side fills it, the other rounds up (both references)
+    if canvas_w / width < canvas_h / height:
+        new_w, new_h = canvas_w, min(math.ceil(height * (canvas_w / width)), canvas_h)
+    else:
+        new_w, new_h = min(math.ceil(width * (canvas_h / height)), canvas_w), canvas_h
+    canvas = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
+    canvas.paste(im.resize((new_w, new_h), resample=image_spec.resample),
+                 ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
+    t, base = spec.tile, image_spec.resize  # the base tile: squashed to resize x resize, then CLIP's crop
+    parts = [im.resize((base, base), resample=image_spec.resample)]
+    parts += [canvas.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)]
+    return np.stack([clip_pixels(p, image_spec) for p in parts])
+
+
+def pack(features: np.ndarray, width: int, height: int, spec: AnyresSpec, newline: np.ndarray) -> np.ndarray:
+    """The tiles' projected features (1 + rows*cols, side*side, H), base tile first, as the LM's image
+    positions: (num_positions, H), the base tile's patches, then the unpadded grid row by row, each row
+    followed by ``newline`` (H,)."""
+    rows, cols, top, left, h, w = _layout(width, height, spec)
+    s = spec.side
+    if features.ndim != 3 or features.shape[:2] != (1 + rows * cols, s * s):
+        raise ValueError(f"features for a {width} x {height} picture must be (1 + {rows}*{cols}, {s * s}, H), "
+                         f"not {features.shape}")
+    dim = features.shape[2]
+    if newline.shape != (dim,):
+        raise ValueError(f"image_newline must be ({dim},), not {newline.shape}")
+    g = features[1:].reshape(rows, cols, s, s, dim).transpose(0, 2, 1, 3, 4).reshape(rows * s, cols * s, dim)
+    g = g[top : top + h, left : left + w]
+    ends = np.broadcast_to(newline.astype(features.dtype), (h, 1, dim))
+    out = np.concatenate([features[0], np.concatenate([g, ends], axis=1).reshape(h * (w + 1), dim)])
+    assert len(out) == _positions(spec, h, w)
+    return out
