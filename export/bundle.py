@@ -45,6 +45,7 @@ Atomicity and re-runs:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import shutil
 import sys
@@ -356,6 +357,8 @@ class _Export:
                     path.unlink(missing_ok=True)
             current = "the tokenizer files"
             self._copy_tokenizer()
+            current = "the family's side arrays"
+            self._write_arrays()
             for file, run in steps:
                 current = file
                 run()
@@ -437,7 +440,8 @@ class _Export:
             source=self.source,
             conv_mode=self.conv_mode,
             chat_template=ckpt.chat_template() if self.conv_mode == CHAT_TEMPLATE else None,
-            image=ckpt.image_spec().to_dict(),
+            family=ckpt.family.name,
+            image=ckpt.family.image_section(ckpt),
             vision={
                 "feature_layer": ckpt.config.get("vision_feature_layer", -2),
                 "select_strategy": ckpt.config.get("vision_feature_select_strategy", "default"),
@@ -565,6 +569,25 @@ class _Export:
         self.status[file] = "new" if made else "up to date"
         return v, made
 
+    def _write_arrays(self) -> None:
+        """The learned vectors the family packs image features with (LLaVA-NeXT's image_newline), as ``.npy``
+        files beside the graphs: every vision variant, ONNX or TensorRT, shares them. Unchanged ones are not
+        rewritten."""
+        import io
+
+        import numpy as np
+
+        arrays = {}
+        for name, value in self.ckpt.family.side_arrays(self.ckpt).items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(value, dtype=np.float32), allow_pickle=False)
+            data, file = buf.getvalue(), f"array.{name}.npy"
+            dst = self.out / file
+            if not (dst.is_file() and dst.read_bytes() == data):
+                atomic.write_bytes(dst, data)
+            arrays[name] = {"file": file, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.m.arrays = arrays
+
     def _copy_tokenizer(self) -> None:
         for name in TOKENIZER_FILES:
             src, dst = self.ckpt.path / name, self.out / name
@@ -579,7 +602,7 @@ class _Export:
 
     def _parity(self, onnx_file: Path, name: str) -> dict:
         pixels = parity_pixels(self.ckpt)
-        p = parity_vs_hf(self.model, onnx_file, pixels)
+        p = parity_vs_hf(self.model, onnx_file, pixels, self.ckpt.family)
         p = {"against": "huggingface", "images": len(pixels),
              **{k: float(f"{v:.4g}") if k != "min_cosine" else v for k, v in p.items()}}
         self.log(f"vision {name} vs Hugging Face on {len(pixels)} rendered images: min cosine per image token "

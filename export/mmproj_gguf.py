@@ -133,6 +133,8 @@ def llama_cpp_preprocessing_notes(spec: ImageSpec, image_size: int) -> list[str]
 def check_supported(ckpt: Checkpoint) -> None:
     """Refuse, in one line, what clip.cpp's LLaVA graph would compute differently."""
     cfg, vc = ckpt.config, ckpt.vision_config
+    if ckpt.family.no_mmproj:
+        raise UserError(f"no mmproj for {ckpt.family.title}: {ckpt.family.no_mmproj}")
     if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise UserError(f"unsupported vision tower {vc.get('model_type')!r} for --target mmproj; "
                         f"supported: {SUPPORTED}")

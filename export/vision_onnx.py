@@ -129,26 +129,26 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-def parity_vs_hf(model, onnx_file: str | Path, pixel_values) -> dict:
-    """Compare the graph in onnxruntime (CPU) with Hugging Face's ``get_image_features`` on the same pixels.
+def parity_vs_hf(model, onnx_file: str | Path, pixel_values, family=None) -> dict:
+    """Compare the graph in onnxruntime (CPU) with Hugging Face's features for the same tiles
+    (``family.hf_tile_features``: its ``get_image_features``, before any packing).
 
     ``pixel_values``: (N, 3, S, S) float32 numpy. Returns ``min_cosine`` (over
     every image token of every image), ``max_abs`` (largest element-wise error)
     and ``max_ref`` (largest reference magnitude, to read ``max_abs`` against).
-    The graph may be the fp32 or the fp16 variant: both take and return float32.
+    The graph may be the fp32 or the fp16 variant: both take and return float32. ``family``: the model's
+    (by default the one whose Hugging Face class ``model`` is).
     """
     import numpy as np
     import onnxruntime as ort
     import torch
 
-    cfg = model.config
+    from llava_edge import families
+
+    family = family or families.for_model(model)
     px = np.ascontiguousarray(pixel_values, dtype=np.float32)
     with torch.no_grad():
-        feats = model.model.get_image_features(
-            pixel_values=torch.from_numpy(px), vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
-        ).pooler_output
-    ref = torch.stack(list(feats)).float().numpy()
+        ref = family.hf_tile_features(model, torch.from_numpy(px)).float().numpy()
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: px})[0].astype(np.float32)
     if got.shape != ref.shape:

@@ -131,8 +131,7 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
     (``chat``'s REPL, a server) does: what the two prompts share (the system prompt, up to
     the image when the image is new) is not decoded again.
     """
-    from .preprocess import preprocess
-    from .runtimes.pipeline import Sampling, image_key, sample
+    from .runtimes.pipeline import Sampling, sample
 
     cache = model.prefix_cache
     with model.using_prefix_cache(cache.with_settings(images=saved_image) if cache is not None else None):
@@ -142,16 +141,15 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
 
         def embeddings() -> np.ndarray:  # called by prefill only if the image's positions must be decoded
             t = time.perf_counter()
-            emb = model.vision.encode(pixels[None])[0]
+            emb = model.encode([picture])[0]
             vision_s.append(time.perf_counter() - t)
             return emb
 
         t0 = time.perf_counter()
-        pixels = preprocess(image, model.spec)
+        picture = model.prepare_image(image)
         t1 = time.perf_counter()
-        key = image_key(pixels)
         text = model.template.prompt(question, image=True, history=[])
-        slots = model.slots_for(text, key, model.n_image_tokens)
+        slots = model.slots_for(text, picture.key, picture.positions)
         t2 = time.perf_counter()
         before = model.stats["prefill_tokens"]
         logits = model.prefill(slots, embeddings)

@@ -21,18 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic
+from . import atomic, families
 from .errors import UserError
 from .preprocess import PAD_MODES, ImageSpec
-from .templates import CHAT_TEMPLATE, MODES, mode_for_model_name
+from .templates import MODES, mode_for_model_name
 from .weights import check_safetensors, read_safetensors_header_bytes
 
 RECIPE_FILE = "llava_edge.json"  # what the config does not say: conversation mode and pad mode
-SUPPORTED_TEXT_MODELS = ("llama", "mistral")
-SUPPORTED = (  # said in every "unsupported model" error
-    "LlavaForConditionalGeneration (model_type 'llava', llava-hf layout) with a llama or mistral language model; "
-    "original LLaVA LlavaLlamaForCausalLM / LlavaMistralForCausalLM checkpoints (converted on export)"
-)
+ORIGINAL_SUPPORTED = "original LLaVA LlavaLlamaForCausalLM / LlavaMistralForCausalLM checkpoints (converted on export)"
 HUB_SIDE_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]  # configs, tokenizer, processor, templates
 DEFAULT_RECIPE = {"template": "vicuna_v1", "image_pad": "pad"}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
@@ -56,6 +52,7 @@ class Checkpoint:
     config: dict
     recipe: dict
     origin: Path | None = None  # the original LLaVA checkpoint this one was converted from, if any
+    family: families.Family = families.FAMILIES[families.DEFAULT]  # what every stage asks about this model
 
     @property
     def text_config(self) -> dict:
@@ -106,9 +103,8 @@ class Checkpoint:
         return ImageSpec.from_processor_config(cfg, pad=self.recipe["image_pad"])
 
     def num_image_tokens(self) -> int:
-        v = self.vision_config
-        n = (v.get("image_size", 336) // v.get("patch_size", 14)) ** 2
-        return n + (1 if self.config.get("vision_feature_select_strategy", "default") == "full" else 0)
+        """What the vision graph gives per tile (for a one-tile family, the positions of every picture)."""
+        return self.family.tokens_per_tile(self)
 
     def weight_map(self) -> dict[str, str] | None:
         """Tensor name -> shard file name from ``model.safetensors.index.json``; None for one file."""
@@ -264,17 +260,12 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
             f"{path} is an original LLaVA repository checkpoint ({arch}); `llava-edge export` converts it "
             "(with --vision for its CLIP tower), other commands need the llava-hf layout"
         )
-    if mtype != "llava":
-        arch = (config.get("architectures") or [None])[0]
-        what = f"{arch!r} (model_type {mtype!r})" if arch else f"model_type {mtype!r}"
-        raise UserError(f"unsupported model {path}: {what}; supported: {SUPPORTED}")
-    tc = config.get("text_config") or {}
-    tmt = tc.get("model_type", "llama")
-    if tmt not in SUPPORTED_TEXT_MODELS:
-        raise UserError(f"unsupported language model {tmt!r} in {path} (supported: {', '.join(SUPPORTED_TEXT_MODELS)})")
-    vmt = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
-    if vmt not in ("clip_vision_model", "clip"):
-        raise UserError(f"unsupported vision tower {vmt!r} in {path} (supported: clip_vision_model)")
+    try:
+        family = families.for_config(config, path)
+    except UserError as e:
+        if mtype in {f.model_type for f in families.FAMILIES.values()}:
+            raise
+        raise UserError(f"{e}; {ORIGINAL_SUPPORTED}") from None
     recipe = dict(DEFAULT_RECIPE)
     rf = path / RECIPE_FILE
     if rf.is_file():
@@ -284,7 +275,7 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
             raise UserError(f"unreadable {RECIPE_FILE} in {path}") from None
         if recipe.get("template") not in MODES:
             raise UserError(f"{rf} names an unknown conversation mode {recipe.get('template')!r}")
-    ckpt = Checkpoint(path, config, recipe)
+    ckpt = Checkpoint(path, config, recipe, family=family)
     if not rf.is_file():
         recipe["template"] = default_conv_mode(ckpt)
     ckpt.check_weights()  # fail early on missing shards and damaged files
@@ -292,16 +283,9 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
 
 
 def default_conv_mode(ckpt: Checkpoint) -> str:
-    """The mode of a llava-hf checkpoint that records none: what its weights were trained with.
-
-    llava-hf's LLaVA-1.5 checkpoints (a Llama/Vicuna language model) are conversions of
-    LLaVA-1.5, trained with LLaVA's ``--version v1``: ``vicuna_v1``, the mode LLaVA's own
-    benchmark scripts prompt them with. Other language models (Mistral: BakLLaVA) are
-    prompted with the checkpoint's own chat template when it has one.
-    """
-    if ckpt.text_config.get("model_type", "llama") != "llama" and ckpt.chat_template():
-        return CHAT_TEMPLATE
-    return "vicuna_v1"
+    """The mode of a llava-hf checkpoint that records none: what its weights were trained with (its family's
+    rule, ``Family.default_conv_mode``)."""
+    return ckpt.family.default_conv_mode(ckpt)
 
 
 def original_conv_mode(name: str) -> str:
@@ -380,7 +364,7 @@ def load_hf_vision_half(ckpt: Checkpoint, dtype: str = "float32", attn_implement
     ``get_image_features`` equals the full model's (tested bit for bit).
     """
     import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     try:
@@ -392,7 +376,7 @@ def load_hf_vision_half(ckpt: Checkpoint, dtype: str = "float32", attn_implement
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the load report lists every skipped language-model tensor
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = ckpt.family.hf_class().from_pretrained(
                 ckpt.path, config=config, ignore_mismatched_sizes=True, dtype=getattr(torch, dtype),
                 attn_implementation=attn_implementation,
             )
@@ -404,15 +388,14 @@ def load_hf_vision_half(ckpt: Checkpoint, dtype: str = "float32", attn_implement
 
 
 def load_hf_model(ckpt: Checkpoint, dtype: str = "float32", attn_implementation: str = "eager"):
-    """The Hugging Face model (needs the ``export`` extra: torch + transformers).
+    """The Hugging Face model of the checkpoint's family (needs the ``export`` extra: torch + transformers).
 
     Eager attention by default: the ONNX exporter traces it and it is the exact reference.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = ckpt.family.hf_class().from_pretrained(
             ckpt.path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
         )
     except (OSError, ValueError, RuntimeError) as e:

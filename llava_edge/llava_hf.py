@@ -13,12 +13,16 @@ from pathlib import Path
 
 
 def llava_config(vision_config, text_config, image_token_id: int, *, projector_act: str = "gelu",
-                 feature_layer: int = -2, strategy: str = "default", **extra):
-    """``LlavaConfig`` for a CLIP tower and a language model (``strategy`` ``full`` keeps CLIP's class token)."""
-    from transformers import LlavaConfig
+                 feature_layer: int = -2, strategy: str = "default", family=None, **extra):
+    """The family's config (``LlavaConfig`` by default) for a CLIP tower and a language model (``strategy``
+    ``full`` keeps CLIP's class token); ``extra`` adds the family's own keys (``Family.config_extra``)."""
+    import transformers
 
+    from .families import DEFAULT, FAMILIES
+
+    family = family or FAMILIES[DEFAULT]
     n_patches = (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2
-    return LlavaConfig(
+    return getattr(transformers, family.hf_config_class_name)(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
         projector_hidden_act=projector_act, vision_feature_layer=feature_layer,
         vision_feature_select_strategy=strategy, image_seq_length=n_patches + (1 if strategy == "full" else 0),
@@ -28,18 +32,20 @@ def llava_config(vision_config, text_config, image_token_id: int, *, projector_a
 
 def write_side_files(folder: str | Path, tokenizer, image_processor, *, patch_size: int, strategy: str,
                      conv_mode: str, image_pad: str, legacy: bool, add_bos: bool = True, add_eos: bool = False,
-                     toy: bool = False) -> None:
+                     toy: bool = False, family=None) -> None:
     """The processor (tokenizer and image processor), the tokenizer settings LLaVA's code reads, and the recipe.
 
     transformers 5 saves neither ``legacy`` nor ``add_bos_token``; they are written into
     ``tokenizer_config.json`` (``tokenizer.pin_tokenizer_config``) so that every reader takes the same ids.
     """
-    from transformers import LlavaProcessor
+    import transformers
 
     from .checkpoint import write_recipe
+    from .families import DEFAULT, FAMILIES
     from .tokenizer import pin_tokenizer_config
 
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+    family = family or FAMILIES[DEFAULT]
+    processor = getattr(transformers, family.hf_processor_class_name)(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy=strategy,
                                num_additional_image_tokens=1)  # CLIP's class token
     processor.save_pretrained(str(folder))

@@ -40,7 +40,7 @@ KINDS = ("vision", "llm", "mmproj")
 # files; a damaged or hostile one must not make llava-edge delete or load anything else.
 OWN_FILE = re.compile(r"(vision|llm|mmproj)\.[A-Za-z0-9_+-][A-Za-z0-9_.+-]*\.(onnx|gguf|engine)(\.data)?"
                       r"|tokenizer\.(json|model)|tokenizer_config\.json|special_tokens_map\.json"
-                      r"|tensorrt\.int8\.calib(\.json)?")
+                      r"|tensorrt\.int8\.calib(\.json)?|array\.[a-z_]+\.npy")
 
 
 # numbers the runtime reads from the manifest: present ones must be whole numbers in these ranges
@@ -173,6 +173,9 @@ class Manifest:
     tokenizer: dict  # llava_edge.tokenizer.Settings.to_dict()
     variants: list[Variant] = field(default_factory=list)
     chat_template: str | None = None  # the checkpoint's Jinja template, for conv_mode "chat_template"
+    family: str = "llava-1.5"  # the model family (``llava_edge.families``) whose image path the runtime takes
+    # learned vectors the family's packing needs besides the graph: name -> {"file", "size", "sha256"}
+    arrays: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     created_by: str = f"llava-edge {__version__}"
 
@@ -245,6 +248,7 @@ class Manifest:
         return {
             "schema_version": self.schema_version,
             "created_by": self.created_by,
+            "family": self.family,
             "source": self.source,
             "conv_mode": self.conv_mode,
             **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
@@ -252,6 +256,7 @@ class Manifest:
             "vision": self.vision,
             "llm": self.llm,
             "tokenizer": self.tokenizer,
+            **({"arrays": self.arrays} if self.arrays else {}),
             "variants": [v.to_dict() for v in self.variants],
         }
 
@@ -275,11 +280,19 @@ class Manifest:
             raise UserError(f"{MANIFEST}: conv_mode is not a name or variants is not a list")
         if "file" in d["tokenizer"]:
             check_name(d["tokenizer"]["file"], "tokenizer file")
+        arrays = d.get("arrays", {})
+        if not isinstance(arrays, dict) or not all(isinstance(a, dict) and isinstance(a.get("sha256"), str)
+                                                   for a in arrays.values()):
+            raise UserError(f"{MANIFEST}: section 'arrays' is not a map of files with their sha256")
+        for a in arrays.values():
+            check_name(a.get("file"), "array file")
+        if not isinstance(d.get("family", "llava-1.5"), str):
+            raise UserError(f"{MANIFEST}: family is not a name")
         _check_numbers(d)
         return cls(
             source=d["source"], conv_mode=d["conv_mode"], image=d["image"], vision=d["vision"], llm=d["llm"],
             tokenizer=d["tokenizer"], variants=[Variant.from_dict(v) for v in d.get("variants", [])],
-            chat_template=d.get("chat_template"),
+            chat_template=d.get("chat_template"), family=d.get("family", "llava-1.5"), arrays=arrays,
             schema_version=version, created_by=d.get("created_by", "?"),
         )
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llava_edge.errors import UserError
+from llava_edge.families import PreparedImage
 
 from .answer import AnswerText, sample, seeded_rng
 from .llm import ImageSlot, common_prefix
@@ -56,7 +57,7 @@ class Request:
     """One answer to compute: the prompt's positions, its image and how to sample."""
 
     slots: list  # token ids and ImageSlots, as ``EdgeLLaVA.slots_for`` makes them
-    image: tuple[str, np.ndarray] | None  # (key, preprocessed pixels (3, S, S)) when the prompt has one
+    image: PreparedImage | None  # the prompt's picture, read and preprocessed (``EdgeLLaVA.prepare_image``)
     temperature: float
     top_p: float
     max_tokens: int
@@ -293,25 +294,23 @@ class BatchEngine:
             self._next_token(r, lg)
 
     def _encode_images(self) -> None:
-        """One vision batch for the images that running prompts still have to decode."""
-        todo: dict[str, np.ndarray] = {}
+        """One vision batch (every tile of every picture) for the images that running prompts still have to
+        decode."""
+        todo = {}
         for r in self._running.values():
             img = r.req.image
-            if img and img[0] not in self._embeddings and r.reading() and \
+            if img and img.key not in self._embeddings and r.reading() and \
                     any(isinstance(s, ImageSlot) for s in r.req.slots[r.cursor:]):
-                todo[img[0]] = img[1]
+                todo[img.key] = img
         if todo:
-            emb = self.model.vision.encode(np.stack(list(todo.values())))
+            emb = self.model.encode(list(todo.values()))
             self.stats["vision_batches"] += 1
             self.stats["vision_images"] += len(todo)
             for key, e in zip(todo, emb):
-                if len(e) != self.model.n_image_tokens:
-                    raise UserError(f"the vision graph gives {len(e)} image tokens but the manifest says "
-                                    f"{self.model.n_image_tokens}: the bundle is inconsistent, export it again")
                 self._embeddings[key] = e
         for r in self._running.values():  # the images of running prompts are the last to be dropped
-            if r.req.image and r.req.image[0] in self._embeddings:
-                self._embeddings.move_to_end(r.req.image[0])
+            if r.req.image and r.req.image.key in self._embeddings:
+                self._embeddings.move_to_end(r.req.image.key)
         while len(self._embeddings) > self._keep_images:
             self._embeddings.popitem(last=False)
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_edge import families
 from llava_edge.errors import UserError
 from llava_edge.manifest import Manifest, Variant
 from llava_edge.quality import VISION_VARIANT_MIN_COSINE
@@ -571,6 +572,9 @@ def onnx_providers(profile: Profile, hw: Hardware, v: Variant) -> tuple[list[Pro
 MAX_THREADS_PER_CPU = 4  # more threads than this only spin; tens of thousands take a machine down
 
 
+TEXT_ROOM = 1024  # positions the context keeps for the conversation's text beside the largest picture
+
+
 def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | None = None,
                  llm_variant: str | None = None, hardware: Hardware | None = None, threads: int = 0,
                  n_gpu_layers: int | None = None, n_ctx: int | None = None, n_batch: int | None = None,
@@ -676,6 +680,11 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     else:
         ctx = min(trained, profile.max_ctx)
         ctx_why = f"the model's training context {trained}, capped at {profile.max_ctx} by profile {profile.name}"
+        picture = families.by_name(m.family).max_positions(m.image, m.image_tokens(vision))
+        if picture + TEXT_ROOM > ctx and ctx < trained:  # a tiled picture must never overflow the profile's cap
+            ctx = min(trained, picture + TEXT_ROOM)
+            ctx_why += (f", raised to {ctx}: the largest picture takes {picture} positions and a conversation "
+                        f"{TEXT_ROOM} more")
 
     batch = int(n_batch) if n_batch else profile.n_batch
     if batch < 1:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -34,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_edge import families
 from llava_edge import manifest as bundle_manifest
 from llava_edge.errors import UserError
-from llava_edge.preprocess import ImageInput, ImageSpec, preprocess
+from llava_edge.families import PreparedImage
+from llava_edge.preprocess import ImageInput, ImageSpec
 from llava_edge.templates import Image, Parts, Template, Turn, expand_image, get_template
 from llava_edge.tokenizer import Settings, Tokenizer
 
@@ -109,8 +110,9 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 
 
 def image_key(pixels: np.ndarray) -> str:
-    """What the KV cache's image slots (and saved image cells) are keyed by: the preprocessed pixels' hash."""
-    return hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+    """What the KV cache's image slots (and saved image cells) of a one-tile picture are keyed by: the
+    preprocessed pixels' hash (``families.pixels_key``; tiled pictures add their layout)."""
+    return families.pixels_key(pixels)
 
 
 class EdgeLLaVA:
@@ -137,9 +139,11 @@ class EdgeLLaVA:
         self.on_overflow = on_overflow
         settings = Settings.from_dict(m.tokenizer)
         loaded = [self.vision_variant.file, self.llm_variant.file, settings.file]
-        bundle_manifest.check_files(self.bundle, m, loaded)
+        arrays = [a["file"] for a in m.arrays.values()]
+        bundle_manifest.check_files(self.bundle, m, loaded + arrays)
         if verify:
-            self._verify(loaded)
+            self._verify(loaded + arrays)
+        self.family = families.by_name(m.family)
         self.spec = ImageSpec.from_dict(m.image)
         self.conv_mode = conv_mode or m.conv_mode
         self.template = get_template(self.conv_mode, m.chat_template)
@@ -167,7 +171,11 @@ class EdgeLLaVA:
         # the last prompt's saved-cache bookkeeping; cells through its image are written after the answer
         self._reuse: Reuse | None = None
         _manifest_int(m.vision, "num_image_tokens", "vision")
-        self.n_image_tokens = m.image_tokens(self.vision_variant)  # fewer for a reduced-token variant
+        self.n_image_tokens = m.image_tokens(self.vision_variant)  # per tile; fewer for a reduced-token variant
+        # the family's way from a picture to positions: one tile, or LLaVA-NeXT's tiles, unpad and newlines
+        self.images = self.family.image_path(m.image, m.vision, self.n_image_tokens, {
+            name: families.read_array(bundle_manifest.bundle_file(self.bundle, a["file"], "array file"), name)
+            for name, a in m.arrays.items()})
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
@@ -179,6 +187,7 @@ class EdgeLLaVA:
 
         recorded = {v.file: v.sha256 for v in self.manifest.variants}
         recorded.update(self.manifest.tokenizer.get("sha256") or {})
+        recorded.update({a["file"]: a["sha256"] for a in self.manifest.arrays.values()})
         for name in files:
             if name not in recorded:
                 raise UserError(f"the manifest of {self.bundle} records no sha256 for {name}: export the bundle again "
@@ -261,27 +270,37 @@ class EdgeLLaVA:
 
     # -- image ---------------------------------------------------------------
     def image_embeddings(self, image: ImageInput) -> tuple[str, np.ndarray]:
-        """(key, embeddings (image tokens, hidden)) for ``image``; cached by pixel content."""
-        key, embeddings = self.lazy_image(image)
-        return key, embeddings()
+        """(key, embeddings (image positions, hidden)) for ``image``; cached by pixel content."""
+        prepared, embeddings = self.lazy_image(image)
+        return prepared.key, embeddings()
 
-    def lazy_image(self, image: ImageInput) -> tuple[str, Callable[[], np.ndarray]]:
-        """(key, a function that gives the embeddings): the vision graph runs only if the prompt's
-        image positions must be decoded (not when a saved KV cache holds them)."""
-        pixels = preprocess(image, self.spec)
-        key = image_key(pixels)
+    def prepare_image(self, image: ImageInput, formats: tuple[str, ...] | None = None) -> PreparedImage:
+        """The picture read and preprocessed as the bundle's family does (its tiles, key and positions)."""
+        return self.images.prepare(image, formats=formats)
+
+    def encode(self, prepared: list[PreparedImage]) -> list[np.ndarray]:
+        """Each picture's positions' embeddings: all their tiles through the vision graph as one batch, then
+        packed as the family packs them."""
+        feats = self.vision.encode(np.concatenate([p.pixels for p in prepared]))
+        out, at = [], 0
+        for p in prepared:
+            out.append(self.images.pack(feats[at : at + p.tiles], p))
+            at += p.tiles
+        self.stats["vision_encodes"] += len(prepared)
+        return out
+
+    def lazy_image(self, image: ImageInput) -> tuple[PreparedImage, Callable[[], np.ndarray]]:
+        """(the prepared picture, a function that gives its embeddings): the vision graph runs only if the
+        prompt's image positions must be decoded (not when a saved KV cache holds them)."""
+        prepared = self.prepare_image(image)
+        key = prepared.key
 
         def embeddings() -> np.ndarray:
             if key not in self._image_cache:
                 self._image_cache.clear()  # one image at a time: a chat is about one picture
-                emb = self.vision.encode(pixels[None])[0]
-                if len(emb) != self.n_image_tokens:
-                    raise UserError(f"the vision graph gives {len(emb)} image tokens but the manifest says "
-                                    f"{self.n_image_tokens}: the bundle is inconsistent, export it again")
-                self._image_cache[key] = emb
-                self.stats["vision_encodes"] += 1
+                self._image_cache[key] = self.encode([prepared])[0]
             return self._image_cache[key]
-        return key, embeddings
+        return prepared, embeddings
 
     # -- prompt ----------------------------------------------------------------
     def slots_for(self, parts: Parts, image_key: str | None, n_image: int) -> list:
@@ -299,8 +318,8 @@ class EdgeLLaVA:
 
     def conversation_slots(self, question: str, image: ImageInput | None = None,
                            history: list[Turn] | None = None, system: str | None = None,
-                           formats: tuple[str, ...] | None = None) -> tuple[list, tuple | None, Template]:
-        """A conversation's generation prompt: (slots, (image key, preprocessed pixels) or None, template).
+                           formats: tuple[str, ...] | None = None) -> tuple[list, PreparedImage | None, Template]:
+        """A conversation's generation prompt: (slots, the prepared picture or None, template).
 
         ``system`` replaces the conversation mode's system prompt (text with the tokenizer's control
         tokens, or a ``chat_template`` mode, is refused); ``formats``: the image file formats accepted.
@@ -314,11 +333,10 @@ class EdgeLLaVA:
             if special:
                 raise UserError(f"the system message contains the control token {special[0]!r}")
             template = dataclasses.replace(template, system=system)
-        pixels = None if image is None else preprocess(image, self.spec, formats=formats)
-        key = None if pixels is None else image_key(pixels)
-        parts = template.prompt(question, image=pixels is not None, history=list(history or []))
-        slots = self.slots_for(parts, key, 0 if pixels is None else self.n_image_tokens)
-        return slots, (None if pixels is None else (key, pixels)), template
+        prepared = None if image is None else self.prepare_image(image, formats=formats)
+        parts = template.prompt(question, image=prepared is not None, history=list(history or []))
+        slots = self.slots_for(parts, prepared and prepared.key, 0 if prepared is None else prepared.positions)
+        return slots, prepared, template
 
     def prefill(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
                 logits: str = "last") -> np.ndarray | None:
@@ -459,7 +477,7 @@ class ChatSession:
     on_overflow: str = "error"  # or "drop-oldest"
     dropped_turns: int = 0  # exchanges forgotten to fit the last question (drop-oldest)
     last_stop: str | None = None  # why the last answer ended: "eos", "max_tokens" or "context"
-    _embedded: tuple | None = None  # (key, embeddings function) of ``image``, made on the first question
+    _embedded: tuple | None = None  # (prepared picture, embeddings function) of ``image``, made on the first question
 
     def set_image(self, image: ImageInput | None) -> None:
         self.image = image
@@ -507,8 +525,9 @@ class ChatSession:
             self.history = []
         if self.image is not None and self._embedded is None:
             self._embedded = m.lazy_image(self.image)  # decode + preprocess once per image; encode when needed
-        key, emb = self._embedded if self.image is not None else (None, None)
-        slots = self._fit(prompt, key, 0 if emb is None else m.n_image_tokens, s.max_tokens)
+        prepared, emb = self._embedded if self.image is not None else (None, None)
+        slots = self._fit(prompt, prepared and prepared.key, 0 if prepared is None else prepared.positions,
+                          s.max_tokens)
         answer = ""
         for piece in m.generate(slots, emb, s):
             answer += piece

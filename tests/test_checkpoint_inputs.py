@@ -380,15 +380,25 @@ def _config_dir(tmp_path: Path, config: dict) -> Path:
 
 @pytest.mark.parametrize("config, names", [
     ({"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}, ["Qwen2VL", "qwen2_vl"]),
-    ({"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next"}, ["llava_next"]),
+    ({"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision"},
+     ["llava_onevision"]),
     ({"model_type": "bert"}, ["bert"]),
 ])
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, config, names):
     with pytest.raises(UserError) as e:
         resolve_model(_config_dir(tmp_path, config))
     msg = one_line(e)
-    for word in [*names, "LlavaForConditionalGeneration", "llama", "mistral", "LlavaLlamaForCausalLM"]:
+    for word in [*names, "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "llama", "mistral",
+                 "LlavaLlamaForCausalLM"]:
         assert word in msg
+
+
+def test_a_llava_next_checkpoint_without_pinpoints_is_named_as_such(tmp_path):
+    cfg = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+           "text_config": {"model_type": "mistral"}, "vision_config": {"model_type": "clip_vision_model"}}
+    with pytest.raises(UserError) as e:
+        resolve_model(_config_dir(tmp_path, cfg))
+    assert "image_grid_pinpoints" in one_line(e)
 
 
 def test_unsupported_language_model_in_a_llava_checkpoint(tmp_path, toy_model):

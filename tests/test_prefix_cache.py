@@ -76,8 +76,8 @@ def ask_new_process(bundle, image, question: str = QUESTION, **kw) -> Asked:
     """``chat`` through a freshly loaded ``EdgeLLaVA``: a new llama.cpp context, as a new process has."""
     m = load(bundle, **kw)
     try:
-        key, _ = m.lazy_image(image)
-        slots = m.slots_for(m.template.prompt(question, image=True, history=[]), key, m.n_image_tokens)
+        picture, _ = m.lazy_image(image)
+        slots = m.slots_for(m.template.prompt(question, image=True, history=[]), picture.key, picture.positions)
         answer, decoded, logits = asked(m, image, question)
         return Asked(answer, decoded, logits, dict(m.stats), slots, list(m.llm.slots))
     finally:

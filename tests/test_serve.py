@@ -300,9 +300,7 @@ def test_stop_strings_and_seeds(server, toy, solo):
 def test_images_batched_through_the_vision_graph(toy, solo):
     """Requests admitted together: one vision batch for their pictures, and the answers of each alone."""
     from llava_edge import EdgeLLaVA
-    from llava_edge.preprocess import preprocess
     from llava_edge.runtimes.batching import BatchEngine, Request
-    from llava_edge.runtimes.pipeline import image_key
 
     m = EdgeLLaVA.load(toy[0], device="cpu", prefix_cache=False, parallel=4)
     engine = BatchEngine(m)
@@ -310,8 +308,8 @@ def test_images_batched_through_the_vision_graph(toy, solo):
         done, answers = threading.Semaphore(0), {}
         requests = []
         for image in toy[1][:4]:
-            px = preprocess(str(image), m.spec)
-            slots = m.slots_for(m.template.prompt(QUESTIONS[1], image=True), image_key(px), m.n_image_tokens)
+            picture = m.prepare_image(str(image))
+            slots = m.slots_for(m.template.prompt(QUESTIONS[1], image=True), picture.key, picture.positions)
             pieces = []
 
             def on_event(ev, pieces=pieces, name=image.name):
@@ -320,7 +318,7 @@ def test_images_batched_through_the_vision_graph(toy, solo):
                 else:
                     answers[name] = "".join(pieces)
                     done.release()
-            requests.append(Request(slots, (image_key(px), px), 0.0, 1.0, MAX, None, m.template.stop, on_event))
+            requests.append(Request(slots, picture, 0.0, 1.0, MAX, None, m.template.stop, on_event))
         with engine._cv:  # all four wait before the engine looks: they are admitted in one step
             for r in requests:
                 engine._waiting.append(r)

@@ -86,7 +86,6 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
 
     from llava_edge.checkpoint import load_hf_model, resolve_model
     from llava_edge.image_tokens import reduced_patch_features
-    from llava_edge.preprocess import preprocess
     from llava_edge.templates import expand_image, get_template
     from llava_edge.tokenizer import Tokenizer
 
@@ -95,9 +94,8 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     hf = load_hf_model(ckpt, dtype=dtype).to(dev)
     tok = Tokenizer(ckpt.path)
     template = get_template(conv_mode, chat_template)
-    spec, n_img, img_id = ckpt.image_spec(), ckpt.num_image_tokens(), ckpt.image_token_id
+    images, img_id, family = ckpt.family.checkpoint_image_path(ckpt), ckpt.image_token_id, ckpt.family
     eos = tok.eos_id
-    cfg = hf.config
     tuned = {}  # reduction -> [(key, a copy of the projector holding the tuned weights)]
     for key, (r, weights) in (projectors or {}).items():
         proj = copy.deepcopy(hf.model.multi_modal_projector)
@@ -117,15 +115,13 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
         feats, reduced = None, {}
         full = ids
         if item.image is not None:
-            full = expand_image(ids, img_id, [img_id] * n_img)
-            px = torch.from_numpy(preprocess(item.image, spec))[None].to(dev, getattr(torch, dtype))
-            kwargs["pixel_values"] = px
+            picture = images.prepare(item.image)  # the runtime's preprocessing, the family's tiles
+            full = expand_image(ids, img_id, [img_id] * picture.positions)
+            kwargs = {k: v.to(dev, getattr(torch, dtype) if v.is_floating_point() else v.dtype)
+                      for k, v in family.hf_inputs([picture]).items()}
+            px = kwargs["pixel_values"]
             with torch.no_grad():
-                f = hf.model.get_image_features(
-                    pixel_values=px, vision_feature_layer=cfg.vision_feature_layer,
-                    vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
-                ).pooler_output
-            feats = torch.stack(list(f))[0].float().cpu().numpy()
+                feats = family.hf_image_features(hf, picture).float().cpu().numpy()
             with torch.no_grad():
                 for r in reductions:  # the tower runs once per reduction, then each projector on its tokens
                     patches = reduced_patch_features(hf, px, r)

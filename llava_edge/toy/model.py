@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import UserError
+from ..families import DEFAULT, FAMILIES
 from .tokenizer import IMAGE_TOKEN, LEGACY, MODE, build_hf_tokenizer, train_sentencepiece
 
 _CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and TinyLLaVA
@@ -42,6 +43,12 @@ SHAPES = {
         image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
         hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
         projector_act="gelu", resize=128,
+    ),
+    # the same shapes as a LLaVA-NeXT (LlavaNextForConditionalGeneration): 112 px tiles on LLaVA-1.6's grids
+    "toy-next": dict(
+        image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
+        hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
+        projector_act="gelu", resize=112, family="llava-next",
     ),
     # llava-hf/llava-1.5-7b-hf: Vicuna-7B v1.5 (Llama-2 7B shape) + CLIP-L/14-336, 576 image tokens
     "llava-1.5-7b": dict(
@@ -92,7 +99,9 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
         max_position_embeddings=p["max_positions"], rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False,
     )
-    return llava_config(vision, text, image_token_id, projector_act=p["projector_act"], tie_word_embeddings=False)
+    family = FAMILIES[p.get("family", DEFAULT)]
+    return llava_config(vision, text, image_token_id, projector_act=p["projector_act"], tie_word_embeddings=False,
+                        family=family, **family.config_extra(p["image_size"]))
 
 
 def _tokenizer_and_config(tmp: Path, p: dict):
@@ -106,16 +115,13 @@ def _tokenizer_and_config(tmp: Path, p: dict):
     return tok, build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
 
 
-def _write_processor(tmp: Path, p: dict, tok) -> None:
-    from transformers import CLIPImageProcessor
-
+def _write_processor(tmp: Path, p: dict, tok, config) -> None:
     from ..llava_hf import write_side_files
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": p["resize"]}, crop_size={"height": p["image_size"], "width": p["image_size"]}
-    )
+    family = FAMILIES[p.get("family", DEFAULT)]
+    image_processor = family.hf_image_processor(p["resize"], p["image_size"], config.to_dict())
     write_side_files(tmp, tok, image_processor, patch_size=p["patch_size"], strategy="default", conv_mode=MODE,
-                     image_pad="pad", legacy=LEGACY, toy=True)  # legacy: how build_hf_tokenizer made it
+                     image_pad="pad", legacy=LEGACY, toy=True, family=family)  # legacy: as build_hf_tokenizer made it
 
 
 def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,
@@ -128,16 +134,15 @@ def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers:
     if p.get("real"):
         return write_streamed_model(out, preset, seed, layers, dtype)
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     out = Path(out)
     with atomic.atomic_path(out) as tmp:
         tmp.mkdir()
         tok, config = _tokenizer_and_config(tmp, p)
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
+        model = FAMILIES[p.get("family", DEFAULT)].hf_class()(config).eval()
         model.save_pretrained(tmp, safe_serialization=True)
-        _write_processor(tmp, p, tok)
+        _write_processor(tmp, p, tok, config)
     return out
 
 
@@ -152,7 +157,7 @@ def write_skeleton(out: str | Path, preset: str, layers: int | None = None, dtyp
     tok, config = _tokenizer_and_config(out, p)
     config.dtype = dtype
     config.save_pretrained(out)
-    _write_processor(out, p, tok)
+    _write_processor(out, p, tok, config)
     return config
 
 

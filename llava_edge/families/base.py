@@ -1,0 +1,181 @@
+"""What every stage asks of a model family: the one description of LLaVA-1.5, LLaVA-NeXT, ...
+
+A family says how it is recognised in a checkpoint's ``config.json``, which language
+models and vision towers it takes, which Hugging Face class defines it, how a picture
+becomes the vision graph's input (one tile or many), how the graph's per-tile features
+become language-model positions and how many there are, what the bundle records for
+that, and which conversation mode a checkpoint gets when it records none.
+
+Two levels, so that the runtime never needs torch:
+
+- :class:`Family`: checkpoint-level answers (export, train, drift, quantize), importing
+  transformers only inside the methods that need it;
+- :class:`ImagePath`: a bundle's image handling, built from its manifest, numpy and PIL
+  only (``prepare`` a picture, ``pack`` the graph's features).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..errors import UserError
+
+if TYPE_CHECKING:  # annotations only: checkpoint imports this module
+    from ..checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One picture ready for the vision graph, and what its features will take in the language model."""
+
+    key: str  # what the KV cache's image slots and saved image cells are keyed by
+    pixels: np.ndarray  # (tiles, 3, S, S) float32: one batch of the vision graph
+    positions: int  # language-model positions of the packed features
+    size: tuple[int, int]  # (width, height) of the picture as loaded
+    grid: tuple[int, int] | None = None  # (rows, cols) of tiles besides the base picture; None: one tile
+
+    @property
+    def tiles(self) -> int:
+        return len(self.pixels)
+
+
+def pixels_key(pixels: np.ndarray, *extra: object) -> str:
+    """The sha256 prefix that keys a picture's cells: its preprocessed pixels, and for tiled pictures the layout
+    (two pictures with equal tiles but different sizes unpad differently)."""
+    h = hashlib.sha256(pixels.tobytes())
+    for x in extra:
+        h.update(repr(x).encode())
+    return h.hexdigest()[:16]
+
+
+class ImagePath:
+    """A bundle's way from a picture to language-model positions (torch-free)."""
+
+    tokens_per_tile: int  # what the vision graph gives per tile
+
+    def prepare(self, image: Any, formats: tuple[str, ...] | None = None) -> PreparedImage:
+        raise NotImplementedError
+
+    def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+        """The graph's output for ``prepared`` ((tiles, tokens per tile, width)) -> (positions, width)."""
+        raise NotImplementedError
+
+    def describe(self, prepared: PreparedImage) -> str:
+        """One line for ``chat --explain``: how the picture became its positions."""
+        raise NotImplementedError
+
+    def check_features(self, features: np.ndarray, prepared: PreparedImage) -> None:
+        if features.shape[:2] != (prepared.tiles, self.tokens_per_tile):
+            raise UserError(f"the vision graph gives {features.shape[0]} x {features.shape[1]} image tokens for "
+                            f"{prepared.tiles} tile(s) of {self.tokens_per_tile}: the bundle is inconsistent, "
+                            "export it again")
+
+
+class Family:
+    """One member of the LLaVA family, as every stage sees it. Subclasses are registered in ``families``."""
+
+    name: ClassVar[str]  # what the manifest records and errors say: "llava-1.5", "llava-next"
+    title: ClassVar[str]  # for people: "LLaVA-1.5"
+    model_type: ClassVar[str]  # config.json's model_type in the llava-hf layout
+    hf_class_name: ClassVar[str]  # the transformers class that defines the model and is the numeric reference
+    hf_config_class_name: ClassVar[str]  # its config class
+    hf_processor_class_name: ClassVar[str]  # the processor llava-hf checkpoints of the family ship
+    text_models: ClassVar[tuple[str, ...]] = ("llama", "mistral")
+    vision_models: ClassVar[tuple[str, ...]] = ("clip_vision_model", "clip")
+    reduces_tokens: ClassVar[bool] = False  # whether `quantize --image-tokens` variants apply to it
+    # why llava-edge writes no llama.cpp mmproj for this family (None: it writes one)
+    no_mmproj: ClassVar[str | None] = None
+    supported: ClassVar[str]  # one phrase for "unsupported model" errors
+
+    # -- recognising and checking a checkpoint -------------------------------------------------------------------
+    def detects(self, config: dict) -> bool:
+        return config.get("model_type") == self.model_type
+
+    def check(self, config: dict, path: Path) -> None:
+        """The language model and the tower are ones this family's export and runtime handle."""
+        tmt = (config.get("text_config") or {}).get("model_type", "llama")
+        if tmt not in self.text_models:
+            raise UserError(f"unsupported language model {tmt!r} in {path} for {self.title} "
+                            f"(supported: {', '.join(self.text_models)})")
+        vmt = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+        if vmt not in self.vision_models:
+            raise UserError(f"unsupported vision tower {vmt!r} in {path} for {self.title} "
+                            f"(supported: {', '.join(self.vision_models)})")
+
+    # -- what export records ----------------------------------------------------------------------------------
+    def tokens_per_tile(self, ckpt: Checkpoint) -> int:
+        """What the vision graph gives per tile: the feature layer's patches (and the class token for ``full``)."""
+        v = ckpt.vision_config
+        n = (v.get("image_size", 336) // v.get("patch_size", 14)) ** 2
+        return n + (1 if ckpt.config.get("vision_feature_select_strategy", "default") == "full" else 0)
+
+    def image_section(self, ckpt: Checkpoint) -> dict:
+        """The manifest's ``image`` section: everything the runtime needs to turn a picture into positions."""
+        return ckpt.image_spec().to_dict()
+
+    def side_arrays(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
+        """Learned vectors the runtime's packing needs besides the graph (file stem -> float32 array)."""
+        return {}
+
+    def default_conv_mode(self, ckpt: Checkpoint) -> str:
+        raise NotImplementedError
+
+    # -- the runtime's image path --------------------------------------------------------------------------------
+    def max_positions(self, image: dict, tokens_per_tile: int) -> int:
+        """The most positions one picture can take, from the manifest's image section (what the context must
+        hold for the largest picture)."""
+        return tokens_per_tile
+
+    def image_path(self, image: dict, vision: dict, tokens_per_tile: int,
+                   arrays: dict[str, np.ndarray]) -> ImagePath:
+        """The bundle's image handling from its manifest sections (``arrays``: the side arrays, loaded)."""
+        raise NotImplementedError
+
+    def checkpoint_image_path(self, ckpt: Checkpoint) -> ImagePath:
+        """The image path a bundle exported from ``ckpt`` would have: what training and the drift reference use, so
+        that every stage prepares pictures with the same code."""
+        return self.image_path(self.image_section(ckpt), {}, self.tokens_per_tile(ckpt), self.side_arrays(ckpt))
+
+    # -- torch side (export, training, drift) ---------------------------------------------------------------------
+    def config_extra(self, tile: int) -> dict:
+        """The family's own keys of a new checkpoint's config, for a tower of ``tile`` px (the toy, training's
+        fresh assembly)."""
+        return {}
+
+    def hf_image_processor(self, resize: int, crop: int, config: dict):
+        """The image processor a llava-hf checkpoint of the family ships (``config``: the model config's keys)."""
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop})
+
+    def hf_class(self):
+        import transformers
+
+        return getattr(transformers, self.hf_class_name)
+
+    def hf_tile_features(self, model, pixel_values):
+        """Hugging Face's projected features of each tile, before any packing: (tiles, tokens per tile, width),
+        what the vision graph must equal."""
+        cfg = model.config
+        feats = model.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
+        ).pooler_output
+        import torch
+
+        return torch.stack(list(feats))
+
+    def hf_image_features(self, model, prepared: PreparedImage):
+        """What the Hugging Face model puts at the picture's positions: (positions, width), torch."""
+        inputs = {k: v.to(model.device, model.dtype if v.is_floating_point() else v.dtype)
+                  for k, v in self.hf_inputs([prepared]).items()}
+        return self.hf_tile_features(model, inputs["pixel_values"])[0]
+
+    def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
+        """The keyword arguments the Hugging Face model takes for these pictures (torch tensors)."""
+        raise NotImplementedError

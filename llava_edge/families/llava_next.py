@@ -1,0 +1,177 @@
+"""LLaVA-NeXT (LLaVA-1.6): a picture as a grid of tiles plus the whole picture squashed into one, unpadded.
+
+The picture goes through the vision graph as ``1 + rows x cols`` tiles (one batch). The
+base tile's patch tokens come first; the grid's tokens are stitched into one feature
+map, the rows and columns that only cover the black padding are cut off (unpad), and an
+``image_newline`` vector ends every row. How many positions that makes depends on the
+picture's size, and it is counted by the code that packs (:mod:`llava_edge.anyres`).
+
+Checkpoints of two origins differ in two places (see :mod:`llava_edge.anyres`): llava-hf
+ones are read as transformers reads them, converted original LLaVA-1.6 ones as LLaVA's
+own code does; the bundle records which.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import anyres
+from ..errors import UserError
+from ..preprocess import ImageSpec, load_image
+from ..templates import CHAT_TEMPLATE
+from ..weights import stored_tensors
+from .base import Family, ImagePath, PreparedImage, pixels_key
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+
+NEWLINE = "image_newline"
+
+
+class AnyresTiles(ImagePath):
+    def __init__(self, spec: ImageSpec, grid, tokens: int, newline: np.ndarray):
+        side = grid.tile // grid.patch
+        if tokens != side * side:
+            raise UserError(f"the bundle's vision graph gives {tokens} tokens per tile, not the {side}x{side} patch "
+                            "grid its anyres packing needs: export it again")
+        if newline.ndim != 1:
+            raise UserError("the bundle's image_newline is not a vector: export it again")
+        self.spec, self.grid, self.tokens_per_tile, self.newline = spec, grid, tokens, newline.astype(np.float32)
+
+    def prepare(self, image, formats=None) -> PreparedImage:
+        im = load_image(image, formats=formats)
+        w, h = im.size
+        rows, cols = anyres.grid(w, h, self.grid)  # refuses what --max-tiles does not allow, before any resize
+        pixels = anyres.tiles(im, self.grid, self.spec)
+        return PreparedImage(pixels_key(pixels, (w, h)), pixels, anyres.num_positions(w, h, self.grid), (w, h),
+                             (rows, cols))
+
+    def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+        self.check_features(features, prepared)
+        w, h = prepared.size
+        return anyres.pack(features, w, h, self.grid, self.newline)
+
+    def describe(self, prepared: PreparedImage) -> str:
+        w, h = prepared.size
+        rows, cols = prepared.grid or (0, 0)
+        uh, uw = anyres.unpadded_size(w, h, self.grid)
+        side = self.grid.tile // self.grid.patch
+        return (f"{w}x{h} px -> {rows}x{cols} tiles of {self.grid.tile} px + the whole picture in one: "
+                f"{side * side} base positions + {uh}x{uw} unpadded grid with a newline per row = "
+                f"{prepared.positions} positions")
+
+
+class LlavaNext(Family):
+    name = "llava-next"
+    title = "LLaVA-NeXT"
+    model_type = "llava_next"
+    hf_class_name = "LlavaNextForConditionalGeneration"
+    hf_config_class_name = "LlavaNextConfig"
+    hf_processor_class_name = "LlavaNextProcessor"
+    no_mmproj = "llava-edge does not write LLaVA-NeXT mmprojs yet (its own image path is exact; see docs/MMPROJ.md)"
+    supported = ("LlavaNextForConditionalGeneration (model_type 'llava_next') with a llama or mistral language "
+                 "model")
+
+    def check(self, config: dict, path) -> None:
+        super().check(config, path)
+        if not config.get("image_grid_pinpoints"):
+            raise UserError(f"{path}/config.json has no image_grid_pinpoints (a LLaVA-NeXT checkpoint needs them)")
+
+    def anyres_spec(self, ckpt: Checkpoint):
+        origin = ckpt.recipe.get("anyres_origin", "hf")
+        return anyres.AnyresSpec.from_config(ckpt.config, origin, max_tiles=ckpt.recipe.get("max_tiles"))
+
+    def image_section(self, ckpt: Checkpoint) -> dict:
+        return {**ckpt.image_spec().to_dict(), "anyres": self.anyres_spec(ckpt).to_dict()}
+
+    def side_arrays(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
+        for f in ckpt.weight_files():
+            for key, st in stored_tensors(f, check=False).items():
+                if key.split(".")[-1] == NEWLINE:
+                    return {NEWLINE: st.float32().copy()}
+        raise UserError(f"{ckpt.path} has no {NEWLINE} tensor (a LLaVA-NeXT checkpoint needs one)")
+
+    def default_conv_mode(self, ckpt: Checkpoint) -> str:
+        """The mode LLaVA-NeXT's checkpoints were trained with, by their language model: Mistral-7B-Instruct
+        ``mistral_instruct``, Nous-Hermes-2-Yi-34B (ChatML) ``chatml_direct``, Vicuna ``vicuna_v1``; a checkpoint
+        with a language model LLaVA-NeXT did not ship is prompted with its own chat template when it has one."""
+        tmt = ckpt.text_config.get("model_type", "llama")
+        template = ckpt.chat_template() or ""
+        if tmt == "mistral":
+            return "mistral_instruct"
+        if "<|im_start|>" in template:
+            return "chatml_direct"
+        if tmt == "llama":
+            return "vicuna_v1"
+        return CHAT_TEMPLATE if template else "vicuna_v1"
+
+    def max_positions(self, image: dict, tokens_per_tile: int) -> int:
+        """An upper bound: the base tile and the largest grid of any pinpoint, in either orientation, with
+        nothing cut by unpad."""
+        g = self._grid(image)
+        side = g.tile // g.patch
+        grids = [(a // g.tile, b // g.tile) for a, b in g.pinpoints]
+        return side * side + max(r * side * (c * side + 1) for a, b in grids for r, c in ((a, b), (b, a)))
+
+    def _grid(self, image: dict):
+        try:
+            return anyres.AnyresSpec.from_dict(image["anyres"])
+        except (KeyError, TypeError):
+            raise UserError("the bundle's image section lacks its anyres settings: export it again") from None
+
+    def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict) -> ImagePath:
+        if NEWLINE not in arrays:
+            raise UserError(f"the bundle lacks its {NEWLINE} vector: export it again")
+        grid = self._grid(image)
+        spec = ImageSpec.from_dict({k: v for k, v in image.items() if k != "anyres"})
+        return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE])
+
+    def config_extra(self, tile: int) -> dict:
+        """LLaVA-1.6's five grids (1x2, 2x1, 2x2, 1x3, 3x1 tiles) at this tile size."""
+        return {"image_grid_pinpoints": [[tile * a, tile * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]}
+
+    def hf_image_processor(self, resize: int, crop: int, config: dict):
+        """transformers' PIL LlavaNext image processor: its default class needs torchvision, and the PIL one is
+        what ``LlavaNextImageProcessor`` falls back to without it."""
+        from transformers import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop},
+                                          image_grid_pinpoints=config["image_grid_pinpoints"])
+
+    def hf_tile_features(self, model, pixel_values):
+        """The tower's feature layer (class token dropped for ``default``) through the projector, per tile: the
+        ops ``LlavaNextModel.get_image_features`` runs before ``pack_image_features``, which has no way to
+        return them unpacked."""
+        import torch
+
+        cfg = model.config
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        layers = cfg.vision_feature_layer
+        h = (hidden[layers] if isinstance(layers, int) else torch.cat([hidden[i] for i in layers], dim=-1))
+        if cfg.vision_feature_select_strategy == "default":
+            h = h[:, 1:]
+        return model.model.multi_modal_projector(h)
+
+    def hf_image_features(self, model, prepared: PreparedImage):
+        """``LlavaNextModel.get_image_features``: the tiles through tower and projector, then its own packing."""
+        inputs = self.hf_inputs([prepared])
+        px = inputs["pixel_values"].to(model.device, model.dtype)
+        cfg = model.config
+        return model.model.get_image_features(
+            pixel_values=px, image_sizes=inputs["image_sizes"].to(model.device),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy)[0]
+
+    def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
+        """``pixel_values`` (images, most tiles, 3, S, S), zero tiles after an image's own, and ``image_sizes`` as
+        (height, width), as ``LlavaNextProcessor`` gives them."""
+        import torch
+
+        most = max(p.tiles for p in prepared)
+        px = np.zeros((len(prepared), most, *prepared[0].pixels.shape[1:]), np.float32)
+        for i, p in enumerate(prepared):
+            px[i, : p.tiles] = p.pixels
+        sizes = [[p.size[1], p.size[0]] for p in prepared]
+        return {"pixel_values": torch.from_numpy(px), "image_sizes": torch.tensor(sizes)}
