@@ -103,6 +103,7 @@ class ExportOptions:
     mmproj: str = ""  # --mmproj-outtype; "": follow --dtype (see mmproj_outtype)
     conv_mode: str | None = None  # --conv-mode; None: the bundle's (same source), else the checkpoint's
     wait: bool = True  # another writer holds the bundle: wait for it (False: --no-wait, a one-line error)
+    max_tiles: int | None = None  # --max-tiles: the most grid tiles a picture may take (tiled families)
 
     def validate(self) -> None:
         """Every option checked before anything is read or written; a one-line error listing the valid values."""
@@ -264,6 +265,7 @@ def export_bundle(
     tensorrt: TensorRTOptions | None = None,
     conv_mode: str | None = None,
     wait: bool = True,
+    max_tiles: int | None = None,
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> manifest.Manifest:
@@ -272,8 +274,10 @@ def export_bundle(
     ``conv_mode``: the bundle's conversation mode; by default a bundle exported again from the same source keeps
     its mode, a new one takes the checkpoint's (``Checkpoint.conv_mode``).
     """
-    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype, conv_mode, wait)
+    opts = ExportOptions(target, dtype, llm_outtype, tensorrt or TensorRTOptions(), mmproj_outtype, conv_mode, wait,
+                         max_tiles)
     opts.validate()
+    ckpt.family.check_max_tiles(max_tiles)
     return _Export(ckpt, Path(out), opts, progress or PlainProgress(log)).run()
 
 
@@ -441,7 +445,7 @@ class _Export:
             conv_mode=self.conv_mode,
             chat_template=ckpt.chat_template() if self.conv_mode == CHAT_TEMPLATE else None,
             family=ckpt.family.name,
-            image=ckpt.family.image_section(ckpt),
+            image=ckpt.family.image_section(ckpt, self.opts.max_tiles),
             vision={
                 "feature_layer": ckpt.config.get("vision_feature_layer", -2),
                 "select_strategy": ckpt.config.get("vision_feature_select_strategy", "default"),
@@ -490,6 +494,10 @@ class _Export:
                 self.log(f"mmproj: skipped ({e})")
         if t in ("tensorrt", "all"):
             reason = tensorrt_unavailable()
+            tiles = self.ckpt.family.most_tiles(self.m.image)
+            if tiles > o.tensorrt.max_batch:  # the engine's profile must take every tile of one picture at once
+                raise UserError(f"--trt-max-batch {o.tensorrt.max_batch} is below the {tiles} tiles one picture can "
+                                f"take: raise it, or bound the tiles with --max-tiles {o.tensorrt.max_batch - 1}")
             if reason is None:
                 self._calibration_cache()  # --int8 without a cache is an error even under `all`
                 steps.append((engine_file_name(o.trt_precision), self.tensorrt))

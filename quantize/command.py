@@ -155,8 +155,13 @@ def quantize_bundle(
 
 def _reductions(m: manifest.Manifest, image_tokens: str, token_method: str) -> list:
     """``--image-tokens`` x ``--token-method`` -> reductions (None for the full grid), checked against the graph."""
+    from llava_edge import families
     from llava_edge import image_tokens as it
 
+    family = families.by_name(m.family)
+    if not family.reduces_tokens:
+        raise UserError(f"--image-tokens makes reduced variants of one-tile models; this bundle is {family.title}, "
+                        "whose pictures take several tiles and newline positions")
     v = m.vision
     if v.get("select_strategy", "default") != "default":
         raise UserError(f"token reduction needs LLaVA's 'default' feature selection; this bundle's is "

@@ -124,7 +124,7 @@ class EdgeLLaVA:
                  n_batch: int | None = None, on_overflow: str = "error", hardware: Hardware | None = None,
                  prefix_cache: bool = True, cache_images: bool | None = None, conv_mode: str | None = None,
                  verify: bool = True, parallel: int = 1, image_tokens: int | None = None,
-                 token_method: str | None = None):
+                 token_method: str | None = None, max_tiles: int | None = None):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         self.bundle = Path(bundle)
@@ -175,7 +175,7 @@ class EdgeLLaVA:
         # the family's way from a picture to positions: one tile, or LLaVA-NeXT's tiles, unpad and newlines
         self.images = self.family.image_path(m.image, m.vision, self.n_image_tokens, {
             name: families.read_array(bundle_manifest.bundle_file(self.bundle, a["file"], "array file"), name)
-            for name, a in m.arrays.items()})
+            for name, a in m.arrays.items()}, max_tiles=max_tiles)
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
@@ -218,7 +218,8 @@ class EdgeLLaVA:
         see ``llava_edge/integrity.py``), ``parallel`` (sequences in the llama.cpp context, each with
         ``n_ctx`` positions: ``serve`` answers that many requests at once; ``chat`` uses the first),
         ``image_tokens`` / ``token_method`` (a reduced-token vision variant giving that many image
-        positions, see ``llava_edge/image_tokens.py``; never chosen unless asked for).
+        positions, see ``llava_edge/image_tokens.py``; never chosen unless asked for), ``max_tiles`` (a tiled
+        family's bound on a picture's grid tiles, tighter than the bundle's; a picture needing more is refused).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
 
@@ -239,7 +240,10 @@ class EdgeLLaVA:
         tok = self.tokenizer.settings
         tokenizer = (f"{tok.kind} ({'legacy' if tok.legacy else 'non-legacy'} word starts, "
                      f"BOS {'added' if tok.add_bos else 'not added'})")
-        return (self.plan.explain(running) + f"\nimage tokens: {self._explain_tokens()}\nconversation mode: {mode}"
+        most = self.family.max_positions(self.manifest.image, self.n_image_tokens)
+        family = self.family.title + (f" (tiled: at most {most} positions a picture)" if self.family.tiled else "")
+        return (self.plan.explain(running) + f"\nmodel family: {family}"
+                + f"\nimage tokens: {self._explain_tokens()}\nconversation mode: {mode}"
                 + f"\ntokenizer: {tokenizer}\nsaved KV caches: {saved}")
 
     def _explain_tokens(self) -> str:
@@ -247,7 +251,7 @@ class EdgeLLaVA:
         v, m = self.vision_variant, self.manifest
         r = v.token_reduction
         if r is None:
-            return f"{self.n_image_tokens} (every patch of the feature layer)"
+            return f"{self.n_image_tokens}{' per tile' if self.family.tiled else ''} (every patch of the feature layer)"
         how = (f"{r.grid}x{r.grid} patches averaged to {r.pool[0]}x{r.pool[1]}" if r.method == "pool" else
                f"{r.dominant} patches the class token attends to most + {r.contextual} merged from the rest")
         how += ", projector tuned for it" if "projector" in v.extra else ", training-free"

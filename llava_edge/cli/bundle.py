@@ -37,6 +37,7 @@ def export(
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="The bundle's conversation mode (default: "
                                             "the checkpoint's; see README, 'Conversation modes')"),
     no_wait: o.NoWait = False,
+    max_tiles: o.MaxTiles = None,
 ):
     """Split a LLaVA checkpoint into the files an edge device runs, under one manifest.json."""
     from ..checkpoint import resolve_model
@@ -44,11 +45,12 @@ def export(
 
     trt = TensorRTOptions(max_batch=trt_max_batch, opt_batch=trt_opt_batch, int8=int8,
                           calibration_cache=calibration_cache, workspace_mib=trt_workspace_mib)
-    ExportOptions(target, dtype, llm_outtype, trt, mmproj_outtype, conv_mode).validate()
+    ExportOptions(target, dtype, llm_outtype, trt, mmproj_outtype, conv_mode, max_tiles=max_tiles).validate()
     check_out_dir(out)  # before a conversion writes anything
     ckpt = resolve_model(model, vision=vision, cache_dir=cache_dir, log=say)
     export_bundle(ckpt, out, target, dtype, llm_outtype, mmproj_outtype=mmproj_outtype, tensorrt=trt,
-                  conv_mode=conv_mode, wait=not no_wait, log=say, progress=terminal_progress(say))
+                  conv_mode=conv_mode, wait=not no_wait, max_tiles=max_tiles, log=say,
+                  progress=terminal_progress(say))
     if set_default:
         _set_default(out)
 

@@ -19,6 +19,7 @@ def chat(
     vision_variant: o.VisionVariant = None,
     image_tokens: o.ImageTokens = None,
     token_method: o.TokenMethod = None,
+    max_tiles: o.MaxTiles = None,
     llm_variant: o.LlmVariant = None,
     explain: bool = typer.Option(False, "--explain", help="Print what was chosen (profile, variants, providers, "
                                  "offload, threads, context) and why, on stderr; without a prompt, then exit"),
@@ -49,11 +50,13 @@ def chat(
     if image is not None:
         load_image(image)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
-                       image_tokens=image_tokens, token_method=token_method,
+                       image_tokens=image_tokens, token_method=token_method, max_tiles=max_tiles,
                        threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
                        prefix_cache=not no_prefix_cache, conv_mode=conv_mode, verify=not no_verify)
     if explain:
         say(m.explain())
+        if image is not None:
+            say(f"this picture: {m.images.describe(m.prepare_image(image))}")
         if prompt is None:
             return
     from ..runtimes import interactive

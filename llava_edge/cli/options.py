@@ -18,6 +18,9 @@ ImageTokens = Annotated[Optional[int], typer.Option("--image-tokens", help="Use 
                                                    "--image-tokens); never chosen unless asked for")]
 TokenMethod = Annotated[Optional[str], typer.Option("--token-method", help="With --image-tokens: pool | dominant "
                                                    "(default: a tuned projector, then the bundle's drift record, then pool)")]
+MaxTiles = Annotated[Optional[int], typer.Option("--max-tiles", help="LLaVA-NeXT: the most grid tiles a picture "
+                                                "may take (besides its whole-picture tile); a picture needing more "
+                                                "is refused: bounds the vision cost on small devices")]
 LlmVariant = Annotated[Optional[str], typer.Option("--llm-variant", help="Language-model variant by name (f32, f16, "
                                                    "q8_0, q4_k_m...); default: the profile's")]
 Threads = Annotated[int, typer.Option("--threads", help="llama.cpp threads; 0: the profile's (one per physical "

@@ -88,6 +88,7 @@ class Family:
     text_models: ClassVar[tuple[str, ...]] = ("llama", "mistral")
     vision_models: ClassVar[tuple[str, ...]] = ("clip_vision_model", "clip")
     reduces_tokens: ClassVar[bool] = False  # whether `quantize --image-tokens` variants apply to it
+    tiled: ClassVar[bool] = False  # a picture may take several tiles (``--max-tiles`` bounds them)
     # why llava-edge writes no llama.cpp mmproj for this family (None: it writes one)
     no_mmproj: ClassVar[str | None] = None
     supported: ClassVar[str]  # one phrase for "unsupported model" errors
@@ -114,9 +115,23 @@ class Family:
         n = (v.get("image_size", 336) // v.get("patch_size", 14)) ** 2
         return n + (1 if ckpt.config.get("vision_feature_select_strategy", "default") == "full" else 0)
 
-    def image_section(self, ckpt: Checkpoint) -> dict:
-        """The manifest's ``image`` section: everything the runtime needs to turn a picture into positions."""
+    def image_section(self, ckpt: Checkpoint, max_tiles: int | None = None) -> dict:
+        """The manifest's ``image`` section: everything the runtime needs to turn a picture into positions
+        (``max_tiles``: the most tiles a picture may take, for a tiled family)."""
+        self.check_max_tiles(max_tiles)
         return ckpt.image_spec().to_dict()
+
+    def check_max_tiles(self, max_tiles: int | None) -> None:
+        if max_tiles is not None and not self.tiled:
+            raise UserError(f"--max-tiles is for tiled model families (LLaVA-NeXT); {self.title} takes every picture "
+                            "as one tile")
+        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int)
+                                      or max_tiles < 1):
+            raise UserError(f"--max-tiles must be a whole number of at least 1, not {max_tiles!r}")
+
+    def most_tiles(self, image: dict) -> int:
+        """The most tiles one picture sends through the vision graph (the TensorRT profile's largest batch)."""
+        return 1
 
     def side_arrays(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
         """Learned vectors the runtime's packing needs besides the graph (file stem -> float32 array)."""
@@ -132,8 +147,9 @@ class Family:
         return tokens_per_tile
 
     def image_path(self, image: dict, vision: dict, tokens_per_tile: int,
-                   arrays: dict[str, np.ndarray]) -> ImagePath:
-        """The bundle's image handling from its manifest sections (``arrays``: the side arrays, loaded)."""
+                   arrays: dict[str, np.ndarray], max_tiles: int | None = None) -> ImagePath:
+        """The bundle's image handling from its manifest sections (``arrays``: the side arrays, loaded;
+        ``max_tiles``: a tighter bound on a picture's tiles than the bundle's)."""
         raise NotImplementedError
 
     def checkpoint_image_path(self, ckpt: Checkpoint) -> ImagePath:

@@ -55,7 +55,9 @@ class Llava15(Family):
             return CHAT_TEMPLATE
         return "vicuna_v1"
 
-    def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict) -> ImagePath:
+    def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict,
+                   max_tiles: int | None = None) -> ImagePath:
+        self.check_max_tiles(max_tiles)
         return OneTile(ImageSpec.from_dict(image), tokens_per_tile)
 
     def hf_inputs(self, prepared: list[PreparedImage]) -> dict:

@@ -13,6 +13,7 @@ own code does; the bundle records which.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,6 +68,7 @@ class LlavaNext(Family):
     name = "llava-next"
     title = "LLaVA-NeXT"
     model_type = "llava_next"
+    tiled = True
     hf_class_name = "LlavaNextForConditionalGeneration"
     hf_config_class_name = "LlavaNextConfig"
     hf_processor_class_name = "LlavaNextProcessor"
@@ -79,12 +81,26 @@ class LlavaNext(Family):
         if not config.get("image_grid_pinpoints"):
             raise UserError(f"{path}/config.json has no image_grid_pinpoints (a LLaVA-NeXT checkpoint needs them)")
 
-    def anyres_spec(self, ckpt: Checkpoint):
+    def anyres_spec(self, ckpt: Checkpoint, max_tiles: int | None = None):
+        """The tiles' sizes and pinpoints from the llava-hf config; the orientation and rounding of the code the
+        weights were trained with, which the recipe names (``anyres_origin: llava`` for a converted original
+        LLaVA-1.6, whose config lists the pinpoints as LLaVA does; transformers' when it says nothing)."""
         origin = ckpt.recipe.get("anyres_origin", "hf")
-        return anyres.AnyresSpec.from_config(ckpt.config, origin, max_tiles=ckpt.recipe.get("max_tiles"))
+        if origin not in anyres.ORIGINS:
+            raise UserError(f"{ckpt.path}/llava_edge.json names an unknown anyres_origin {origin!r} "
+                            f"(known: {', '.join(anyres.ORIGINS)})")
+        spec = anyres.AnyresSpec.from_config(ckpt.config, "hf", max_tiles=max_tiles)
+        orientation, rounding = anyres.ORIGINS[origin]
+        return dataclasses.replace(spec, orientation=orientation, rounding=rounding)
 
-    def image_section(self, ckpt: Checkpoint) -> dict:
-        return {**ckpt.image_spec().to_dict(), "anyres": self.anyres_spec(ckpt).to_dict()}
+    def image_section(self, ckpt: Checkpoint, max_tiles: int | None = None) -> dict:
+        self.check_max_tiles(max_tiles)
+        return {**ckpt.image_spec().to_dict(), "anyres": self.anyres_spec(ckpt, max_tiles).to_dict()}
+
+    def most_tiles(self, image: dict) -> int:
+        g = self._grid(image)
+        most = max((a // g.tile) * (b // g.tile) for a, b in g.pinpoints)
+        return 1 + (most if g.max_tiles is None else min(most, g.max_tiles))
 
     def side_arrays(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
         for f in ckpt.weight_files():
@@ -121,10 +137,14 @@ class LlavaNext(Family):
         except (KeyError, TypeError):
             raise UserError("the bundle's image section lacks its anyres settings: export it again") from None
 
-    def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict) -> ImagePath:
+    def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict,
+                   max_tiles: int | None = None) -> ImagePath:
+        self.check_max_tiles(max_tiles)
         if NEWLINE not in arrays:
             raise UserError(f"the bundle lacks its {NEWLINE} vector: export it again")
         grid = self._grid(image)
+        if max_tiles is not None:
+            grid = dataclasses.replace(grid, max_tiles=max_tiles)
         spec = ImageSpec.from_dict({k: v for k, v in image.items() if k != "anyres"})
         return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE])
 
@@ -155,14 +175,15 @@ class LlavaNext(Family):
         return model.model.multi_modal_projector(h)
 
     def hf_image_features(self, model, prepared: PreparedImage):
-        """``LlavaNextModel.get_image_features``: the tiles through tower and projector, then its own packing."""
+        """``LlavaNextModel.get_image_features``: the tiles through tower and projector, then its own packing (the
+        packed features are its output's ``pooler_output``, one tensor per picture)."""
         inputs = self.hf_inputs([prepared])
         px = inputs["pixel_values"].to(model.device, model.dtype)
         cfg = model.config
         return model.model.get_image_features(
             pixel_values=px, image_sizes=inputs["image_sizes"].to(model.device),
             vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy)[0]
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
 
     def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
         """``pixel_values`` (images, most tiles, 3, S, S), zero tiles after an image's own, and ``image_sizes`` as

@@ -1,0 +1,277 @@
+"""LLaVA-NeXT through export and the runtime, against transformers' own model and processor.
+
+A tiny ``LlavaNextForConditionalGeneration`` checkpoint (``toy model --preset toy-next``: 112 px tiles on
+LLaVA-1.6's five grids) is exported by the same code as a hub checkpoint. For pictures of many shapes
+(ties, both sides within one tile, strips, 1 px, larger than every grid) the reference side is
+transformers alone: ``LlavaNextImageProcessorPil`` makes the pixels and the processor's prompt the
+image-token count, ``LlavaNextForConditionalGeneration`` packs and answers. The runtime side is the
+bundle: llava-edge's tiles, the ONNX graph, numpy packing and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_edge import manifest
+from llava_edge.errors import UserError
+
+# (width, height): exact ties, both sides within one tile, 1:10 and 10:1, 1 px, beyond every grid, ordinary
+SIZES = [(112, 112), (300, 300), (100, 60), (60, 100), (50, 50), (1, 1), (40, 400), (400, 40), (900, 700),
+         (640, 480), (480, 640), (224, 112), (250, 130)]
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture(scope="module")
+def next_toy(tmp_path_factory):
+    from llava_edge.toy.model import write_toy_model
+
+    return write_toy_model(tmp_path_factory.mktemp("next") / "model", preset="toy-next", seed=0)
+
+
+@pytest.fixture(scope="module")
+def next_bundle(next_toy, tmp_path_factory):
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("next_bundle") / "b"
+    export_bundle(open_checkpoint(next_toy), out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def next_hf(next_toy):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(next_toy, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def next_processor(next_toy):
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil.from_pretrained(next_toy)
+
+
+@pytest.fixture(scope="module")
+def next_runtime(next_bundle):
+    from llava_edge import EdgeLLaVA
+
+    m = EdgeLLaVA.load(next_bundle, device="cpu", kv_cache="f32", threads=1)
+    yield m
+    m.close()
+
+
+def picture(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth colours with some edges: every tile differs, and resampling is exercised."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 7) % 256], -1)
+    a = (a + rng.integers(0, 40, a.shape)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(a, "RGB")
+
+
+def hf_count(next_toy, im: Image.Image) -> int:
+    """The number of image tokens transformers' LlavaNextProcessor puts in the prompt for ``im``."""
+    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(next_toy),
+                              tokenizer=AutoTokenizer.from_pretrained(next_toy), patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    ids = proc(text="<image>", images=im, return_tensors="np")["input_ids"][0]
+    return int((ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum())
+
+
+def hf_inputs(next_processor, im: Image.Image) -> dict:
+    out = next_processor(images=im, return_tensors="np")
+    return {"pixel_values": torch.from_numpy(np.asarray(out["pixel_values"], np.float32)),
+            "image_sizes": torch.from_numpy(np.asarray(out["image_sizes"]))}
+
+
+def test_the_toy_is_a_llava_next_checkpoint_and_the_bundle_says_so(next_toy, next_bundle):
+    from llava_edge.checkpoint import open_checkpoint
+
+    cfg = json.loads((next_toy / "config.json").read_text())
+    assert cfg["model_type"] == "llava_next" and cfg["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert open_checkpoint(next_toy).family.name == "llava-next"
+    m = manifest.read(next_bundle)
+    assert m.family == "llava-next" and m.conv_mode == "vicuna_v1"
+    assert m.image["anyres"]["pinpoints"] == [list(p) for p in cfg["image_grid_pinpoints"]]
+    assert m.image["anyres"]["orientation"] == "hw" and m.image["anyres"]["rounding"] == "hf"
+    assert m.vision["num_image_tokens"] == 64  # per tile: (112 / 14)^2, class token dropped
+    newline = np.load(next_bundle / m.arrays["image_newline"]["file"])
+    from safetensors.numpy import load_file
+
+    stored = load_file(next_toy / "model.safetensors")
+    key = next(k for k in stored if k.endswith("image_newline"))
+    assert np.array_equal(newline, stored[key])
+    assert "mmproj" not in {v.kind for v in m.variants}  # said and skipped, not written wrong
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_tiles_positions_and_packed_features_equal_transformers(size, next_toy, next_hf, next_processor,
+                                                                next_runtime):
+    im = picture(*size)
+    prepared = next_runtime.prepare_image(im)
+    ref = hf_inputs(next_processor, im)
+    ref_px = ref["pixel_values"][0, : prepared.tiles].numpy()
+    assert prepared.pixels.shape == ref_px.shape
+    np.testing.assert_allclose(prepared.pixels, ref_px, atol=1e-5)
+    assert prepared.positions == hf_count(next_toy, im)
+
+    with torch.no_grad():
+        want = next_hf.model.get_image_features(**ref).pooler_output[0].numpy()
+    key, got = next_runtime.image_embeddings(im)
+    assert got.shape == want.shape == (prepared.positions, next_hf.config.text_config.hidden_size)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("size", [(112, 112), (300, 200), (40, 400), (900, 700)],
+                         ids=["tie", "wide", "strip", "large"])
+def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, next_toy, next_hf, next_processor,
+                                                                         next_runtime):
+    m = next_runtime
+    im = picture(*size, seed=1)
+    parts = m.template.prompt(QUESTION, image=True, history=[])
+    ids = m.tokenizer.encode_prompt(parts, m.image_token_id)
+    n = hf_count(next_toy, im)
+    i = ids.index(m.image_token_id)
+    full = ids[:i] + [m.image_token_id] * n + ids[i + 1 :]
+    ref = hf_inputs(next_processor, im)
+    with torch.no_grad():
+        want = next_hf(input_ids=torch.tensor([full]), **ref).logits[0, -1].numpy()
+    got = m.prompt_logits(im, parts)[-1]
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+    with torch.no_grad():
+        out = next_hf.generate(input_ids=torch.tensor([full]), **ref, max_new_tokens=8, do_sample=False,
+                               eos_token_id=m.eos_id, pad_token_id=m.eos_id)
+    new = out[0, len(full):].tolist()
+    if m.eos_id in new:
+        new = new[: new.index(m.eos_id)]
+    m.chat(im, QUESTION, max_tokens=8)
+    assert m.last_ids[: len(new)] == new
+
+
+def test_the_context_holds_the_largest_picture(next_bundle):
+    """A profile's context cap never cuts a picture: LLaVA-1.6's shape (336 px tiles, five grids, up to 2928
+    positions) on a Jetson (cap 2048) gets the largest picture and room for the conversation."""
+    import copy
+
+    from test_runtime_profiles import JETSON, ORIN
+
+    from llava_edge import families
+    from llava_edge.runtimes.devices import TEXT_ROOM, plan_runtime
+
+    m = copy.deepcopy(manifest.read(next_bundle))
+    m.image["anyres"].update(tile=336, patch=14, pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                           [336, 1008]])
+    m.image.update(crop=336, resize=336)
+    m.vision["num_image_tokens"] = 576
+    m.llm["n_ctx_train"] = 4096
+    most = families.by_name(m.family).max_positions(m.image, 576)
+    assert most == 576 + 48 * 49  # the 2x2 grid, nothing unpadded
+    plan = plan_runtime(m, "jetson", hardware=JETSON, trt_platform=lambda: dict(ORIN))
+    assert plan.n_ctx == most + TEXT_ROOM and "largest picture" in plan.ctx_why
+    m.llm["n_ctx_train"] = 3000  # never beyond what the model was trained with
+    assert plan_runtime(m, "jetson", hardware=JETSON, trt_platform=lambda: dict(ORIN)).n_ctx == 3000
+
+
+def test_no_picture_takes_more_than_the_bound(next_runtime):
+    m = manifest.read(next_runtime.bundle)
+    most = next_runtime.family.max_positions(m.image, next_runtime.n_image_tokens)
+    for w, h in [(2000, 1500), (224, 224), (112, 336), (336, 112), *SIZES]:
+        assert next_runtime.prepare_image(picture(w, h)).positions <= most
+
+
+def test_explain_shows_the_grid_and_the_positions(next_runtime):
+    prepared = next_runtime.prepare_image(picture(300, 200))
+    line = next_runtime.images.describe(prepared)
+    rows, cols = prepared.grid
+    assert f"{rows}x{cols} tiles" in line and f"{prepared.positions} positions" in line
+
+
+def test_bad_pictures_get_one_line_errors(next_runtime):
+    with pytest.raises(UserError) as e:
+        next_runtime.prepare_image(np.zeros((0, 5, 3), np.uint8))
+    assert "\n" not in str(e.value) and "pixels" in str(e.value)
+    with pytest.raises(UserError) as e:
+        next_runtime.prepare_image(picture(1, 200))  # beyond the aspect limit
+    assert "\n" not in str(e.value) and "aspect" in str(e.value)
+
+
+def test_max_tiles_bounds_a_picture_at_export_and_at_load(next_toy, next_bundle, tmp_path):
+    from llava_edge import EdgeLLaVA
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.export.bundle import export_bundle
+
+    big = picture(640, 480)  # a 2x2 grid at 112 px tiles
+    rt = EdgeLLaVA.load(next_bundle, device="cpu", threads=1, prefix_cache=False, max_tiles=2)
+    try:
+        with pytest.raises(UserError) as e:
+            rt.prepare_image(big)
+        assert "\n" not in str(e.value) and "--max-tiles" in str(e.value) and "4" in str(e.value)
+        assert rt.prepare_image(picture(200, 100)).grid == (1, 2)  # within the bound: served
+    finally:
+        rt.close()
+    out = tmp_path / "b"
+    m = export_bundle(open_checkpoint(next_toy), out, target="onnx", max_tiles=3, log=lambda _: None)
+    assert m.image["anyres"]["max_tiles"] == 3
+    with pytest.raises(UserError):
+        export_bundle(open_checkpoint(next_toy), tmp_path / "c", target="onnx", max_tiles=0, log=lambda _: None)
+
+
+def test_max_tiles_on_a_one_tile_family_is_refused(bundle):
+    from llava_edge import EdgeLLaVA
+
+    with pytest.raises(UserError) as e:
+        EdgeLLaVA.load(bundle, device="cpu", max_tiles=2)
+    assert "LLaVA-1.5" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_export_quantize_and_chat_explain(next_toy, tmp_path):
+    """As a user would: export (the mmproj skipped in a line), an int8 vision variant, a refused reduced-token
+    variant, and `chat --explain` naming the family, the grid and the positions (as a device without torch)."""
+    from cli_run import assert_one_line_error, le
+
+    out = tmp_path / "b"
+    r = le("export", "--model", next_toy, "--out", out, "--target", "all")
+    assert r.returncode == 0, r.stderr
+    assert "mmproj: skipped" in r.stdout + r.stderr
+    r = le("quantize", out, "--vision", "int8", "--llm", "q8_0")
+    assert r.returncode == 0, r.stderr
+    r = le("quantize", out, "--image-tokens", "16", "--vision", "int8")
+    assert_one_line_error(r, "LLaVA-NeXT", progress=True)
+    img = tmp_path / "wide.png"
+    picture(300, 130).save(img)
+    r = le("chat", "--bundle", out, "--image", img, "--vision-variant", "int8", "--explain", "--max-tokens", "4",
+           "--device", "cpu", "What is it?", block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert "model family: LLaVA-NeXT" in r.stderr and "tiles of 112 px" in r.stderr and "positions" in r.stderr
+    r = le("chat", "--bundle", out, "--image", img, "--max-tiles", "1", "--device", "cpu", "What is it?",
+           block_torch=True)
+    assert_one_line_error(r, "--max-tiles")
+
+
+def test_drift_against_transformers_llava_next(next_bundle, next_toy, tmp_path, capsys):
+    """The drift tool's reference is transformers' LlavaNextForConditionalGeneration prompted as LLaVA prompts
+    it; the exact variants reproduce it on pictures of several shapes."""
+    from test_drift import write_scienceqa
+
+    from llava_edge.cli import main
+
+    sqa = write_scienceqa(tmp_path / "sqa", n=4)
+    for i, size in enumerate([(128, 128), (300, 120), (90, 260)]):  # a tie, a wide and a tall grid
+        picture(*size, seed=i).save(tmp_path / "sqa" / "images" / f"s{i}.png")
+    out = tmp_path / "report"
+    rc = main(["drift", str(next_bundle), "--reference", str(next_toy), "--eval", str(sqa), "--report", str(out),
+               "--variants", "fp32:f32", "--kv-cache", "f32", "--threads", "1", "--max-tokens", "4"])
+    assert rc == 0, capsys.readouterr().err
+    pair = json.loads((out / "drift.json").read_text())["pairs"][0]
+    assert pair["token_drift"]["top1"] == 1.0 and pair["token_drift"]["kl_mean"] < 1e-6
+    assert pair["vision_drift"]["images"] == 3 and pair["vision_drift"]["cos_min"] > 0.9999
+    assert pair["answer_agreement"] == 1.0 and pair["prompt_mismatches"] == 0
