@@ -69,10 +69,12 @@ def manifest_fields(m: Manifest) -> list[tuple[str, str]]:
     if s.get("converted"):
         rows.append(("converted copy", str(s["converted"])))
     rows += [
+        ("model family", m.family),
         ("conversation mode", m.conv_mode),
         ("image", f"{vi.get('image_size', im.get('crop'))} px; resize {im.get('resize')}, crop {im.get('crop')}, "
                   f"pad mode {im.get('pad')}"),
         ("mean / std", f"{_floats(im.get('mean'))} / {_floats(im.get('std'))}"),
+        *([("tiles", _anyres(im["anyres"]))] if isinstance(im.get("anyres"), dict) else []),
         ("vision", f"feature layer {vi.get('feature_layer')} ({vi.get('select_strategy')}), "
                    f"{vi.get('num_image_tokens')} image tokens x {vi.get('embed_dim')}, opset {vi.get('opset')}"),
     ]
@@ -89,6 +91,15 @@ def manifest_fields(m: Manifest) -> list[tuple[str, str]]:
                               f"{'legacy' if tok.get('legacy') else 'non-legacy'} word starts, "
                               f"adds BOS: {'yes' if tok.get('add_bos') else 'no'}"))
     return rows
+
+
+def _anyres(a: dict) -> str:
+    """A tiled family's grid settings in one line."""
+    grids = ", ".join(f"{p[0]}x{p[1]}" for p in a.get("pinpoints") or [] if isinstance(p, (list, tuple)) and len(p) == 2)
+    read = {"hw": "height x width (transformers)", "wh": "width x height (LLaVA's code)"}.get(a.get("orientation"), "?")
+    bound = f", at most {a['max_tiles']} grid tiles" if a.get("max_tiles") else ""
+    return (f"{a.get('tile')} px tiles, pinpoints {grids} read as {read}, unpad rounding {a.get('rounding')}"
+            f"{bound}")
 
 
 def _floats(xs) -> str:

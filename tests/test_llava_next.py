@@ -275,3 +275,26 @@ def test_drift_against_transformers_llava_next(next_bundle, next_toy, tmp_path, 
     assert pair["token_drift"]["top1"] == 1.0 and pair["token_drift"]["kl_mean"] < 1e-6
     assert pair["vision_drift"]["images"] == 3 and pair["vision_drift"]["cos_min"] > 0.9999
     assert pair["answer_agreement"] == 1.0 and pair["prompt_mismatches"] == 0
+
+
+def test_info_shows_the_family_and_the_tiles(next_bundle):
+    from cli_run import le
+
+    r = le("info", next_bundle)
+    assert r.returncode == 0, r.stderr
+    assert "llava-next" in r.stdout and "112 px tiles" in r.stdout and "height x width (transformers)" in r.stdout
+
+
+def test_bench_times_a_tiled_picture(next_bundle, tmp_path):
+    """`llava-edge bench` on a LLaVA-NeXT bundle: its prompt holds the tiled picture's positions."""
+    from llava_edge import EdgeLLaVA
+    from llava_edge.bench import time_chat_pass
+
+    m = EdgeLLaVA.load(next_bundle, device="cpu", threads=1, prefix_cache=False)
+    try:
+        im = picture(300, 200)
+        r = time_chat_pass(m, im, QUESTION, decode_tokens=2)
+        assert r["prompt_positions"] > m.prepare_image(im).positions > m.n_image_tokens
+        assert r["prefill_tokens"] == r["prompt_positions"] and r["vision_encode_ms"] > 0
+    finally:
+        m.close()
