@@ -9,6 +9,7 @@ Hugging Face (``tests/test_mmproj_gguf.py``). torch-free.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,42 @@ def image_embeddings(
 
     This is llama.cpp's whole image path (its preprocessing, then its graph), as
     ``llama-mtmd-cli`` runs it: the bitmap is tokenized with the media marker
-    and the image chunk encoded with ``mtmd_encode_chunk``. An image of exactly
-    the tower's size is not resized by llama.cpp, so its pixels reach the graph
-    as ``(u8 / 255 - mean) / std``: the same values Hugging Face gets. The text
-    model is loaded vocabulary-only: mtmd needs it for its width and tokens.
-    ``flash_attn`` off by default: ggml's CPU flash attention rounds to f16.
+    and every image chunk encoded with ``mtmd_encode_chunk``, in the order the
+    language model receives them (a tiled picture gives one chunk per tile).
+    An image of exactly the tower's size is not resized by llama.cpp, so its
+    pixels reach the graph as ``(u8 / 255 - mean) / std``: the same values
+    Hugging Face gets. The text model is loaded vocabulary-only: mtmd needs it
+    for its width and tokens. ``flash_attn`` off by default: ggml's CPU flash
+    attention rounds to f16.
     """
+    return [np.concatenate(c) for c in image_chunks(mmproj, text_gguf, images, flash_attn, n_threads, verbose)]
+
+
+def image_chunks(
+    mmproj: str | Path,
+    text_gguf: str | Path,
+    images: list[np.ndarray],
+    flash_attn: bool = False,
+    n_threads: int = 2,
+    verbose: bool = False,
+) -> list[list[np.ndarray]]:
+    """Like :func:`image_embeddings`, with each image's chunks apart: a list of (tokens, width) arrays per image,
+    in prompt order (for a tiled picture, llama.cpp's tiles and its overview)."""
+    with _context(mmproj, text_gguf, flash_attn, n_threads, verbose) as (M, ctx):
+        n_embd = _projection_dim(mmproj)  # a vocabulary-only model reports width 0
+        return [_encode_one(M, ctx, _rgb(im), n_embd) for im in images]
+
+
+def image_positions(
+    mmproj: str | Path, text_gguf: str | Path, images: list[np.ndarray], verbose: bool = False,
+) -> list[list[int]]:
+    """How many positions llama.cpp gives each image, chunk by chunk (tokenized and preprocessed, not encoded)."""
+    with _context(mmproj, text_gguf, False, 1, verbose) as (M, ctx):
+        return [_tokenized(M, ctx, _rgb(im), M.mtmd_input_chunk_get_n_pos) for im in images]
+
+
+@contextmanager
+def _context(mmproj, text_gguf, flash_attn: bool, n_threads: int, verbose: bool):
     import llama_cpp
     from llama_cpp import mtmd_cpp as M
 
@@ -72,8 +103,7 @@ def image_embeddings(
         ctx = M.mtmd_init_from_file(str(mmproj).encode(), model, p)
         if not ctx:
             raise UserError(f"llama.cpp's mtmd could not load {mmproj} with {text_gguf}")
-        n_embd = _projection_dim(mmproj)  # a vocabulary-only model reports width 0
-        return [_encode_one(M, ctx, np.ascontiguousarray(im, dtype=np.uint8), n_embd) for im in images]
+        yield M, ctx
     finally:
         if ctx:
             M.mtmd_free(ctx)
@@ -89,11 +119,17 @@ def _projection_dim(mmproj: str | Path) -> int:
     return int(field.contents())
 
 
-def _encode_one(M, ctx, rgb: np.ndarray, n_embd: int) -> np.ndarray:
-    import ctypes
-
+def _rgb(im) -> np.ndarray:
+    rgb = np.ascontiguousarray(im, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise UserError(f"expected an RGB image array (H, W, 3), got shape {rgb.shape}")
+    return rgb
+
+
+def _tokenized(M, ctx, rgb: np.ndarray, each):
+    """``each(chunk)`` for every image chunk mtmd makes of the picture, in prompt order."""
+    import ctypes
+
     h, w, _ = rgb.shape
     data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
     bitmap = M.mtmd_bitmap_init(w, h, data)
@@ -104,16 +140,22 @@ def _encode_one(M, ctx, rgb: np.ndarray, n_embd: int) -> np.ndarray:
         bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
         if M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1) != 0:
             raise UserError("llama.cpp's mtmd could not tokenize the image")
-        for i in range(M.mtmd_input_chunks_size(chunks)):
-            chunk = M.mtmd_input_chunks_get(chunks, i)
-            if M.mtmd_input_chunk_get_type(chunk) != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                continue
-            n = M.mtmd_input_chunk_get_n_tokens(chunk)
-            if M.mtmd_encode_chunk(ctx, chunk) != 0:
-                raise UserError("llama.cpp's mtmd failed to encode the image")
-            out = M.mtmd_get_output_embd(ctx)
-            return np.ctypeslib.as_array(out, shape=(n * n_embd,)).reshape(n, n_embd).copy()
-        raise UserError("llama.cpp's mtmd produced no image chunk")
+        out = [each(c) for c in (M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks)))
+               if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        if not out:
+            raise UserError("llama.cpp's mtmd produced no image chunk")
+        return out
     finally:
         M.mtmd_input_chunks_free(chunks)
         M.mtmd_bitmap_free(bitmap)
+
+
+def _encode_one(M, ctx, rgb: np.ndarray, n_embd: int) -> list[np.ndarray]:
+    def encode(chunk) -> np.ndarray:
+        n = M.mtmd_input_chunk_get_n_tokens(chunk)
+        if M.mtmd_encode_chunk(ctx, chunk) != 0:
+            raise UserError("llama.cpp's mtmd failed to encode the image")
+        out = M.mtmd_get_output_embd(ctx)
+        return np.ctypeslib.as_array(out, shape=(n * n_embd,)).reshape(n, n_embd).copy()
+
+    return _tokenized(M, ctx, rgb, encode)
