@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic, families
+from .anyres import ORIGINS
 from .errors import UserError
 from .preprocess import PAD_MODES, ImageSpec
 from .templates import MODES, mode_for_model_name
@@ -34,15 +35,20 @@ DEFAULT_RECIPE = {"template": "vicuna_v1", "image_pad": "pad"}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
 
-def write_recipe(folder: str | Path, template: str, image_pad: str, toy: bool = False) -> None:
+def write_recipe(folder: str | Path, template: str, image_pad: str, toy: bool = False,
+                 anyres_origin: str | None = None) -> None:
     """``llava_edge.json``: the conversation mode the checkpoint was trained with (key ``template``), its pad mode,
-    and ``toy``: a synthetic model of ``llava_edge.toy`` (or trained from one), which quantize may calibrate on
-    synthetic scenes."""
+    ``toy``: a synthetic model of ``llava_edge.toy`` (or trained from one), which quantize may calibrate on
+    synthetic scenes, and for LLaVA-NeXT ``anyres_origin``: whose code tiles and packs pictures as the weights
+    were trained (``llava`` for a converted original LLaVA-1.6; absent: transformers', ``hf``)."""
     if template not in MODES:
         raise UserError(f"unknown conversation mode {template!r}; known: {', '.join(MODES)}")
     if image_pad not in PAD_MODES:
         raise UserError(f"unknown image pad mode {image_pad!r}; known: {', '.join(PAD_MODES)}")
-    recipe = {"template": template, "image_pad": image_pad, **({"toy": True} if toy else {})}
+    if anyres_origin is not None and anyres_origin not in ORIGINS:
+        raise UserError(f"unknown anyres origin {anyres_origin!r}; known: {', '.join(ORIGINS)}")
+    recipe = {"template": template, "image_pad": image_pad, **({"toy": True} if toy else {}),
+              **({"anyres_origin": anyres_origin} if anyres_origin else {})}
     atomic.write_json(Path(folder) / RECIPE_FILE, recipe)
 
 

@@ -19,6 +19,13 @@ has no pad token of its own) added after the vocabulary like llava-hf, and
 ``llava-v1.5-*``; ``image_aspect_ratio: pad`` -> pad mode ``pad``), and the tokenizer settings LLaVA's
 transformers took from the source (``legacy``, ``add_bos_token``) written into ``tokenizer_config.json``.
 
+A LLaVA-1.6 checkpoint (``image_aspect_ratio: anyres``, ``mm_patch_merge_type: spatial_unpad``, its
+``image_grid_pinpoints``) becomes a ``LlavaNextForConditionalGeneration`` layout instead: ``LlavaNextConfig``
+with the pinpoints as LLaVA lists them, ``model.image_newline`` renamed ``image_newline`` (where
+``save_pretrained`` puts it), a ``LlavaNextImageProcessor`` with the tower's normalization, and the recipe's
+``anyres_origin: llava``. transformers reads pinpoints as (height, width) and rounds unpad differently from
+LLaVA (see :mod:`llava_edge.anyres`); the recipe tells llava-edge to tile and pack as LLaVA's own code does.
+
 Differences from transformers' ``convert_llava_weights_to_hf.py`` (read, not copied):
 it loads the whole state dict and samples the new embedding rows at random; here
 tensors are read one at a time (memory-mapped ``.bin`` or safetensors) and written
@@ -49,7 +56,7 @@ from .weights import MAX_SHARD_BYTES, TORCH_NAMES, OutTensor, stored_tensors, wr
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 ORIGINAL_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-CONVERTER_VERSION = 2  # part of the cache key: bump when the output changes
+CONVERTER_VERSION = 3  # part of the cache key: bump when the output changes
 PROVENANCE_FILE = "llava_edge_converted_from.json"
 VOCAB_MULTIPLE = 64  # llava-hf pads 32002 tokens to 32064 rows
 # config fields of the original LLaVA training code that are not language-model settings
@@ -60,6 +67,8 @@ LLAVA_ONLY_FIELDS = {
     "use_mm_proj", "s2", "s2_scales", "mm_vision_resampler",
 }
 IMAGE_TOKEN, PAD_TOKEN, PATCH_TOKEN = "<image>", "<pad>", "<im_patch>"
+ANYRES, UNPAD = "anyres", "spatial_unpad"  # LLaVA-1.6's image_aspect_ratio and mm_patch_merge_type
+NEWLINE_SRC, NEWLINE_DST = "model.image_newline", "image_newline"  # LLaVA's name, LlavaNext's saved name
 
 
 def is_original_llava(config: dict) -> bool:
@@ -170,6 +179,44 @@ class OriginalLlava:
     select_layer: int
     select_strategy: str  # llava-hf's name: default (patches) | full (CLS + patches)
     image_pad: str  # pad | square
+    pinpoints: list | None = None  # LLaVA-1.6's image_grid_pinpoints as (width, height) pairs; None: LLaVA-1.5
+
+    @property
+    def anyres(self) -> bool:
+        return self.pinpoints is not None
+
+
+def _anyres_pinpoints(cfg: dict, path: Path) -> list | None:
+    """LLaVA-1.6's pinpoints when the config is the anyres + spatial_unpad variant, None when it is LLaVA-1.5 style
+    (flat); a one-line error naming any other variant."""
+    import ast
+
+    from .anyres import check_pinpoints
+
+    aspect = str(cfg.get("image_aspect_ratio") or "")
+    merge = cfg.get("mm_patch_merge_type") or "flat"
+    if not aspect.startswith(ANYRES) and merge == "flat":
+        return None
+    what = f"{path} is a LLaVA-NeXT variant (image_aspect_ratio {aspect!r}, mm_patch_merge_type {merge!r})"
+    if aspect != ANYRES or merge != UNPAD:
+        raise UserError(f"{what}; supported: LLaVA-1.6's image_aspect_ratio {ANYRES!r} with mm_patch_merge_type "
+                        f"{UNPAD!r}, or LLaVA-1.5's one image with mm_patch_merge_type 'flat'")
+    if cfg.get("mm_vision_select_feature", "patch") != "patch":
+        # LLaVA's spatial merge lays out a square of patches per tile: a class token has no place in it
+        raise UserError(f"{path} is a LLaVA-NeXT checkpoint with mm_vision_select_feature "
+                        f"{cfg.get('mm_vision_select_feature')!r}; its anyres merge needs 'patch'")
+    pins = cfg.get("image_grid_pinpoints")
+    if pins is None:
+        raise UserError(f"{path} is a LLaVA-NeXT (anyres) checkpoint without image_grid_pinpoints")
+    if isinstance(pins, str):  # some LLaVA configs write the list as a string, which LLaVA literal_evals
+        try:
+            pins = ast.literal_eval(pins)
+        except (ValueError, SyntaxError):
+            raise UserError(f"{path}: image_grid_pinpoints {pins[:80]!r} is not a list of pairs") from None
+    try:
+        return [list(p) for p in check_pinpoints(pins, 1)]  # multiples of the tile: checked with the tower
+    except UserError as e:
+        raise UserError(f"{path} (LLaVA-NeXT): {e}") from None
 
 
 def inspect_original(path: Path) -> OriginalLlava:
@@ -192,10 +239,7 @@ def inspect_original(path: Path) -> OriginalLlava:
                                            "model.safetensors.index.json")):
         raise UserError(f"{path} holds only a projector (mm_projector.bin, a LLaVA stage-1 output), "
                         "not a full model")
-    anyres = str(cfg.get("image_aspect_ratio") or "").startswith("anyres")
-    if anyres or cfg.get("mm_patch_merge_type", "flat") != "flat":
-        raise UserError(f"{path} is a LLaVA-NeXT (anyres) checkpoint; supported: LLaVA-1.5 style (one image, "
-                        "mm_patch_merge_type flat)")
+    pinpoints = _anyres_pinpoints(cfg, path)
     if cfg.get("mm_use_im_start_end"):
         raise UserError(f"{path} wraps images in <im_start>/<im_end> tokens (mm_use_im_start_end), "
                         "which the llava-hf layout does not represent")
@@ -213,6 +257,7 @@ def inspect_original(path: Path) -> OriginalLlava:
         select_layer=int(cfg.get("mm_vision_select_layer", -1)),  # LLaVA's training default
         select_strategy=strategies[feature],
         image_pad="pad" if cfg.get("image_aspect_ratio") == "pad" else "square",
+        pinpoints=pinpoints,
     )
 
 
@@ -263,10 +308,10 @@ def _st_dtype(dtype) -> str:
     return _TORCH_TO_SAFETENSORS[name]
 
 
-def tcfg_of(src: Path) -> dict:
-    """The source's ``tokenizer_config.json`` ({} when absent or unreadable)."""
+def tcfg_of(src: Path, name: str = "tokenizer_config.json") -> dict:
+    """The source's ``tokenizer_config.json`` (or another JSON file ``name``; {} when absent or unreadable)."""
     try:
-        d = json.loads((src / "tokenizer_config.json").read_text())
+        d = json.loads((src / name).read_text())
     except (OSError, ValueError):
         return {}
     return d if isinstance(d, dict) else {}
@@ -373,6 +418,12 @@ def plan_tensors(orig: OriginalLlava, text: dict[str, SourceTensor], vision: dic
         out.append(OutTensor("multi_modal_projector.linear_2.weight", dtype, (hidden, hidden), eye))
         out.append(OutTensor("multi_modal_projector.linear_2.bias", dtype, (hidden,), zeros))
 
+    if orig.anyres:  # LLaVA-1.6's learned vector after each row of the unpadded tile grid
+        nl = need(NEWLINE_SRC, text, path)
+        if tuple(nl.shape) != (hidden,):
+            raise UserError(f"{NEWLINE_SRC} in {path} has shape {list(nl.shape)}, expected [{hidden}]")
+        add(NEWLINE_DST, nl)
+
     # vision tower: the checkpoint's own copy when it has one (LLaVA saves it when the tower was trained)
     inner = "model.vision_tower.vision_tower.vision_model."
     if any(n.startswith(inner) for n in text):
@@ -413,12 +464,20 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
     from transformers import CLIPImageProcessor
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from .anyres import AnyresSpec
+    from .checkpoint import write_recipe
+    from .families import DEFAULT, FAMILIES
     from .llava_hf import llava_config, write_side_files
 
     src, vision, out = Path(src), Path(vision), Path(out)
     orig = inspect_original(src)
     cfg = orig.config
     vcfg = _vision_config(vision)
+    family = FAMILIES["llava-next" if orig.anyres else DEFAULT]
+    extra = {}
+    if orig.anyres:  # every pinpoint a whole number of the tower's tiles (a one-line error otherwise)
+        AnyresSpec.from_config(cfg, "llava", tower={"image_size": vcfg.image_size, "patch_size": vcfg.patch_size})
+        extra["image_grid_pinpoints"] = orig.pinpoints
     if not (vision / "preprocessor_config.json").is_file():
         raise UserError(f"no preprocessor_config.json in the vision tower {vision} (LLaVA preprocesses with it)")
     text = read_tensors(src)
@@ -439,8 +498,8 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
     config = llava_config(vcfg, text_config, tok.convert_tokens_to_ids(IMAGE_TOKEN),
                           projector_act="gelu" if orig.projector_type == "mlp2x_gelu" else "linear",
                           feature_layer=orig.select_layer, strategy=orig.select_strategy,
-                          multimodal_projector_bias=True, tie_word_embeddings=False)
-    config.architectures = ["LlavaForConditionalGeneration"]
+                          multimodal_projector_bias=True, tie_word_embeddings=False, family=family, **extra)
+    config.architectures = [family.hf_class_name]
     if cfg.get("torch_dtype") or cfg.get("dtype"):
         config.dtype = cfg.get("dtype") or cfg.get("torch_dtype")
 
@@ -456,13 +515,18 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
         write_sharded(tmp, tensors, max_shard_bytes)
         config.save_pretrained(str(tmp))
         image_processor = CLIPImageProcessor.from_pretrained(str(vision))
+        if orig.anyres:
+            image_processor = _family_processor(image_processor, family, extra)
         # the tokenizer settings are what LLaVA's transformers decided from the source config (legacy=True when
         # it is silent): the ids llava-edge makes follow them
         src_cfg = tcfg_of(src)
         write_side_files(tmp, tok, image_processor, patch_size=int(vcfg.patch_size), strategy=orig.select_strategy,
                          conv_mode=conv_mode, image_pad=orig.image_pad, legacy=bool(src_cfg.get("legacy", True)),
                          add_bos=bool(src_cfg.get("add_bos_token", True)),
-                         add_eos=bool(src_cfg.get("add_eos_token", False)))
+                         add_eos=bool(src_cfg.get("add_eos_token", False)), family=family)
+        _keep_additional_special(src, tmp)
+        if orig.anyres:  # the recipe again, now saying that tiles and packing follow LLaVA's code, not transformers'
+            write_recipe(tmp, template=conv_mode, image_pad=orig.image_pad, anyres_origin="llava")
         if (src / "tokenizer.model").is_file():  # the GGUF export reads the SentencePiece model itself
             shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
         if (src / "generation_config.json").is_file():
@@ -471,6 +535,37 @@ def convert(src: str | Path, vision: str | Path, out: str | Path, max_shard_byte
             "original": str(src.resolve()), "vision": str(vision.resolve()), "converter_version": CONVERTER_VERSION,
         }, indent=2) + "\n")
     return out
+
+
+def _keep_additional_special(src: Path, out: Path) -> None:
+    """The source's ``additional_special_tokens`` (e.g. Yi's ChatML ``<|im_start|>``) written back into the output's
+    ``tokenizer_config.json``: transformers 5 saves them as ``extra_special_tokens``, a key LLaVA's transformers and
+    llava-edge's tokenizer do not read, and without them the word-start ``▁`` before such a token at the start of
+    a prompt is kept where LLaVA's tokenizer drops it."""
+    extra = (tcfg_of(src).get("additional_special_tokens")
+             or tcfg_of(src, "special_tokens_map.json").get("additional_special_tokens") or [])
+    extra = [x.get("content") if isinstance(x, dict) else x for x in extra]
+    if not extra or not all(isinstance(x, str) for x in extra):
+        return
+    f = out / "tokenizer_config.json"
+    written = json.loads(f.read_text())
+    written["additional_special_tokens"] = extra
+    f.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _family_processor(clip, family, config_extra: dict):
+    """The tower's CLIP processor (what LLaVA preprocesses every tile with) as the family's own llava-hf processor,
+    carrying the tower's sizes and normalization. Resampling is bicubic whatever the tower says: LLaVA's anyres
+    resizes (the canvas, the base picture) call PIL's ``resize`` with its default, and the tower's own resize of
+    a tile that already has its size does nothing."""
+    from PIL import Image
+
+    size, crop = clip.size.get("shortest_edge", clip.size.get("height")), clip.crop_size["height"]
+    proc = family.hf_image_processor(int(size), int(crop), config_extra)
+    for name in ("image_mean", "image_std", "rescale_factor", "do_convert_rgb"):
+        setattr(proc, name, getattr(clip, name))
+    proc.resample = Image.Resampling.BICUBIC
+    return proc
 
 
 # --------------------------------------------------------------------------- the cache
