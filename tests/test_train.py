@@ -51,16 +51,17 @@ def test_learned_tokens_decode_to_the_answers(toy_data, toy_model, tok, split, t
     ckpt = open_checkpoint(toy_model)
     records, _ = load_records(toy_data / FILES[split], toy_data)
     ds = LlavaDataset(records, get_template(template), tok, ckpt.image_token_id, 64, ckpt.image_spec(), 2048)
-    for rec, item in zip(records, ds.items):
+    for i, rec in enumerate(records):
+        item = ds[i]  # the image is expanded to its positions as the item is read
         answers = [t.text for t in rec.turns if t.role == "assistant"]
-        runs = _runs(item.labels)
+        runs = _runs(item["labels"])
         if template == "plain":  # the caption and its newline (LLaVA's plain separator)
             assert [tok.decode(run) for run in runs] == [a + "\n" for a in answers], rec.id
         else:  # each answer and its end-of-sequence token
             assert [tok.decode(run) for run in runs] == answers, rec.id
             assert all(run[-1] == tok.eos_id for run in runs), rec.id
-        assert item.input_ids.count(ckpt.image_token_id) == (64 if rec.image else 0)
-        assert not item.mismatch
+        assert item["input_ids"].count(ckpt.image_token_id) == (64 if rec.image else 0)
+        assert not ds.items[i].mismatch
 
 
 def test_stage1_ids_are_llavas(toy_data, toy_model, tok, sp):
@@ -72,11 +73,12 @@ def test_stage1_ids_are_llavas(toy_data, toy_model, tok, sp):
     ckpt = open_checkpoint(toy_model)
     records, _ = load_records(toy_data / FILES["stage1"], toy_data)
     ds = LlavaDataset(records, get_template("plain"), tok, ckpt.image_token_id, 64, ckpt.image_spec(), 2048)
-    for rec, item in zip(records, ds.items):
+    items = [ds[i] for i in range(len(ds))]
+    for rec, item in zip(records, items):
         caption = sp.encode(rec.turns[1].text + "\n")
-        assert item.input_ids == [tok.bos_id] + [ckpt.image_token_id] * 64 + caption, rec.id
-        assert item.labels == [IGNORE_INDEX] * 65 + caption, rec.id
-    first = {sp.id_to_piece(item.input_ids[65]) for item in ds.items}
+        assert item["input_ids"] == [tok.bos_id] + [ckpt.image_token_id] * 64 + caption, rec.id
+        assert item["labels"] == [IGNORE_INDEX] * 65 + caption, rec.id
+    first = {sp.id_to_piece(item["input_ids"][65]) for item in items}
     assert all(t.startswith("\u2581") for t in first), first  # word-start pieces only
 
 

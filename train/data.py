@@ -6,10 +6,11 @@ The file format is LLaVA's own (``blip_laion_cc_sbu_558k.json``,
 shows the image, text-only records allowed.
 
 Ids and labels are LLaVA's own (``labels.py`` follows LLaVA's ``preprocess``
-for the conversation mode); the image is then expanded to the vision tower's
-number of positions, all ignored by the loss. A record LLaVA would zero
-("tokenization mismatch") is zeroed here too and counted
-(``LlavaDataset.mismatched``).
+for the conversation mode); the image token is then expanded to the positions
+the model family gives the picture (LLaVA-1.5: the tower's patches, the same for
+every picture; LLaVA-NeXT: its tiles and unpadded grid, by the picture's size),
+all ignored by the loss. A record LLaVA would zero ("tokenization mismatch") is
+zeroed here too and counted (``LlavaDataset.mismatched``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from llava_edge.errors import UserError
-from llava_edge.preprocess import ImageSpec, preprocess
+from llava_edge.families import DEFAULT, FAMILIES, Family, ImagePath
+from llava_edge.families.llava15 import OneTile
+from llava_edge.preprocess import ImageSpec
 from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, expand_image, turns_from_llava
 from llava_edge.tokenizer import Tokenizer
 
-from .labels import IGNORE_INDEX, label
-
+from .labels import IGNORE_INDEX, Labeled, label
 
 
 @dataclass
@@ -119,54 +119,93 @@ class Encoded:
     mismatch: bool = False  # LLaVA's "tokenization mismatch": labels zeroed as LLaVA zeroes them
 
 
+def _label(record: Record, template: Template, tokenizer: Tokenizer, image_token_id: int,
+           max_length: int) -> Labeled:
+    try:
+        return label(record.turns, template, tokenizer, image_token_id, record.image is not None, max_length)
+    except ValueError as e:
+        raise UserError(f"record {record.id}: {e}") from None
+
+
+def expand(rid: str, lab: Labeled, image_token_id: int, positions: int | None,
+           max_length: int) -> tuple[list[int], list[int]]:
+    """Ids and labels with the image token as ``positions`` positions the loss ignores (None: no image), cut at
+    ``max_length``."""
+    ids, labels = lab.input_ids, lab.labels
+    if positions is not None:
+        i = ids.index(image_token_id)
+        if i + positions > max_length:
+            raise UserError(f"record {rid}: the image ({positions} positions) does not fit in max length "
+                            f"{max_length}")
+        ids = expand_image(ids, image_token_id, [image_token_id] * positions)
+        labels = labels[:i] + [IGNORE_INDEX] * positions + labels[i + 1 :]
+    return ids[:max_length], labels[:max_length]
+
+
+def _check_answer(rid: str, labels: list[int], mismatch: bool, max_length: int) -> None:
+    if not mismatch and all(x == IGNORE_INDEX for x in labels):
+        raise UserError(f"record {rid}: no answer token fits in max length {max_length}")
+
+
 def encode(record: Record, template: Template, tokenizer: Tokenizer, image_token_id: int, n_image_tokens: int,
            max_length: int) -> Encoded:
     """LLaVA's ids and labels, with the image expanded to ``n_image_tokens`` positions the loss ignores."""
     has_image = record.image is not None
-    try:
-        lab = label(record.turns, template, tokenizer, image_token_id, has_image, max_length)
-    except ValueError as e:
-        raise UserError(f"record {record.id}: {e}") from None
-    ids, labels = lab.input_ids, lab.labels
-    if has_image:
-        i = ids.index(image_token_id)
-        ids = expand_image(ids, image_token_id, [image_token_id] * n_image_tokens)
-        labels = labels[:i] + [IGNORE_INDEX] * n_image_tokens + labels[i + 1 :]
-        if i + n_image_tokens > max_length:
-            raise UserError(f"record {record.id}: the image does not fit in max length {max_length}")
-    ids, labels = ids[:max_length], labels[:max_length]
-    if not lab.mismatch and all(x == IGNORE_INDEX for x in labels):
-        raise UserError(f"record {record.id}: no answer token fits in max length {max_length}")
+    lab = _label(record, template, tokenizer, image_token_id, max_length)
+    ids, labels = expand(record.id, lab, image_token_id, n_image_tokens if has_image else None, max_length)
+    _check_answer(record.id, labels, lab.mismatch, max_length)
     return Encoded(ids, labels, has_image, lab.mismatch)
 
 
 class LlavaDataset:
-    """Map-style dataset: tokenized upfront (cheap), images read per item."""
+    """Map-style dataset: labeled upfront (cheap), pictures read per item and only then expanded.
 
-    def __init__(self, records: list[Record], template: Template, tokenizer, image_token_id: int,
-                 n_image_tokens: int, spec: ImageSpec, max_length: int):
+    ``images``: the checkpoint family's image path (``Family.image_path``), or an ``ImageSpec`` for one tile with
+    ``positions`` positions each (LLaVA-1.5's; a reduced-token run's). ``positions``: the most positions one
+    picture can take. Every record is checked upfront as if its picture took that many (it fits, an answer token
+    is left), so a run never stops on a record halfway; an item then takes its own picture's count. The items
+    keep one image token each: a LLaVA-NeXT picture's count is known only once it is read, and unexpanded ids
+    hold a few hundred entries a record where expanded ones would hold thousands.
+    """
+
+    def __init__(self, records: list[Record], template: Template, tokenizer, image_token_id: int, positions: int,
+                 images: ImagePath | ImageSpec, max_length: int, family: Family | None = None):
         self.records = records
-        self.spec = spec
-        self.items = [encode(r, template, tokenizer, image_token_id, n_image_tokens, max_length) for r in records]
+        self.images = OneTile(images, positions) if isinstance(images, ImageSpec) else images
+        self.family = family or FAMILIES[DEFAULT]
+        self.image_token_id, self.max_length = image_token_id, max_length
+        self.items = [_label(r, template, tokenizer, image_token_id, max_length) for r in records]
+        self._lengths = []
+        for r, lab in zip(records, self.items):
+            ids, labels = expand(r.id, lab, image_token_id, positions if r.image is not None else None, max_length)
+            _check_answer(r.id, labels, lab.mismatch, max_length)
+            self._lengths.append(len(ids) if r.image is not None else -len(ids))
         self.mismatched = [r.id for r, e in zip(records, self.items) if e.mismatch]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def lengths(self) -> list[int]:
-        """Signed lengths as LLaVA's modality grouping wants them: negative for text-only."""
-        return [len(e.input_ids) if e.has_image else -len(e.input_ids) for e in self.items]
+        """Signed lengths as LLaVA's modality grouping wants them: negative for text-only (a picture counted at
+        the most positions it can take)."""
+        return self._lengths
 
     def __getitem__(self, i: int) -> dict:
-        e, r = self.items[i], self.records[i]
-        try:
-            pixels = preprocess(r.image, self.spec) if r.image is not None else None
-        except UserError as e:
-            raise UserError(f"record {r.id}: {e}") from None
-        return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": pixels}
+        lab, r = self.items[i], self.records[i]
+        prepared = None
+        if r.image is not None:
+            try:
+                prepared = self.images.prepare(r.image)
+            except UserError as e:
+                raise UserError(f"record {r.id}: {e}") from None
+        ids, labels = expand(r.id, lab, self.image_token_id, prepared.positions if prepared else None,
+                             self.max_length)
+        return {"input_ids": ids, "labels": labels, "image": prepared}
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
+def collate(batch: list[dict], pad_id: int, family: Family | None = None) -> dict:
+    """Right-padded ids, labels and mask, and the family's model inputs for the batch's pictures (items without
+    an ``image`` have none)."""
     import torch
 
     n = max(len(b["input_ids"]) for b in batch)
@@ -179,7 +218,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         labels[i, :k] = torch.tensor(b["labels"])
         mask[i, :k] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
-    if pixels:
-        out["pixel_values"] = torch.from_numpy(np.stack(pixels))
+    pictures = [b["image"] for b in batch if b.get("image") is not None]
+    if pictures:
+        out.update((family or FAMILIES[DEFAULT]).hf_inputs(pictures))
     return out

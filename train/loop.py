@@ -126,7 +126,8 @@ def train(model, param_groups: list[dict], dataset: LlavaDataset, cfg: StageConf
 
     sampler = EpochSampler(dataset.lengths(), cfg.global_batch, cfg.seed, cfg.group_by_modality)
     loader = DataLoader(dataset, batch_size=cfg.per_device_batch, sampler=sampler,
-                        collate_fn=lambda b: collate(b, pad_id), num_workers=cfg.dataloader_workers, drop_last=False)
+                        collate_fn=lambda b: collate(b, pad_id, dataset.family), num_workers=cfg.dataloader_workers,
+                        drop_last=False)
     steps_per_epoch = math.ceil(len(dataset) / cfg.global_batch)
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     if cfg.gradient_checkpointing:
