@@ -270,3 +270,20 @@ def test_a_checkpoint_without_its_image_newline_is_refused(originals, tmp_path):
     with pytest.raises(UserError) as e:
         resolve_model(src, vision=m["vision_tower"], cache_dir=tmp_path / "cache", log=lambda _: None)
     assert "model.image_newline" in one_line(e)
+
+
+@needs_llava
+def test_an_unknown_anyres_origin_in_the_recipe_is_refused(converted, tmp_path):
+    from llava_edge.checkpoint import RECIPE_FILE, open_checkpoint, write_recipe
+
+    ckpt, _ = converted["llava-v1.6-vicuna-tiny"]
+    copy = Path(shutil.copytree(ckpt.path, tmp_path / "converted"))
+    recipe = json.loads((copy / RECIPE_FILE).read_text())
+    (copy / RECIPE_FILE).write_text(json.dumps({**recipe, "anyres_origin": "llama.cpp"}))
+    bad = open_checkpoint(copy)
+    with pytest.raises(UserError) as e:
+        bad.family.image_section(bad)
+    assert "'llama.cpp'" in one_line(e) and "hf, llava" in one_line(e)
+    with pytest.raises(UserError) as e:
+        write_recipe(copy, template="llava_v1", image_pad="square", anyres_origin="llama.cpp")
+    assert "'llama.cpp'" in one_line(e)
