@@ -26,6 +26,24 @@ legacy route writes, with the key names of gguf-py's current constants:
   clip.cpp's ``mlp`` projector reads; gguf-py's map says ``mm.1`` for
   ``linear_1``, the Pixtral convention, so these two names are set here).
 
+LLaVA-NeXT (LLaVA-1.6) checkpoints get the same tower and projector, plus what
+clip.cpp's tiled path reads (``tools/mtmd/clip.cpp``, ``mtmd.cpp``,
+``mtmd-image.cpp`` in llama-cpp-python 0.3.36's llama.cpp):
+
+- ``clip.vision.image_grid_pinpoints``: the pinpoints flattened, each pair as
+  (width, height), which is how clip.cpp reads it (``clip_image_size{w, h}``);
+  llava-hf configs list (height, width), so their pairs are swapped, as
+  llama.cpp's own Granite-Vision converter does. Its presence is what makes mtmd
+  tile (``mtmd_image_preprocessor_llava_uhd``) instead of letterboxing;
+- ``clip.vision.mm_patch_merge_type = spatial_unpad`` and the tensor
+  ``v.image_newline``: what the model does; this llama.cpp loads both and uses
+  neither (no unpad, no newline);
+- ``clip.vision.image_crop_resolution``: the tile size, as the legacy converter
+  writes it; read by older clip.cpp builds, ignored by this one.
+
+:func:`llama_cpp_positions` predicts how many positions llama.cpp gives a
+picture with such a file (docs/MMPROJ.md compares it with the model's count).
+
 Tensors are read one at a time from the safetensors files and written in
 streaming order (tensor infos, then data), as :mod:`llava_edge.export.llm_gguf`
 does, so memory stays of the order of one tensor.
@@ -41,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_edge import atomic
+from llava_edge import anyres, atomic
 from llava_edge.checkpoint import Checkpoint
 from llava_edge.weights import StoredTensor, read_safetensors_header_bytes, stored_tensors
 from llava_edge.errors import UserError
@@ -53,8 +71,14 @@ from .llm_gguf import check_finite, encode
 # its CLIP-L/336 ran 1.36x faster than with f16 on 2 Zen 4 cores (docs/BENCHMARKS.md); 1-D tensors stay f32
 OUTTYPES = ("f32", "f16", "bf16")
 PROJECTOR_TYPE = "mlp"  # clip.cpp's name for LLaVA-1.5's Linear-GELU-Linear projector
-SUPPORTED = "LLaVA-1.5 style: a CLIP vision tower and the 2-layer MLP projector (projector type 'mlp')"
+SUPPORTED = ("LLaVA-1.5 and LLaVA-NeXT style: a CLIP vision tower and the 2-layer MLP projector "
+             "(projector type 'mlp')")
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # read by clip.cpp; gguf-py 0.19 has no constant for it
+PINPOINTS_KEY = "clip.vision.image_grid_pinpoints"  # flat int32 [w0, h0, w1, h1, ...]: clip.cpp's order
+MERGE_TYPE_KEY = "clip.vision.mm_patch_merge_type"
+MERGE_TYPE = "spatial_unpad"  # LLaVA-NeXT's packing (unpad + a newline per row), recorded; this llama.cpp skips it
+CROP_RESOLUTION_KEY = "clip.vision.image_crop_resolution"  # legacy converter's key; older clip.cpp builds read it
+NEWLINE_TENSOR = "v.image_newline"  # clip.cpp's TN_IMAGE_NEWLINE (older builds: "model.image_newline")
 # written by llama.cpp's legacy LLaVA converter and read by older clip.cpp builds; current ones ignore them
 HAS_LLAVA_PROJECTOR_KEY = "clip.has_llava_projector"
 HAS_TEXT_ENCODER_KEY = "clip.has_text_encoder"
@@ -63,6 +87,16 @@ LLAMA_CPP_PAD_COLOR = (122, 116, 104)  # clip.cpp's fixed letterbox colour for t
 LLAMA_CPP_KNOWN_ISSUES = (
     "llama.cpp's LLaVA graph places the class token last (ggml-org/llama.cpp#25814, present in "
     "llama-cpp-python 0.3.36): image tokens come out shifted by one patch, see docs/MMPROJ.md",
+)
+# how llama.cpp's tiled path (mtmd's llava_uhd preprocessor with pinpoints) differs from LLaVA-NeXT, for every
+# LLaVA-NeXT checkpoint (docs/MMPROJ.md, measured there)
+LLAMA_CPP_TILED_DIFFERENCES = (
+    "llama.cpp gives a tiled picture (1 + tiles) x {n} positions: no unpad and no image_newline (the file "
+    "holds both; this llama.cpp uses neither), and the whole-picture tile comes after the grid tiles, not before",
+    "pictures whose sides both fit in one {tile} px tile get the whole-picture tile only ({n} positions); the "
+    "model tiles them as well",
+    "llama.cpp's bicubic resize always runs the horizontal pass first; Pillow sometimes the vertical one, so "
+    "some resized tiles differ by a few levels",
 )
 
 # checkpoint key prefixes -> the canonical llava-hf (transformers 4) names gguf-py's map knows
@@ -108,6 +142,50 @@ def positive_feature_layers(config: dict) -> list[int]:
     return out
 
 
+def llama_cpp_pinpoints(spec: anyres.AnyresSpec) -> list[tuple[int, int]]:
+    """The checkpoint's pinpoints as (width, height) pairs, the order clip.cpp reads
+    ``clip.vision.image_grid_pinpoints`` in, so that llama.cpp fits a picture into the canvas the model would
+    (transformers' (height, width) pairs swapped; LLaVA's own (width, height) ones kept)."""
+    return [(b, a) if spec.orientation == "hw" else (a, b) for a, b in spec.pinpoints]
+
+
+def llama_cpp_grid(width: int, height: int, tile: int, pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
+    """(rows, cols) of the tiles llama.cpp cuts a ``width`` x ``height`` picture into; (0, 0): none.
+
+    mtmd's ``llava_uhd`` preprocessor: no tiles when both sides are at most one tile; otherwise the (width,
+    height) pinpoint that keeps most of the picture's pixels, then wastes least, the first on a tie, computed in
+    float32 as ``select_best_resolution`` in ``mtmd-image.cpp`` does (LLaVA's and transformers' use float64).
+    """
+    if width < 1 or height < 1:
+        raise UserError(f"the picture has no pixels ({width} x {height})")
+    if width <= tile and height <= tile:
+        return 0, 0
+    f32 = np.float32
+    best, best_kept, best_waste = None, 0, np.iinfo(np.int32).max
+    for w, h in pinpoints:
+        scale = min(f32(w) / f32(width), f32(h) / f32(height))
+        kept = min(int(f32(width) * scale) * int(f32(height) * scale), width * height)
+        waste = w * h - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (w, h), kept, waste
+    if best is None:
+        # every pinpoint scales one side to 0 px; llama.cpp then reads an unset size
+        raise UserError(f"a {width} x {height} picture fits no pinpoint with a whole pixel on each side")
+    return best[1] // tile, best[0] // tile  # pinpoints are whole tiles (anyres.check_pinpoints)
+
+
+def llama_cpp_positions(width: int, height: int, tile: int, patch: int,
+                        pinpoints: list[tuple[int, int]] | None = None) -> int:
+    """The positions llama.cpp's mtmd gives a ``width`` x ``height`` picture with an mmproj from this module.
+
+    Every tile and the whole-picture tile give ``(tile // patch)^2`` positions each (clip.cpp's
+    ``clip_n_output_tokens`` for 'mlp'), nothing else: ``(1 + rows * cols)`` of them with ``pinpoints`` (as
+    written in the file: (width, height)), one without (LLaVA-1.5's letterboxed picture).
+    """
+    rows, cols = llama_cpp_grid(width, height, tile, pinpoints) if pinpoints else (0, 0)
+    return (tile // patch) ** 2 * (1 + rows * cols)
+
+
 def llama_cpp_preprocessing_notes(spec: ImageSpec, image_size: int) -> list[str]:
     """Where llama.cpp's own image path will differ from this checkpoint's preprocessing (empty: none known).
 
@@ -127,6 +205,24 @@ def llama_cpp_preprocessing_notes(spec: ImageSpec, image_size: int) -> list[str]
     if spec.resize != spec.crop or spec.crop != image_size:
         notes.append(f"the checkpoint resizes to {spec.resize} and crops {spec.crop}; llama.cpp resizes the whole "
                      f"image to {image_size} and crops nothing")
+    return notes
+
+
+def llama_cpp_tiled_notes(spec: ImageSpec, grid: anyres.AnyresSpec) -> list[str]:
+    """Where llama.cpp's tiled path will differ from this LLaVA-NeXT checkpoint's own (empty: none known).
+
+    llama.cpp resizes the whole picture to one tile (aspect not kept) and fits it into the pinpoint on black,
+    both with its port of Pillow's bicubic: the model's own steps when its processor resizes to the tile size and
+    crops nothing; its tiles get the same normalization. What differs for every checkpoint is
+    ``LLAMA_CPP_TILED_DIFFERENCES``.
+    """
+    n = grid.side * grid.side
+    notes = [d.format(n=n, tile=grid.tile) for d in LLAMA_CPP_TILED_DIFFERENCES]
+    if spec.resize != spec.crop:
+        notes.append(f"the checkpoint resizes each tile's shortest side to {spec.resize} and crops {spec.crop}; "
+                     "llama.cpp crops nothing")
+    if spec.resample != 3:
+        notes.append(f"the checkpoint resamples with PIL filter {spec.resample}; llama.cpp with bicubic")
     return notes
 
 
@@ -175,6 +271,9 @@ def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[Plann
             if key == "__metadata__":
                 continue
             hit = _canonical(key)
+            if key.split(".")[-1] == "image_newline" and ckpt.family.tiled:
+                plan.append(PlannedTensor(NEWLINE_TENSOR, f, key, tuple(int(s) for s in info["shape"]), "f32"))
+                continue
             if hit is None:
                 continue
             part, rest = hit
@@ -202,6 +301,10 @@ def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[Plann
         raise UserError(f"{ckpt.path} lacks projector tensors {', '.join(sorted(missing))}; supported: {SUPPORTED}")
     if not any(t.gguf_name == "v.patch_embd.weight" for t in plan):
         raise UserError(f"no vision tower weights found in {ckpt.path}")
+    newlines = [t for t in plan if t.gguf_name == NEWLINE_TENSOR]
+    if ckpt.family.tiled and len(newlines) != 1:
+        raise UserError(f"{ckpt.path} has {len(newlines)} image_newline tensors (a {ckpt.family.title} checkpoint "
+                        "has one)")
     return plan
 
 
@@ -233,7 +336,18 @@ def export_mmproj_gguf(
     if proj_out != n_embd_text:
         raise UserError(f"projector output width {proj_out} differs from the language model's {n_embd_text}")
 
-    notes = llama_cpp_preprocessing_notes(spec, image_size)
+    grid = anyres_settings(ckpt)
+    pinpoints = llama_cpp_pinpoints(grid) if grid else None
+    if grid is not None:
+        if (grid.tile, grid.patch) != (image_size, patch_size):
+            raise UserError(f"the anyres tiles are {grid.tile} px of {grid.patch} px patches, the tower's "
+                            f"{image_size} px of {patch_size} px")
+        newline = next(t for t in plan if t.gguf_name == NEWLINE_TENSOR)
+        if newline.shape != (n_embd_text,):
+            raise UserError(f"image_newline has shape {list(newline.shape)}, not [{n_embd_text}]")
+        notes = llama_cpp_tiled_notes(spec, grid)
+    else:
+        notes = llama_cpp_preprocessing_notes(spec, image_size)
     path = Path(path)
     log(f"vision tower ({block_count} of {vc['num_hidden_layers']} layers) + projector -> mmproj GGUF ({outtype})")
     with atomic.atomic_path(path) as tmp:
@@ -259,6 +373,10 @@ def export_mmproj_gguf(
         w.add_vision_image_std(list(spec.std))
         w.add_vision_use_gelu(_TOWER_ACTS[vc.get("hidden_act", "quick_gelu")])
         w.add_array(FEATURE_LAYER_KEY, feature_layers)
+        if pinpoints:
+            w.add_array(PINPOINTS_KEY, [int(x) for pair in pinpoints for x in pair])
+            w.add_string(MERGE_TYPE_KEY, MERGE_TYPE)
+            w.add_uint32(CROP_RESOLUTION_KEY, image_size)
         qtypes = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                   "bf16": gguf.GGMLQuantizationType.BF16}
         for t in plan:
@@ -287,4 +405,11 @@ def export_mmproj_gguf(
         projector_type=PROJECTOR_TYPE, outtype=outtype, feature_layers=feature_layers, block_count=block_count,
         image_size=image_size, patch_size=patch_size, n_image_tokens=(image_size // patch_size) ** 2,
         n_embd=n_embd_text, n_tensors=len(plan), llama_cpp_preprocessing_notes=notes,
+        pinpoints=[list(p) for p in pinpoints] if pinpoints else None, merge_type=MERGE_TYPE if pinpoints else None,
     )
+
+
+def anyres_settings(ckpt: Checkpoint) -> anyres.AnyresSpec | None:
+    """The checkpoint's tiling as its family exports it (the manifest's ``image.anyres``); None: one tile."""
+    section = ckpt.family.image_section(ckpt).get("anyres")
+    return anyres.AnyresSpec.from_dict(section) if section else None

@@ -72,7 +72,7 @@ class LlavaNext(Family):
     hf_class_name = "LlavaNextForConditionalGeneration"
     hf_config_class_name = "LlavaNextConfig"
     hf_processor_class_name = "LlavaNextProcessor"
-    no_mmproj = "llava-edge does not write LLaVA-NeXT mmprojs yet (its own image path is exact; see docs/MMPROJ.md)"
+    no_mmproj = None  # written with pinpoints and image_newline; llama.cpp approximates it (docs/MMPROJ.md)
     supported = ("LlavaNextForConditionalGeneration (model_type 'llava_next') with a llama or mistral language "
                  "model")
 
