@@ -158,9 +158,9 @@ class Family:
         return self.image_path(self.image_section(ckpt), {}, self.tokens_per_tile(ckpt), self.side_arrays(ckpt))
 
     # -- torch side (export, training, drift) ---------------------------------------------------------------------
-    def config_extra(self, tile: int) -> dict:
+    def config_extra(self, tile: int, grids: list | None = None) -> dict:
         """The family's own keys of a new checkpoint's config, for a tower of ``tile`` px (the toy, training's
-        fresh assembly)."""
+        fresh assembly); ``grids``: a tiled family's pinpoints instead of its default ones."""
         return {}
 
     def hf_image_processor(self, resize: int, crop: int, config: dict):

@@ -148,8 +148,10 @@ class LlavaNext(Family):
         spec = ImageSpec.from_dict({k: v for k, v in image.items() if k != "anyres"})
         return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE])
 
-    def config_extra(self, tile: int) -> dict:
-        """LLaVA-1.6's five grids (1x2, 2x1, 2x2, 1x3, 3x1 tiles) at this tile size."""
+    def config_extra(self, tile: int, grids: list | None = None) -> dict:
+        """``grids``, else LLaVA-1.6's five grids (1x2, 2x1, 2x2, 1x3, 3x1 tiles) at this tile size."""
+        if grids:
+            return {"image_grid_pinpoints": [list(g) for g in anyres.check_pinpoints(grids, tile)]}
         return {"image_grid_pinpoints": [[tile * a, tile * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]}
 
     def hf_image_processor(self, resize: int, crop: int, config: dict):

@@ -101,7 +101,7 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
     )
     family = FAMILIES[p.get("family", DEFAULT)]
     return llava_config(vision, text, image_token_id, projector_act=p["projector_act"], tie_word_embeddings=False,
-                        family=family, **family.config_extra(p["image_size"]))
+                        family=family, **family.config_extra(p["image_size"], p.get("grids")))
 
 
 def _tokenizer_and_config(tmp: Path, p: dict):
@@ -125,12 +125,15 @@ def _write_processor(tmp: Path, p: dict, tok, config) -> None:
 
 
 def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,
-                    dtype: str = "bfloat16") -> Path:
+                    dtype: str = "bfloat16", shape: dict | None = None) -> Path:
     """Build and save the checkpoint directory ``out`` (replaced atomically).
 
-    ``toy`` is saved in fp32 through ``save_pretrained``; real presets are streamed in ``dtype``.
+    ``toy`` is saved in fp32 through ``save_pretrained``; real presets are streamed in ``dtype``. ``shape``
+    overrides keys of a small preset's shape (e.g. ``image_size``, a tiled family's ``grids``).
     """
-    p = preset_shape(preset, layers)
+    p = {**preset_shape(preset, layers), **(shape or {})}
+    if shape and p.get("real"):
+        raise UserError("shape overrides are for the small presets")
     if p.get("real"):
         return write_streamed_model(out, preset, seed, layers, dtype)
     import torch
