@@ -336,3 +336,41 @@ def test_bench_times_a_tiled_picture(default_bundle, tmp_path):
         assert r["prefill_tokens"] == r["prompt_positions"] and r["vision_encode_ms"] > 0
     finally:
         m.close()
+
+
+def test_drift_reference_of_a_checkpoint_trained_with_llavas_code(default_toy, tmp_path, capsys):
+    """A converted original LLaVA-1.6 reads its pinpoints and unpads as LLaVA's code does, which transformers'
+    class does not: the reference then feeds the class's tile features packed as LLaVA packs them, and the
+    bundle reproduces it (on a tie, where the two readings give different grids, too)."""
+    import shutil
+
+    from test_drift import write_scienceqa
+
+    from llava_edge import anyres
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.cli import main
+    from llava_edge.export.bundle import export_bundle
+
+    ckpt_dir = tmp_path / "as-llava"
+    shutil.copytree(default_toy, ckpt_dir)
+    recipe = json.loads((ckpt_dir / "llava_edge.json").read_text())
+    (ckpt_dir / "llava_edge.json").write_text(json.dumps({**recipe, "anyres_origin": "llava"}))
+    ckpt = open_checkpoint(ckpt_dir)
+    bundle = export_bundle(ckpt, tmp_path / "b", target="onnx", log=lambda _: None) and tmp_path / "b"
+    export_bundle(ckpt, bundle, target="gguf", log=lambda _: None)
+    spec = anyres.AnyresSpec.from_dict(manifest.read(bundle).image["anyres"])
+    assert (spec.orientation, spec.rounding) == ("wh", "llava")
+    hf_spec = anyres.AnyresSpec.from_config(ckpt.config, "hf")
+    assert anyres.grid(100, 100, spec) != anyres.grid(100, 100, hf_spec)  # the readings part on this picture
+
+    sqa = write_scienceqa(tmp_path / "sqa", n=3)
+    for i, size in enumerate([(100, 100), (300, 120)]):
+        picture(*size, seed=i).save(tmp_path / "sqa" / "images" / f"s{i}.png")
+    out = tmp_path / "report"
+    rc = main(["drift", str(bundle), "--reference", str(ckpt_dir), "--eval", str(sqa), "--report", str(out),
+               "--variants", "fp32:f32", "--kv-cache", "f32", "--threads", "1", "--max-tokens", "4"])
+    assert rc == 0, capsys.readouterr().err
+    pair = json.loads((out / "drift.json").read_text())["pairs"][0]
+    assert pair["token_drift"]["top1"] == 1.0 and pair["token_drift"]["kl_mean"] < 1e-6
+    assert pair["vision_drift"]["images"] == 2 and pair["vision_drift"]["cos_min"] > 0.9999
+    assert pair["answer_agreement"] == 1.0 and pair["prompt_mismatches"] == 0

@@ -111,24 +111,23 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     log(f"reference: {ckpt.path} in {dtype} on {dev}, conversation mode {conv_mode} ({len(items)} questions)")
     for item in items:
         ids = tok.encode_prompt(template.prompt(item.question, image=item.image is not None), img_id)
-        kwargs = {}
         feats, reduced = None, {}
         full = ids
+        kwargs = {"input_ids": torch.tensor([full], device=dev)}
         if item.image is not None:
             picture = images.prepare(item.image)  # the runtime's preprocessing, the family's tiles
             full = expand_image(ids, img_id, [img_id] * picture.positions)
-            kwargs = {k: v.to(dev, getattr(torch, dtype) if v.is_floating_point() else v.dtype)
-                      for k, v in family.hf_inputs([picture]).items()}
-            px = kwargs["pixel_values"]
             with torch.no_grad():
-                feats = family.hf_image_features(hf, picture).float().cpu().numpy()
+                kwargs = family.hf_generation_inputs(hf, full, picture, images)
+                feats = family.hf_image_features(hf, picture, images).float().cpu().numpy()
+            px = torch.from_numpy(picture.pixels).to(dev, getattr(torch, dtype))
             with torch.no_grad():
                 for r in reductions:  # the tower runs once per reduction, then each projector on its tokens
                     patches = reduced_patch_features(hf, px, r)
                     for key, proj in [(r.label, hf.model.multi_modal_projector), *tuned.get(r, [])]:
                         reduced[key] = proj(patches)[0].float().cpu().numpy()
         with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor([full], device=dev), max_new_tokens=max_new_tokens,
+            out = hf.generate(max_new_tokens=max_new_tokens,
                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_id or eos,
                               output_logits=True, return_dict_in_generate=True, **kwargs)
         new = out.sequences[0, len(full):].tolist()

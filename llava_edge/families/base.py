@@ -186,11 +186,33 @@ class Family:
 
         return torch.stack(list(feats))
 
-    def hf_image_features(self, model, prepared: PreparedImage):
-        """What the Hugging Face model puts at the picture's positions: (positions, width), torch."""
+    def hf_image_features(self, model, prepared: PreparedImage, images: ImagePath):
+        """What the model puts at the picture's positions, (positions, width), torch: the Hugging Face class's own
+        computation where it prepares pictures as the checkpoint was trained (:meth:`hf_reads_as_trained`)."""
         inputs = {k: v.to(model.device, model.dtype if v.is_floating_point() else v.dtype)
                   for k, v in self.hf_inputs([prepared]).items()}
         return self.hf_tile_features(model, inputs["pixel_values"])[0]
+
+    def hf_reads_as_trained(self, images: ImagePath) -> bool:
+        """Whether the Hugging Face class tiles and packs pictures as the checkpoint behind ``images`` was trained
+        (not so for a converted original LLaVA-1.6: transformers reads its pinpoints transposed)."""
+        return True
+
+    def hf_generation_inputs(self, model, ids: list[int], prepared: PreparedImage, images: ImagePath) -> dict:
+        """``generate``'s keyword arguments for the prompt ``ids`` (the image expanded to its positions): the ids
+        and pixels where the class reads pictures as trained; else the prompt's embeddings with the picture's
+        features (:meth:`hf_image_features`) in place of its positions."""
+        import torch
+
+        if self.hf_reads_as_trained(images):
+            return {"input_ids": torch.tensor([ids], device=model.device),
+                    **{k: v.to(model.device, model.dtype if v.is_floating_point() else v.dtype)
+                       for k, v in self.hf_inputs([prepared]).items()}}
+        t = torch.tensor([ids], device=model.device)
+        embeds = model.get_input_embeddings()(t).clone()
+        mask = t[0] == model.config.image_token_id
+        embeds[0, mask] = self.hf_image_features(model, prepared, images).to(embeds.dtype)
+        return {"input_ids": t, "inputs_embeds": embeds, "attention_mask": torch.ones_like(t)}
 
     def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
         """The keyword arguments the Hugging Face model takes for these pictures (torch tensors)."""

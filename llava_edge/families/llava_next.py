@@ -176,9 +176,20 @@ class LlavaNext(Family):
             h = h[:, 1:]
         return model.model.multi_modal_projector(h)
 
-    def hf_image_features(self, model, prepared: PreparedImage):
+    def hf_reads_as_trained(self, images: ImagePath) -> bool:
+        return (images.grid.orientation, images.grid.rounding) == anyres.ORIGINS["hf"]
+
+    def hf_image_features(self, model, prepared: PreparedImage, images: ImagePath):
         """``LlavaNextModel.get_image_features``: the tiles through tower and projector, then its own packing (the
-        packed features are its output's ``pooler_output``, one tensor per picture)."""
+        packed features are its output's ``pooler_output``, one tensor per picture). For a checkpoint trained
+        with LLaVA's own code, whose pinpoints and unpad transformers reads otherwise, the class's tile features
+        packed as LLaVA's code packs them (``anyres.pack``, tested against LLaVA's code)."""
+        if not self.hf_reads_as_trained(images):
+            import torch
+
+            px = torch.from_numpy(prepared.pixels).to(model.device, model.dtype)
+            tiles = self.hf_tile_features(model, px).float().cpu().numpy()
+            return torch.from_numpy(images.pack(tiles, prepared)).to(model.device)
         inputs = self.hf_inputs([prepared])
         px = inputs["pixel_values"].to(model.device, model.dtype)
         cfg = model.config
