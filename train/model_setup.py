@@ -1,4 +1,5 @@
-"""Which parameters each LLaVA stage trains, projector save/load, and assembling a fresh LLaVA.
+"""Which parameters each LLaVA stage trains, projector save/load, assembling a fresh LLaVA, and a LLaVA-NeXT
+from a LLaVA-1.5.
 
 transformers' ``LlavaMultiModalProjector`` is always linear -> act -> linear.
 LLaVA's original ``linear`` projector is represented exactly inside it: the
@@ -17,6 +18,8 @@ from llava_edge.errors import UserError
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 PROJECTOR_FILE = "mm_projector.safetensors"
 PROJECTOR_CONFIG = "mm_projector.json"
+LORA_TOWER = ("--vision-lr with --lora: a LoRA adapter does not carry the vision tower's weights; train the tower "
+              "in a full stage 2")
 
 
 def projector_type(model) -> str:
@@ -26,7 +29,8 @@ def projector_type(model) -> str:
 def _require_modules(model) -> None:
     for name in ("vision_tower", "multi_modal_projector", "language_model"):
         if not hasattr(model.model, name):
-            raise UserError(f"the model has no {name}: not a LlavaForConditionalGeneration")
+            raise UserError(f"the model has no {name}: not a LLaVA model (LlavaForConditionalGeneration, "
+                            "LlavaNextForConditionalGeneration)")
 
 
 def make_linear_projector(model) -> None:
@@ -61,12 +65,25 @@ def setup_stage1(model) -> list[dict]:
     return [{"params": params}]
 
 
-def setup_stage2(model, lr: float, lora: dict | None = None, projector_lr: float | None = None):
-    """End-to-end fine-tuning: vision tower frozen; projector + language model (or LoRA on it) train.
+def newline_parameters(model) -> list:
+    """LLaVA-NeXT's ``image_newline`` (none in LLaVA-1.5)."""
+    newline = getattr(model.model, "image_newline", None)
+    return [newline] if newline is not None else []
+
+
+def setup_stage2(model, lr: float, lora: dict | None = None, projector_lr: float | None = None,
+                 vision_lr: float | None = None):
+    """End-to-end fine-tuning: projector + language model train, and LLaVA-NeXT's ``image_newline`` (its
+    repository trains every parameter outside the tower and the projector with the language model). The vision
+    tower is frozen unless ``vision_lr`` is given; then it trains in a parameter group of its own at that rate
+    (LLaVA-NeXT's ``mm_vision_tower_lr``). With LoRA: adapters on the language model and the projector, as in
+    LLaVA-NeXT's LoRA runs (``image_newline`` frozen: the adapter and projector files would not carry it).
 
     Returns (model, param groups); with LoRA the model is a peft model.
     """
     _require_modules(model)
+    if lora and vision_lr is not None:
+        raise UserError(LORA_TOWER)
     model.requires_grad_(False)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -86,11 +103,15 @@ def setup_stage2(model, lr: float, lora: dict | None = None, projector_lr: float
         return model, [{"params": lora_params, "lr": lr}, {"params": proj, "lr": projector_lr or lr}]
     model.model.language_model.requires_grad_(True)
     model.lm_head.requires_grad_(True)
-    proj = projector_parameters(model)
-    for p in proj:
+    for p in projector_parameters(model) + newline_parameters(model):
         p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, [{"params": params, "lr": lr}]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    if vision_lr is not None:
+        tower = list(model.model.vision_tower.parameters())
+        for p in tower:
+            p.requires_grad_(True)
+        groups.append({"params": tower, "lr": vision_lr})
+    return model, groups
 
 
 def save_projector(model, out: Path, state_dict: dict | None = None, token_reduction: dict | None = None) -> Path:
@@ -175,3 +196,50 @@ def assemble(vision: str, llm: str, projector: str = "mlp2x_gelu"):
     if projector == "linear":
         make_linear_projector(model)
     return model, tok, improc
+
+
+def as_family(ckpt, family, seed: int):
+    """A LLaVA-1.5 checkpoint's model as a ``family`` model (LLaVA-NeXT): the same tower, projector and language
+    model, the family's own config keys at the tower's size (``Family.config_extra``: LLaVA-1.6's five grids), and
+    an ``image_newline`` drawn as LLaVA-NeXT draws it in ``initialize_vision_modules`` (llava/model/llava_arch.py):
+    ``randn(hidden) * embed_std``, ``embed_std = 1 / sqrt(hidden)``, ``hidden`` the language model's width; from
+    ``seed``, so every process of a run draws the same vector. Loaded in the checkpoint's own dtype."""
+    import math
+
+    import torch
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from llava_edge.llava_hf import llava_config
+
+    try:
+        src = AutoConfig.from_pretrained(ckpt.path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {ckpt.path}/config.json: {str(e).splitlines()[0]}") from None
+    tile = int(src.vision_config.image_size)
+    config = llava_config(src.vision_config, src.text_config, src.image_token_index,
+                          projector_act=src.projector_hidden_act, feature_layer=src.vision_feature_layer,
+                          strategy=src.vision_feature_select_strategy, family=family,
+                          tie_word_embeddings=src.tie_word_embeddings,
+                          multimodal_projector_bias=src.multimodal_projector_bias, **family.config_extra(tile))
+    dtype = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"{ckpt.path}/config.json says dtype {dtype!r}: not one llava-edge trains")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists image_newline as missing, which is checked below
+    try:  # the llava-hf layouts of both families name their weights alike: every tensor but image_newline loads
+        model, info = family.hf_class().from_pretrained(ckpt.path, config=config, dtype=getattr(torch, dtype),
+                                                        output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load {ckpt.path} as {family.title}: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = {k.split(".")[-1] for k in info["missing_keys"]}
+    if missing != {"image_newline"} or info["unexpected_keys"] or info.get("mismatched_keys"):
+        raise UserError(f"{ckpt.path} does not map onto {family.title}: missing {sorted(info['missing_keys'])}, "
+                        f"unexpected {sorted(info['unexpected_keys'])}")
+    hidden = config.text_config.hidden_size
+    draw = torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) * (1 / math.sqrt(hidden))
+    with torch.no_grad():
+        model.model.image_newline.copy_(draw.to(model.model.image_newline.dtype))
+    return model

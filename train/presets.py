@@ -1,6 +1,7 @@
 """Hyperparameter presets. ``llava-1.5-*`` carry LLaVA-1.5's published recipe
-(scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh); ``toy`` is sized for
-the toy world on 2 CPU cores."""
+(scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh); ``llava-next`` LLaVA-NeXT's
+(anyres, vision tower trained at its own rate); ``toy`` is sized for the toy world on
+2 CPU cores."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class StageConfig:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     projector_lr: float | None = None  # LoRA runs: the projector's own rate
+    vision_lr: float | None = None  # the vision tower learns at this rate (mm_vision_tower_lr); None: frozen
     save_steps: int = 500
     seed: int = 42
     dataloader_workers: int = 4
@@ -49,6 +51,17 @@ PRESETS: dict[str, Preset] = {
     "llava-1.5-13b": Preset(_S1, _S2.with_(per_device_batch=16), "8xA100 (80G)"),
     "llava-1.5-7b-lora": Preset(
         _S1, _S2.with_(lr=2e-4, lora=True, projector_lr=2e-5), "LoRA r=128 alpha=256 on the language model"
+    ),
+    # LLaVA-NeXT (github.com/LLaVA-VL/LLaVA-NeXT): stage 1 trains the projector alone at lr 1e-3, one epoch of
+    # blip558k, as LLaVA-1.5 (scripts/train/pretrain_clip.sh: --mm_tunable_parts mm_mlp_adapter). Stage 2 trains
+    # the whole model: lr 1e-5 for the language model and the projector, 2e-6 for the vision tower
+    # (--mm_vision_tower_lr), 1 epoch, warm-up 0.03, cosine (scripts/train/direct_finetune_clip.sh, the anyres
+    # CLIP recipe; finetune_si.sh says "lr=1e-5, warmup=0.03"); max length 4096
+    # (scripts/archived/finetune_mixtral_1.6_336px_anyres.sh, the LLaVA-1.6-era anyres script); global batch 128,
+    # LLaVA-1.5's stage-2 batch (the scripts set only per-device sizes, 4 in direct_finetune_clip.sh).
+    "llava-next": Preset(
+        _S1, _S2.with_(lr=1e-5, vision_lr=2e-6, per_device_batch=4, max_length=4096),
+        "LLaVA-NeXT stage 2, vision tower at 2e-6; LLaVA-NeXT runs it under ZeRO-3 (train/configs/zero3.yaml)",
     ),
     "toy": Preset(
         # Stage 1: LLaVA-1.5's 1e-3 at batch 256, scaled to the toy's batch of 32 by the square-root

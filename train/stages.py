@@ -2,16 +2,20 @@
 
 stage 1 (feature alignment): conversation mode ``plain``, only the projector learns.
 stage 2 (visual instruction tuning): mode ``vicuna_v1`` (LLaVA-1.5's ``--version v1``), projector +
-language model learn (or LoRA adapters on the language model), vision tower frozen.
+language model learn (or LoRA adapters on the language model), vision tower frozen unless it is given
+a rate of its own (LLaVA-NeXT's recipe). A LLaVA-1.5 checkpoint can start a LLaVA-NeXT stage 2.
 ``conv_mode`` takes another of LLaVA's modes; the output records the mode it was trained with.
-Each stage writes a checkpoint directory that ``export`` and the next stage take.
+Each stage writes a checkpoint directory that ``export`` and the next stage take. Pictures become
+positions the way the checkpoint's model family says (``llava_edge.families``).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
+from llava_edge import families
 from llava_edge.checkpoint import load_hf_model, open_checkpoint, write_recipe
 from llava_edge.errors import UserError
 from llava_edge.templates import get_template
@@ -22,10 +26,9 @@ from .data import LlavaDataset, load_records
 from .loop import load_dtype, precision_engine, train, upcast_trainable
 from .presets import StageConfig
 
-SIDE_FILES = (  # tokenizer and processor files that travel with a checkpoint
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
+SIDE_FILES = (*TOKENIZER_FILES, "processor_config.json", "preprocessor_config.json")  # travel with a checkpoint
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -56,9 +59,20 @@ def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_
             log(f"left out {text_only} text-only record(s): only the projector learns")
         if not records:
             raise UserError("no record has an image: the projector has nothing to learn from")
-    spec = replace(ckpt.image_spec(), pad=pad)
-    ds = LlavaDataset(records, get_template(template), tok, model.config.image_token_index,
-                      image_tokens or ckpt.num_image_tokens(), spec, max_length)
+    family = ckpt.family
+    if ckpt.recipe.get("anyres_origin", "hf") != "hf":
+        # transformers' model packs the features in training: pictures are tiled and counted its way, and the
+        # output (whose recipe names no other origin) is read its way
+        log(f"{ckpt.path} was trained with LLaVA's own anyres packing; training goes on with transformers'")
+        ckpt = replace(ckpt, recipe={k: v for k, v in ckpt.recipe.items() if k != "anyres_origin"})
+    if image_tokens:  # a reduced-token run: LLaVA-1.5's one tile, reduced to image_tokens positions in the model
+        images, most = replace(ckpt.image_spec(), pad=pad), image_tokens
+    else:
+        section, per_tile = {**family.image_section(ckpt), "pad": pad}, family.tokens_per_tile(ckpt)
+        images = family.image_path(section, {}, per_tile, family.side_arrays(ckpt))
+        most = family.max_positions(section, per_tile)
+    ds = LlavaDataset(records, get_template(template), tok, model.config.image_token_index, most, images,
+                      max_length, family)
     if ds.mismatched:
         log(f"{len(ds.mismatched)} record(s) teach nothing: LLaVA's label rule finds their rounds do not add up "
             f"(\"tokenization mismatch\") and ignores every label, as LLaVA does; first: "
@@ -104,15 +118,29 @@ def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_t
 def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: str | None = None,
            pad: str = "pad", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
            conv_mode: str = "vicuna_v1", image_tokens: int | None = None, token_method: str = "pool",
-           tune: str = "all", log=print) -> Path | None:
+           tune: str = "all", family: str | None = None, log=print) -> Path | None:
     """``image_tokens``: train with the image reduced to that many tokens by ``token_method``
     (``llava_edge/image_tokens.py``); ``tune="projector"``: only the projector learns, the recovery fine-tune of
-    a reduced-token variant (``quantize --image-tokens K --projector OUTPUT``)."""
+    a reduced-token variant (``quantize --image-tokens K --projector OUTPUT``). ``cfg.vision_lr``: the vision
+    tower learns at that rate. ``family``: the model family to train (``llava-next`` from a LLaVA-1.5
+    checkpoint: assembled first in OUTPUT/base, see :func:`model_setup.as_family`)."""
     output = Path(output)
     if tune not in ("all", "projector"):
         raise UserError(f"unknown --tune {tune!r}: all (projector + language model) | projector")
     if tune == "projector" and cfg.lora:
         raise UserError("--tune projector trains the projector alone: drop --lora")
+    if cfg.vision_lr is not None:
+        if not (math.isfinite(cfg.vision_lr) and cfg.vision_lr > 0):
+            raise UserError(f"--vision-lr must be a positive learning rate, not {cfg.vision_lr}")
+        if tune == "projector":
+            raise UserError("--tune projector trains the projector alone: the vision tower cannot learn too "
+                            "(drop --vision-lr, or use a preset that does not set it)")
+        if cfg.lora:
+            raise UserError(model_setup.LORA_TOWER)
+    if family is not None:
+        model = _start_as(model, family, output, cfg.seed, resume, log)
+    if image_tokens and not (fam := open_checkpoint(model).family).reduces_tokens:
+        raise UserError(f"--image-tokens reduces one tile's tokens: {fam.title} checkpoints are not supported")
     ckpt, m, tok = _load(model, load_dtype(cfg))
     reduction = _reduction(m, image_tokens, token_method) if image_tokens else None
     if projector:  # before accelerate.prepare: under ZeRO-3 the parameters are still whole here
@@ -133,7 +161,7 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
                                        token_reduction=reduction.to_dict() if reduction else None)
         return output
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.lora else None
-    m, groups = model_setup.setup_stage2(m, cfg.lr, lora, cfg.projector_lr)
+    m, groups = model_setup.setup_stage2(m, cfg.lr, lora, cfg.projector_lr, cfg.vision_lr)
     _log_precision(m, cfg, upcast_trainable(m, cfg), log)
     acc, trained = train(m, groups, ds, cfg, output, tok.pad_id, resume=resume, stop_after=stop_after, log=log)
     if trained is None:  # stopped early on request: the checkpoint is in OUTPUT/checkpoint-last
@@ -149,6 +177,54 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
         return output / "adapter"
     _save_full(acc, trained, ckpt, output, conv_mode, pad)
     return output
+
+
+def _start_as(model: str, name: str, output: Path, seed: int, resume: bool, log) -> str:
+    """The checkpoint to train as family ``name``: ``model`` itself when it is one, else (from a LLaVA-1.5
+    checkpoint) the assembled model in OUTPUT/base, written by the main process while the others wait;
+    ``resume`` takes the one written before."""
+    import torch
+    from accelerate import PartialState
+
+    if name not in families.FAMILIES:
+        raise UserError(f"unknown --family {name!r}; known: {', '.join(families.FAMILIES)}")
+    target, ckpt = families.FAMILIES[name], open_checkpoint(model)
+    if ckpt.family is target:
+        return model
+    if ckpt.family.name != families.DEFAULT:
+        raise UserError(f"--family {name}: {ckpt.path} is {ckpt.family.title}, and llava-edge turns only "
+                        f"{families.FAMILIES[families.DEFAULT].title} checkpoints into another family")
+    base = output / "base"
+    state = PartialState(cpu=not torch.cuda.is_available())  # as loop.train makes it: gloo on CPU
+    with state.main_process_first():
+        if state.is_main_process and not (resume and (base / "config.json").is_file()):
+            _write_as(ckpt, target, base, seed)
+            log(f"assembled {target.title} from {ckpt.path} in {base} (image_newline drawn with seed {seed})")
+    return str(base)
+
+
+def _write_as(ckpt, family, out: Path, seed: int) -> None:
+    """``model_setup.as_family`` saved as a llava-hf checkpoint of ``family``: the family's processor, the
+    source's recipe and its tokenizer files as they are (the same ids); replaced atomically."""
+    from transformers import AutoTokenizer
+
+    from llava_edge import atomic
+    from llava_edge.llava_hf import write_side_files
+    from llava_edge.tokenizer import read_settings
+
+    m = model_setup.as_family(ckpt, family, seed)
+    spec, settings = ckpt.image_spec(), read_settings(ckpt.path)
+    with atomic.atomic_path(out) as tmp:
+        m.save_pretrained(tmp, safe_serialization=True)
+        write_side_files(tmp, AutoTokenizer.from_pretrained(ckpt.path),
+                         family.hf_image_processor(spec.resize, spec.crop, m.config.to_dict()),
+                         patch_size=m.config.vision_config.patch_size,
+                         strategy=m.config.vision_feature_select_strategy, conv_mode=ckpt.conv_mode,
+                         image_pad=ckpt.recipe["image_pad"], legacy=settings.legacy, add_bos=settings.add_bos,
+                         add_eos=settings.add_eos, toy=bool(ckpt.recipe.get("toy")), family=family)
+        for name in TOKENIZER_FILES:  # transformers' save leaves out tokenizer.model, which export reads
+            if (ckpt.path / name).is_file():
+                shutil.copyfile(ckpt.path / name, tmp / name)
 
 
 def _reduction(m, image_tokens: int, method: str):

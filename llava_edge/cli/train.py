@@ -85,6 +85,12 @@ def train_stage2(
     lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="LoRA on the language model"),
     lora_r: Optional[int] = typer.Option(None), lora_alpha: Optional[int] = typer.Option(None),
     projector_lr: Optional[float] = typer.Option(None),
+    vision_lr: Optional[float] = typer.Option(None, "--vision-lr", help="Train the vision tower too, at this rate "
+                                              "(LLaVA-NeXT's mm_vision_tower_lr, 2e-6 in its recipe); default: "
+                                              "frozen, or the preset's (llava-next: 2e-6)"),
+    family: Optional[str] = typer.Option(None, "--family", help="The model family to train: llava-next from a "
+                                         "LLaVA-1.5 checkpoint starts a LLaVA-NeXT (LLaVA-1.6's grids, a new "
+                                         "image_newline), assembled in OUTPUT/base; default: the checkpoint's"),
     lr: o.Lr = None, global_batch: o.GlobalBatch = None, per_device_batch: o.PerDeviceBatch = None,
     epochs: o.Epochs = None, max_steps: o.MaxSteps = None, max_length: o.MaxLength = None,
     save_steps: o.SaveSteps = None, seed: o.TrainSeed = None,
@@ -100,16 +106,18 @@ def train_stage2(
                              "fine-tune of a reduced-token variant: writes OUTPUT/mm_projector.safetensors for "
                              "quantize --projector)"),
 ):
-    """Stage 2, visual instruction tuning: projector + language model (or LoRA) learn."""
+    """Stage 2, visual instruction tuning: projector + language model (or LoRA) learn; the vision tower too with
+    --vision-lr."""
     from ..train import stages
 
     cfg = _stage_config("stage2", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
                         epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed,
-                        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr)
+                        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr,
+                        vision_lr=vision_lr)
     _check_train_mode(conv_mode)
     out = stages.stage2(model, data, image_folder, output, cfg, projector=projector, pad=image_aspect,
                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode,
-                        image_tokens=image_tokens, token_method=token_method, tune=tune, log=say)
+                        image_tokens=image_tokens, token_method=token_method, tune=tune, family=family, log=say)
     if out:
         say(f"stage 2 done: {out}" + (f" (projector: {out / 'mm_projector.safetensors'})" if tune == "projector"
                                       else ""))
