@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -161,6 +162,17 @@ def test_the_batch_and_the_first_loss_equal_transformers(next_toy, pictures, tmp
                      pixel_values=torch.from_numpy(np.asarray(ref["pixel_values"], np.float32)),
                      image_sizes=torch.from_numpy(np.asarray(ref["image_sizes"]))).loss.item()
     assert abs(first - want) < 1e-5, (first, want)
+
+    # a checkpoint trained with LLaVA's own anyres code (a converted original LLaVA-1.6) trains through the same
+    # transformers model, so its pictures are tiled and counted transformers' way: the same batch, the same loss
+    llava_made = tmp_path / "llava_made"
+    shutil.copytree(next_toy, llava_made)
+    recipe = json.loads((llava_made / "llava_edge.json").read_text())
+    (llava_made / "llava_edge.json").write_text(json.dumps({**recipe, "anyres_origin": "llava"}))
+    out = stages.stage2(str(llava_made), pictures / "data.json", pictures, tmp_path / "s2_llava", _cfg(max_steps=1),
+                        log=lambda _: None)
+    assert abs(float(next(csv.DictReader(open(out / "loss.csv")))["loss"]) - want) < 1e-5
+    assert "anyres_origin" not in json.loads((out / "llava_edge.json").read_text())  # read transformers' way now
 
 
 def _weights(path):
