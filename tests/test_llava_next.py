@@ -374,3 +374,27 @@ def test_drift_reference_of_a_checkpoint_trained_with_llavas_code(default_toy, t
     assert pair["token_drift"]["top1"] == 1.0 and pair["token_drift"]["kl_mean"] < 1e-6
     assert pair["vision_drift"]["images"] == 2 and pair["vision_drift"]["cos_min"] > 0.9999
     assert pair["answer_agreement"] == 1.0 and pair["prompt_mismatches"] == 0
+
+
+def test_the_streaming_writer_names_llava_next_tensors_as_save_pretrained(default_toy):
+    from safetensors import safe_open
+    from transformers import LlavaNextConfig
+
+    from llava_edge.toy.model import saved_tensor_names
+
+    with safe_open(str(default_toy / "model.safetensors"), "pt") as st:
+        written = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    assert "image_newline" in written
+    assert saved_tensor_names(LlavaNextConfig.from_pretrained(default_toy)) == written
+
+
+def test_the_llava_v1_6_mistral_7b_shape(tmp_path):
+    """The real-shape preset (random weights, for timing at size): llava-hf's LLaVA-1.6 Mistral configuration."""
+    from llava_edge.toy.model import saved_tensor_names, write_skeleton
+
+    config = write_skeleton(tmp_path / "m", "llava-v1.6-mistral-7b", layers=1)
+    assert type(config).__name__ == "LlavaNextConfig" and config.text_config.model_type == "mistral"
+    assert config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert config.text_config.num_key_value_heads == 8 and config.text_config.rope_parameters["rope_theta"] == 1e6
+    names = saved_tensor_names(config)
+    assert names["image_newline"] == (4096,) and names["language_model.lm_head.weight"] == (32064, 4096)

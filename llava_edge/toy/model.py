@@ -60,6 +60,13 @@ SHAPES = {
         _CLIP_L_336, hidden=5120, layers=40, heads=40, kv_heads=40, ffn=13824, sp_vocab=1000,
         max_positions=4096, projector_act="gelu", vocab=32064, real=True,
     ),
+    # llava-hf/llava-v1.6-mistral-7b-hf: Mistral-7B-Instruct-v0.2 (8 KV heads, rope theta 1e6) + CLIP-L/14-336 on
+    # LLaVA-1.6's five grids (1176 to 2928 positions a picture)
+    "llava-v1.6-mistral-7b": dict(
+        _CLIP_L_336, hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, sp_vocab=1000,
+        max_positions=32768, projector_act="gelu", vocab=32064, real=True, family="llava-next", text="mistral",
+        rope_theta=1e6,
+    ),
     # bczhou/tiny-llava-v1-hf: TinyLlama-1.1B (grouped-query attention, 4 KV heads) + CLIP-L/14-336
     "tinyllava-1.1b": dict(
         _CLIP_L_336, hidden=2048, layers=22, heads=32, kv_heads=4, ffn=5632, sp_vocab=1000,
@@ -84,7 +91,7 @@ def preset_shape(preset: str, layers: int | None = None) -> dict:
 
 
 def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
 
     from ..llava_hf import llava_config
 
@@ -93,10 +100,11 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
         num_attention_heads=p["vision_heads"], image_size=p["image_size"], patch_size=p["patch_size"],
         projection_dim=p.get("projection_dim", p["vision_hidden"]), hidden_act="quick_gelu",
     )
-    text = LlamaConfig(
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig}[p.get("text", "llama")]
+    text = text_class(
         vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["ffn"],
         num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=p["max_positions"], rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=p["max_positions"], rms_norm_eps=1e-5, rope_theta=p.get("rope_theta", 10000.0),
         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False,
     )
     family = FAMILIES[p.get("family", DEFAULT)]
@@ -181,12 +189,15 @@ def saved_tensor_names(config) -> dict[str, tuple[int, ...]]:
     (``language_model.model.*``), which the toy's ``save_pretrained`` output is tested against.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
 
+    from ..families import FAMILIES
+
+    family = next(f for f in FAMILIES.values() if f.hf_config_class_name == type(config).__name__)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = family.hf_class()(config)
     renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+               ("model.image_newline", "image_newline"))
     shapes = {}
     for name, t in model.state_dict().items():
         for old, new in renames:
