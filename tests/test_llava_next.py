@@ -398,3 +398,24 @@ def test_the_llava_v1_6_mistral_7b_shape(tmp_path):
     assert config.text_config.num_key_value_heads == 8 and config.text_config.rope_parameters["rope_theta"] == 1e6
     names = saved_tensor_names(config)
     assert names["image_newline"] == (4096,) and names["language_model.lm_head.weight"] == (32064, 4096)
+
+
+def test_a_new_process_reuses_a_tiled_picture_s_saved_cells(default_bundle, tmp_path, monkeypatch):
+    """The KV cells through a tiled picture, saved after the first answer, are keyed by its pixels and size: a
+    new process asked about it again runs no vision graph and answers as one that saved nothing; the same
+    tiles under another picture size (another unpad) are not taken for it."""
+    from test_prefix_cache import ask_new_process
+
+    monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
+    im = picture(300, 200)
+    first = ask_new_process(default_bundle, im)
+    want = ask_new_process(default_bundle, im, "How many shapes are there?", prefix_cache=False)
+    got = ask_new_process(default_bundle, im, "How many shapes are there?")
+    assert got.stats["vision_encodes"] == 0 and got.stats["image_prefix_loads"] == 1
+    assert np.array_equal(got.logits, want.logits) and got.answer == want.answer
+    assert first.stats["vision_encodes"] == 1
+
+    from llava_edge import families
+
+    p = families.PreparedImage("", np.zeros((3, 3, 8, 8), np.float32), 1, (300, 200))
+    assert families.pixels_key(p.pixels, (300, 200)) != families.pixels_key(p.pixels, (301, 200))
