@@ -246,11 +246,11 @@ def test_a_llava15_checkpoint_starts_a_llava_next(toy_model, pictures, tmp_path)
     assert manifest.read(bundle).family == "llava-next"
 
 
-def _error(capsys, argv, *words):
+def _error(capsys, argv, *words, progress=False):
     from llava_edge.cli import main
 
     rc = main(argv)
-    assert_one_line_error(SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err), *words)
+    assert_one_line_error(SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err), *words, progress=progress)
 
 
 @pytest.mark.parametrize("rate", ["0", "-2e-6", "nan"])
@@ -269,6 +269,9 @@ def test_bad_combinations_are_one_line_errors(next_toy, toy_model, pictures, tmp
                     "projector"], "--tune projector", "vision")
     _error(capsys, ["train", "stage2", "--model", str(next_toy), *common, "--image-tokens", "16"],
            "--image-tokens", "LLaVA-NeXT")
+    # the toy's largest picture takes 336 positions (base tile 64 + a 2x2 grid of 16 x 17): checked before training
+    _error(capsys, ["train", "stage2", "--model", str(next_toy), *common, "--max-length", "300"],
+           "record r0", "336 positions", "--max-length", progress=True)  # after transformers' loading bar
     _error(capsys, ["train", "stage2", "--model", str(toy_model), *common, "--family", "llava-9"],
            "unknown --family", "llava-next")
     _error(capsys, ["train", "stage2", "--model", str(next_toy), *common, "--family", "llava-1.5"],

@@ -136,7 +136,7 @@ def expand(rid: str, lab: Labeled, image_token_id: int, positions: int | None,
         i = ids.index(image_token_id)
         if i + positions > max_length:
             raise UserError(f"record {rid}: the image ({positions} positions) does not fit in max length "
-                            f"{max_length}")
+                            f"{max_length} (--max-length)")
         ids = expand_image(ids, image_token_id, [image_token_id] * positions)
         labels = labels[:i] + [IGNORE_INDEX] * positions + labels[i + 1 :]
     return ids[:max_length], labels[:max_length]
