@@ -36,7 +36,8 @@ def toy_data(
 @toy_app.command("model")
 def toy_model(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write"),
-    preset: str = typer.Option("toy", help="Model shape: toy | llava-1.5-7b | llava-1.5-13b | tinyllava-1.1b"),
+    preset: str = typer.Option("toy", help="Model shape: toy | toy-next (LLaVA-NeXT) | llava-1.5-7b | llava-1.5-13b "
+                               "| tinyllava-1.1b | llava-v1.6-mistral-7b"),
     seed: int = typer.Option(0, help="Weight initialisation seed"),
     layers: Optional[int] = typer.Option(None, "--layers", help="Shorten the language model to N decoder layers"),
     dtype: str = typer.Option("bfloat16", help="Real-size presets' stored weights: bfloat16 | float16 (toy: fp32)"),
