@@ -36,6 +36,15 @@ def serve(
     max_body_mb: float = typer.Option(32, "--max-body-mb", help="Largest request body"),
     timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queueing included"),
     grace: float = typer.Option(30, "--grace", help="Seconds in-flight answers get to finish on SIGTERM"),
+    header_timeout: float = typer.Option(10, "--header-timeout", help="Seconds a request's head (line and "
+                                         "headers) may take to arrive; the connection is closed after"),
+    body_timeout: float = typer.Option(60, "--body-timeout", help="Seconds a request's body may take to arrive "
+                                       "after its head; 408 after"),
+    keep_alive: float = typer.Option(5, "--keep-alive", help="Seconds an idle keep-alive connection is kept"),
+    max_connections: int = typer.Option(512, "--max-connections", help="Connections (and requests) at once; "
+                                        "beyond, 503"),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="A Host name a loopback server "
+                                                   "also answers (behind a reverse proxy; repeatable)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The name clients use (default: the "
                                              "bundle directory's name)"),
     device: o.Device = "auto",
@@ -72,9 +81,13 @@ def serve(
         raise UserError(f"--parallel must be from 1 to 64, not {parallel}")
     if not 0 <= queue <= 100_000:
         raise UserError(f"--queue must be from 0 to 100000, not {queue}")
-    for name, v in (("--timeout", timeout), ("--grace", grace), ("--max-body-mb", max_body_mb)):
+    for name, v in (("--timeout", timeout), ("--grace", grace), ("--max-body-mb", max_body_mb),
+                    ("--header-timeout", header_timeout), ("--body-timeout", body_timeout),
+                    ("--keep-alive", keep_alive)):
         if not 0 < v < 1e7:
             raise UserError(f"{name} must be a positive number, not {v}")
+    if not 1 <= max_connections <= 1_000_000:
+        raise UserError(f"--max-connections must be from 1 to 1000000, not {max_connections}")
     if image_dir is not None and not image_dir.is_dir():
         raise UserError(f"--image-dir {image_dir} is not a directory")
     Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens or 1, seed=seed)  # one-line errors
@@ -83,7 +96,9 @@ def serve(
         model_name=model_name or path.resolve().name, api_key=key, parallel=parallel, queue=queue,
         timeout_s=timeout, max_body_bytes=int(max_body_mb * (1 << 20)), cors=tuple(cors or ()),
         images=ImagePolicy(image_dir=image_dir, allow_remote=allow_remote_images),
-        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+        header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
+        max_connections=max_connections, allow_hosts=tuple(allow_host or ()))
 
     def load():
         return EdgeLLaVA.load(path, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,

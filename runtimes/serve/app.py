@@ -14,8 +14,7 @@ read only from ``--image-dir``, and only for the model.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
+import ctypes
 import logging
 import threading
 import time
@@ -30,11 +29,12 @@ from starlette.requests import Request as HttpRequest
 from llava_edge.errors import UserError
 
 from ..batching import BatchEngine, Draining, QueueFull, Request
+from .body import ClientGone
 from .conversation import IMAGE_FORMATS, ApiError, Conversation, ImagePolicy, SamplingRequest, image_bytes
+from .guards import AccessLog, BrowserGuard, Guard, error_body
 from .metrics import ServeMetrics
 
 log = logging.getLogger("llava_edge.serve")
-access_log = logging.getLogger("llava_edge.serve.access")
 
 
 @dataclass
@@ -52,6 +52,17 @@ class ServeOptions:
     top_p: float = 1.0
     max_tokens: int | None = None  # None: until the end of the answer or of the context
     seed: int | None = None
+    # slow clients and connections: a request's head and body must arrive within these, an idle keep-alive
+    # connection is closed after keep_alive_s, and past max_connections uvicorn answers 503
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 512
+    # browsers: check_host refuses a Host that is not a loopback name or one of allow_hosts (None: when bound
+    # to loopback, as `serve` decides; an app made with create_app alone checks); an Origin must be the
+    # server's own or one of `cors`
+    check_host: bool | None = None
+    allow_hosts: tuple[str, ...] = ()
 
 
 class Server:
@@ -66,11 +77,13 @@ class Server:
         self.engine: BatchEngine | None = None
         self.metrics = ServeMetrics(self)
         self.started = time.time()
+        self.token_bytes = 0  # the most bytes of text one token of the vocabulary stands for
 
     def load(self) -> None:
         """Load the bundle and start the engine (on a thread, while the server already answers /health)."""
         try:
             self.model = self._load()
+            self.token_bytes = longest_token_bytes(self.model.llm)
             self.engine = BatchEngine(self.model, queue_limit=self.options.queue)
             self.state = "ready" if self.state == "loading" else self.state
         except Exception as e:  # noqa: BLE001 - shown by /health and the log; the CLI exits
@@ -104,7 +117,28 @@ class Server:
             raise ApiError(why, status=503, type="server_error", headers={"Retry-After": "5"})
 
     # -- one answer ----------------------------------------------------------------------------------------
-    def prepare(self, conv: Conversation, s: SamplingRequest, on_event) -> Request:
+    def check_length(self, conv: Conversation, api: str) -> None:
+        """Refuse a conversation that cannot fit the context, from its length, before it is tokenized.
+
+        A token stands for at most ``token_bytes`` bytes of text, and the prompt holds every byte of the
+        conversation's text (typed text stays text), so text of more than ``n_ctx * token_bytes`` bytes needs
+        more than ``n_ctx`` positions. (This holds for tokenizers that do not shrink text before splitting
+        it, as Llama's, Mistral's and Vicuna's SentencePiece models and byte-level BPEs do not.) Each turn of
+        a conversation mode takes at least one position for its role, too. So what passes is tokenized in
+        time and memory bounded by the context, whatever size of body the server takes."""
+        n_ctx = self.model.llm.n_ctx
+        limit = n_ctx * self.token_bytes
+        texts = (conv.question, conv.system or "", *(t.text for t in conv.history))
+        size = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
+        turns = len(conv.history) + 1
+        if size > limit or turns > n_ctx:
+            self.metrics.rejected(api, "context_length")
+            what = f"{turns:,} turns" if turns > n_ctx else \
+                f"{size:,} bytes of text (a token of this model stands for {self.token_bytes} bytes at most)"
+            raise ApiError(f"the conversation has {what}: more than a context of {n_ctx} positions can hold; "
+                           "shorten it", code="context_length_exceeded", param="messages")
+
+    def prepare(self, conv: Conversation, s: SamplingRequest, on_event, api: str) -> Request:
         """The engine's request for ``conv`` (worker thread: image read, decoded and preprocessed, prompt tokenized)."""
         m, o = self.model, self.options
         try:
@@ -116,6 +150,7 @@ class Server:
                 "messages" if "system message" in str(e) else None
             raise ApiError(str(e), param=where) from None
         if len(slots) >= m.llm.n_ctx:
+            self.metrics.rejected(api, "context_length")
             raise ApiError(f"the conversation needs {len(slots)} positions but the context holds {m.llm.n_ctx} "
                            "(with room for the answer): shorten it", code="context_length_exceeded",
                            param="messages")
@@ -130,13 +165,14 @@ class Server:
     async def answer(self, conv: Conversation, s: SamplingRequest, api: str) -> "Answer":
         """Queue ``conv``; the returned :class:`Answer` streams the pieces (refusals raise ``ApiError`` here)."""
         self.ready()
+        self.check_length(conv, api)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_event(ev) -> None:  # engine thread
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-        req = await asyncio.to_thread(self.prepare, conv, s, on_event)
+        req = await asyncio.to_thread(self.prepare, conv, s, on_event, api)
         try:
             self.engine.submit(req)
         except QueueFull as e:
@@ -184,9 +220,31 @@ class Answer:
                 self.server.engine.cancel(self.req)
             self.server.metrics.finished(self.api, self.req)
 
-    async def full(self) -> str:
-        async for _ in self.pieces():
-            pass
+    async def full(self, request: HttpRequest | None = None) -> str:
+        """The whole answer. With the HTTP ``request`` (its body read), its connection is watched meanwhile: a
+        client that disconnects cancels the answer, which frees its sequence at the engine's next step, and
+        :class:`ClientGone` is raised. (A streamed answer needs no watch here: Starlette's ``StreamingResponse``
+        watches for the disconnect itself and stops the stream, which cancels the answer.)"""
+        if request is None:
+            async for _ in self.pieces():
+                pass
+            return self.text
+        left = asyncio.Event()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            left.set()
+            self.server.engine.cancel(self.req)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for _ in self.pieces():
+                pass
+        finally:
+            watcher.cancel()
+        if left.is_set():
+            raise ClientGone("before its answer was complete")
         return self.text
 
     @property
@@ -215,18 +273,18 @@ def create_app(server: Server):
 
     @app.exception_handler(ApiError)
     async def api_error(request: HttpRequest, e: ApiError):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-        return JSONResponse(openai_error(e), status_code=e.status, headers=e.headers)
+        # a ClientGone's answer goes nowhere; the access log's line (status 499) is all it leaves
+        return JSONResponse(error_body(request.url.path, e), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(404)
     async def not_found(request: HttpRequest, _e):
-        return JSONResponse(openai_error(ApiError(f"no route {request.url.path}", status=404)), status_code=404)
+        return JSONResponse(error_body(request.url.path, ApiError(f"no route {request.url.path}", status=404)),
+                            status_code=404)
 
     @app.exception_handler(405)
     async def not_allowed(request: HttpRequest, _e):
-        return JSONResponse(openai_error(ApiError(f"{request.method} is not allowed on {request.url.path}",
-                                                  status=405)), status_code=405)
+        return JSONResponse(error_body(request.url.path, ApiError(
+            f"{request.method} is not allowed on {request.url.path}", status=405)), status_code=405)
 
     @app.get("/health")
     async def health():
@@ -246,108 +304,30 @@ def create_app(server: Server):
     openai_api.register(app, server)
     ollama_api.register(app, server)
 
-    # middleware, outermost last: access log, then auth and the body limit
-    app.add_middleware(GuardMiddleware, server=server)
+    # middleware, outermost last: the access log (and the last word on exceptions), Host and Origin, CORS,
+    # then the key and the body's limits
+    app.add_middleware(Guard, api_key=o.api_key, max_body_bytes=o.max_body_bytes, body_timeout_s=o.body_timeout_s)
     if o.cors:
         app.add_middleware(CORSMiddleware, allow_origins=list(o.cors), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(BrowserGuard, check_host=o.check_host is not False, allow_hosts=o.allow_hosts, cors=o.cors)
+    app.add_middleware(AccessLog)
     return app
 
 
-def openai_error(e: ApiError) -> dict:
-    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+def longest_token_bytes(llm) -> int:
+    """The most bytes of text one token stands for: the longest piece of the GGUF's vocabulary (control tokens
+    stand for none; a byte-fallback token for one byte)."""
+    import llama_cpp
 
-
-OPEN_PATHS = ("/", "/health")  # no key needed: the page asks for it, and a load balancer probes health
-
-
-class GuardMiddleware:
-    """Bearer key (constant-time) and the request body limit, before any route runs (pure ASGI: streams checked
-    as they arrive, so an oversized chunked body is cut off without being held in memory)."""
-
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        o = self.server.options
-        path = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if o.api_key and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            given = headers.get("authorization", "")
-            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), o.api_key.encode()):
-                err = ApiError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401,
-                               code="invalid_api_key")
-                return await _send_error(scope, send, err, {"WWW-Authenticate": "Bearer"})
-        limit = o.max_body_bytes
-        try:
-            declared = int(headers.get("content-length", "0") or 0)
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            return await _send_error(scope, send, _too_large(limit))
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _send_error(scope, send, _too_large(limit))
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(f"the request body is over the server's limit of {limit >> 20} MB", status=413,
-                    code="request_too_large")
-
-
-async def _send_error(scope, send, e: ApiError, headers: dict | None = None) -> None:
-    body = json.dumps({"error": e.message} if scope["path"].startswith("/api/") else openai_error(e)).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    hdrs += [(k.lower().encode(), v.encode()) for k, v in {**e.headers, **(headers or {})}.items()]
-    await send({"type": "http.response.start", "status": e.status, "headers": hdrs})
-    await send({"type": "http.response.body", "body": body})
-
-
-class AccessLogMiddleware:
-    """One JSON line per request on the ``llava_edge.serve.access`` logger: method, path, status, time, client."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.monotonic()
-        status = {"code": 0}
-
-        async def record(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            client = scope.get("client")
-            access_log.info(json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": scope["method"], "path": scope["path"],
-                "status": status["code"] or 499, "ms": round((time.monotonic() - start) * 1000, 1),
-                "client": f"{client[0]}:{client[1]}" if client else None}))
+    buf = ctypes.create_string_buffer(256)
+    longest = 1
+    for token in range(llm.n_vocab):
+        n = llama_cpp.llama_token_to_piece(llm.vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # longer than the buffer: llama.cpp says how long
+            n = -n
+        longest = max(longest, n)
+    return longest
 
 
 def page_path() -> Path:

@@ -73,7 +73,7 @@ def number(body: dict, key: str, where: str, lo: float, hi: float, integer: bool
     name = f"{where}{key}"
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
-        kind = "an integer" if integer else "a number"
+        kind = "an integer" if integer else "a finite number" if isinstance(v, float) else "a number"
         raise ApiError(f"'{name}' must be {kind}, not {json_type(v)}", param=name)
     if not lo <= v <= hi:
         raise ApiError(f"'{name}' must be from {lo:g} to {hi:g}, not {v}", param=name)
@@ -102,6 +102,10 @@ def stop_strings(v, name: str) -> tuple[str, ...]:
 
 
 def json_type(v) -> str:
+    """What a JSON value is, for messages; non-finite numbers by name (``NaN``, ``Infinity`` and numbers too
+    large for a double, such as ``1e309``, which Python's parser reads as infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("-" if v < 0 else "") + "Infinity (or a number too large for a double)"
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(v), type(v).__name__)
 

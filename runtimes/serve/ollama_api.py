@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import json
-
-from starlette.requests import Request as HttpRequest
 import time
 
+from starlette.requests import Request as HttpRequest
+
+from .body import read_json
 from .conversation import (ApiError, Conversation, ImageSource, SamplingRequest, decode_base64, flag, from_messages,
                            json_type, number, one_image, stop_strings, text_of)
-from .openai_api import read_json
 
 # the Ollama release whose API this follows (the `ollama` Python client is tested against it)
 OLLAMA_API_VERSION = "0.6.3"
@@ -100,7 +100,7 @@ def register(app, server) -> None:
                 "prompt_eval_count": req.prompt_positions, "prompt_eval_duration": ns(req.t_admit, first),
                 "eval_count": len(req.completion_ids), "eval_duration": ns(first, req.t_done)}
 
-    async def respond(body: dict, conv: Conversation, chat: bool):
+    async def respond(request: HttpRequest, body: dict, conv: Conversation, chat: bool):
         started = time.monotonic()
         server.check_model(body.get("model"))
         stream = stream_flag(body)
@@ -112,7 +112,7 @@ def register(app, server) -> None:
             return {"model": name, "created_at": created_at(), **body, "done": False}
 
         if not stream:
-            text = await answer.full()
+            text = await answer.full(request)
             return JSONResponse({**piece_obj(text), **final(answer, started)})
 
         async def lines():
@@ -133,7 +133,7 @@ def register(app, server) -> None:
         if body.get("messages") == []:  # Ollama's way of loading a model: answered at once
             return {"model": f"{server.options.model_name}:latest", "created_at": created_at(),
                     "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
-        return await respond(body, parse_chat(body), chat=True)
+        return await respond(request, body, parse_chat(body), chat=True)
 
     @app.post("/api/generate")
     async def generate(request: HttpRequest):
@@ -142,7 +142,7 @@ def register(app, server) -> None:
         if not body.get("prompt") and not body.get("images"):  # loading the model, as Ollama answers it
             return {"model": f"{server.options.model_name}:latest", "created_at": created_at(), "response": "",
                     "done": True, "done_reason": "load"}
-        return await respond(body, parse_generate(body), chat=False)
+        return await respond(request, body, parse_generate(body), chat=False)
 
     @app.get("/api/tags")
     async def tags():

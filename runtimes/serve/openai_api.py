@@ -15,21 +15,11 @@ import json
 
 from starlette.requests import Request as HttpRequest
 
+from .body import read_json
 from .conversation import (ApiError, Conversation, SamplingRequest, flag, from_messages, image_from_url, json_type,
                            number, stop_strings, text_of)
 
 ROLES = ("system", "developer", "user", "assistant")
-
-
-async def read_json(request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(f"the request body must be a JSON object, not {json_type(body)}")
-    return body
 
 
 def read_message(msg: dict, where: str) -> tuple[str, list]:
@@ -103,7 +93,7 @@ def register(app, server) -> None:
         answer = await server.answer(conv, sampling, "openai")
         name = server.options.model_name
         if not stream:
-            text = await answer.full()
+            text = await answer.full(request)
             return JSONResponse({
                 "id": f"chatcmpl-{answer.id}", "object": "chat.completion", "created": answer.created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
