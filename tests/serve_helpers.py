@@ -88,3 +88,43 @@ def metric(text: str, name: str, **labels) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+# -- the server process, seen from outside (Linux /proc) -----------------------------------------------------------
+def proc_status_mb(pid: int, key: str) -> float:
+    """``VmRSS``, ``VmHWM`` (peak RSS) ... of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Make ``VmHWM`` the current RSS again (Linux's ``clear_refs``), so the next peak is one request's."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raw_connection(url: str, data: bytes = b"", timeout: float = 60) -> socket.socket:
+    """A TCP connection to the server at ``url`` that has sent ``data`` (which may be half a request)."""
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    if data:
+        s.sendall(data)
+    return s
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (``socket.timeout`` if it does not)."""
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def post_head(path: str, body_length: int, content_type: str = "application/json") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {body_length}\r\n\r\n").encode()
