@@ -21,14 +21,21 @@ black bands off ("unpad") and ends every row with the model's ``image_newline``.
   side that is a whole number of patches only up to float error (e.g. 23.999999999999996) loses a row
   or column of patches in LLaVA's packing.
 
-:func:`num_positions` and :func:`pack` share :func:`_layout`, so the count the prompt is built with is the
-length of what the model receives.
+An optional cap, ``AnyresSpec.max_grid`` (the N of LLaVA-OneVision's ``vision_aspect_ratio: anyres_max_N``),
+bounds a picture's positions: when the unpadded grid holds more than about N tiles' worth of patches
+(``sqrt(h * w / (N * side**2)) > 1.1``) it is resized bilinearly, as torch's ``F.interpolate`` does, to
+``(int(h // ratio), int(w // ratio))`` before the newlines are added (transformers'
+``LlavaOnevisionModel.pack_image_features`` and ``LlavaOnevisionProcessor``'s count; tests/test_anyres_max.py).
+
+:func:`num_positions` and :func:`pack` share :func:`_layout` (through :func:`_packed_layout`), so the count
+the prompt is built with is the length of what the model receives.
 """
 
 from __future__ import annotations
 
 import ast
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +49,7 @@ ROUNDINGS = ("hf", "llava")  # unpad's rounding: int(round(x, 7)) as transformer
 ORIGINS = {"hf": ("hw", "hf"), "llava": ("wh", "llava")}  # config flavour -> (orientation, rounding)
 # transformers' LlavaNextConfig default, used when a Hugging Face config.json leaves the list out, as transformers does
 HF_DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+ONEVISION_DEFAULT_ASPECT = "anyres_max_9"  # LlavaOnevisionConfig's default vision_aspect_ratio
 
 
 def check_pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
@@ -75,14 +83,18 @@ class AnyresSpec:
     orientation: str  # one of ORIENTATIONS
     rounding: str  # one of ROUNDINGS
     max_tiles: int | None = None  # refuse a picture whose grid needs more tiles (the base tile not counted)
+    max_grid: int | None = None  # anyres_max_N's N: shrink the unpadded grid to about N tiles' patches; None: never
 
     def __post_init__(self):
         for name in ("tile", "patch"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise UserError(f"anyres {name} must be a positive integer, not {v!r}")
-        if self.tile % self.patch:
-            raise UserError(f"anyres tile {self.tile} px is not a whole number of {self.patch} px patches")
+        # a tile need not be a whole number of patches: the tower's stride-`patch` convolution drops the remainder
+        # (SigLIP at 384 px with 14 px patches, LLaVA-OneVision's tower, gives 27 x 27), which is how
+        # transformers counts too (image_size // patch_size)
+        if self.patch > self.tile:
+            raise UserError(f"anyres patch {self.patch} px is larger than the {self.tile} px tile")
         if self.orientation not in ORIENTATIONS:
             raise UserError(f"anyres orientation {self.orientation!r} is not one of {', '.join(ORIENTATIONS)}")
         if self.rounding not in ROUNDINGS:
@@ -90,6 +102,9 @@ class AnyresSpec:
         m = self.max_tiles
         if m is not None and (not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1):
             raise UserError(f"--max-tiles must be a positive integer, not {m!r}")
+        g = self.max_grid
+        if g is not None and (not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1):
+            raise UserError(f"anyres max_grid (the N of anyres_max_N) must be a whole number >= 1, not {g!r}")
         object.__setattr__(self, "pinpoints", check_pinpoints(self.pinpoints, self.tile))
 
     @property
@@ -98,8 +113,11 @@ class AnyresSpec:
         return self.tile // self.patch
 
     def to_dict(self) -> dict:
-        return {"tile": self.tile, "patch": self.patch, "pinpoints": [list(p) for p in self.pinpoints],
-                "orientation": self.orientation, "rounding": self.rounding, "max_tiles": self.max_tiles}
+        d = {"tile": self.tile, "patch": self.patch, "pinpoints": [list(p) for p in self.pinpoints],
+             "orientation": self.orientation, "rounding": self.rounding, "max_tiles": self.max_tiles}
+        if self.max_grid is not None:  # absent when uncapped, so an uncapped bundle's manifest is as it always was
+            d["max_grid"] = int(self.max_grid)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AnyresSpec":
@@ -110,15 +128,18 @@ class AnyresSpec:
         if missing:
             raise UserError(f"the anyres settings lack {', '.join(missing)}: export the bundle again")
         return cls(tile=d["tile"], patch=d["patch"], pinpoints=d["pinpoints"], orientation=d["orientation"],
-                   rounding=d["rounding"], max_tiles=d.get("max_tiles"))
+                   rounding=d["rounding"], max_tiles=d.get("max_tiles"), max_grid=d.get("max_grid"))
 
     @classmethod
     def from_config(cls, config: dict, origin: str, tower: dict | None = None,
-                    max_tiles: int | None = None) -> "AnyresSpec":
+                    max_tiles: int | None = None, max_grid: int | None = None) -> "AnyresSpec":
         """From a checkpoint's ``config.json`` (a dict).
 
-        ``origin="hf"``: a transformers ``LlavaNextConfig``; the tile and patch come from its ``vision_config``
-        (or from ``tower``), the pinpoints from ``image_grid_pinpoints`` (transformers' default list when absent).
+        ``origin="hf"``: a transformers ``LlavaNextConfig`` or ``LlavaOnevisionConfig``; the tile and patch come
+        from its ``vision_config`` (or from ``tower``), the pinpoints from ``image_grid_pinpoints`` (transformers'
+        default list when absent). The cap is ``max_grid`` when given; else a OneVision config's
+        ``vision_aspect_ratio`` (``anyres_max_N``, transformers' default ``anyres_max_9`` when absent); else
+        none, as transformers' LLaVA-NeXT model reads no such setting.
         ``origin="llava"``: an original LLaVA-1.6 config (``image_aspect_ratio: anyres``,
         ``mm_patch_merge_type: spatial_unpad``), which names its tower only by ``mm_vision_tower``: ``tower``
         is then required, the tower's own ``config.json`` (``image_size``, ``patch_size``).
@@ -147,8 +168,18 @@ class AnyresSpec:
                 raise UserError("the LLaVA config has no image_grid_pinpoints")
         if not isinstance(tower, dict) or "image_size" not in tower or "patch_size" not in tower:
             raise UserError("the vision tower's config gives no image_size and patch_size")
+        if max_grid is None and origin == "hf" and config.get("model_type") == "llava_onevision":
+            max_grid = parse_vision_aspect_ratio(config.get("vision_aspect_ratio", ONEVISION_DEFAULT_ASPECT))
         return cls(tile=tower["image_size"], patch=tower["patch_size"], pinpoints=pinpoints,
-                   orientation=orientation, rounding=rounding, max_tiles=max_tiles)
+                   orientation=orientation, rounding=rounding, max_tiles=max_tiles, max_grid=max_grid)
+
+
+def parse_vision_aspect_ratio(value) -> int:
+    """N from ``"anyres_max_N"``, the only form transformers' OneVision model reads; a UserError otherwise."""
+    m = re.fullmatch(r"anyres_max_(\d+)", value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) < 1:
+        raise UserError(f"vision_aspect_ratio {value!r} is not anyres_max_N with a whole number N >= 1")
+    return int(m.group(1))
 
 
 def _check_size(width: int, height: int) -> None:
@@ -181,9 +212,10 @@ def grid(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
     return rows, cols
 
 
-def _layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, int, int, int]:
-    """(rows, cols, top, left, h, w): the tile grid, and the window of its patch grid that unpad keeps
-    (rows top..top+h, columns left..left+w), as both references' ``unpad_image`` slices it."""
+def _layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, int, int, int, int, int]:
+    """(rows, cols, top, left, h, w, out_h, out_w): the tile grid; the window of its patch grid that unpad keeps
+    (rows top..top+h, columns left..left+w), as both references' ``unpad_image`` slices it; and the size that
+    window is resized to under ``spec.max_grid`` ((h, w) when uncapped or within the cap)."""
     rows, cols = grid(width, height, spec)
     cur_h, cur_w = rows * spec.side, cols * spec.side
     fit = (lambda x: int(round(x, 7))) if spec.rounding == "hf" else int
@@ -192,22 +224,86 @@ def _layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, i
         top = (cur_h - fit(height * (cur_w / width))) // 2
     else:
         left = (cur_w - fit(width * (cur_h / height))) // 2
-    return rows, cols, top, left, cur_h - 2 * top, cur_w - 2 * left
+    h, w = cur_h - 2 * top, cur_w - 2 * left
+    out_h, out_w = h, w
+    if spec.max_grid is not None:
+        # transformers' expressions, float for float: int // float floors the same way in Python and in torch's
+        # pack_image_features, and the processor counts with the same lines
+        ratio = math.sqrt(h * w / (spec.max_grid * spec.side**2))
+        if ratio > 1.1:
+            out_h, out_w = int(h // ratio), int(w // ratio)
+    return rows, cols, top, left, h, w, out_h, out_w
+
+
+def _packed_layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, int, int, int, int, int]:
+    """:func:`_layout` for counting and packing: a UserError where the cap leaves no rows or no columns."""
+    layout = _layout(width, height, spec)
+    h, w, out_h, out_w = layout[4:]
+    if (out_h, out_w) != (h, w) and min(out_h, out_w) < 1:  # torch's interpolate refuses it: transformers' model
+        raise UserError(f"a {width} x {height} picture's {h} x {w} patch grid shrinks to {out_h} x {out_w} "
+                        f"under anyres_max_{spec.max_grid}: too thin a strip for this checkpoint; crop it")
+    return layout
 
 
 def unpadded_size(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
-    """(h, w) in patches of the tile grid's features once the black bands are cropped off."""
-    *_, h, w = _layout(width, height, spec)
+    """(h, w) in patches of the tile grid's features once the black bands are cropped off (before any cap)."""
+    h, w = _layout(width, height, spec)[4:6]
     return h, w
 
 
+def packed_grid_size(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
+    """(h, w) of the grid that is packed, a newline after each of its h rows: :func:`unpadded_size`, resized
+    under ``spec.max_grid``."""
+    out_h, out_w = _packed_layout(width, height, spec)[6:]
+    return out_h, out_w
+
+
 def _positions(spec: AnyresSpec, h: int, w: int) -> int:
-    return spec.side * spec.side + h * (w + 1)  # the base tile, then each unpadded row and its image_newline
+    return spec.side * spec.side + h * (w + 1)  # the base tile, then each packed row and its image_newline
 
 
 def num_positions(width: int, height: int, spec: AnyresSpec) -> int:
     """How many LM positions the picture takes (what the prompt's image placeholder expands to)."""
-    return _positions(spec, *unpadded_size(width, height, spec))
+    return _positions(spec, *packed_grid_size(width, height, spec))
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``n_out`` output indices: the two input indices and their float32 weights, as torch's CPU
+    ``upsample_bilinear2d`` computes them for ``align_corners=False`` and no ``scale_factor``."""
+    # the scale comes from the sizes, in float32 (area_pixel_compute_scale -> compute_scales_value)
+    scale = np.float32(n_in) / np.float32(n_out)
+    # area_pixel_compute_source_index: scale * (i + 0.5) - 0.5. The product of a float32 scale and i + 0.5 is
+    # exact in float64, so this rounds once to float32, as a fused multiply-add does (the pinned torch's CPU build
+    # agrees with this more often than with two roundings); either way an ulp of the index moves the output by
+    # less than float32 rounding, as the interpolation is continuous across whole indices
+    src = (np.float64(scale) * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))  # negative source indices clamp to 0 (linear modes only)
+    # guard_index_and_lambda: the lower index, at most the last one; the weight of the next, within [0, 1]
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)  # the last input index pairs with itself
+    return i0, i1, np.float32(1) - lam1, lam1
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A (h, w, C) float32 feature map resized to (height, width, C) as
+    ``F.interpolate(t[None].permute(0, 3, 1, 2), (height, width), mode="bilinear", align_corners=False)``
+    (antialias off) does, to float32 rounding.
+
+    Written by hand because the runtime has no torch (numpy and PIL only); PIL's bilinear filter is a different
+    kernel (it widens when downscaling), so only torch's own index and weight formulas give its answer.
+    """
+    if x.ndim != 3 or x.dtype != np.float32:
+        raise ValueError(f"resize_bilinear takes a (h, w, C) float32 map, not {x.dtype} {x.shape}")
+    if min(x.shape[:2]) < 1 or height < 1 or width < 1:
+        raise ValueError(f"resize_bilinear: sizes must be positive ({x.shape[:2]} -> {(height, width)})")
+    r0, r1, a0, a1 = _linear_taps(x.shape[0], height)
+    c0, c1, b0, b1 = _linear_taps(x.shape[1], width)
+    # along the width within each input row, then between the two rows, the nesting of torch's generic CPU
+    # kernel; its channels-last kernel (small outputs) sums the four weighted corners instead, and the compiler
+    # fuses multiply-adds in both, so the two agree with this to float32 rounding rather than bit for bit
+    across = b0[None, :, None] * x[:, c0] + b1[None, :, None] * x[:, c1]
+    return a0[:, None, None] * across[r0] + a1[:, None, None] * across[r1]
 
 
 def tiles(image: Image.Image, spec: AnyresSpec, image_spec: ImageSpec) -> np.ndarray:
@@ -239,9 +335,9 @@ def tiles(image: Image.Image, spec: AnyresSpec, image_spec: ImageSpec) -> np.nda
 
 def pack(features: np.ndarray, width: int, height: int, spec: AnyresSpec, newline: np.ndarray) -> np.ndarray:
     """The tiles' projected features (1 + rows*cols, side*side, H), base tile first, as the LM's image
-    positions: (num_positions, H), the base tile's patches, then the unpadded grid row by row, each row
-    followed by ``newline`` (H,)."""
-    rows, cols, top, left, h, w = _layout(width, height, spec)
+    positions: (num_positions, H), the base tile's patches, then the unpadded grid (resized under
+    ``spec.max_grid``, in float32) row by row, each row followed by ``newline`` (H,)."""
+    rows, cols, top, left, h, w, out_h, out_w = _packed_layout(width, height, spec)
     s = spec.side
     if features.ndim != 3 or features.shape[:2] != (1 + rows * cols, s * s):
         raise ValueError(f"features for a {width} x {height} picture must be (1 + {rows}*{cols}, {s * s}, H), "
@@ -251,7 +347,9 @@ def pack(features: np.ndarray, width: int, height: int, spec: AnyresSpec, newlin
         raise ValueError(f"image_newline must be ({dim},), not {newline.shape}")
     g = features[1:].reshape(rows, cols, s, s, dim).transpose(0, 2, 1, 3, 4).reshape(rows * s, cols * s, dim)
     g = g[top : top + h, left : left + w]
-    ends = np.broadcast_to(newline.astype(features.dtype), (h, 1, dim))
-    out = np.concatenate([features[0], np.concatenate([g, ends], axis=1).reshape(h * (w + 1), dim)])
-    assert len(out) == _positions(spec, h, w)
+    if (out_h, out_w) != (h, w):
+        g = resize_bilinear(np.ascontiguousarray(g, dtype=np.float32), out_h, out_w).astype(features.dtype)
+    ends = np.broadcast_to(newline.astype(features.dtype), (out_h, 1, dim))
+    out = np.concatenate([features[0], np.concatenate([g, ends], axis=1).reshape(out_h * (out_w + 1), dim)])
+    assert len(out) == _positions(spec, out_h, out_w)
     return out

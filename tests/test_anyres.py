@@ -276,7 +276,8 @@ def test_settings_round_trip_and_refusals():
     _one_line_error(AnyresSpec.from_dict, {"tile": 336, "patch": 14}, match="lack pinpoints, orientation, rounding")
     _one_line_error(AnyresSpec.from_dict, {**spec.to_dict(), "orientation": "xy"}, match="orientation 'xy'")
     _one_line_error(AnyresSpec.from_dict, {**spec.to_dict(), "rounding": "ceil"}, match="rounding 'ceil'")
-    _one_line_error(AnyresSpec.from_dict, {**spec.to_dict(), "patch": 15}, match="not a whole number of 15 px")
+    _one_line_error(AnyresSpec.from_dict, {**spec.to_dict(), "patch": 400}, match="larger than the 336 px tile")
+    assert AnyresSpec.from_dict({**spec.to_dict(), "patch": 15}).side == 22  # the tower drops the remainder
     _one_line_error(AnyresSpec.from_dict, {**spec.to_dict(), "pinpoints": [[336, 700]]}, match="multiple")
     llava_cfg = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
                  "image_grid_pinpoints": str(LLAVA16), "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
