@@ -57,7 +57,7 @@ class AnyresTiles(ImagePath):
     def describe(self, prepared: PreparedImage) -> str:
         w, h = prepared.size
         rows, cols = prepared.grid or (0, 0)
-        uh, uw = anyres.unpadded_size(w, h, self.grid)
+        uh, uw = anyres.packed_grid_size(w, h, self.grid)
         side = self.grid.tile // self.grid.patch
         return (f"{w}x{h} px -> {rows}x{cols} tiles of {self.grid.tile} px + the whole picture in one: "
                 f"{side * side} base positions + {uh}x{uw} unpadded grid with a newline per row = "
