@@ -419,3 +419,34 @@ def test_a_new_process_reuses_a_tiled_picture_s_saved_cells(default_bundle, tmp_
 
     p = families.PreparedImage("", np.zeros((3, 3, 8, 8), np.float32), 1, (300, 200))
     assert families.pixels_key(p.pixels, (300, 200)) != families.pixels_key(p.pixels, (301, 200))
+
+
+def test_serve_answers_tiled_pictures_as_chat_does(default_bundle, tmp_path):
+    """`serve` on a LLaVA-NeXT bundle, driven by the official openai client: the greedy answer equals
+    `EdgeLLaVA.chat`'s, usage counts the picture's positions, and --max-tiles refuses a larger picture with a
+    JSON 4xx naming the limit."""
+    from openai import BadRequestError, OpenAI
+    from serve_helpers import serving, user_message
+
+    from llava_edge import EdgeLLaVA
+
+    img = tmp_path / "wide.png"
+    picture(300, 130).save(img)
+    big = tmp_path / "big.png"
+    picture(640, 480).save(big)
+    m = EdgeLLaVA.load(default_bundle, device="cpu", threads=1, prefix_cache=False)
+    try:
+        want = m.chat(str(img), QUESTION, max_tokens=8)
+        slots, _, _ = m.conversation_slots(QUESTION, str(img))
+    finally:
+        m.close()
+    with serving(default_bundle, tmp_path, "--device", "cpu", "--threads", "1", "--no-prefix-cache",
+                 "--max-tiles", "3") as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="-")
+        r = c.chat.completions.create(model="b", messages=[user_message(QUESTION, img)], max_tokens=8,
+                                      temperature=0)
+        assert r.choices[0].message.content == want
+        assert r.usage.prompt_tokens == len(slots)
+        with pytest.raises(BadRequestError) as e:
+            c.chat.completions.create(model="b", messages=[user_message(QUESTION, big)], max_tokens=2)
+        assert "--max-tiles" in str(e.value)

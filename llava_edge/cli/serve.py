@@ -51,6 +51,7 @@ def serve(
     vision_variant: o.VisionVariant = None,
     image_tokens: o.ImageTokens = None,
     token_method: o.TokenMethod = None,
+    max_tiles: o.MaxTiles = None,
     llm_variant: o.LlmVariant = None,
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context per conversation in tokens (default: the "
                                       "profile's)"),
@@ -102,7 +103,7 @@ def serve(
 
     def load():
         return EdgeLLaVA.load(path, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
-                              image_tokens=image_tokens, token_method=token_method,
+                              image_tokens=image_tokens, token_method=token_method, max_tiles=max_tiles,
                               threads=threads, prefix_cache=not no_prefix_cache, conv_mode=conv_mode,
                               verify=not no_verify, parallel=parallel)
 
