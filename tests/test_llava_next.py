@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from next_helpers import hf_count, picture
+
 from llava_edge import manifest
 from llava_edge.errors import UserError
 
@@ -105,26 +107,6 @@ def default_runtime(default_bundle):
     m = EdgeLLaVA.load(default_bundle, device="cpu", kv_cache="f32", threads=1)
     yield m
     m.close()
-
-
-def picture(w: int, h: int, seed: int = 0) -> Image.Image:
-    """Smooth colours with some edges: every tile differs, and resampling is exercised."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    a = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 7) % 256], -1)
-    a = (a + rng.integers(0, 40, a.shape)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(a, "RGB")
-
-
-def hf_count(next_toy, im: Image.Image) -> int:
-    """The number of image tokens transformers' LlavaNextProcessor puts in the prompt for ``im``."""
-    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(next_toy),
-                              tokenizer=AutoTokenizer.from_pretrained(next_toy), patch_size=14,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    ids = proc(text="<image>", images=im, return_tensors="np")["input_ids"][0]
-    return int((ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum())
 
 
 def hf_inputs(next_processor, im: Image.Image) -> dict:

@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from next_helpers import picture
 
 import llava_edge.export.mmproj_gguf as mmproj_gguf
 from llava_edge import anyres
@@ -76,15 +76,6 @@ def measured_positions(next_mmproj, next_text_gguf):
     path, _ = next_mmproj
     ims = [np.asarray(picture(w, h)) for w, h in SIZES]
     return dict(zip(SIZES, mtmd.image_positions(path, next_text_gguf, ims)))
-
-
-def picture(w: int, h: int, seed: int = 0) -> Image.Image:
-    """Smooth colours with some edges (tests/test_llava_next.py's): every tile differs, resampling shows."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    a = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 7) % 256], -1)
-    a = (a + rng.integers(0, 40, a.shape)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(a, "RGB")
 
 
 def llama_cpp_pinpoints(ckpt) -> list[tuple[int, int]]:

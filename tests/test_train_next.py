@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from cli_run import assert_one_line_error  # tests/ is on sys.path under pytest
+from next_helpers import hf_count
+
 from llava_edge.train.data import IGNORE_INDEX
 
 # (width, height): a tie, wide, tall, a strip, two tiles exactly: five different position counts at 112 px tiles
@@ -75,17 +77,6 @@ def _dataset(ckpt, data, folder):
     tok = Tokenizer(ckpt.path)
     return LlavaDataset(records, get_template("vicuna_v1"), tok, ckpt.image_token_id,
                         family.max_positions(section, per_tile), images, 2048, family), tok
-
-
-def hf_count(model_dir, im: Image.Image) -> int:
-    """The image tokens transformers' LlavaNextProcessor puts in a prompt for ``im``."""
-    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(model_dir),
-                              tokenizer=AutoTokenizer.from_pretrained(model_dir), patch_size=14,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    ids = proc(text="<image>", images=im, return_tensors="np")["input_ids"][0]
-    return int((ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum())
 
 
 def _runs(labels):
