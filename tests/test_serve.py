@@ -368,7 +368,8 @@ def test_remote_images_when_allowed_and_cors_when_asked(toy, tmp_path, solo):
 
 def test_no_cors_unless_asked(server):
     r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.test"})
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    assert httpx.get(server.url + "/v1/models").status_code == 200  # API clients send no Origin
 
 
 # -- safe by default ------------------------------------------------------------------------------------------------
