@@ -14,6 +14,7 @@ import signal
 import socketserver
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -130,6 +131,27 @@ def test_generate_rejects_and_counts_what_a_bad_writer_writes_and_resumes_withou
     assert json.loads(out.read_text()) == records
 
 
+STALL_AFTER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from llava_edge.datagen.llm import Endpoint
+
+    marker, allowed = Path(sys.argv[1]), int(sys.argv[2])
+    real, calls = Endpoint.complete, [0]
+
+    def complete(self, *args, **kw):
+        calls[0] += 1
+        if calls[0] > allowed:
+            marker.write_text(str(calls[0]))
+            time.sleep(3600)  # killed here, before this request goes out
+        return real(self, *args, **kw)
+
+    Endpoint.complete = complete
+    from llava_edge.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
 def test_an_interrupted_run_resumes_without_duplicates_and_its_output_trains(server, trained_bundle, tmp_path,
                                                                             trained_toy):
     # the toy writes its long description when the picture's notes ask for one; the same answer for every
@@ -142,19 +164,26 @@ def test_an_interrupted_run_resumes_without_duplicates_and_its_output_trains(ser
     pics = sorted(images.glob("eval_*.png"))[:40]
     caps, inst = write_coco(tmp_path, pics, ["Describe the image in detail."])
     out = tmp_path / "detail.json"
-    args = [sys.executable, "-c", CODE, "data", "generate", "--captions", str(caps), "--images", str(images),
+    args = ["data", "generate", "--captions", str(caps), "--images", str(images),
             "--llm", server.url + "/v1", "--model", "toy", "--out", str(out), "--kinds", "detail", "--prompts",
             str(tmp_path / "prompts"), "--temperature", "0", "--parallel", "1", "--max-tokens", "64"]
-    journal = tmp_path / "detail.json.journal.jsonl"
-    p = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
-    end = time.monotonic() + 120
-    while not (journal.exists() and journal.read_text().count("\n") >= 5) and time.monotonic() < end:
+    journal, stalled = tmp_path / "detail.json.journal.jsonl", tmp_path / "stalled"
+    # the run stops before its 6th request and is killed there, whatever this machine's speed: one request at a
+    # time, so 5 items are journaled by then, and none after
+    p = subprocess.Popen([sys.executable, "-c", STALL_AFTER, str(stalled), "5", *args], stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 600  # only stops a hang: 5 answers of the toy take seconds
+    while not stalled.exists():
+        if p.poll() is not None:
+            pytest.fail(f"data generate ended before its 6th request: {p.stderr.read()}")
+        assert time.monotonic() < deadline, "data generate never reached its 6th request"
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    p.stderr.close()
     first = journal.read_text().count("\n")
-    assert 5 <= first < len(pics) and not out.exists()
-    r = le(*args[3:])
+    assert first == 5 and not out.exists()
+    r = le(*args)
     assert r.returncode == 0, r.stderr
     keys = [json.loads(x)["key"] for x in journal.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == len(pics)  # everything once: nothing redone, nothing twice
@@ -177,8 +206,10 @@ def test_overload_and_timeouts_are_retried(trained_bundle, tmp_path):
     with serving(trained_bundle[0], tmp_path, "--parallel", "1", "--queue", "0", "--ctx", "8192",
                  "--quiet") as s:
         out = tmp_path / "a.json"
+        # the last of the six is turned away (Retry-After: 1 s) while the five before it are answered one at a
+        # time: the most retries the command allows, so that a slow machine's longer answers do not run it out
         r = le("data", "generate", "--captions", caps, "--llm", s.url, "--model", "toy", "--out", out, "--kinds",
-               "conversation", "--max-tokens", "48", "--parallel", "6", "--retries", "30")
+               "conversation", "--max-tokens", "48", "--parallel", "6", "--retries", "100")
         assert r.returncode == 0, r.stderr
         journal = [json.loads(x) for x in (tmp_path / "a.json.journal.jsonl").read_text().splitlines()]
         assert len(journal) == 6 and sum(e["retries"] for e in journal) > 0
