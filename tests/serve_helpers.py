@@ -25,8 +25,9 @@ class Served:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path):
         self.proc, self.url, self.log = proc, url, log
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, as systemd or docker stop; the exit code."""
+    def stop(self, timeout: float = 600) -> int:
+        """SIGTERM, as systemd or docker stop; the exit code. The wait is long because a graceful stop finishes the
+        answers running, which a busy machine makes slow: only a hang reaches it."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
