@@ -238,6 +238,23 @@ def cmd_prompt(req: dict) -> dict:
 
 # ---------------------------------------------------------------- make-checkpoint
 
+def write_clip_tower(tower_dir: Path, vcfg, seed: int) -> None:
+    """A random CLIP tower (weights exact in fp16) and its processor, in a folder of its own."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    size = int(vcfg.image_size)
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(vcfg).eval()
+    _round_to_half(tower)
+    tower.save_pretrained(tower_dir, safe_serialization=True)
+    CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
+        crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
+    ).save_pretrained(tower_dir)
+
+
 def _round_to_half(module) -> None:
     import torch
 
@@ -251,7 +268,7 @@ def cmd_make_checkpoint(req: dict) -> dict:
 
     import torch
     import transformers
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig
     from llava.model import LlavaConfig, LlavaLlamaForCausalLM
 
     out = Path(req["out"]).resolve()
@@ -270,15 +287,7 @@ def cmd_make_checkpoint(req: dict) -> dict:
         num_hidden_layers=int(req.get("vision_layers", 3)), num_attention_heads=int(req.get("vision_heads", 2)),
         image_size=size, patch_size=patch, projection_dim=int(req.get("vision_hidden_size", 32)),
         hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(vcfg).eval()
-    _round_to_half(tower)
-    tower.save_pretrained(tower_dir, safe_serialization=True)
-    CLIPImageProcessor(
-        do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
-        crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
-    ).save_pretrained(tower_dir)
+    write_clip_tower(tower_dir, vcfg, seed)
 
     cfg = LlavaConfig(
         vocab_size=len(tokenizer), hidden_size=int(req.get("hidden_size", 64)),

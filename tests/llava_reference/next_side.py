@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 import llava_side  # this folder is the script's own: sys.path[0]
-from llava_side import CLIP_MEAN, CLIP_STD, _round_to_half, build_prompt, conv_mode_for, to_float32
+from llava_side import _round_to_half, build_prompt, conv_mode_for, to_float32
 
 _STDOUT = llava_side._STDOUT  # llava_side sent sys.stdout to stderr: the one JSON answer goes here
 
@@ -44,7 +44,7 @@ def make_one(spec: dict, out: Path) -> dict:
 
     import torch
     import transformers
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig
     from llava.model import LlavaConfig, LlavaLlamaForCausalLM, LlavaMistralConfig, LlavaMistralForCausalLM
 
     name, seed = spec["name"], int(spec.get("seed", 0))
@@ -55,15 +55,7 @@ def make_one(spec: dict, out: Path) -> dict:
     vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                             image_size=size, patch_size=patch, projection_dim=32, hidden_act="quick_gelu",
                             layer_norm_eps=1e-5)
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(vcfg).eval()
-    _round_to_half(tower)
-    tower.save_pretrained(tower_dir, safe_serialization=True)
-    CLIPImageProcessor(
-        do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
-        crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
-    ).save_pretrained(tower_dir)
+    llava_side.write_clip_tower(tower_dir, vcfg, seed)
 
     heads = int(spec.get("num_heads", 4))
     text = dict(
