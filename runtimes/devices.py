@@ -680,7 +680,11 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     else:
         ctx = min(trained, profile.max_ctx)
         ctx_why = f"the model's training context {trained}, capped at {profile.max_ctx} by profile {profile.name}"
-        picture = families.by_name(m.family).max_positions(m.image, m.image_tokens(vision))
+        try:
+            tokens = m.image_tokens(vision)
+        except (KeyError, TypeError, ValueError):
+            tokens = None  # the runtime names the missing or malformed count in one line when it loads the graph
+        picture = 0 if tokens is None else families.by_name(m.family).max_positions(m.image, tokens)
         if picture + TEXT_ROOM > ctx and ctx < trained:  # a tiled picture must never overflow the profile's cap
             ctx = min(trained, picture + TEXT_ROOM)
             ctx_why += (f", raised to {ctx}: the largest picture takes {picture} positions and a conversation "
