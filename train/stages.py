@@ -60,11 +60,12 @@ def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_
         if not records:
             raise UserError("no record has an image: the projector has nothing to learn from")
     family = ckpt.family
-    if ckpt.recipe.get("anyres_origin", "hf") != "hf":
+    hf_recipe = family.hf_recipe(ckpt.recipe)
+    if hf_recipe != ckpt.recipe:
         # transformers' model packs the features in training: pictures are tiled and counted its way, and the
-        # output (whose recipe names no other origin) is read its way
+        # output is read its way
         log(f"{ckpt.path} was trained with LLaVA's own anyres packing; training goes on with transformers'")
-        ckpt = replace(ckpt, recipe={k: v for k, v in ckpt.recipe.items() if k != "anyres_origin"})
+        ckpt = replace(ckpt, recipe=hf_recipe)
     if image_tokens:  # a reduced-token run: LLaVA-1.5's one tile, reduced to image_tokens positions in the model
         images, most = replace(ckpt.image_spec(), pad=pad), image_tokens
     else:

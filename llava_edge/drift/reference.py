@@ -118,8 +118,9 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
             picture = images.prepare(item.image)  # the runtime's preprocessing, the family's tiles
             full = expand_image(ids, img_id, [img_id] * picture.positions)
             with torch.no_grad():
-                kwargs = family.hf_generation_inputs(hf, full, picture, images)
-                feats = family.hf_image_features(hf, picture, images).float().cpu().numpy()
+                features = family.hf_image_features(hf, picture, images)
+                kwargs = family.hf_generation_inputs(hf, full, picture, images, features)
+            feats = features.float().cpu().numpy()
             px = torch.from_numpy(picture.pixels).to(dev, getattr(torch, dtype))
             with torch.no_grad():
                 for r in reductions:  # the tower runs once per reduction, then each projector on its tokens

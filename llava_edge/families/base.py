@@ -198,10 +198,16 @@ class Family:
         (not so for a converted original LLaVA-1.6: transformers reads its pinpoints transposed)."""
         return True
 
-    def hf_generation_inputs(self, model, ids: list[int], prepared: PreparedImage, images: ImagePath) -> dict:
+    def hf_recipe(self, recipe: dict) -> dict:
+        """The checkpoint recipe under which transformers' class reads pictures as the checkpoint says it was
+        trained: what training, which runs that class, continues with (the same recipe for most families)."""
+        return recipe
+
+    def hf_generation_inputs(self, model, ids: list[int], prepared: PreparedImage, images: ImagePath,
+                             features=None) -> dict:
         """``generate``'s keyword arguments for the prompt ``ids`` (the image expanded to its positions): the ids
         and pixels where the class reads pictures as trained; else the prompt's embeddings with the picture's
-        features (:meth:`hf_image_features`) in place of its positions."""
+        features (``features``, else :meth:`hf_image_features`) in place of its positions."""
         import torch
 
         if self.hf_reads_as_trained(images):
@@ -211,7 +217,9 @@ class Family:
         t = torch.tensor([ids], device=model.device)
         embeds = model.get_input_embeddings()(t).clone()
         mask = t[0] == model.config.image_token_id
-        embeds[0, mask] = self.hf_image_features(model, prepared, images).to(embeds.dtype)
+        if features is None:
+            features = self.hf_image_features(model, prepared, images)
+        embeds[0, mask] = features.to(embeds.dtype)
         return {"input_ids": t, "inputs_embeds": embeds, "attention_mask": torch.ones_like(t)}
 
     def hf_inputs(self, prepared: list[PreparedImage]) -> dict:

@@ -176,6 +176,11 @@ class LlavaNext(Family):
             h = h[:, 1:]
         return model.model.multi_modal_projector(h)
 
+    def hf_recipe(self, recipe: dict) -> dict:
+        """Without ``anyres_origin``: transformers' class tiles and packs its own way, so a checkpoint it trains
+        is then read its way."""
+        return {k: v for k, v in recipe.items() if k != "anyres_origin"}
+
     def hf_reads_as_trained(self, images: ImagePath) -> bool:
         return (images.grid.orientation, images.grid.rounding) == anyres.ORIGINS["hf"]
 
