@@ -109,12 +109,6 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     return sample_token(logits, s.temperature, s.top_p, rng)
 
 
-def image_key(pixels: np.ndarray) -> str:
-    """What the KV cache's image slots (and saved image cells) of a one-tile picture are keyed by: the
-    preprocessed pixels' hash (``families.pixels_key``; tiled pictures add their layout)."""
-    return families.pixels_key(pixels)
-
-
 class EdgeLLaVA:
     """One loaded bundle: vision encoder + llama.cpp context + tokenizer, chosen by a device profile."""
 
