@@ -18,17 +18,23 @@ def toy_data(
     n_stage1: int = typer.Option(2000, help="Caption records (stage 1)"),
     n_stage2: int = typer.Option(2000, help="Instruction records (stage 2)"),
     n_eval: int = typer.Option(200, help="Held-out evaluation questions"),
-    image_size: int = typer.Option(128, help="Rendered image side in pixels"),
+    image_size: Optional[int] = typer.Option(None, help="Rendered image side in pixels (default: 128; the detail "
+                                             "world's 224)"),
+    detail: bool = typer.Option(False, "--detail", help="The detail world: patterned shapes and a pattern question "
+                                "that one tile's pixels cannot answer"),
 ):
     """Synthetic shape scenes in LLaVA's JSON conversation format."""
-    from ..toy.data import write_dataset
+    from ..toy.data import DETAIL_IMAGE_SIZE, write_dataset
+
+    if image_size is None:
+        image_size = DETAIL_IMAGE_SIZE if detail else 128
 
     for n in (n_stage1, n_stage2, n_eval):
         if n < 0:
             raise UserError("record counts must be zero or more")
     if image_size < 16:
         raise UserError("--image-size must be at least 16")
-    paths = write_dataset(out, seed, n_stage1, n_stage2, n_eval, image_size)
+    paths = write_dataset(out, seed, n_stage1, n_stage2, n_eval, image_size, detail)
     for split, p in paths.items():
         say(f"{split}: {p}")
 
@@ -60,11 +66,20 @@ def toy_model(
 def toy_build(
     out: Path = typer.Option(..., "--out", help="Folder for data, every stage's output and the final model"),
     seed: int = typer.Option(0),
+    preset: str = typer.Option("toy", help="Model shape: toy (LLaVA-1.5, one tile) | toy-next (LLaVA-NeXT, anyres)"),
+    detail: bool = typer.Option(False, "--detail", help="The detail world: patterned shapes and a pattern question "
+                                "that one tile's pixels cannot answer"),
+    n_eval: int = typer.Option(200, "--n-eval", help="Held-out evaluation questions"),
 ):
     """The whole recipe on the toy world: pretrain the halves, stage 1, stage 2, evaluate."""
-    from ..toy.build import build
+    from ..toy.build import BuildSize, build
+    from ..toy.model import preset_shape
 
-    build(out, seed=seed, log=say)
+    if preset_shape(preset).get("real"):
+        raise UserError(f"toy build trains the small presets (toy, toy-next), not {preset}")
+    if n_eval < 1:
+        raise UserError("--n-eval must be at least 1")
+    build(out, seed=seed, size=BuildSize(n_eval=n_eval), log=say, preset=preset, detail=detail)
 
 
 @toy_app.command("ablation")

@@ -8,6 +8,11 @@
     DIR/eval.json   its held-out accuracy
 
 A step whose output is complete is not run again.
+
+``preset`` picks the model's shape (``toy``: LLaVA-1.5, one tile; ``toy-next``:
+LLaVA-NeXT, anyres tiles); both take the same data, training preset and steps
+through the same stages. ``detail``: the detail world (``toy/data.py``), whose
+pattern question needs more than one tile's pixels.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class BuildSize:
     stage2_epochs: float = 3.0
 
 
-def build_base(out: Path, seed: int, size: BuildSize, log=print) -> Path:
+def build_base(out: Path, seed: int, size: BuildSize, log=print, preset: str = "toy", detail: bool = False) -> Path:
     """Random toy LLaVA, then a short pretraining of its vision tower and its language model."""
     if (out / "config.json").is_file():
         return out
@@ -44,39 +49,46 @@ def build_base(out: Path, seed: int, size: BuildSize, log=print) -> Path:
 
     torch.manual_seed(seed)
     with atomic.atomic_path(out) as tmp:
-        write_toy_model(tmp, seed=seed)
+        write_toy_model(tmp, preset, seed=seed)
         ckpt = open_checkpoint(tmp)
         model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")  # a GPU, where there is one
         tok = Tokenizer(tmp)
         pretrain_vision(model, ckpt.image_spec(), steps=size.vision_steps, seed=seed, log=log)
-        pretrain_language(model, tok, steps=size.language_steps, seed=seed, log=log)
+        pretrain_language(model, tok, steps=size.language_steps, seed=seed, log=log, detail=detail)
         model.cpu().save_pretrained(tmp, safe_serialization=True)
     return out
 
 
-def build(out: str | Path, seed: int = 0, size: BuildSize = BuildSize(), log=print) -> dict:
+def build(out: str | Path, seed: int = 0, size: BuildSize = BuildSize(), log=print, preset: str = "toy",
+          detail: bool = False) -> dict:
     from ..train import stages
     from ..train.presets import get_preset
-    from .data import FILES, write_dataset
+    from .data import DETAIL_IMAGE_SIZE, FILES, write_dataset
     from .evaluate import evaluate_hf
+    from .model import preset_shape
 
+    if preset_shape(preset).get("real"):
+        from ..errors import UserError
+
+        raise UserError(f"toy build trains the small presets (toy, toy-next), not {preset}")
     out = Path(out)
     t0 = time.time()
     data = out / "data"
     if not (data / FILES["eval"]).is_file():
         log("toy data")
-        write_dataset(data, seed, size.n_stage1, size.n_stage2, size.n_eval)
+        write_dataset(data, seed, size.n_stage1, size.n_stage2, size.n_eval,
+                      **(dict(image_size=DETAIL_IMAGE_SIZE, detail_world=True) if detail else {}))
     log("base model: pretraining the vision tower and the language model")
-    base = build_base(out / "base", seed, size, log)
-    preset = get_preset("toy")
+    base = build_base(out / "base", seed, size, log, preset, detail)
+    training = get_preset("toy")
     if not (out / "stage1" / "mm_projector.safetensors").is_file():
         log("stage 1: feature alignment (projector only, plain template)")
         stages.stage1(str(base), data / FILES["stage1"], data, out / "stage1",
-                      replace(preset.stage1, epochs=size.stage1_epochs, seed=seed), pad="square", log=log)
+                      replace(training.stage1, epochs=size.stage1_epochs, seed=seed), pad="square", log=log)
     if not (out / "stage2" / "model.safetensors").is_file():
         log("stage 2: visual instruction tuning (projector + language model, vicuna_v1)")
         stages.stage2(str(base), data / FILES["stage2"], data, out / "stage2",
-                      replace(preset.stage2, epochs=size.stage2_epochs, seed=seed),
+                      replace(training.stage2, epochs=size.stage2_epochs, seed=seed),
                       projector=out / "stage1" / "mm_projector.safetensors", pad="pad", log=log)
     model = out / "model"
     if not (model / "model.safetensors").is_file():

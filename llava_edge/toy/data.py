@@ -7,6 +7,12 @@ complex reasoning; plus, as in LLaVA-1.5's mix, short-answer VQA questions
 packed several to an image. Stage 1 gets brief captions; the held-out evaluation file
 asks short questions (LLaVA-1.5's "single word or phrase" prompt) whose gold
 answers are scored exactly.
+
+The detail world (``detail_world=True``, opt-in) draws the objects with a fill pattern
+(``scenes.random_detail_scene``) at ``DETAIL_IMAGE_SIZE`` and adds one question
+kind, ``pattern``, whose answer only a view at the picture's own pixels shows.
+Its captions and descriptions name the pattern too. Without it the data are the
+default world's, byte for byte.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import random
 from pathlib import Path
 
 from .. import atomic
-from ..scenes import CELLS, COLORS, NUMBER_WORDS, SHAPES, Scene, random_scene, render
+from ..scenes import CELLS, COLORS, NUMBER_WORDS, SHAPES, Scene, random_detail_scene, random_scene, render
 
 SHORT = "Answer the question using a single word or phrase."
 CAPTION_PROMPTS = (
@@ -34,6 +40,10 @@ CATEGORIES = ("conversation", "detail", "reasoning", "vqa")
 CATEGORY_WEIGHTS = (0.2, 0.2, 0.2, 0.4)
 VQA_PER_IMAGE = (3, 6)  # short questions packed into one VQA record
 FILES = {"stage1": "stage1_captions.json", "stage2": "stage2_instruct.json", "eval": "eval.json"}
+# The detail world's pictures: LLaVA-NeXT's 2x2 grid of the toy's 112 px tiles holds them at their own pixels (no
+# resize, so a one-pixel pattern reaches the tower), while LLaVA-1.5's one tile and NeXT's base tile shrink them
+# about two times, below the pattern's lines.
+DETAIL_IMAGE_SIZE = 224
 
 
 def plural(word: str, n: int) -> str:
@@ -47,7 +57,7 @@ def join_phrases(parts: list[str]) -> str:
 def _what(scene: Scene) -> str:
     """"a large red circle" / "three large red circles"."""
     o, n = scene.objects[0], len(scene.objects)
-    return o.phrase() if n == 1 else f"{NUMBER_WORDS[n]} {o.size} {o.color} {plural(o.shape, n)}"
+    return o.phrase() if n == 1 else f"{NUMBER_WORDS[n]} {o.size} {o.look()} {plural(o.shape, n)}"
 
 
 def _where(scene: Scene) -> str:
@@ -69,18 +79,21 @@ def detail(scene: Scene) -> str:
 
 
 KINDS = ("shape", "color", "size", "count", "where", "exists")
+DETAIL_KIND = "pattern"  # asked of the detail world's scenes only
 
 
 # How often each kind is asked in the stage-2 mix (the held-out set asks them evenly).
 # "Is there a blue square?" is asked more: the answer needs the question's own words
 # compared with the image, which a small language model learns last (docs/TRAINING.md).
-TRAIN_KIND_WEIGHTS = {"shape": 1, "color": 1, "size": 1, "count": 1, "where": 1, "exists": 3}
+TRAIN_KIND_WEIGHTS = {"shape": 1, "color": 1, "size": 1, "count": 1, "where": 1, "exists": 3, DETAIL_KIND: 1}
 
 
 def short_qa(scene: Scene, rng: random.Random, weights: dict[str, float] | None = None) -> tuple[str, str, str]:
     """One question with a one-word (or one-phrase) gold answer: (kind, question, answer)."""
     o, n = scene.objects[0], len(scene.objects)
     kinds = KINDS if n == 1 else KINDS[:4] + KINDS[5:]  # "where" needs a single object
+    if scene.pattern:
+        kinds += (DETAIL_KIND,)
     kind = rng.choice(kinds) if weights is None else rng.choices(kinds, [weights[k] for k in kinds])[0]
     it = "the shape" if n == 1 else "the shapes"
     if kind == "shape":
@@ -93,6 +106,8 @@ def short_qa(scene: Scene, rng: random.Random, weights: dict[str, float] | None 
         return kind, "How many shapes are there?", str(n)
     if kind == "where":
         return kind, "Where is the shape?", o.cell
+    if kind == DETAIL_KIND:
+        return kind, f"What pattern {'does' if n == 1 else 'do'} {it} have?", o.pattern
     shape, color = (o.shape, o.color) if rng.random() < 0.5 else (rng.choice(SHAPES), rng.choice(list(COLORS)))
     return kind, f"Is there a {color} {shape}?", "Yes" if scene.count(shape, color) else "No"
 
@@ -145,11 +160,12 @@ TEXT_ONLY = (
 )
 
 
-def make_split(split: str, n: int, out: Path, seed: int, image_size: int) -> list[dict]:
+def make_split(split: str, n: int, out: Path, seed: int, image_size: int, detail_world: bool = False) -> list[dict]:
     rng = random.Random(f"llava-edge-toy-{seed}-{split}")
+    new_scene = random_detail_scene if detail_world else random_scene
     records = []
     for i in range(n):
-        scene = random_scene(rng)
+        scene = new_scene(rng)
         name = f"images/{split}_{i:05d}.png"
         render(scene, image_size, rng).save(out / name)
         rid = f"{split}_{i:05d}"
@@ -182,13 +198,14 @@ def make_split(split: str, n: int, out: Path, seed: int, image_size: int) -> lis
 
 
 def write_dataset(out: str | Path, seed: int = 0, n_stage1: int = 2000, n_stage2: int = 2000,
-                  n_eval: int = 200, image_size: int = 128) -> dict[str, Path]:
-    """Write images and the three JSON files under ``out``; returns the JSON paths."""
+                  n_eval: int = 200, image_size: int = 128, detail_world: bool = False) -> dict[str, Path]:
+    """Write images and the three JSON files under ``out``; returns the JSON paths. ``detail_world``: the detail world
+    (give it ``DETAIL_IMAGE_SIZE``)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n in (("stage1", n_stage1), ("stage2", n_stage2), ("eval", n_eval)):
-        records = make_split(split, n, out, seed, image_size)
+        records = make_split(split, n, out, seed, image_size, detail_world)
         paths[split] = out / FILES[split]
         atomic.write_json(paths[split], records)
     return paths

@@ -33,27 +33,29 @@ def score(records: list[dict], answers: list[str]) -> dict:
 
 
 def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: int = 12) -> dict:
-    """Greedy answers of the Hugging Face model, prompted exactly as the runtime (and LLaVA's evaluation) prompts."""
+    """Greedy answers of the Hugging Face model, prompted exactly as the runtime (and LLaVA's evaluation) prompts,
+    each picture prepared by the checkpoint's family as export and the runtime prepare it."""
     import torch
 
     from ..checkpoint import load_hf_model, open_checkpoint
-    from ..preprocess import preprocess
     from ..templates import expand_image, get_template
     from ..tokenizer import Tokenizer
 
     ckpt = open_checkpoint(model_dir)
     model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")
     tok = Tokenizer(ckpt.path)
-    spec, template = ckpt.image_spec(), get_template(ckpt.conv_mode, ckpt.chat_template())
+    template = get_template(ckpt.conv_mode, ckpt.chat_template())
+    family, images = ckpt.family, ckpt.family.checkpoint_image_path(ckpt)  # one tile, or anyres tiles
     eval_file = Path(eval_file)
     records = json.loads(eval_file.read_text())
-    n_img, img_id = ckpt.num_image_tokens(), ckpt.image_token_id
+    img_id = ckpt.image_token_id
     answers = []
     for r in records:
-        ids = expand_image(tok.encode_prompt(template.prompt(question_of(r)), img_id), img_id, [img_id] * n_img)
-        px = torch.from_numpy(preprocess(eval_file.parent / r["image"], spec))[None].to(model.device)
+        picture = images.prepare(eval_file.parent / r["image"])
+        ids = expand_image(tok.encode_prompt(template.prompt(question_of(r)), img_id), img_id,
+                           [img_id] * picture.positions)
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids], device=model.device), pixel_values=px,
+            out = model.generate(**family.hf_generation_inputs(model, ids, picture, images),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_id,
                                  pad_token_id=tok.pad_id)
         answers.append(tok.decode(out[0, len(ids):].tolist()))

@@ -20,6 +20,11 @@ docs/TRAINING.md), so its stage 1 aligns what it can read (places, counts,
 sizes) and colour and shape are learned in stage 2.
 
 Both run on freshly rendered scenes / generated text, never on the evaluation split.
+In the detail world (``detail=True``) the language model's text is that world's
+(patterns named, asked about); the tower is pretrained on the default world's
+pictures either way: its one-tile view at pretraining is LLaVA-1.5's crop of a
+128 px picture for one toy and a resize for the other, which would show a
+one-pixel pattern to one tower only.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import random
 import numpy as np
 
 from ..preprocess import ImageSpec, preprocess
-from ..scenes import CELLS, COLORS, SHAPES, SIZES, random_scene, render
+from ..scenes import CELLS, COLORS, SHAPES, SIZES, random_detail_scene, random_scene, render
 
 
 def _optimizer(params, lr: float, steps: int):
@@ -117,7 +122,7 @@ def document(scene, rng: random.Random) -> str:
     return "\n".join(lines[:rng.randint(2, len(lines))]) + "\n"
 
 
-def language_examples(n: int, seed: int) -> list:
+def language_examples(n: int, seed: int, detail: bool = False) -> list:
     """What the stand-in for Vicuna learns: toy sentences (str), and chats (list of turns)
     whose answers come from a scene description in the prompt.
 
@@ -129,9 +134,10 @@ def language_examples(n: int, seed: int) -> list:
     from . import data
 
     rng = random.Random(f"language-pretrain-{seed}")
+    new_scene = random_detail_scene if detail else random_scene
     out: list = []
     for _ in range(n):
-        scene = random_scene(rng)
+        scene = new_scene(rng)
         if rng.random() < 0.3:
             out.append(document(scene, rng))
             continue
@@ -148,8 +154,9 @@ def language_examples(n: int, seed: int) -> list:
 
 
 def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: float = 2e-3, seed: int = 0,
-                      log=print) -> list[float]:
-    """Next-token training of ``model.model.language_model`` + ``lm_head`` on :func:`language_examples`."""
+                      log=print, detail: bool = False) -> list[float]:
+    """Next-token training of ``model.model.language_model`` + ``lm_head`` on :func:`language_examples`
+    (``detail``: the detail world's)."""
     import torch
 
     from ..templates import get_template
@@ -165,7 +172,7 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
         e = encode(Record("pretrain", None, x), template, tokenizer, -1, 0, 2048)
         return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": None}
 
-    examples = language_examples(steps * batch, seed)
+    examples = language_examples(steps * batch, seed, detail)
     dev = next(model.parameters()).device
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt, sched = _optimizer(lm_params, lr, steps)
