@@ -27,6 +27,13 @@ bounds a picture's positions: when the unpadded grid holds more than about N til
 ``(int(h // ratio), int(w // ratio))`` before the newlines are added (transformers'
 ``LlavaOnevisionModel.pack_image_features`` and ``LlavaOnevisionProcessor``'s count; tests/test_anyres_max.py).
 
+A second, run-time cap, ``AnyresSpec.max_positions`` (``--image-tokens K``), bounds the positions themselves:
+when a picture's packing would take more than K, every part of it is scaled by one factor, as if each tile
+had a ``t x t`` patch grid instead of ``side x side``: the base tile is resized to ``t x t`` and the
+(unpadded, capped) grid to ``(h * t // side, w * t // side)`` (at least 1 x 1), both bilinearly as above,
+with the largest ``t`` whose count fits. Scaling base and grid alike keeps the ratio of detail to overview
+the model was trained with; at ``t = side / 2`` the bilinear resize averages 2 x 2 patches.
+
 :func:`num_positions` and :func:`pack` share :func:`_layout` (through :func:`_packed_layout`), so the count
 the prompt is built with is the length of what the model receives.
 """
@@ -37,6 +44,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -84,6 +92,7 @@ class AnyresSpec:
     rounding: str  # one of ROUNDINGS
     max_tiles: int | None = None  # refuse a picture whose grid needs more tiles (the base tile not counted)
     max_grid: int | None = None  # anyres_max_N's N: shrink the unpadded grid to about N tiles' patches; None: never
+    max_positions: int | None = None  # --image-tokens K: scale base tile and grid until a picture takes <= K
 
     def __post_init__(self):
         for name in ("tile", "patch"):
@@ -105,6 +114,9 @@ class AnyresSpec:
         g = self.max_grid
         if g is not None and (not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1):
             raise UserError(f"anyres max_grid (the N of anyres_max_N) must be a whole number >= 1, not {g!r}")
+        k = self.max_positions
+        if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1):
+            raise UserError(f"--image-tokens must be a whole number of at least 1, not {k!r}")
         object.__setattr__(self, "pinpoints", check_pinpoints(self.pinpoints, self.tile))
 
     @property
@@ -117,6 +129,8 @@ class AnyresSpec:
              "orientation": self.orientation, "rounding": self.rounding, "max_tiles": self.max_tiles}
         if self.max_grid is not None:  # absent when uncapped, so an uncapped bundle's manifest is as it always was
             d["max_grid"] = int(self.max_grid)
+        if self.max_positions is not None:
+            d["max_positions"] = int(self.max_positions)
         return d
 
     @classmethod
@@ -128,7 +142,8 @@ class AnyresSpec:
         if missing:
             raise UserError(f"the anyres settings lack {', '.join(missing)}: export the bundle again")
         return cls(tile=d["tile"], patch=d["patch"], pinpoints=d["pinpoints"], orientation=d["orientation"],
-                   rounding=d["rounding"], max_tiles=d.get("max_tiles"), max_grid=d.get("max_grid"))
+                   rounding=d["rounding"], max_tiles=d.get("max_tiles"), max_grid=d.get("max_grid"),
+                   max_positions=d.get("max_positions"))
 
     @classmethod
     def from_config(cls, config: dict, origin: str, tower: dict | None = None,
@@ -212,10 +227,27 @@ def grid(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
     return rows, cols
 
 
-def _layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, int, int, int, int, int]:
-    """(rows, cols, top, left, h, w, out_h, out_w): the tile grid; the window of its patch grid that unpad keeps
-    (rows top..top+h, columns left..left+w), as both references' ``unpad_image`` slices it; and the size that
-    window is resized to under ``spec.max_grid`` ((h, w) when uncapped or within the cap)."""
+class Layout(NamedTuple):
+    """Where a picture's positions come from (see :func:`_layout`)."""
+
+    rows: int  # the tile grid, besides the base tile
+    cols: int
+    top: int  # the window of the grid's patches that unpad keeps: rows top..top+h, columns left..left+w
+    left: int
+    h: int
+    w: int
+    out_h: int  # the size that window is resized to ((h, w) when nothing caps it)
+    out_w: int
+    base: int  # the side of the base tile's patch grid as packed (``spec.side`` unless max_positions scales it)
+
+    @property
+    def positions(self) -> int:
+        return self.base * self.base + self.out_h * (self.out_w + 1)  # base, then each row and its image_newline
+
+
+def _layout(width: int, height: int, spec: AnyresSpec) -> Layout:
+    """The tile grid; the window of its patch grid that unpad keeps, as both references' ``unpad_image`` slices
+    it; the size that window is resized to under ``spec.max_grid``; and then under ``spec.max_positions``."""
     rows, cols = grid(width, height, spec)
     cur_h, cur_w = rows * spec.side, cols * spec.side
     fit = (lambda x: int(round(x, 7))) if spec.rounding == "hf" else int
@@ -232,39 +264,49 @@ def _layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, i
         ratio = math.sqrt(h * w / (spec.max_grid * spec.side**2))
         if ratio > 1.1:
             out_h, out_w = int(h // ratio), int(w // ratio)
-    return rows, cols, top, left, h, w, out_h, out_w
+    return Layout(rows, cols, top, left, h, w, out_h, out_w, spec.side)
 
 
-def _packed_layout(width: int, height: int, spec: AnyresSpec) -> tuple[int, int, int, int, int, int, int, int]:
-    """:func:`_layout` for counting and packing: a UserError where the cap leaves no rows or no columns."""
+def _packed_layout(width: int, height: int, spec: AnyresSpec) -> Layout:
+    """:func:`_layout` for counting and packing: a UserError where the cap leaves no rows or no columns, then
+    scaled under ``spec.max_positions`` (the module docstring)."""
     layout = _layout(width, height, spec)
-    h, w, out_h, out_w = layout[4:]
+    h, w, out_h, out_w = layout.h, layout.w, layout.out_h, layout.out_w
     if (out_h, out_w) != (h, w) and min(out_h, out_w) < 1:  # torch's interpolate refuses it: transformers' model
         raise UserError(f"a {width} x {height} picture's {h} x {w} patch grid shrinks to {out_h} x {out_w} "
                         f"under anyres_max_{spec.max_grid}: too thin a strip for this checkpoint; crop it")
-    return layout
+    k = spec.max_positions
+    if k is None or layout.positions <= k:
+        return layout
+    for t in range(spec.side - 1, 0, -1):  # positions only grow with t: the first that fits is the largest
+        scaled = layout._replace(out_h=max(1, out_h * t // spec.side), out_w=max(1, out_w * t // spec.side), base=t)
+        if scaled.positions <= k:
+            return scaled
+    raise UserError(f"--image-tokens {k} is too few for a {width} x {height} picture: scaled down to one patch a "
+                    f"tile it still takes {scaled.positions} positions")
 
 
 def unpadded_size(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
     """(h, w) in patches of the tile grid's features once the black bands are cropped off (before any cap)."""
-    h, w = _layout(width, height, spec)[4:6]
-    return h, w
+    layout = _layout(width, height, spec)
+    return layout.h, layout.w
 
 
 def packed_grid_size(width: int, height: int, spec: AnyresSpec) -> tuple[int, int]:
     """(h, w) of the grid that is packed, a newline after each of its h rows: :func:`unpadded_size`, resized
-    under ``spec.max_grid``."""
-    out_h, out_w = _packed_layout(width, height, spec)[6:]
-    return out_h, out_w
+    under ``spec.max_grid`` and ``spec.max_positions``."""
+    layout = _packed_layout(width, height, spec)
+    return layout.out_h, layout.out_w
 
 
-def _positions(spec: AnyresSpec, h: int, w: int) -> int:
-    return spec.side * spec.side + h * (w + 1)  # the base tile, then each packed row and its image_newline
+def base_side(width: int, height: int, spec: AnyresSpec) -> int:
+    """The side of the base tile's patch grid as packed: ``spec.side`` unless ``spec.max_positions`` scales it."""
+    return _packed_layout(width, height, spec).base
 
 
 def num_positions(width: int, height: int, spec: AnyresSpec) -> int:
     """How many LM positions the picture takes (what the prompt's image placeholder expands to)."""
-    return _positions(spec, *packed_grid_size(width, height, spec))
+    return _packed_layout(width, height, spec).positions
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -335,10 +377,11 @@ def tiles(image: Image.Image, spec: AnyresSpec, image_spec: ImageSpec) -> np.nda
 
 def pack(features: np.ndarray, width: int, height: int, spec: AnyresSpec, newline: np.ndarray) -> np.ndarray:
     """The tiles' projected features (1 + rows*cols, side*side, H), base tile first, as the LM's image
-    positions: (num_positions, H), the base tile's patches, then the unpadded grid (resized under
-    ``spec.max_grid``, in float32) row by row, each row followed by ``newline`` (H,)."""
-    rows, cols, top, left, h, w, out_h, out_w = _packed_layout(width, height, spec)
-    s = spec.side
+    positions: (num_positions, H), the base tile's patches (resized under ``spec.max_positions``), then the
+    unpadded grid (resized under ``spec.max_grid`` and ``spec.max_positions``, in float32) row by row, each row
+    followed by ``newline`` (H,)."""
+    lay = _packed_layout(width, height, spec)
+    rows, cols, s = lay.rows, lay.cols, spec.side
     if features.ndim != 3 or features.shape[:2] != (1 + rows * cols, s * s):
         raise ValueError(f"features for a {width} x {height} picture must be (1 + {rows}*{cols}, {s * s}, H), "
                          f"not {features.shape}")
@@ -346,10 +389,14 @@ def pack(features: np.ndarray, width: int, height: int, spec: AnyresSpec, newlin
     if newline.shape != (dim,):
         raise ValueError(f"image_newline must be ({dim},), not {newline.shape}")
     g = features[1:].reshape(rows, cols, s, s, dim).transpose(0, 2, 1, 3, 4).reshape(rows * s, cols * s, dim)
-    g = g[top : top + h, left : left + w]
-    if (out_h, out_w) != (h, w):
-        g = resize_bilinear(np.ascontiguousarray(g, dtype=np.float32), out_h, out_w).astype(features.dtype)
-    ends = np.broadcast_to(newline.astype(features.dtype), (out_h, 1, dim))
-    out = np.concatenate([features[0], np.concatenate([g, ends], axis=1).reshape(out_h * (out_w + 1), dim)])
-    assert len(out) == _positions(spec, out_h, out_w)
+    g = g[lay.top : lay.top + lay.h, lay.left : lay.left + lay.w]
+    if (lay.out_h, lay.out_w) != (lay.h, lay.w):
+        g = resize_bilinear(np.ascontiguousarray(g, dtype=np.float32), lay.out_h, lay.out_w).astype(features.dtype)
+    base = features[0]
+    if lay.base != s:
+        base = resize_bilinear(base.reshape(s, s, dim).astype(np.float32), lay.base, lay.base)
+        base = base.reshape(lay.base * lay.base, dim).astype(features.dtype)
+    ends = np.broadcast_to(newline.astype(features.dtype), (lay.out_h, 1, dim))
+    out = np.concatenate([base, np.concatenate([g, ends], axis=1).reshape(lay.out_h * (lay.out_w + 1), dim)])
+    assert len(out) == lay.positions
     return out

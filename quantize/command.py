@@ -159,9 +159,12 @@ def _reductions(m: manifest.Manifest, image_tokens: str, token_method: str) -> l
     from llava_edge import image_tokens as it
 
     family = families.by_name(m.family)
+    if family.caps_positions:
+        raise UserError(f"this bundle is {family.title}: its pictures take a varying number of positions, capped at "
+                        "run time with every vision variant (chat, serve, drift --image-tokens K); quantize "
+                        "--image-tokens makes reduced variants of one-tile models")
     if not family.reduces_tokens:
-        raise UserError(f"--image-tokens makes reduced variants of one-tile models; this bundle is {family.title}, "
-                        "whose pictures take several tiles and newline positions")
+        raise UserError(f"--image-tokens makes reduced variants of one-tile models; this bundle is {family.title}")
     v = m.vision
     if v.get("select_strategy", "default") != "default":
         raise UserError(f"token reduction needs LLaVA's 'default' feature selection; this bundle's is "

@@ -469,6 +469,7 @@ class RuntimePlan:
     notes: list[str] = field(default_factory=list)
     extra_buffers: bool = True  # llama.cpp's use_extra_bufts: repacked (AMX, CPU_REPACK) weight layouts
     extra_buffers_why: str = "llama.cpp's default"
+    position_cap: int | None = None  # a tiled family's --image-tokens: the most positions a picture takes
 
     def provider_names(self) -> list[str]:
         return [p if isinstance(p, str) else p[0] for p in self.providers]
@@ -611,7 +612,15 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
     if cpu_only_onnx:  # an ONNX graph would run on the CPU provider anyway: prefer what the CPU runs best
         vision_preference = (tuple(n for n in profile.vision_preference if n.startswith("trt-"))
                              + PROFILES["cpu"].vision_preference)
-    if image_tokens is not None or token_method is not None:
+    family = families.by_name(m.family)
+    cap = None  # a tiled family's --image-tokens: a cap in its packing, with whichever vision variant is chosen
+    if family.caps_positions and (image_tokens is not None or token_method is not None):
+        if token_method is not None:
+            raise UserError(f"--token-method chooses among one-tile models' reduced-token variants; {family.title} "
+                            "caps a picture's positions (--image-tokens K) by scaling its features bilinearly")
+        family.check_cap(image_tokens)
+        cap = image_tokens
+    if cap is None and (image_tokens is not None or token_method is not None):
         if vision_variant:
             raise UserError("--vision-variant names one variant; --image-tokens/--token-method choose among the "
                             "reduced ones: pass one or the other")
@@ -684,7 +693,7 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
             tokens = m.image_tokens(vision)
         except (KeyError, TypeError, ValueError):
             tokens = None  # the runtime names the missing or malformed count in one line when it loads the graph
-        picture = 0 if tokens is None else families.by_name(m.family).max_positions(m.image, tokens)
+        picture = 0 if tokens is None else family.max_positions(m.image, tokens, cap)
         if picture + TEXT_ROOM > ctx and ctx < trained:  # a tiled picture must never overflow the profile's cap
             ctx = min(trained, picture + TEXT_ROOM)
             ctx_why += (f", raised to {ctx}: the largest picture takes {picture} positions and a conversation "
@@ -699,4 +708,4 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
                        vision_backend=backend, providers=providers, providers_why=providers_why, llm=llm,
                        llm_why=llm_why, n_gpu_layers=layers, offload_why=offload_why, threads=n_threads,
                        threads_why=threads_why, n_batch=batch, n_ubatch=ubatch, n_ctx=ctx, ctx_why=ctx_why,
-                       kv_cache=kv_cache, notes=notes)
+                       kv_cache=kv_cache, notes=notes, position_cap=cap)

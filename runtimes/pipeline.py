@@ -169,7 +169,7 @@ class EdgeLLaVA:
         # the family's way from a picture to positions: one tile, or LLaVA-NeXT's tiles, unpad and newlines
         self.images = self.family.image_path(m.image, m.vision, self.n_image_tokens, {
             name: families.read_array(bundle_manifest.bundle_file(self.bundle, a["file"], "array file"), name)
-            for name, a in m.arrays.items()}, max_tiles=max_tiles)
+            for name, a in m.arrays.items()}, max_tiles=max_tiles, cap=self.plan.position_cap)
         self._image_cache: dict[str, np.ndarray] = {}
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
@@ -212,7 +212,8 @@ class EdgeLLaVA:
         see ``llava_edge/integrity.py``), ``parallel`` (sequences in the llama.cpp context, each with
         ``n_ctx`` positions: ``serve`` answers that many requests at once; ``chat`` uses the first),
         ``image_tokens`` / ``token_method`` (a reduced-token vision variant giving that many image
-        positions, see ``llava_edge/image_tokens.py``; never chosen unless asked for), ``max_tiles`` (a tiled
+        positions, see ``llava_edge/image_tokens.py``; never chosen unless asked for; for a tiled family,
+        ``image_tokens`` caps each picture's positions instead, see ``llava_edge/anyres.py``), ``max_tiles`` (a tiled
         family's bound on a picture's grid tiles, tighter than the bundle's; a picture needing more is refused).
         """
         return cls(resolve_bundle(bundle), device=device, **kw)
@@ -234,7 +235,7 @@ class EdgeLLaVA:
         tok = self.tokenizer.settings
         tokenizer = (f"{tok.kind} ({'legacy' if tok.legacy else 'non-legacy'} word starts, "
                      f"BOS {'added' if tok.add_bos else 'not added'})")
-        most = self.family.max_positions(self.manifest.image, self.n_image_tokens)
+        most = self.family.max_positions(self.manifest.image, self.n_image_tokens, self.plan.position_cap)
         family = self.family.title + (f" (tiled: at most {most} positions a picture)" if self.family.tiled else "")
         return (self.plan.explain(running) + f"\nmodel family: {family}"
                 + f"\nimage tokens: {self._explain_tokens()}\nconversation mode: {mode}"
@@ -244,6 +245,11 @@ class EdgeLLaVA:
         """How many positions an image takes, and for a reduced-token variant what drift measured it costs."""
         v, m = self.vision_variant, self.manifest
         r = v.token_reduction
+        cap = self.plan.position_cap
+        if cap is not None:
+            return (f"{self.n_image_tokens} per tile, at most {cap} a picture (--image-tokens): a picture that would "
+                    "take more has its base tile and grid scaled bilinearly by one factor until it fits; drift "
+                    f"measures what that costs: llava-edge drift {self.bundle} --reference MODEL --image-tokens {cap}")
         if r is None:
             return f"{self.n_image_tokens}{' per tile' if self.family.tiled else ''} (every patch of the feature layer)"
         how = (f"{r.grid}x{r.grid} patches averaged to {r.pool[0]}x{r.pool[1]}" if r.method == "pool" else

@@ -38,6 +38,10 @@ def drift(
     kv_cache: str = typer.Option("f16", "--kv-cache", help="llama.cpp KV cache: f16 (its default, what devices "
                                  "run) | f32"),
     threads: int = typer.Option(0, "--threads", help="llama.cpp threads; 0: all cores"),
+    image_tokens: Optional[int] = typer.Option(None, "--image-tokens", help="Tiled models (LLaVA-NeXT): measure "
+                                               "every pair with at most this many positions a picture, against "
+                                               "the full reference (one-tile models name reduced variants in "
+                                               "--variants instead)"),
 ):
     """Accuracy drift of each vision/LLM variant pair against the Hugging Face model, with CI gates."""
     import tempfile
@@ -56,7 +60,8 @@ def drift(
         _, failed = drift_bundle(bundle, reference, eval_file=eval_file, eval_format=eval_format,
                                  image_folder=image_folder, variants=variants, report=report, fail_on=fail_on,
                                  limit=limit, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads,
-                                 eval_source=source, gate_limit=gate_limit, record=record, log=say)
+                                 eval_source=source, gate_limit=gate_limit, record=record,
+                                 image_tokens=image_tokens, log=say)
     if failed:
         raise typer.Exit(1)
 

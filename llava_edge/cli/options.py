@@ -13,9 +13,11 @@ Bundle = Annotated[Optional[Path], typer.Option("--bundle", help="Default: $LLAV
 Device = Annotated[str, typer.Option("--device", help="Device profile: auto (detect) | cpu | laptop-gpu | jetson")]
 VisionVariant = Annotated[Optional[str], typer.Option("--vision-variant", help="Vision variant by name (fp32, fp16, "
                                                       "int8, int8-static, int4, trt-fp16...); default: the profile's")]
-ImageTokens = Annotated[Optional[int], typer.Option("--image-tokens", help="Use a reduced-token vision variant "
-                                                   "giving this many image positions (made by quantize "
-                                                   "--image-tokens); never chosen unless asked for")]
+ImageTokens = Annotated[Optional[int], typer.Option("--image-tokens", help="One-tile models (LLaVA-1.5): use a "
+                                                   "reduced-token vision variant giving this many image positions "
+                                                   "(made by quantize --image-tokens), never chosen unless asked "
+                                                   "for. Tiled models (LLaVA-NeXT): at most this many positions a "
+                                                   "picture, its features scaled bilinearly to fit")]
 TokenMethod = Annotated[Optional[str], typer.Option("--token-method", help="With --image-tokens: pool | dominant "
                                                    "(default: a tuned projector, then the bundle's drift record, then pool)")]
 MaxTiles = Annotated[Optional[int], typer.Option("--max-tiles", help="LLaVA-NeXT: the most grid tiles a picture "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_edge import families
 from llava_edge import manifest as bundle_manifest
 from llava_edge import variants
 from llava_edge.variants import Pair
@@ -78,12 +79,15 @@ def tuned_projector(bundle: Path, v: bundle_manifest.Variant) -> tuple:
 
 
 def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *, max_tokens: int,
-                 kv_cache: str = "f16", threads: int = 0) -> dict:
-    """Every metric of one pair (see the module docstring); answers included for scoring."""
+                 kv_cache: str = "f16", threads: int = 0, image_tokens: int | None = None) -> dict:
+    """Every metric of one pair (see the module docstring); answers included for scoring. ``image_tokens``: a
+    tiled family's cap on a picture's positions (its image features are then not compared: the reference's
+    are every position's; its logits and answers are, against the full reference)."""
     from llava_edge.runtimes.pipeline import EdgeLLaVA, Sampling
 
     t0 = time.time()
-    m = EdgeLLaVA.load(bundle, vision_variant=pair.vision, llm_variant=pair.llm, kv_cache=kv_cache, threads=threads)
+    m = EdgeLLaVA.load(bundle, vision_variant=pair.vision, llm_variant=pair.llm, kv_cache=kv_cache, threads=threads,
+                       **({} if image_tokens is None else {"image_tokens": image_tokens}))
     try:
         cosines, rel_errors, drifts, answers = [], [], [], []
         worst: list[dict] = []
@@ -91,11 +95,13 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         flips: list[dict] = []
         prompt_mismatch = 0
         reduction = m.vision_variant.token_reduction
+        cap = m.plan.position_cap
         tuned = "projector" in m.vision_variant.extra
         fkey = feature_key(m.vision_variant)
         for item, r in zip(eval_set.items, ref.items):
             key, emb = m.image_embeddings(item.image) if item.image is not None else (None, None)
-            features = r.image_features if reduction is None else r.reduced_features.get(fkey)
+            features = (None if cap is not None else r.image_features if reduction is None
+                        else r.reduced_features.get(fkey))
             if emb is not None and features is not None:
                 cosines.append(metrics.cosine_rows(emb, features))
                 rel_errors.append(metrics.relative_error(emb, features))
@@ -124,7 +130,8 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         "vision": pair.vision, "llm": pair.llm,
         "vision_precision": v_var.precision, "llm_precision": l_var.precision,
         "image_tokens": m.n_image_tokens,
-        "token_reduction": None if reduction is None else {**reduction.to_dict(), "tuned_projector": tuned},
+        "token_reduction": ({"method": "bilinear-cap", "tokens": cap} if cap is not None else None
+                            if reduction is None else {**reduction.to_dict(), "tuned_projector": tuned}),
         "sha256": {"vision": v_var.sha256, "llm": l_var.sha256},
         "files": {"vision": v_var.file, "llm": l_var.file},
         "llm_tensor_types": l_var.extra.get("tensor_types"),
@@ -169,8 +176,9 @@ def _positions(item_id: str, where, d: metrics.TokenDrift, r, logits: np.ndarray
 
 def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pairs: list[Pair] | None = None, *,
               max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
-              log: Callable[[str], None] = print) -> dict:
-    """Measure ``pairs`` (default: every combination) of ``bundle`` against the Hugging Face model ``reference``.
+              image_tokens: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Measure ``pairs`` (default: every combination) of ``bundle`` against the Hugging Face model ``reference``
+    (``image_tokens``: a tiled family's cap on a picture's positions, applied to every pair).
 
     Returns the whole result (what ``drift.json`` holds), without gate verdicts
     (:func:`llava_edge.drift.gates.evaluate` adds them).
@@ -203,7 +211,8 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
     results = []
     for pair in pairs:
         log(f"drift {pair.label}: {len(eval_set.items)} questions")
-        r = measure_pair(bundle, pair, eval_set, ref, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads)
+        r = measure_pair(bundle, pair, eval_set, ref, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads,
+                         image_tokens=image_tokens)
         score = eval_set.score(r.pop("answers"))
         r["score"] = score
         if score is not None and ref_score is not None:
@@ -264,7 +273,7 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
                  report: str | Path | None = None, fail_on: str | None = None, limit: int | None = None,
                  max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
                  eval_source: str | None = None, gate_limit: str | None = None, record: bool = False,
-                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                 image_tokens: int | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """What ``llava-edge drift`` does: check the arguments, measure, judge the gates, write the report.
 
     ``eval_source``: how the report names the questions (default: the file's path). ``gate_limit``: limits
@@ -285,17 +294,25 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
         raise UserError("--limit must be at least 1")
     m = bundle_manifest.read(bundle)
     pairs = parse_pairs(variants, m)
+    if image_tokens is not None:
+        family = families.by_name(m.family)
+        family.check_cap(image_tokens)
+        if record:
+            raise UserError("--record writes what the bundle's variants cost as they load; a cap set with "
+                            "--image-tokens at run time is reported, not recorded: leave out --record")
     limits = gates.with_limits(gate_limit)
     precision = {(v.kind, v.name): v.precision for v in m.variants}
     names = gates.parse_fail_on(fail_on, [(precision[("vision", p.vision)], precision[("llm", p.llm)],
-                                           m.variant("vision", p.vision).token_reduction is not None) for p in pairs])
+                                           image_tokens is not None
+                                           or m.variant("vision", p.vision).token_reduction is not None)
+                                          for p in pairs])
     if eval_file is None:
         raise UserError("drift needs questions: --eval FILE (toy, ScienceQA or POPE format)")
     eval_set = read_eval(eval_file, eval_format, image_folder, limit)
     if eval_source:
         eval_set.source = eval_source
     result = run_drift(bundle, reference, eval_set, pairs, max_tokens=max_tokens, kv_cache=kv_cache,
-                       threads=threads, device=device, log=log)
+                       threads=threads, device=device, image_tokens=image_tokens, log=log)
     result["gates"] = gates.evaluate(result["pairs"], limits)
     if record:
         record_drift(bundle, result, log=log)

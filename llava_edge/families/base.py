@@ -89,6 +89,8 @@ class Family:
     vision_models: ClassVar[tuple[str, ...]] = ("clip_vision_model", "clip")
     reduces_tokens: ClassVar[bool] = False  # whether `quantize --image-tokens` variants apply to it
     tiled: ClassVar[bool] = False  # a picture may take several tiles (``--max-tiles`` bounds them)
+    # ``--image-tokens K`` caps a picture's positions in the packing, at run time, with every vision variant
+    caps_positions: ClassVar[bool] = False
     # why llava-edge writes no llama.cpp mmproj for this family (None: it writes one)
     no_mmproj: ClassVar[str | None] = None
     supported: ClassVar[str]  # one phrase for "unsupported model" errors
@@ -141,15 +143,24 @@ class Family:
         raise NotImplementedError
 
     # -- the runtime's image path --------------------------------------------------------------------------------
-    def max_positions(self, image: dict, tokens_per_tile: int) -> int:
+    def max_positions(self, image: dict, tokens_per_tile: int, cap: int | None = None) -> int:
         """The most positions one picture can take, from the manifest's image section (what the context must
-        hold for the largest picture)."""
+        hold for the largest picture); ``cap``: ``--image-tokens`` of a family that :attr:`caps_positions`."""
+        self.check_cap(cap)
         return tokens_per_tile
 
+    def check_cap(self, cap: int | None) -> None:
+        if cap is not None and not self.caps_positions:
+            raise UserError(f"{self.title} takes a fixed number of positions a picture: --image-tokens picks one of "
+                            "the bundle's reduced-token vision variants (quantize --image-tokens), not a cap")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise UserError(f"--image-tokens must be a whole number of at least 1, not {cap!r}")
+
     def image_path(self, image: dict, vision: dict, tokens_per_tile: int,
-                   arrays: dict[str, np.ndarray], max_tiles: int | None = None) -> ImagePath:
+                   arrays: dict[str, np.ndarray], max_tiles: int | None = None, cap: int | None = None) -> ImagePath:
         """The bundle's image handling from its manifest sections (``arrays``: the side arrays, loaded;
-        ``max_tiles``: a tighter bound on a picture's tiles than the bundle's)."""
+        ``max_tiles``: a tighter bound on a picture's tiles than the bundle's; ``cap``: the most positions a
+        picture may take, for a family that :attr:`caps_positions`)."""
         raise NotImplementedError
 
     def checkpoint_image_path(self, ckpt: Checkpoint) -> ImagePath:

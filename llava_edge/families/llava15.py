@@ -56,8 +56,9 @@ class Llava15(Family):
         return "vicuna_v1"
 
     def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict,
-                   max_tiles: int | None = None) -> ImagePath:
+                   max_tiles: int | None = None, cap: int | None = None) -> ImagePath:
         self.check_max_tiles(max_tiles)
+        self.check_cap(cap)
         return OneTile(ImageSpec.from_dict(image), tokens_per_tile)
 
     def hf_inputs(self, prepared: list[PreparedImage]) -> dict:

@@ -46,8 +46,10 @@ class AnyresTiles(ImagePath):
         w, h = im.size
         rows, cols = anyres.grid(w, h, self.grid)  # refuses what --max-tiles does not allow, before any resize
         pixels = anyres.tiles(im, self.grid, self.spec)
-        return PreparedImage(pixels_key(pixels, (w, h)), pixels, anyres.num_positions(w, h, self.grid), (w, h),
-                             (rows, cols))
+        positions = anyres.num_positions(w, h, self.grid)
+        # a cap packs the same pixels into other positions: its cells are not the uncapped picture's
+        layout = (w, h) if self.grid.max_positions is None else ((w, h), ("max_positions", self.grid.max_positions))
+        return PreparedImage(pixels_key(pixels, *layout), pixels, positions, (w, h), (rows, cols))
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
         self.check_features(features, prepared)
@@ -58,10 +60,15 @@ class AnyresTiles(ImagePath):
         w, h = prepared.size
         rows, cols = prepared.grid or (0, 0)
         uh, uw = anyres.packed_grid_size(w, h, self.grid)
-        side = self.grid.tile // self.grid.patch
+        side, base = self.grid.side, anyres.base_side(w, h, self.grid)
+        scaled = ""
+        if base != side:
+            uncapped = anyres.num_positions(w, h, dataclasses.replace(self.grid, max_positions=None))
+            scaled = (f" (every tile's {side}x{side} patches scaled to {base}x{base} under --image-tokens "
+                      f"{self.grid.max_positions}; {uncapped} uncapped)")
         return (f"{w}x{h} px -> {rows}x{cols} tiles of {self.grid.tile} px + the whole picture in one: "
-                f"{side * side} base positions + {uh}x{uw} unpadded grid with a newline per row = "
-                f"{prepared.positions} positions")
+                f"{base * base} base positions + {uh}x{uw} unpadded grid with a newline per row = "
+                f"{prepared.positions} positions{scaled}")
 
 
 class LlavaNext(Family):
@@ -69,6 +76,7 @@ class LlavaNext(Family):
     title = "LLaVA-NeXT"
     model_type = "llava_next"
     tiled = True
+    caps_positions = True
     hf_class_name = "LlavaNextForConditionalGeneration"
     hf_config_class_name = "LlavaNextConfig"
     hf_processor_class_name = "LlavaNextProcessor"
@@ -123,13 +131,15 @@ class LlavaNext(Family):
             return "vicuna_v1"
         return CHAT_TEMPLATE if template else "vicuna_v1"
 
-    def max_positions(self, image: dict, tokens_per_tile: int) -> int:
+    def max_positions(self, image: dict, tokens_per_tile: int, cap: int | None = None) -> int:
         """An upper bound: the base tile and the largest grid of any pinpoint, in either orientation, with
-        nothing cut by unpad."""
+        nothing cut by unpad; at most ``cap``."""
+        self.check_cap(cap)
         g = self._grid(image)
         side = g.tile // g.patch
         grids = [(a // g.tile, b // g.tile) for a, b in g.pinpoints]
-        return side * side + max(r * side * (c * side + 1) for a, b in grids for r, c in ((a, b), (b, a)))
+        most = side * side + max(r * side * (c * side + 1) for a, b in grids for r, c in ((a, b), (b, a)))
+        return most if cap is None else min(most, cap)
 
     def _grid(self, image: dict):
         try:
@@ -138,13 +148,16 @@ class LlavaNext(Family):
             raise UserError("the bundle's image section lacks its anyres settings: export it again") from None
 
     def image_path(self, image: dict, vision: dict, tokens_per_tile: int, arrays: dict,
-                   max_tiles: int | None = None) -> ImagePath:
+                   max_tiles: int | None = None, cap: int | None = None) -> ImagePath:
         self.check_max_tiles(max_tiles)
+        self.check_cap(cap)
         if NEWLINE not in arrays:
             raise UserError(f"the bundle lacks its {NEWLINE} vector: export it again")
         grid = self._grid(image)
         if max_tiles is not None:
             grid = dataclasses.replace(grid, max_tiles=max_tiles)
+        if cap is not None:
+            grid = dataclasses.replace(grid, max_positions=cap)
         spec = ImageSpec.from_dict({k: v for k, v in image.items() if k != "anyres"})
         return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE])
 
