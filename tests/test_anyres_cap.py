@@ -209,3 +209,31 @@ def test_drift_measures_the_cap_against_the_full_model(toy, tmp_path, capsys):
     assert main([*args, "--image-tokens", "40", "--record"]) != 0
     err = capsys.readouterr().err.strip()
     assert "--record" in err and "\n" not in err
+
+
+def test_serve_with_a_cap_counts_and_answers_as_chat_does(toy, tmp_path):
+    """`serve --image-tokens K` on a LLaVA-NeXT bundle, driven by the official openai client: usage counts the
+    capped positions and the greedy answer equals `EdgeLLaVA.chat`'s under the same cap."""
+    from openai import OpenAI
+    from serve_helpers import serving, user_message
+
+    from llava_edge import EdgeLLaVA
+
+    _, bundle = toy
+    img = tmp_path / "p.png"
+    picture(640, 480).save(img)
+    m = EdgeLLaVA.load(bundle, device="cpu", threads=1, prefix_cache=False, image_tokens=100)
+    try:
+        want = m.chat(str(img), "What is it?", max_tokens=6)
+        slots, _, _ = m.conversation_slots("What is it?", str(img))
+        positions = m.prepare_image(str(img)).positions
+    finally:
+        m.close()
+    assert positions <= 100
+    with serving(bundle, tmp_path, "--device", "cpu", "--threads", "1", "--no-prefix-cache",
+                 "--image-tokens", "100") as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="-")
+        r = c.chat.completions.create(model="b", messages=[user_message("What is it?", img)], max_tokens=6,
+                                      temperature=0)
+        assert r.choices[0].message.content == want
+        assert r.usage.prompt_tokens == len(slots)
