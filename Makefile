@@ -17,12 +17,15 @@ LLAVA_PY    := $(LLAVA_VENV)/bin/python
 LLAVA_STAMP := $(LLAVA_VENV)/.installed-stamp
 LLAVA_PINS  := torch==2.13.0 transformers==4.36.2 tokenizers==0.15.0 accelerate==0.21.0 \
                sentencepiece protobuf pillow 'numpy<2' einops
-# llama.cpp's LLaMA SentencePiece test vocabulary and its test vectors, from the llama-cpp-python sdist
-# (one download, about 10 s; `--no-binary llama-cpp-python`, not `:all:`, which would also build the
-# sdist's build requirements, cmake among them, from source: minutes)
+# llama.cpp's tokenizer test vocabularies and their test vectors, from the llama-cpp-python sdist: LLaMA's
+# SentencePiece (LLaVA-1.5), Qwen2 (LLaVA-OneVision/Interleave), Llama 3 and Phi-3 (one download, about
+# 10 s; `--no-binary llama-cpp-python`, not `:all:`, which would also build the sdist's build requirements,
+# cmake among them, from source: minutes). The stamp names the set, so a cache made for fewer is made again.
 SPM_DIR     := .cache/llama-spm
-SPM_STAMP   := $(SPM_DIR)/.fetched-stamp
-SPM_FILES   := ggml-vocab-llama-spm.gguf ggml-vocab-llama-spm.gguf.inp ggml-vocab-llama-spm.gguf.out
+space       := $(subst x, ,x)
+SPM_VOCABS  := llama-spm qwen2 llama-bpe phi-3
+SPM_STAMP   := $(SPM_DIR)/.fetched-$(subst $(space),+,$(SPM_VOCABS))
+SPM_FILES   := $(foreach v,$(SPM_VOCABS),ggml-vocab-$(v).gguf ggml-vocab-$(v).gguf.inp ggml-vocab-$(v).gguf.out)
 
 .PHONY: setup llava-ref test test-slow test-browser demo clean
 
