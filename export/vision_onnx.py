@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from llava_edge import atomic
+from llava_edge import atomic, towers
 from llava_edge.quality import token_cosine
 
 OPSET = 17
@@ -32,13 +32,16 @@ def _positive_layer(layer: int, n_layers: int) -> int:
 
 
 def truncated_tower(tower, keep: int):
-    """A copy of a CLIP vision tower with only its first ``keep`` encoder layers.
+    """A copy of a vision tower with only its first ``keep`` encoder layers (and no pooling head, which LLaVA
+    never reads: SigLIP's ``vision_use_head``).
 
     A fresh module of the same class, so that nothing about the original (its
     output-capturing hooks in transformers 5 included) is changed.
     """
     cfg = copy.deepcopy(tower.config)
     cfg.num_hidden_layers = keep
+    if getattr(cfg, "vision_use_head", False):
+        cfg.vision_use_head = False
     short = type(tower)(cfg).eval()
     missing, _ = short.load_state_dict(tower.state_dict(), strict=False)
     if missing:
@@ -56,6 +59,8 @@ def vision_module(model):
     strategy = cfg.vision_feature_select_strategy
     n = cfg.vision_config.num_hidden_layers
     index = [_positive_layer(int(i), n) for i in layers]
+    # SigLIP's last_hidden_state is the last layer's output through post_layernorm; LLaVA reads the layer's own
+    layer_output_is_last = not towers.for_config(cfg.vision_config.to_dict()).normed_last_hidden
 
     class VisionProjector(torch.nn.Module):
         def __init__(self):
@@ -64,8 +69,10 @@ def vision_module(model):
             self.projector = model.model.multi_modal_projector
 
         def forward(self, pixel_values):
-            if len(index) == 1:  # the selected layer is the truncated tower's last one
+            if len(index) == 1 and layer_output_is_last:  # the selected layer is the truncated tower's last one
                 h = self.tower(pixel_values).last_hidden_state
+            elif len(index) == 1:
+                h = self.tower(pixel_values, output_hidden_states=True).hidden_states[-1]
             else:
                 hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
                 h = torch.cat([hidden[i] for i in index], dim=-1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import towers
+
 
 def llava_config(vision_config, text_config, image_token_id: int, *, projector_act: str = "gelu",
                  feature_layer: int = -2, strategy: str = "default", family=None, **extra):
@@ -21,18 +23,18 @@ def llava_config(vision_config, text_config, image_token_id: int, *, projector_a
     from .families import DEFAULT, FAMILIES
 
     family = family or FAMILIES[DEFAULT]
-    n_patches = (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2
+    tower = towers.for_config(vision_config.to_dict())
     return getattr(transformers, family.hf_config_class_name)(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
         projector_hidden_act=projector_act, vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=strategy, image_seq_length=n_patches + (1 if strategy == "full" else 0),
-        **extra,
+        vision_feature_select_strategy=strategy,
+        image_seq_length=tower.tokens(vision_config.image_size, vision_config.patch_size, strategy), **extra,
     )
 
 
 def write_side_files(folder: str | Path, tokenizer, image_processor, *, patch_size: int, strategy: str,
                      conv_mode: str, image_pad: str, legacy: bool, add_bos: bool = True, add_eos: bool = False,
-                     toy: bool = False, family=None) -> None:
+                     toy: bool = False, family=None, class_token: bool = True) -> None:
     """The processor (tokenizer and image processor), the tokenizer settings LLaVA's code reads, and the recipe.
 
     transformers 5 saves neither ``legacy`` nor ``add_bos_token``; they are written into
@@ -47,7 +49,7 @@ def write_side_files(folder: str | Path, tokenizer, image_processor, *, patch_si
     family = family or FAMILIES[DEFAULT]
     processor = getattr(transformers, family.hf_processor_class_name)(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=1)  # CLIP's class token
+                               num_additional_image_tokens=int(class_token))  # CLIP's class token; SigLIP has none
     processor.save_pretrained(str(folder))
     pin_tokenizer_config(folder, legacy=legacy, add_bos=add_bos, add_eos=add_eos)
     write_recipe(folder, template=conv_mode, image_pad=image_pad, toy=toy)

@@ -2,7 +2,8 @@
 
 Training, export (parity checks) and the runtime all call :func:`preprocess`.
 It reproduces transformers' ``CLIPImageProcessor`` (resize the shortest edge,
-bicubic; center crop; rescale; normalize), which a test checks to 1e-6, and
+bicubic; center crop; rescale; normalize), which a test checks to 1e-6,
+``SiglipImageProcessor`` (resize to the tile as it is, no crop: ``squash``), and
 LLaVA's ``expand2square`` (pad to a square filled with the image mean) for
 checkpoints trained with ``image_aspect_ratio = pad``. It is written here rather
 than calling transformers because the runtime must not import torch or
@@ -43,9 +44,13 @@ class ImageSpec:
     pad: str = "square"  # one of PAD_MODES
     rescale: float = 1 / 255
     resample: int = 3  # PIL bicubic, as CLIP
+    squash: bool = False  # resize to crop x crop, aspect not kept, no crop (SigLIP's processor)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.squash:  # absent unless set: a CLIP bundle's manifest is as it always was
+            del d["squash"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
@@ -53,7 +58,8 @@ class ImageSpec:
         try:
             spec = cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(float(x) for x in d["mean"]),
                        std=tuple(float(x) for x in d["std"]), pad=str(d.get("pad", "square")),
-                       rescale=float(d.get("rescale", 1 / 255)), resample=int(d.get("resample", 3)))
+                       rescale=float(d.get("rescale", 1 / 255)), resample=int(d.get("resample", 3)),
+                       squash=d.get("squash", False))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the bundle's image settings are incomplete or malformed ({type(e).__name__}: {e}): "
                             "export it again") from None
@@ -62,7 +68,7 @@ class ImageSpec:
             ("mean", len(spec.mean) == 3 and all(np.isfinite(spec.mean))),
             ("std", len(spec.std) == 3 and all(np.isfinite(spec.std)) and all(x > 0 for x in spec.std)),
             ("pad", spec.pad in PAD_MODES), ("rescale", np.isfinite(spec.rescale) and spec.rescale > 0),
-            ("resample", spec.resample in (0, 1, 2, 3, 4, 5))) if not ok]
+            ("resample", spec.resample in (0, 1, 2, 3, 4, 5)), ("squash", isinstance(spec.squash, bool))) if not ok]
         if bad:
             raise UserError(f"the bundle's image settings are invalid ({', '.join(f'{k} {getattr(spec, k)!r}' for k in bad)}): "
                             "export it again")
@@ -70,12 +76,17 @@ class ImageSpec:
 
     @classmethod
     def from_processor_config(cls, cfg: dict, pad: str = "square") -> "ImageSpec":
-        """From a Hugging Face ``preprocessor_config.json`` (CLIPImageProcessor)."""
+        """From a Hugging Face ``preprocessor_config.json`` (CLIPImageProcessor; SiglipImageProcessor, whose
+        ``size`` is a height and width the picture is resized to as it is)."""
         size = cfg.get("size", 224)
+        squash = isinstance(size, dict) and "shortest_edge" not in size and "height" in size
+        if squash and size.get("width", size["height"]) != size["height"]:
+            raise UserError(f"the image processor resizes to {size['height']} x {size.get('width')}: a vision tower "
+                            "takes square tiles")
         resize = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else int(size)
         crop = cfg.get("crop_size", resize)
         crop = crop.get("height", crop.get("width")) if isinstance(crop, dict) else int(crop)
-        if not cfg.get("do_center_crop", True):
+        if squash or not cfg.get("do_center_crop", True):
             crop = resize
         if pad not in PAD_MODES:
             raise UserError(f"unknown image pad mode {pad!r}; known: {', '.join(PAD_MODES)}")
@@ -87,6 +98,7 @@ class ImageSpec:
             pad=pad,
             rescale=float(cfg.get("rescale_factor", 1 / 255)),
             resample=int(cfg.get("resample", 3)),
+            squash=squash,
         )
 
 
@@ -206,10 +218,13 @@ def preprocess(image: ImageInput, spec: ImageSpec, formats: tuple[str, ...] | No
 
 
 def clip_pixels(im: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """An RGB picture through CLIP's steps (resize the shortest edge, center crop, rescale, normalize).
+    """An RGB picture through CLIP's steps (resize the shortest edge, center crop, rescale, normalize), or
+    SigLIP's (``spec.squash``: resize to the tile, rescale, normalize).
 
     ``spec.pad`` is not looked at: padding, where the checkpoint wants it, happens before. Float32 (3, crop, crop).
     """
+    if spec.squash and im.size != (spec.crop, spec.crop):
+        im = im.resize((spec.crop, spec.crop), resample=spec.resample)
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = spec.resize, int(spec.resize * long / short)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from .. import towers
 from ..errors import UserError
 
 if TYPE_CHECKING:  # annotations only: checkpoint imports this module
@@ -112,10 +113,10 @@ class Family:
 
     # -- what export records ----------------------------------------------------------------------------------
     def tokens_per_tile(self, ckpt: Checkpoint) -> int:
-        """What the vision graph gives per tile: the feature layer's patches (and the class token for ``full``)."""
+        """What the vision graph gives per tile: the feature layer's tokens as the strategy selects them."""
         v = ckpt.vision_config
-        n = (v.get("image_size", 336) // v.get("patch_size", 14)) ** 2
-        return n + (1 if ckpt.config.get("vision_feature_select_strategy", "default") == "full" else 0)
+        return towers.for_config(v).tokens(v.get("image_size", 336), v.get("patch_size", 14),
+                                           ckpt.config.get("vision_feature_select_strategy", "default"))
 
     def image_section(self, ckpt: Checkpoint, max_tiles: int | None = None) -> dict:
         """The manifest's ``image`` section: everything the runtime needs to turn a picture into positions
@@ -175,10 +176,9 @@ class Family:
         return {}
 
     def hf_image_processor(self, resize: int, crop: int, config: dict):
-        """The image processor a llava-hf checkpoint of the family ships (``config``: the model config's keys)."""
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop})
+        """The image processor a llava-hf checkpoint of the family ships (``config``: the model config's keys):
+        its tower's."""
+        return towers.for_config(config.get("vision_config") or {}).hf_image_processor(resize, crop)
 
     def hf_class(self):
         import transformers

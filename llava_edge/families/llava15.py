@@ -44,7 +44,9 @@ class Llava15(Family):
     hf_config_class_name = "LlavaConfig"
     hf_processor_class_name = "LlavaProcessor"
     reduces_tokens = True
-    supported = "LlavaForConditionalGeneration (model_type 'llava') with a llama or mistral language model"
+    vision_models = ("clip_vision_model", "clip", "siglip_vision_model")  # SigLIP: LLaVA-Interleave
+    supported = ("LlavaForConditionalGeneration (model_type 'llava') with a CLIP or SigLIP tower and a llama or "
+                 "mistral language model")
 
     def default_conv_mode(self, ckpt: Checkpoint) -> str:
         """llava-hf's LLaVA-1.5 checkpoints (a Llama/Vicuna language model) are conversions of LLaVA-1.5, trained

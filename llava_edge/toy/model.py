@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .. import atomic
+from .. import atomic, towers
 from ..errors import UserError
 from ..families import DEFAULT, FAMILIES
 from .tokenizer import IMAGE_TOKEN, LEGACY, MODE, build_hf_tokenizer, train_sentencepiece
@@ -49,6 +49,13 @@ SHAPES = {
         image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
         hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
         projector_act="gelu", resize=112, family="llava-next",
+    ),
+    # a SigLIP tower in a LlavaForConditionalGeneration, read as LLaVA-Interleave is (every token of the last
+    # layer, the picture resized to the tile as it is)
+    "toy-siglip": dict(
+        image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
+        hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
+        projector_act="gelu", resize=112, tower="siglip", strategy="full", feature_layer=-1, image_pad="square",
     ),
     # llava-hf/llava-1.5-7b-hf: Vicuna-7B v1.5 (Llama-2 7B shape) + CLIP-L/14-336, 576 image tokens
     "llava-1.5-7b": dict(
@@ -91,14 +98,15 @@ def preset_shape(preset: str, layers: int | None = None) -> dict:
 
 
 def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig
 
     from ..llava_hf import llava_config
 
-    vision = CLIPVisionConfig(
+    tower = towers.by_name(p.get("tower", "clip"))
+    extra = {"projection_dim": p.get("projection_dim", p["vision_hidden"])} if tower.class_token else {}
+    vision = tower.hf_config(
         hidden_size=p["vision_hidden"], intermediate_size=p["vision_ffn"], num_hidden_layers=p["vision_layers"],
-        num_attention_heads=p["vision_heads"], image_size=p["image_size"], patch_size=p["patch_size"],
-        projection_dim=p.get("projection_dim", p["vision_hidden"]), hidden_act="quick_gelu",
+        num_attention_heads=p["vision_heads"], image_size=p["image_size"], patch_size=p["patch_size"], **extra,
     )
     text_class = {"llama": LlamaConfig, "mistral": MistralConfig}[p.get("text", "llama")]
     text = text_class(
@@ -109,7 +117,8 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
     )
     family = FAMILIES[p.get("family", DEFAULT)]
     return llava_config(vision, text, image_token_id, projector_act=p["projector_act"], tie_word_embeddings=False,
-                        family=family, **family.config_extra(p["image_size"], p.get("grids")))
+                        family=family, feature_layer=p.get("feature_layer", -2), strategy=p.get("strategy", "default"),
+                        **family.config_extra(p["image_size"], p.get("grids")))
 
 
 def _tokenizer_and_config(tmp: Path, p: dict):
@@ -128,8 +137,10 @@ def _write_processor(tmp: Path, p: dict, tok, config) -> None:
 
     family = FAMILIES[p.get("family", DEFAULT)]
     image_processor = family.hf_image_processor(p["resize"], p["image_size"], config.to_dict())
-    write_side_files(tmp, tok, image_processor, patch_size=p["patch_size"], strategy="default", conv_mode=MODE,
-                     image_pad="pad", legacy=LEGACY, toy=True, family=family)  # legacy: as build_hf_tokenizer made it
+    # legacy: as build_hf_tokenizer made it
+    write_side_files(tmp, tok, image_processor, patch_size=p["patch_size"], strategy=p.get("strategy", "default"),
+                     conv_mode=MODE, image_pad=p.get("image_pad", "pad"), legacy=LEGACY, toy=True, family=family,
+                     class_token=towers.by_name(p.get("tower", "clip")).class_token)
 
 
 def write_toy_model(out: str | Path, preset: str = "toy", seed: int = 0, layers: int | None = None,

@@ -1,0 +1,81 @@
+"""The vision towers LLaVA checkpoints use, each described once: CLIP (LLaVA-1.5, LLaVA-NeXT) and SigLIP
+(LLaVA-Interleave, LLaVA-OneVision).
+
+What differs between them, and what asks:
+
+- a class token (CLIP: one before the patches; SigLIP: none): how many tokens a tile gives
+  (``vision_feature_select_strategy``: ``default`` drops the first token, ``full`` keeps all, as
+  transformers' LLaVA models do whatever the tower);
+- whether ``last_hidden_state`` is a layer's output (CLIP) or that output through the tower's
+  ``post_layernorm`` (SigLIP): LLaVA reads ``hidden_states[vision_feature_layer]``, so the export takes
+  the hidden state for SigLIP;
+- the image processor its checkpoints ship (CLIP: shortest edge and centre crop, CLIP's mean/std; SigLIP:
+  resized to the tile as it is, mean/std 0.5) and the config class of a new tower (the toy).
+
+The runtime reads none of this: the manifest's image settings and the graph carry it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Tower:
+    name: str
+    model_types: tuple[str, ...]  # config.json's vision_config.model_type values
+    config_class: str  # transformers' config class of the tower
+    class_token: bool  # one token before the patches
+    normed_last_hidden: bool  # last_hidden_state has been through post_layernorm (not a layer's output)
+    act: str  # the activation of a new tower (the toy)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def tokens(self, image_size: int, patch_size: int, strategy: str) -> int:
+        """Tokens a tile gives the projector: the patches (the convolution's stride drops any remainder), the
+        class token if there is one, less the first token for ``default``."""
+        n = (int(image_size) // int(patch_size)) ** 2 + int(self.class_token)
+        return n - 1 if strategy == "default" else n
+
+    def hf_config(self, **shape):
+        import transformers
+
+        extra = {"vision_use_head": False} if self.name == "siglip" else {}
+        return getattr(transformers, self.config_class)(hidden_act=self.act, **extra, **shape)
+
+    def hf_image_processor(self, resize: int, crop: int):
+        """The image processor a llava-hf checkpoint with this tower ships (the PIL one: transformers' default
+        classes need torchvision, and fall back to these without it)."""
+        if self.name == "siglip":
+            from transformers import SiglipImageProcessorPil
+
+            return SiglipImageProcessorPil(size={"height": crop, "width": crop}, image_mean=list(self.mean),
+                                           image_std=list(self.std))
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop})
+
+
+CLIP = Tower("clip", ("clip_vision_model", "clip"), "CLIPVisionConfig", class_token=True, normed_last_hidden=False,
+             act="quick_gelu", mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+SIGLIP = Tower("siglip", ("siglip_vision_model",), "SiglipVisionConfig", class_token=False,
+               normed_last_hidden=True, act="gelu_pytorch_tanh", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+TOWERS = {t.name: t for t in (CLIP, SIGLIP)}
+
+
+def for_config(vision_config: dict) -> Tower:
+    """The tower of a checkpoint's ``vision_config`` (CLIP when it names none, as llava-hf's defaults)."""
+    mt = (vision_config or {}).get("model_type", "clip_vision_model")
+    for t in TOWERS.values():
+        if mt in t.model_types:
+            return t
+    raise UserError(f"unsupported vision tower {mt!r} (supported: "
+                    f"{', '.join(m for t in TOWERS.values() for m in t.model_types)})")
+
+
+def by_name(name: str) -> Tower:
+    if name not in TOWERS:
+        raise UserError(f"unknown vision tower {name!r}; known: {', '.join(TOWERS)}")
+    return TOWERS[name]

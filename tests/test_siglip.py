@@ -1,0 +1,147 @@
+"""A SigLIP vision tower in a ``LlavaForConditionalGeneration`` (how LLaVA-Interleave is built), against
+transformers' own model and image processor.
+
+``toy model --preset toy-siglip`` builds one: SigLIP (no class token, ``gelu_pytorch_tanh``, mean/std 0.5),
+``vision_feature_select_strategy: full`` on the last layer, the picture resized to the tile as it is. The
+reference side is transformers alone: ``SiglipImageProcessorPil`` makes the pixels,
+``LlavaForConditionalGeneration`` the features, logits and answers. The runtime side is the bundle: numpy
+preprocessing, the ONNX graph and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from next_helpers import picture
+
+from llava_edge import manifest
+from llava_edge.preprocess import ImageSpec, preprocess
+
+SIZES = [(112, 112), (300, 200), (200, 300), (1, 1), (640, 480), (50, 500), (97, 113), (1500, 40)]
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.export.bundle import export_bundle
+    from llava_edge.toy.model import write_toy_model
+
+    model = write_toy_model(tmp_path_factory.mktemp("siglip") / "model", preset="toy-siglip", seed=0)
+    out = tmp_path_factory.mktemp("siglip_bundle") / "b"
+    export_bundle(open_checkpoint(model), out, log=lambda _: None)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def hf(toy):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(toy[0], attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def processor(toy):
+    from transformers import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil.from_pretrained(toy[0])
+
+
+@pytest.fixture(scope="module")
+def runtime(toy):
+    from llava_edge import EdgeLLaVA
+
+    m = EdgeLLaVA.load(toy[1], device="cpu", kv_cache="f32", threads=1, prefix_cache=False)
+    yield m
+    m.close()
+
+
+def test_the_toy_is_a_siglip_llava_and_the_bundle_records_siglip_s_preprocessing(toy, hf):
+    model, bundle = toy
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["vision_config"]["model_type"] == "siglip_vision_model"
+    assert cfg["vision_feature_select_strategy"] == "full" and cfg["vision_feature_layer"] == -1
+    m = manifest.read(bundle)
+    assert m.family == "llava-1.5"
+    side = cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"]
+    assert m.vision["num_image_tokens"] == side * side == cfg["image_seq_length"]  # every patch, no class token
+    assert m.image["squash"] is True and m.image["mean"] == [0.5, 0.5, 0.5]
+    # the processor transformers saved counts the same positions
+    proc = json.loads((model / "processor_config.json").read_text())
+    assert proc["num_additional_image_tokens"] == 0
+
+
+def test_a_clip_bundle_s_image_settings_do_not_name_squash():
+    spec = ImageSpec.from_processor_config({"size": {"shortest_edge": 336}, "crop_size": {"height": 336,
+                                                                                          "width": 336}})
+    assert "squash" not in spec.to_dict() and not spec.squash
+    assert ImageSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_pixels_equal_siglip_s_image_processor(size, toy, processor):
+    im = picture(*size)
+    spec = ImageSpec.from_dict(manifest.read(toy[1]).image)
+    want = np.asarray(processor(images=im, return_tensors="np")["pixel_values"][0], np.float32)
+    got = preprocess(im, spec)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_the_graph_reads_the_last_layer_not_its_post_layernorm(toy, hf, processor, runtime):
+    """LLaVA takes ``hidden_states[-1]``; SigLIP's ``last_hidden_state`` is that through ``post_layernorm``:
+    the graph equals the first and not the second."""
+    im = picture(300, 200)
+    px = torch.from_numpy(np.asarray(processor(images=im, return_tensors="np")["pixel_values"], np.float32))
+    with torch.no_grad():
+        want = hf.model.get_image_features(pixel_values=px, vision_feature_layer=-1,
+                                           vision_feature_select_strategy="full").pooler_output[0].numpy()
+        normed = hf.model.multi_modal_projector(hf.model.vision_tower(px).last_hidden_state)[0].numpy()
+    _, got = runtime.image_embeddings(im)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(normed - want).max() > 100 * np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("size", [(300, 200), (1, 1), (640, 480)], ids=str)
+def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, hf, processor, runtime):
+    m = runtime
+    im = picture(*size, seed=1)
+    parts = m.template.prompt(QUESTION, image=True, history=[])
+    ids = m.tokenizer.encode_prompt(parts, m.image_token_id)
+    i = ids.index(m.image_token_id)
+    full = ids[:i] + [m.image_token_id] * m.n_image_tokens + ids[i + 1 :]
+    px = torch.from_numpy(np.asarray(processor(images=im, return_tensors="np")["pixel_values"], np.float32))
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([full]), pixel_values=px).logits[0, -1].numpy()
+    got = m.prompt_logits(im, parts)[-1]
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([full]), pixel_values=px, max_new_tokens=8, do_sample=False,
+                          eos_token_id=m.eos_id, pad_token_id=m.eos_id)
+    new = out[0, len(full):].tolist()
+    if m.eos_id in new:
+        new = new[: new.index(m.eos_id)]
+    m.chat(im, QUESTION, max_tokens=8)
+    assert m.last_ids[: len(new)] == new
+
+
+def test_quantized_vision_variants_and_a_refused_mmproj(toy, tmp_path):
+    """fp16 and int8 graphs of the SigLIP tower pass quantize's checks against the fp32 graph; llama.cpp's
+    mmproj is refused in one line."""
+    from cli_run import assert_one_line_error, le
+
+    model, bundle = toy
+    out = tmp_path / "b"
+    r = le("export", "--model", model, "--out", out, "--target", "onnx")
+    assert r.returncode == 0, r.stderr
+    r = le("quantize", out, "--vision", "fp16,int8")
+    assert r.returncode == 0, r.stderr
+    names = {v.name for v in manifest.read(out).find("vision")}
+    assert {"fp16", "int8"} <= names
+    r = le("export", "--model", model, "--out", out, "--target", "mmproj")
+    assert_one_line_error(r, "siglip_vision_model", progress=True)
