@@ -51,6 +51,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -87,7 +88,7 @@ _VARIANT_KEYS = ("name", "kind", "precision", "file", "size", "sha256", "format"
 class TensorRTOptions:
     """How ``--target tensorrt`` builds its engine (see ``export/tensorrt_engine.py``)."""
 
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: int | None = None  # None: DEFAULT_MAX_BATCH, or every tile of the family's largest picture
     opt_batch: int = 1
     int8: bool = False
     calibration_cache: Path | None = None  # default: BUNDLE/tensorrt.int8.calib (what `llava-edge quantize` writes)
@@ -120,10 +121,12 @@ class ExportOptions:
         if self.mmproj and self.target not in ("mmproj", "all"):
             raise UserError("--mmproj-outtype is for llama.cpp's mmproj: use --target mmproj or all")
         t = self.tensorrt
-        if not 1 <= t.opt_batch <= t.max_batch:
+        if t.max_batch is not None and not 1 <= t.opt_batch <= t.max_batch:
             raise UserError(f"TensorRT batch sizes need 1 <= --trt-opt-batch ({t.opt_batch}) "
                             f"<= --trt-max-batch ({t.max_batch})")
-        if t.max_batch > MAX_BATCH:
+        if not 1 <= t.opt_batch <= MAX_BATCH:
+            raise UserError(f"--trt-opt-batch {t.opt_batch} is outside 1..{MAX_BATCH}")
+        if t.max_batch is not None and t.max_batch > MAX_BATCH:
             raise UserError(f"--trt-max-batch {t.max_batch} is above the ONNX graph's batch limit {MAX_BATCH}")
         if t.workspace_mib is not None and t.workspace_mib < 1:
             raise UserError("--trt-workspace-mib must be at least 1")
@@ -495,9 +498,16 @@ class _Export:
         if t in ("tensorrt", "all"):
             reason = tensorrt_unavailable()
             tiles = self.ckpt.family.most_tiles(self.m.image)
-            if tiles > o.tensorrt.max_batch:  # the engine's profile must take every tile of one picture at once
-                raise UserError(f"--trt-max-batch {o.tensorrt.max_batch} is below the {tiles} tiles one picture can "
-                                f"take: raise it, or bound the tiles with --max-tiles {o.tensorrt.max_batch - 1}")
+            asked = o.tensorrt.max_batch
+            if asked is not None and tiles > asked:  # the engine's profile must take every tile of one picture at once
+                raise UserError(f"--trt-max-batch {asked} is below the {tiles} tiles one picture can "
+                                f"take: raise it, or bound the tiles with --max-tiles {asked - 1}")
+            if asked is None:
+                if tiles > MAX_BATCH and (reason is None or t == "tensorrt"):
+                    raise UserError(f"one picture can take {tiles} tiles, over the vision graph's batch limit "
+                                    f"{MAX_BATCH}: bound them with --max-tiles {MAX_BATCH - 1}")
+                o = self.opts = dataclasses.replace(o, tensorrt=dataclasses.replace(
+                    o.tensorrt, max_batch=max(DEFAULT_MAX_BATCH, tiles, o.tensorrt.opt_batch)))
             if reason is None:
                 self._calibration_cache()  # --int8 without a cache is an error even under `all`
                 steps.append((engine_file_name(o.trt_precision), self.tensorrt))

@@ -40,16 +40,12 @@ def write_side_files(folder: str | Path, tokenizer, image_processor, *, patch_si
     transformers 5 saves neither ``legacy`` nor ``add_bos_token``; they are written into
     ``tokenizer_config.json`` (``tokenizer.pin_tokenizer_config``) so that every reader takes the same ids.
     """
-    import transformers
-
     from .checkpoint import write_recipe
     from .families import DEFAULT, FAMILIES
     from .tokenizer import pin_tokenizer_config
 
     family = family or FAMILIES[DEFAULT]
-    processor = getattr(transformers, family.hf_processor_class_name)(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=int(class_token))  # CLIP's class token; SigLIP has none
-    processor.save_pretrained(str(folder))
+    family.write_hf_processor(folder, image_processor, tokenizer, patch_size=patch_size, strategy=strategy,
+                              class_token=class_token)
     pin_tokenizer_config(folder, legacy=legacy, add_bos=add_bos, add_eos=add_eos)
     write_recipe(folder, template=conv_mode, image_pad=image_pad, toy=toy)

@@ -27,7 +27,8 @@ def export(
                                          "LLaVA checkpoint; default: its mm_vision_tower"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where original LLaVA checkpoints are "
                                              "converted (default: $LLAVA_EDGE_CACHE or ~/.cache/llava-edge)"),
-    trt_max_batch: int = typer.Option(8, "--trt-max-batch", help="TensorRT: largest batch of images"),
+    trt_max_batch: Optional[int] = typer.Option(None, "--trt-max-batch", help="TensorRT: largest batch of tiles "
+                                                "(default: 8, or every tile of the model's largest picture)"),
     trt_opt_batch: int = typer.Option(1, "--trt-opt-batch", help="TensorRT: the batch the kernels are tuned for"),
     int8: bool = typer.Option(False, "--int8", help="TensorRT: an INT8 engine (needs a calibration cache)"),
     calibration_cache: Optional[Path] = typer.Option(None, "--calibration-cache", help="TensorRT INT8 calibration "

@@ -13,6 +13,7 @@ from ..errors import UserError
 from .base import Family, ImagePath, PreparedImage, pixels_key
 from .llava15 import Llava15
 from .llava_next import LlavaNext
+from .llava_onevision import LlavaOnevision
 
 DEFAULT = "llava-1.5"  # the family of a manifest that names none (bundles from before families were recorded)
 FAMILIES: dict[str, Family] = {}
@@ -25,7 +26,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _f in (Llava15(), LlavaNext()):
+for _f in (Llava15(), LlavaNext(), LlavaOnevision()):
     register(_f)
 
 

@@ -180,6 +180,16 @@ class Family:
         its tower's."""
         return towers.for_config(config.get("vision_config") or {}).hf_image_processor(resize, crop)
 
+    def write_hf_processor(self, folder, image_processor, tokenizer, *, patch_size: int, strategy: str,
+                           class_token: bool) -> None:
+        """Save the family's processor (tokenizer, image processor, image-token count) as llava-hf ships it."""
+        import transformers
+
+        processor = getattr(transformers, self.hf_processor_class_name)(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+            vision_feature_select_strategy=strategy, num_additional_image_tokens=int(class_token))
+        processor.save_pretrained(str(folder))
+
     def hf_class(self):
         import transformers
 

@@ -45,8 +45,10 @@ class Llava15(Family):
     hf_processor_class_name = "LlavaProcessor"
     reduces_tokens = True
     vision_models = ("clip_vision_model", "clip", "siglip_vision_model")  # SigLIP: LLaVA-Interleave
-    supported = ("LlavaForConditionalGeneration (model_type 'llava') with a CLIP or SigLIP tower and a llama or "
-                 "mistral language model")
+    # Qwen2: LLaVA-Interleave (Qwen1.5); Phi-3: xtuner's llava-phi-3-mini; Llama 3 is "llama"
+    text_models = ("llama", "mistral", "qwen2", "phi3")
+    supported = ("LlavaForConditionalGeneration (model_type 'llava') with a CLIP or SigLIP tower and a llama, "
+                 "mistral, qwen2 or phi3 language model")
 
     def default_conv_mode(self, ckpt: Checkpoint) -> str:
         """llava-hf's LLaVA-1.5 checkpoints (a Llama/Vicuna language model) are conversions of LLaVA-1.5, trained

@@ -57,6 +57,14 @@ SHAPES = {
         hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, sp_vocab=1000, max_positions=2048,
         projector_act="gelu", resize=112, tower="siglip", strategy="full", feature_layer=-1, image_pad="square",
     ),
+    # a LLaVA-OneVision (LlavaOnevisionForConditionalGeneration): SigLIP tiles of 112 px on OneVision's 36 grids,
+    # anyres_max_9, every token of the last layer, a Qwen2 language model (q/k/v biases)
+    "toy-onevision": dict(
+        image_size=112, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=4, vision_ffn=512,
+        hidden=128, layers=4, heads=4, kv_heads=2, ffn=344, sp_vocab=1000, max_positions=8192,
+        projector_act="gelu", resize=112, tower="siglip", strategy="full", feature_layer=-1, image_pad="square",
+        family="llava-onevision", text="qwen2",
+    ),
     # llava-hf/llava-1.5-7b-hf: Vicuna-7B v1.5 (Llama-2 7B shape) + CLIP-L/14-336, 576 image tokens
     "llava-1.5-7b": dict(
         _CLIP_L_336, hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, sp_vocab=1000,
@@ -98,7 +106,7 @@ def preset_shape(preset: str, layers: int | None = None) -> dict:
 
 
 def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
     from ..llava_hf import llava_config
 
@@ -108,7 +116,8 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
         hidden_size=p["vision_hidden"], intermediate_size=p["vision_ffn"], num_hidden_layers=p["vision_layers"],
         num_attention_heads=p["vision_heads"], image_size=p["image_size"], patch_size=p["patch_size"], **extra,
     )
-    text_class = {"llama": LlamaConfig, "mistral": MistralConfig}[p.get("text", "llama")]
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+                  "phi3": Phi3Config}[p.get("text", "llama")]
     text = text_class(
         vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["ffn"],
         num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
