@@ -4,20 +4,34 @@
         [--sections vision,ttft,decode,export] [--export-model FULL_CKPT]
 
 ``CKPT`` is the llava-hf checkpoint ``BUNDLE`` was exported from (``llava-edge toy
-model --preset llava-1.5-7b --layers N`` makes one at real shape); the bundle
-needs its ONNX vision variants, one or more language-model GGUFs and an mmproj
-GGUF. Sections (docs/BENCHMARKS.md, "CPU"):
+model --preset llava-1.5-7b --layers N`` or ``--preset llava-v1.6-mistral-7b`` makes
+one at real shape); the bundle needs its ONNX vision variants, one or more
+language-model GGUFs and an mmproj GGUF. Every family the bundle may be of is
+asked, not named: its image path (``families.by_name(manifest.family)``) says how
+the picture becomes tiles and positions. Sections (docs/BENCHMARKS.md, "CPU"):
 
-1. ``vision``: one image through each of the bundle's ONNX vision variants
-   (onnxruntime), Hugging Face's eager PyTorch model (``get_image_features``)
-   and llama.cpp's own CLIP (each mmproj, through ``mtmd_encode_chunk``: the
-   graph alone, its preprocessing done beforehand as for the others). Each
-   variant's worst image-token cosine against Hugging Face is measured here;
-   the drift gates decide which variants may be used.
+1. ``vision``: one picture through each of the bundle's ONNX vision variants
+   (onnxruntime), Hugging Face's eager PyTorch model (the family's per-tile
+   features) and llama.cpp's own CLIP (each mmproj, through ``mtmd_encode_chunk``
+   of every image chunk: the graph alone, its preprocessing done beforehand as
+   for the others). The picture is the tower's size for a one-tile family (no
+   resize anywhere) and 640x480 for a tiled one, all its tiles one batch; each
+   side's tiles and positions are recorded (LLaVA-NeXT at CLIP-L/336: 5 tiles
+   each, 2340 positions for llava-edge, 2880 for llama.cpp, which neither
+   unpads nor adds newlines). Each variant's worst image-token cosine against
+   Hugging Face is measured here; the drift gates decide which variants may
+   be used.
 2. ``ttft``: image file + question -> first token, llava-edge's pipeline
    (:func:`llava_edge.bench.time_chat_pass`) against llama.cpp's multimodal
-   pipeline (``Llama`` with ``Llava15ChatHandler``: the mmproj and the same text
-   GGUF; time to the first streamed chunk of ``create_chat_completion``).
+   pipeline (``Llama`` with llama-cpp-python's ``Llava15ChatHandler``, or
+   ``Llava16ChatHandler`` for a tiled family: the mmproj and the same text GGUF;
+   time to the first streamed chunk of ``create_chat_completion``). The two
+   handlers differ only in their prompt text; mtmd tiles the picture as the
+   mmproj's pinpoints say with either. Prompt and image positions of both
+   pipelines are recorded. With ``--image-tokens K`` llava-edge also runs
+   loaded with ``image_tokens=K`` (a tiled family caps each picture's positions
+   at K with any vision variant; a one-tile family picks a reduced-token
+   variant, or the race records why there is none).
    llava-edge four ways: an empty KV cache with the prompt's beginning saved by
    an earlier process (``runtimes/prefix_cache.py``; what every run after the
    first finds), an empty one with nothing saved (the first run ever), a warm
@@ -69,9 +83,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_edge import families
 from llava_edge import manifest as bundle_manifest
-from llava_edge.bench import (DEFAULT_QUESTION, OTHER_QUESTION, CpuShare, machine_info, time_chat_pass, time_decode,
-                              versions, write_bench_image)
+from llava_edge.bench import (BENCH_IMAGE_SIZE, DEFAULT_QUESTION, OTHER_QUESTION, CpuShare, machine_info,
+                              time_chat_pass, time_decode, versions, write_bench_image)
 
 SECTIONS = ("vision", "ttft", "decode", "followup", "export")
 # Drift gates on the vision side (the drift issue): an unquantized graph (fp32/fp16 ONNX) must keep every
@@ -129,7 +144,11 @@ def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class LlamaCppClip:
-    """llama.cpp's CLIP (an mmproj GGUF) on one image, with the graph timed apart from its preprocessing."""
+    """llama.cpp's CLIP (an mmproj GGUF) on one image, with the graph timed apart from its preprocessing.
+
+    A tiled picture is several image chunks (one per tile, llama.cpp's whole-picture tile among them); ``encode``
+    runs them all, as ``mtmd_helper_eval_chunks`` does for a prompt.
+    """
 
     def __init__(self, mmproj: Path, text_gguf: Path, rgb: np.ndarray, threads: int, use_gpu: bool = False):
         import llama_cpp
@@ -160,14 +179,26 @@ class LlamaCppClip:
         bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(self.bitmap)
         if M.mtmd_tokenize(self.ctx, self.chunks, ctypes.byref(text), bitmaps, 1) != 0:  # preprocesses the image
             raise RuntimeError("mtmd could not tokenize the image")
-        self.chunk = next(c for c in (M.mtmd_input_chunks_get(self.chunks, i)
-                                      for i in range(M.mtmd_input_chunks_size(self.chunks)))
-                          if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE)
-        self.n_tokens = M.mtmd_input_chunk_get_n_tokens(self.chunk)
+        self.image_chunks = [c for c in (M.mtmd_input_chunks_get(self.chunks, i)
+                                         for i in range(M.mtmd_input_chunks_size(self.chunks)))
+                             if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        if not self.image_chunks:
+            raise RuntimeError("mtmd made no image chunk of the picture")
+        self.chunk_positions = [int(M.mtmd_input_chunk_get_n_pos(c)) for c in self.image_chunks]
+        self.n_tokens = sum(int(M.mtmd_input_chunk_get_n_tokens(c)) for c in self.image_chunks)
+
+    @property
+    def tiles(self) -> int:
+        return len(self.image_chunks)
+
+    @property
+    def positions(self) -> int:
+        return sum(self.chunk_positions)
 
     def encode(self) -> None:
-        if self.M.mtmd_encode_chunk(self.ctx, self.chunk) != 0:
-            raise RuntimeError("mtmd failed to encode the image")
+        for chunk in self.image_chunks:
+            if self.M.mtmd_encode_chunk(self.ctx, chunk) != 0:
+                raise RuntimeError("mtmd failed to encode the image")
 
     def close(self) -> None:
         import llama_cpp
@@ -178,17 +209,31 @@ class LlamaCppClip:
         llama_cpp.llama_model_free(self.model)
 
 
+HANDLERS = ("Llava15ChatHandler", "Llava16ChatHandler")
+
+
+def chat_handler_for(family) -> str:
+    """llama-cpp-python's handler for the family: ``Llava16ChatHandler`` for a tiled one (LLaVA-1.6), else
+    ``Llava15ChatHandler``. In 0.3.36 both run mtmd on the mmproj, which alone decides the tiling; they differ
+    in the prompt: 1.5's is LLaVA's vicuna_v1 (``SYSTEM\nUSER: <image>QUESTION\nASSISTANT: ``), 1.6's a
+    system line, the image, a newline, the question and ``Answer:``. Neither is Mistral's ``[INST]``: the text
+    positions differ from llava-edge's by a few dozen, both pipelines' counts are recorded."""
+    return HANDLERS[1] if family.tiled else HANDLERS[0]
+
+
 class LlamaCppChat:
-    """llama.cpp's own multimodal pipeline: ``Llama`` + ``Llava15ChatHandler`` (mmproj + text GGUF)."""
+    """llama.cpp's own multimodal pipeline: ``Llama`` + a llama-cpp-python LLaVA chat handler (mmproj + text GGUF)."""
 
     def __init__(self, text_gguf: Path, mmproj: Path, threads: int, n_ctx: int, n_gpu_layers: int = 0,
-                 flash_attn: bool = True, extra_buffers: bool = True):
+                 flash_attn: bool = True, extra_buffers: bool = True, handler: str = HANDLERS[0]):
         import llama_cpp.llama_cpp as C
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Llava15ChatHandler
+        from llama_cpp import Llama, llama_chat_format
 
+        if handler not in HANDLERS:
+            raise ValueError(f"chat handler {handler!r}: one of {', '.join(HANDLERS)}")
         # its CLIP runs on the GPU whenever llama.cpp was built with one (the handler's default)
-        handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
+        self.handler = getattr(llama_chat_format, handler)(clip_model_path=str(mmproj), verbose=False)
+        handler = self.handler
         # extra buffer types as llava-edge's plan has them (off for quantized weights on an AMX CPU, where they
         # crash: runtimes/devices.py, extra_buffers); Llama takes no such argument, so its default params are
         # replaced while it loads
@@ -400,37 +445,50 @@ def gate_threshold(precision: str) -> float:
     return UNQUANTIZED_MIN_COSINE if precision in ("fp32", "fp16") else QUANTIZED_MIN_COSINE
 
 
+def bundle_images(bundle: Path, m):
+    """The bundle's family and its image path as the runtime builds it (every patch of every tile, no cap)."""
+    family = families.by_name(m.family)
+    arrays = {name: families.read_array(bundle_manifest.bundle_file(bundle, a["file"], "array file"), name)
+              for name, a in m.arrays.items()}
+    return family, family.image_path(m.image, m.vision, int(m.vision["num_image_tokens"]), arrays)
+
+
+def vision_picture(family, m, tmp: Path) -> tuple[Path, str]:
+    """(the vision race's picture, its description): the tower's size for a one-tile family, so that nobody
+    resizes it; 640x480 for a tiled one, so that it takes a grid of tiles as a photo does."""
+    if family.tiled:
+        w, h = BENCH_IMAGE_SIZE
+        return write_bench_image(tmp / "vision.jpg", size=(w, h)), f"{w}x{h} JPEG"
+    size = int(m.vision["image_size"])
+    return write_bench_image(tmp / "square.png", size=(size, size)), f"{size}x{size} PNG"
+
+
 def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, tmp: Path,
                    gpu: bool = False) -> dict:
     import onnxruntime as ort
     import torch
 
-    from llava_edge.checkpoint import load_hf_model, open_checkpoint
-    from llava_edge.preprocess import ImageSpec, load_image, preprocess
+    from llava_edge.checkpoint import load_hf_vision_half, open_checkpoint
+    from llava_edge.preprocess import load_image
     from llava_edge.runtimes.vision import VisionEncoder
 
-    size = int(m.vision["image_size"])
-    image = write_bench_image(tmp / "square.png", size=(size, size))  # the tower's size: nobody resizes
-    spec = ImageSpec.from_dict(m.image)
-    pixels = preprocess(image, spec)[None]
+    family, images = bundle_images(bundle, m)
+    image, picture = vision_picture(family, m, tmp)
+    prepared = images.prepare(image)
+    pixels = prepared.pixels  # (tiles, 3, S, S): one batch of the vision graph
     rgb = np.asarray(load_image(image).convert("RGB"))
 
     torch.set_num_threads(threads)
-    hf = load_hf_model(open_checkpoint(model_dir))
-    hf.model.language_model = None  # only the tower and projector run here
-    hf.lm_head = None
+    ckpt = open_checkpoint(model_dir)
+    hf = load_hf_vision_half(ckpt)  # only the tower and projector run here
     gc.collect()
-    cfg = hf.config
     torch_device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     hf.to(torch_device)
     px = torch.from_numpy(pixels).to(torch_device)
 
-    def hf_encode():
+    def hf_encode():  # the tiles' features before any packing: what the ONNX graph computes
         with torch.inference_mode():
-            return torch.stack(list(hf.model.get_image_features(
-                pixel_values=px, vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy, output_hidden_states=True,
-            ).pooler_output)).float().cpu().numpy()
+            return ckpt.family.hf_tile_features(hf, px).float().cpu().numpy()
 
     reference = hf_encode()
     contestants: dict[str, Callable[[], float]] = {f"PyTorch eager (HF, {torch_device})": timed(hf_encode)}
@@ -449,10 +507,14 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
             contestants[f"ONNX {v.name}"] = timed(lambda enc=enc: enc.encode(pixels))
     text = bundle / m.variant("llm").file
     clips = {}
+    tiles: dict[str, int] = {"llava-edge": prepared.tiles}
+    positions: dict[str, int] = {"llava-edge": prepared.positions}
     for v in m.variants:
         if v.kind == "mmproj":
-            clips[v.name] = LlamaCppClip(bundle / v.file, text, rgb, threads, use_gpu=gpu)
-            contestants[f"llama.cpp CLIP {v.name}"] = timed(clips[v.name].encode)
+            clips[v.name] = c = LlamaCppClip(bundle / v.file, text, rgb, threads, use_gpu=gpu)
+            contestants[f"llama.cpp CLIP {v.name}"] = timed(c.encode)
+            tiles[f"llama.cpp CLIP {v.name}"], positions[f"llama.cpp CLIP {v.name}"] = c.tiles, c.positions
+    log(f"vision: {picture}, tiles {tiles}, positions {positions}")
     log(f"vision: {', '.join(contestants)}; {rounds} rounds")
     with CpuShare() as busy:
         times = interleaved(contestants, rounds)
@@ -465,21 +527,40 @@ def section_vision(model_dir: Path, bundle: Path, m, rounds: int, threads: int, 
     gated = [n for n, q in quality.items() if q["passes"]]
     best = min(gated, key=lambda n: med[f"ONNX {n}"], default=None)
     ratio = med[f"ONNX {best}"] / med[llama_best] if best and llama_best else None
-    return {"image": f"{size}x{size} PNG", "rounds": rounds, "threads": threads, "seconds": times,
+    return {"image": picture, "family": family.name, "grid": prepared.grid, "tiles": tiles,
+            "positions": positions, "rounds": rounds, "threads": threads, "seconds": times,
             "torch_device": torch_device, "onnx_providers": providers,
             "median_s": med, "quality_vs_hf": quality,
             "llama_cpp_best": llama_best, "best_gated_onnx": best, "ratio_best_vs_llama_cpp": ratio,
             "goal": GOALS["vision"], "busy": busy.to_dict()}
 
 
+def llama_cpp_image_positions(mmproj: Path, text_gguf: Path, image: Path) -> list[int]:
+    """The positions mtmd gives the picture with this mmproj, one entry per image chunk (tile)."""
+    from llava_edge.preprocess import load_image
+    from llava_edge.runtimes.mtmd import image_positions
+
+    return image_positions(mmproj, text_gguf, [np.asarray(load_image(image).convert("RGB"))])[0]
+
+
 def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[str], mmproj: str, rounds: int,
                         threads: int, decode_tokens: int, n_ctx: int, tmp: Path, sections: set[str],
-                        device: str = "cpu", flash_attn: bool = True, extras: bool = True) -> dict:
+                        device: str = "cpu", flash_attn: bool = True, extras: bool = True,
+                        image_tokens: tuple[int, ...] = (), handler: str | None = None) -> dict:
+    from llava_edge.errors import UserError
     from llava_edge.runtimes.pipeline import EdgeLLaVA
 
-    image = write_bench_image(tmp / "photo.jpg")  # 640x480 JPEG: both pipelines decode, pad/resize it
+    family = families.by_name(m.family)
+    handler = handler or chat_handler_for(family)
+    w, h = BENCH_IMAGE_SIZE
+    image = write_bench_image(tmp / "photo.jpg")  # both pipelines decode it, then pad/resize or tile it
     mm = bundle / m.variant("mmproj", mmproj).file
-    out: dict = {"image": "640x480 JPEG", "question": QUESTION, "mmproj": mmproj, "llm": {}}
+    their_chunks = llama_cpp_image_positions(mm, bundle / m.variant("llm", llms[0]).file, image)
+    out: dict = {"image": f"{w}x{h} JPEG", "question": QUESTION, "mmproj": mmproj, "family": family.name,
+                 "llama_cpp_handler": handler, "n_ctx": n_ctx,
+                 "llama_cpp_image": {"tiles": len(their_chunks), "positions": sum(their_chunks),
+                                     "positions_per_tile": their_chunks},
+                 "image_tokens": list(image_tokens), "llm": {}}
     for llm in llms:
         gguf = bundle / m.variant("llm", llm).file
         res: dict = {}
@@ -492,9 +573,24 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
         prompt_tokens: dict = {}
         res["llava_edge_plan"] = {v: x.explain() for v, x in ours.items() if hasattr(x, "explain")}
         if "ttft" in sections:
+            # --image-tokens K: the runtime loaded with image_tokens=K. A family that caps positions caps every
+            # picture at K with the same vision variant; a one-tile family picks a reduced-token variant instead
+            capped: dict[str, EdgeLLaVA] = {}
+            skipped: dict[str, str] = {}
+            for k in image_tokens:
+                kw = {"vision_variant": vision_variants[0]} if family.caps_positions else {}
+                try:
+                    x = EdgeLLaVA.load(bundle, device=device, llm_variant=llm, threads=threads, n_ctx=n_ctx,
+                                       image_tokens=k, **kw)
+                except UserError as e:
+                    skipped[f"--image-tokens {k}"] = str(e)
+                    log(f"ttft {llm}: --image-tokens {k} skipped: {e}")
+                    continue
+                capped[f"llava-edge ({x.vision_variant.name}, --image-tokens {k})"] = x
             theirs = LlamaCppChat(gguf, mm, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn,
-                                  extra_buffers=extra)
+                                  extra_buffers=extra, handler=handler)
             contestants: dict[str, Callable[[], float]] = {}
+            image_positions: dict[str, int] = {"llama.cpp": sum(their_chunks)}
             phases: dict[str, list[dict]] = {}  # where llava-edge's time goes, seconds per phase
             # a second picture of the same size for the warm contestant: a new image in a running process
             other = write_bench_image(tmp / "photo2.jpg", seed=1)
@@ -518,6 +614,8 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
             for v, model in ours.items():
                 contestants[f"llava-edge ({v})"] = lambda model=model, v=v: run_ours(
                     f"llava-edge ({v})", model, image, fresh=True)
+            for name, model in capped.items():
+                contestants[name] = lambda model=model, name=name: run_ours(name, model, image, fresh=True)
             # a new process's first question ever: the prompt's beginning not saved yet (prefix_cache.py)
             best_model = ours[vision_variants[0]]
             contestants[f"llava-edge ({vision_variants[0]}, nothing saved)"] = lambda: run_ours(
@@ -541,8 +639,15 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
             if best_model.prefix_cache is not None and best_model.plan.n_gpu_layers == 0:  # saved on the CPU only
                 contestants[f"llava-edge ({vision_variants[0]}, image seen before, new process)"] = seen_image
             if not extras:  # each vision variant's first question about a new picture, against llama.cpp's only
-                for k in [k for k in contestants if k.startswith(f"llava-edge ({vision_variants[0]}, ")]:
+                for k in [k for k in contestants if k.startswith(f"llava-edge ({vision_variants[0]}, ")
+                          and k not in capped]:
                     del contestants[k]
+            # what each llava-edge pipeline puts at the picture (untimed); the variants of the first vision
+            # variant's race (nothing saved, warm, seen before) run its model
+            runs_on = {**{k: best_model for k in contestants}, **{f"llava-edge ({v})": x for v, x in ours.items()},
+                       **capped}
+            for name in contestants:
+                image_positions[name] = runs_on[name].prepare_image(image).positions
 
             def theirs_ttft() -> float:
                 s, n = theirs.first_token(image, QUESTION)
@@ -553,9 +658,14 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
             with CpuShare() as busy:
                 times = interleaved(contestants, rounds)
             theirs.close()
+            for x in capped.values():
+                x.close()
             med = {k: median(v) for k, v in times.items()}
             res["ttft"] = {"rounds": rounds, "threads": threads, "seconds": times, "median_s": med,
-                           "prompt_positions": prompt_tokens, "llava_edge_decoded_positions": decoded,
+                           "prompt_positions": prompt_tokens, "image_positions": image_positions,
+                           "text_positions": {k: prompt_tokens[k] - n for k, n in image_positions.items()
+                                              if k in prompt_tokens},
+                           "skipped": skipped, "llava_edge_decoded_positions": decoded,
                            "phases_median_s": {k: {p: median([r[p] for r in rs[1:]]) for p in rs[0]}
                                                for k, rs in phases.items()},  # [0]: the warm-up
                            "ratios_vs_llama_cpp": {k: med[k] / med["llama.cpp"] for k in med if k != "llama.cpp"},
@@ -607,7 +717,7 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
             }
         if "followup" in sections:
             res["followup"] = race_followup(ours[vision_variants[0]], gguf, mm, image, vision_variants[0], rounds,
-                                            threads, n_ctx, layers, flash_attn, extra)
+                                            threads, n_ctx, layers, flash_attn, extra, handler)
         for model in ours.values():
             model.close()
         out["llm"][llm] = res
@@ -615,10 +725,11 @@ def section_ttft_decode(bundle: Path, m, llms: list[str], vision_variants: list[
 
 
 def race_followup(model, gguf: Path, mmproj: Path, image: Path, vision: str, rounds: int, threads: int,
-                  n_ctx: int, layers: int, flash_attn: bool, extra_buffers: bool = True) -> dict:
+                  n_ctx: int, layers: int, flash_attn: bool, extra_buffers: bool = True,
+                  handler: str = HANDLERS[0]) -> dict:
     """Time to the first token of a second question about the same image (section ``followup``)."""
     theirs = LlamaCppChat(gguf, mmproj, threads, n_ctx, n_gpu_layers=layers, flash_attn=flash_attn,
-                          extra_buffers=extra_buffers)
+                          extra_buffers=extra_buffers, handler=handler)
     their_answer = theirs.answer(image, QUESTION, ANSWER_TOKENS)  # untimed: the history of every round
     positions: dict[str, int] = {}
     decoded: list[int] = []
@@ -722,16 +833,20 @@ def markdown(report: dict) -> str:
                          f"| {name} | {s:.2f} | | {cos} | {gate} |")
         lines.append(f"\nBest gated variant: {v['best_gated_onnx']}, **{_x(v['ratio_best_vs_llama_cpp'])}** of "
                      f"{v['llama_cpp_best']} (goal <= {v['goal']}x); {_busy(v['busy'])}.")
+        if "tiles" in v:
+            lines.append("Tiles and the positions they become: " + "; ".join(
+                f"{k} {v['tiles'][k]} tile(s), {v['positions'][k]} positions" for k in v["tiles"]) + ".")
     t = report.get("ttft_decode")
     if t:
         for llm, res in t["llm"].items():
             if "ttft" in res:
                 r = res["ttft"]
+                handler = t.get("llama_cpp_handler", HANDLERS[0])
                 lines += ["", f"Time to first token, {t['image']} + question, language model {llm} "
-                          f"(mmproj {t['mmproj']} for llama.cpp; {_setup(r, report)}):", "",
-                          "| pipeline | median s | prompt positions | vs llama.cpp (ratio of medians) | "
-                          "median of per-round ratios | where the time goes (median s) |",
-                          "| --- | --- | --- | --- | --- | --- |"]
+                          f"(mmproj {t['mmproj']} and {handler} for llama.cpp; {_setup(r, report)}):", "",
+                          "| pipeline | median s | prompt positions | image positions | vs llama.cpp (ratio of "
+                          "medians) | median of per-round ratios | where the time goes (median s) |",
+                          "| --- | --- | --- | --- | --- | --- | --- |"]
                 theirs = r["seconds"]["llama.cpp"]
                 for name, s in sorted(r["median_s"].items(), key=lambda kv: kv[1]):
                     ratio = r["ratios_vs_llama_cpp"].get(name)
@@ -741,9 +856,11 @@ def markdown(report: dict) -> str:
                     n = r["prompt_positions"].get(name, "?")
                     dec = _timed_median(r.get("llava_edge_decoded_positions", {}).get(name))
                     n = f"{n} ({dec:.0f} decoded)" if dec is not None and dec != n else n
-                    lines.append(f"| {name} | {s:.2f} | {n} | "
+                    img = r.get("image_positions", {}).get(name, "?")
+                    lines.append(f"| {name} | {s:.2f} | {n} | {img} | "
                                  f"{_x(ratio) if ratio else '1'} | {_x(paired) if paired else ''} | {where} |")
                 lines.append(f"\nGoal <= {r['goal']}x; {_busy(r['busy'])}.")
+                lines += [f"Not raced, {k}: {why}" for k, why in r.get("skipped", {}).items()]
             if "followup" in res:
                 f = res["followup"]
                 lines += ["", f"Follow-up question about the same image after a {f['answer_tokens']}-token answer, "
@@ -806,6 +923,14 @@ def _busy(b: dict) -> str:
             f"(load average {b['load_average_start']} -> {b['load_average_end']})")
 
 
+def context_size(family, m) -> int:
+    """2048 positions, or more where the family's largest picture and the runtime's room for text need it
+    (LLaVA-NeXT at CLIP-L/336: 2928 + 1024), so that neither pipeline's prompt overflows."""
+    from llava_edge.runtimes.devices import TEXT_ROOM
+
+    return max(2048, family.max_positions(m.image, int(m.vision["num_image_tokens"])) + TEXT_ROOM)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="llava-hf checkpoint the bundle was exported from")
@@ -822,7 +947,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--ttft-new-picture-only", action="store_true", help="time only each --ttft-vision variant's "
                     "first question about a new picture against llama.cpp (no warm, nothing-saved, seen-before runs)")
-    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--ctx", type=int, default=None, help="context size of every pipeline (default: 2048, or the "
+                    "family's largest picture plus the runtime's text room where that is more)")
+    ap.add_argument("--image-tokens", default=None, help="comma-separated K: llava-edge also loaded with "
+                    "image_tokens=K in the TTFT race (a tiled family's cap on a picture's positions)")
+    ap.add_argument("--handler", choices=HANDLERS, default=None, help="llama-cpp-python's chat handler in the "
+                    "TTFT and follow-up races (default: Llava16ChatHandler for a tiled family, else "
+                    "Llava15ChatHandler)")
     ap.add_argument("--export-model", type=Path, default=None, help="full-size checkpoint for the export section")
     ap.add_argument("--device", default="cpu", help="llava-edge's device profile (cpu, laptop-gpu, jetson, auto); "
                     "the baselines offload the same llama.cpp layers and run llama.cpp's CLIP on the GPU with them")
@@ -833,11 +964,18 @@ def main(argv: list[str] | None = None) -> int:
     sections = {s.strip() for s in a.sections.split(",") if s.strip()}
     if not sections <= set(SECTIONS):
         ap.error(f"sections: {', '.join(SECTIONS)}")
+    try:
+        image_tokens = tuple(int(k) for k in a.image_tokens.split(",") if k.strip()) if a.image_tokens else ()
+    except ValueError:
+        ap.error("--image-tokens: comma-separated whole numbers")
     m = bundle_manifest.read(a.bundle)
+    family = families.by_name(m.family)
+    n_ctx = a.ctx or context_size(family, m)
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"machine": {**machine_info(), "gpus": gpu_info()}, "device": a.device,
                     "versions": {**versions(), **versions(VERSION_EXTRA)},
-                    "model": str(a.model), "bundle": str(a.bundle), "rounds": a.rounds, "threads": a.threads,
+                    "model": str(a.model), "bundle": str(a.bundle), "family": family.name, "rounds": a.rounds,
+                    "threads": a.threads,
                     "model_config": json.loads((a.model / "config.json").read_text())["text_config"]}
     json_path = a.out / "side_by_side.json"
     if json_path.is_file():  # sections run one at a time add up in one report
@@ -863,8 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
                 m.variant("mmproj").name
             llms = a.llm.split(",") if a.llm else [x.name for x in m.variants if x.kind == "llm"]
             save("ttft_decode", section_ttft_decode(a.bundle, m, llms, vis, mmproj, a.rounds, a.threads,
-                                                    a.decode_tokens, a.ctx, tmp, sections, a.device,
-                                                    a.flash_attn == "on", extras=not a.ttft_new_picture_only))
+                                                    a.decode_tokens, n_ctx, tmp, sections, a.device,
+                                                    a.flash_attn == "on", extras=not a.ttft_new_picture_only,
+                                                    image_tokens=image_tokens, handler=a.handler))
         if "export" in sections:
             save("export", section_export(a.export_model, a.model, Path(tempfile.mkdtemp(dir=a.out))))
     md = markdown(report)
