@@ -66,7 +66,7 @@ from llava_edge.tokenizer import read_settings
 from llava_edge.variants import VariantMaker
 
 from .llm_gguf import OUTTYPES as LLM_OUTTYPES
-from .llm_gguf import check_exportable, export_llm_gguf
+from .llm_gguf import check_exportable, export_llm_gguf, text_arch
 from .mmproj_gguf import OUTTYPES as MMPROJ_OUTTYPES
 from .mmproj_gguf import export_mmproj_gguf
 from .tensorrt_engine import CALIBRATION_CACHE, DEFAULT_MAX_BATCH, TIMING_CACHE, build_engine, engine_file_name
@@ -461,7 +461,7 @@ class _Export:
                 "opset": OPSET,
             },
             llm={
-                "arch": "llama",
+                "arch": text_arch(tc, ckpt.path).name,
                 "n_embd": int(tc["hidden_size"]),
                 "n_layer": int(tc["num_hidden_layers"]),
                 "n_head": n_head,

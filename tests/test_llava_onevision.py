@@ -88,7 +88,7 @@ def test_the_toy_is_a_onevision_checkpoint_and_the_bundle_says_so(toy, hf):
     assert m.family == "llava-onevision"
     a = m.image["anyres"]
     assert a["max_grid"] == 9 and len(a["pinpoints"]) == 36 and (a["orientation"], a["rounding"]) == ("hw", "hf")
-    assert m.image["squash"] is True and m.vision["num_image_tokens"] == 64
+    assert m.image["squash"] is True and m.vision["num_image_tokens"] == 64 and m.llm["arch"] == "qwen2"
     stored = np.load(bundle / m.arrays["image_newline"]["file"])
     assert np.array_equal(stored, hf.model.image_newline.detach().numpy())
     llm = next(v for v in m.variants if v.kind == "llm")
