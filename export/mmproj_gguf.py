@@ -44,6 +44,16 @@ clip.cpp's tiled path reads (``tools/mtmd/clip.cpp``, ``mtmd.cpp``,
 :func:`llama_cpp_positions` predicts how many positions llama.cpp gives a
 picture with such a file (docs/MMPROJ.md compares it with the model's count).
 
+A SigLIP tower in a ``LlavaForConditionalGeneration`` (LLaVA-Interleave: no class
+token, strategy ``full``, layer -1) gets the same layout less what the tower lacks:
+no ``v.class_embd`` (clip.cpp then keeps every token, positions from 0), no
+``v.pre_ln``, a ``v.patch_embd.bias``, ``clip.use_gelu`` for ``gelu_pytorch_tanh``
+(ggml_gelu is that tanh form), and neither ``post_layernorm`` nor the pooling
+``head``. :mod:`llava_edge.towers` says which tower has what. llama.cpp's path then
+equals the model's on the same pixels; it letterboxes non-square pictures where
+SigLIP's processor squashes them. A SigLIP tower in a tiled checkpoint (LLaVA-OneVision's
+packing) is refused: llama.cpp has no such path.
+
 Tensors are read one at a time from the safetensors files and written in
 streaming order (tensor infos, then data), as :mod:`llava_edge.export.llm_gguf`
 does, so memory stays of the order of one tensor.
@@ -59,7 +69,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_edge import anyres, atomic
+from llava_edge import anyres, atomic, towers
 from llava_edge.checkpoint import Checkpoint
 from llava_edge.weights import StoredTensor, read_safetensors_header_bytes, stored_tensors
 from llava_edge.errors import UserError
@@ -71,7 +81,8 @@ from .llm_gguf import check_finite, encode
 # its CLIP-L/336 ran 1.36x faster than with f16 on 2 Zen 4 cores (docs/BENCHMARKS.md); 1-D tensors stay f32
 OUTTYPES = ("f32", "f16", "bf16")
 PROJECTOR_TYPE = "mlp"  # clip.cpp's name for LLaVA-1.5's Linear-GELU-Linear projector
-SUPPORTED = ("LLaVA-1.5 and LLaVA-NeXT style: a CLIP vision tower and the 2-layer MLP projector "
+SUPPORTED = ("a CLIP vision tower with vision_feature_select_strategy 'default' (LLaVA-1.5, LLaVA-NeXT) or a "
+             "SigLIP one with 'full' in one tile (LLaVA-Interleave), and the 2-layer MLP projector "
              "(projector type 'mlp')")
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # read by clip.cpp; gguf-py 0.19 has no constant for it
 PINPOINTS_KEY = "clip.vision.image_grid_pinpoints"  # flat int32 [w0, h0, w1, h1, ...]: clip.cpp's order
@@ -83,7 +94,8 @@ NEWLINE_TENSOR = "v.image_newline"  # clip.cpp's TN_IMAGE_NEWLINE (older builds:
 HAS_LLAVA_PROJECTOR_KEY = "clip.has_llava_projector"
 HAS_TEXT_ENCODER_KEY = "clip.has_text_encoder"
 LLAMA_CPP_PAD_COLOR = (122, 116, 104)  # clip.cpp's fixed letterbox colour for the 'mlp' projector
-# llama.cpp defects that change what this file computes there (measured in docs/MMPROJ.md)
+# llama.cpp defects that change what this file computes there, for towers with a class token (measured in
+# docs/MMPROJ.md); without one clip.cpp's LLaVA graph has no token to misplace
 LLAMA_CPP_KNOWN_ISSUES = (
     "llama.cpp's LLaVA graph places the class token last (ggml-org/llama.cpp#25814, present in "
     "llama-cpp-python 0.3.36): image tokens come out shifted by one patch, see docs/MMPROJ.md",
@@ -109,7 +121,9 @@ _TOWER_PREFIXES = (
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 _PROJECTOR_NAMES = {"linear_1": "mm.0", "linear_2": "mm.2"}
 _GELU_PROJECTOR_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-_TOWER_ACTS = {"quick_gelu": False, "gelu": True}  # hidden_act -> clip.use_gelu
+# hidden_act -> clip.use_gelu: clip.cpp's tower runs ggml_gelu (the tanh form, SigLIP's gelu_pytorch_tanh) when
+# it is set, else quick-GELU (CLIP's); erf-GELU has no key and gets the tanh form
+_TOWER_ACTS = {"quick_gelu": False, "gelu": True, "gelu_pytorch_tanh": True}
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,12 @@ def llama_cpp_preprocessing_notes(spec: ImageSpec, image_size: int) -> list[str]
     centred with ``LLAMA_CPP_PAD_COLOR``. It never center-crops.
     """
     notes = []
-    if spec.pad == "square":
+    if spec.squash:
+        notes.append(f"non-square pictures: the checkpoint resizes them to {spec.crop} x {spec.crop} (aspect not "
+                     f"kept), llama.cpp resizes them to fit and pads them centred with {LLAMA_CPP_PAD_COLOR}")
+        if spec.resample != 3:
+            notes.append(f"the checkpoint resamples with PIL filter {spec.resample}; llama.cpp with bicubic")
+    elif spec.pad == "square":
         notes.append("the checkpoint center-crops non-square images (pad mode 'square'); llama.cpp letterboxes them")
     else:
         fill = tuple(int(x * 255) for x in spec.mean)
@@ -231,9 +250,10 @@ def check_supported(ckpt: Checkpoint) -> None:
     cfg, vc = ckpt.config, ckpt.vision_config
     if ckpt.family.no_mmproj:
         raise UserError(f"no mmproj for {ckpt.family.title}: {ckpt.family.no_mmproj}")
-    if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise UserError(f"unsupported vision tower {vc.get('model_type')!r} for --target mmproj; "
-                        f"supported: {SUPPORTED}")
+    tower = tower_of(ckpt)
+    if ckpt.family.tiled and tower.llama_cpp_no_tiles:
+        raise UserError(f"no mmproj for a {ckpt.family.title} checkpoint with a {tower.name} tower: "
+                        f"{tower.llama_cpp_no_tiles}")
     if vc.get("hidden_act", "quick_gelu") not in _TOWER_ACTS:
         raise UserError(f"unsupported vision activation {vc.get('hidden_act')!r} for --target mmproj; "
                         f"supported: {', '.join(_TOWER_ACTS)}")
@@ -243,9 +263,20 @@ def check_supported(ckpt: Checkpoint) -> None:
     if not cfg.get("multimodal_projector_bias", True):
         raise UserError(f"unsupported projector without bias for --target mmproj; supported: {SUPPORTED}")
     strategy = cfg.get("vision_feature_select_strategy", "default")
-    if strategy != "default":
-        raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported by llama.cpp's 'mlp' "
-                        "projector (it always drops the class token); supported: 'default'")
+    if strategy != tower.llama_cpp_strategy:
+        has = "has one" if tower.class_token else "has none"
+        raise UserError(f"vision_feature_select_strategy {strategy!r} with a {tower.name} tower is not what "
+                        f"llama.cpp's 'mlp' projector computes (every patch, less the class token where the tower "
+                        f"has one; {tower.name} {has}): use {tower.llama_cpp_strategy!r}; supported: {SUPPORTED}")
+
+
+def tower_of(ckpt: Checkpoint) -> towers.Tower:
+    """The checkpoint's vision tower, refused in one line if llava-edge writes no mmproj for it."""
+    try:
+        return towers.for_config(ckpt.vision_config)
+    except UserError:
+        raise UserError(f"unsupported vision tower {ckpt.vision_config.get('model_type')!r} for --target mmproj; "
+                        f"supported: {SUPPORTED}") from None
 
 
 def _canonical(key: str) -> tuple[str, str] | None:
@@ -264,6 +295,7 @@ def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[Plann
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, int(ckpt.vision_config["num_hidden_layers"]))
+    tower = tower_of(ckpt)
     plan: list[PlannedTensor] = []
     seen_projector = set()
     for f in ckpt.weight_files():
@@ -279,8 +311,8 @@ def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[Plann
             part, rest = hit
             shape = tuple(int(s) for s in info["shape"])
             if part == "tower":
-                if rest.startswith("post_layernorm.") or rest.endswith("position_ids"):
-                    continue  # LLaVA's features are taken before post_layernorm
+                if rest.startswith(tower.unused_modules) or rest.endswith("position_ids"):
+                    continue  # LLaVA's features are hidden states: before post_layernorm, and no pooling head
                 m = re.match(r"encoder\.layers\.(\d+)\.", rest)
                 if m and int(m.group(1)) >= block_count:
                     continue  # after the feature layer: LLaVA never uses it
@@ -301,6 +333,14 @@ def plan_tensors(ckpt: Checkpoint, outtype: str, block_count: int) -> list[Plann
         raise UserError(f"{ckpt.path} lacks projector tensors {', '.join(sorted(missing))}; supported: {SUPPORTED}")
     if not any(t.gguf_name == "v.patch_embd.weight" for t in plan):
         raise UserError(f"no vision tower weights found in {ckpt.path}")
+    names = {t.gguf_name for t in plan}
+    # clip.cpp skips a first token exactly when v.class_embd is there, and normalizes the embeddings when
+    # v.pre_ln is: weights that disagree with the tower's description would compute another model
+    for name, expected, what in (("v.class_embd", tower.class_token, "a class embedding"),
+                                 ("v.pre_ln.weight", tower.pre_layernorm, "a pre-layernorm")):
+        if (name in names) != expected:
+            raise UserError(f"{ckpt.path}'s vision weights {'lack' if expected else 'have'} {what}, which a "
+                            f"{tower.name} tower {'has' if expected else 'does not have'}")
     newlines = [t for t in plan if t.gguf_name == NEWLINE_TENSOR]
     if ckpt.family.tiled and len(newlines) != 1:
         raise UserError(f"{ckpt.path} has {len(newlines)} image_newline tensors (a {ckpt.family.title} checkpoint "
@@ -399,7 +439,7 @@ def export_mmproj_gguf(
             w.close()
     for note in notes:
         log(f"note: llama.cpp's image preprocessing differs: {note}")
-    for issue in LLAMA_CPP_KNOWN_ISSUES:
+    for issue in LLAMA_CPP_KNOWN_ISSUES if tower_of(ckpt).class_token else ():
         log(f"note: {issue}")
     return dict(
         projector_type=PROJECTOR_TYPE, outtype=outtype, feature_layers=feature_layers, block_count=block_count,

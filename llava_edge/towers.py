@@ -12,6 +12,11 @@ What differs between them, and what asks:
 - the image processor its checkpoints ship (CLIP: shortest edge and centre crop, CLIP's mean/std; SigLIP:
   resized to the tile as it is, mean/std 0.5) and the config class of a new tower (the toy).
 
+For llama.cpp's mmproj (``export/mmproj_gguf.py``): a pre-layernorm (CLIP's ``pre_layrnorm``; SigLIP has
+none), the weights LLaVA never reads (both towers' ``post_layernorm``, SigLIP's attention-pooling ``head``),
+and whether llama.cpp's tiled path takes the tower (CLIP: its LLaVA-1.6 approximation; SigLIP tiles are
+LLaVA-OneVision's packing, which llama.cpp lacks).
+
 The runtime reads none of this: the manifest's image settings and the graph carry it.
 """
 
@@ -32,6 +37,19 @@ class Tower:
     act: str  # the activation of a new tower (the toy)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    pre_layernorm: bool = True  # a layer norm between the embeddings and the first encoder layer
+    # module prefixes (under ``vision_model.``) that LLaVA never reads: it takes ``hidden_states[k]``, which no
+    # final norm or pooling head has touched
+    unused_modules: tuple[str, ...] = ("post_layernorm.",)
+    # why llama.cpp cannot run this tower in a tiled (anyres) checkpoint; None: it can (approximately, see
+    # docs/MMPROJ.md)
+    llama_cpp_no_tiles: str | None = None
+
+    @property
+    def llama_cpp_strategy(self) -> str:
+        """The ``vision_feature_select_strategy`` that selects what llama.cpp's LLaVA graph keeps: every patch
+        and nothing else (clip.cpp skips the first token exactly when the file holds ``v.class_embd``)."""
+        return "default" if self.class_token else "full"
 
     def tokens(self, image_size: int, patch_size: int, strategy: str) -> int:
         """Tokens a tile gives the projector: the patches (the convolution's stride drops any remainder), the
@@ -61,7 +79,10 @@ class Tower:
 CLIP = Tower("clip", ("clip_vision_model", "clip"), "CLIPVisionConfig", class_token=True, normed_last_hidden=False,
              act="quick_gelu", mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 SIGLIP = Tower("siglip", ("siglip_vision_model",), "SiglipVisionConfig", class_token=False,
-               normed_last_hidden=True, act="gelu_pytorch_tanh", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+               normed_last_hidden=True, act="gelu_pytorch_tanh", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+               pre_layernorm=False, unused_modules=("post_layernorm.", "head."),
+               llama_cpp_no_tiles="llama.cpp has no LLaVA-OneVision packing for SigLIP tiles (anyres_max downscale, "
+                                  "unpad, a newline per row); its tiled 'mlp' path is LLaVA-1.6's CLIP approximation")
 TOWERS = {t.name: t for t in (CLIP, SIGLIP)}
 
 
