@@ -130,10 +130,10 @@ def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, h
     assert m.last_ids[: len(new)] == new
 
 
-def test_quantized_vision_variants_and_a_refused_mmproj(toy, tmp_path):
+def test_quantized_vision_variants_and_the_mmproj(toy, tmp_path):
     """fp16 and int8 graphs of the SigLIP tower pass quantize's checks against the fp32 graph; llama.cpp's
-    mmproj is refused in one line."""
-    from cli_run import assert_one_line_error, le
+    mmproj is written (tests/test_mmproj_siglip.py checks what llama.cpp computes with it)."""
+    from cli_run import le
 
     model, bundle = toy
     out = tmp_path / "b"
@@ -144,7 +144,8 @@ def test_quantized_vision_variants_and_a_refused_mmproj(toy, tmp_path):
     names = {v.name for v in manifest.read(out).find("vision")}
     assert {"fp16", "int8"} <= names
     r = le("export", "--model", model, "--out", out, "--target", "mmproj")
-    assert_one_line_error(r, "siglip_vision_model", progress=True)
+    assert r.returncode == 0, r.stderr
+    assert manifest.read(out).find("mmproj")
 
 
 @pytest.mark.parametrize("shape", [{"text": "qwen2"}, {"text": "phi3", "tower": "clip", "strategy": "default",
