@@ -33,7 +33,8 @@ CHAT_TEMPLATE = "chat_template"  # the mode that renders the checkpoint's own Ji
 class Turn:
     role: str  # "user" or "assistant"
     text: str
-    image: bool = False  # the image comes first, as LLaVA places it: "<image>\n" + text
+    # how many pictures open the turn (True: one), as LLaVA places them: "<image>\n" each, then the text
+    image: bool | int = False
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,14 @@ def fixed(s: str) -> Text:
 
 
 def message_parts(turn: Turn) -> Parts:
-    """A turn's message: the image first when it has one (``<image>\n`` + text, or ``<image>`` alone, as LLaVA's
-    ``preprocess_multimodal`` writes it), then its text, which is never parsed for special tokens or images."""
-    if not turn.image:
+    """A turn's message: its pictures first (``<image>\n`` + text, or ``<image>`` alone, as LLaVA's
+    ``preprocess_multimodal`` writes it; several: ``<image>\n`` each), then its text, which is never parsed for
+    special tokens or images."""
+    n = int(turn.image)
+    if not n:
         return normalize((Text(turn.text, False),))
-    return normalize((IMAGE, Text("\n" + turn.text if turn.text else "", False)))
+    return normalize((*(IMAGE, Text("\n", False)) * (n - 1), IMAGE,
+                      Text("\n" + turn.text if turn.text else "", False)))
 
 
 def split_fixed(parts: Parts, sep: str) -> list[Parts]:
@@ -139,15 +143,17 @@ class Template:
         """``plain``: one image and one caption; the question is kept but nothing earlier."""
         return self.style == PLAIN
 
-    def prompt(self, question: str, *, image: bool = True, history: list[Turn] | None = None) -> Parts:
+    def prompt(self, question: str, *, image: bool | int = True, history: list[Turn] | None = None) -> Parts:
         """The generation prompt, as LLaVA's evaluation scripts build it.
 
-        The image goes first in the first user turn (``<image>\\n`` + question, as
-        ``run_llava.py`` and ``model_vqa.py`` do); earlier turns come from ``history``
-        (the one that holds ``<image>`` keeps it there).
+        ``image=True``: the conversation's picture goes first in the first user turn that has one (``<image>\\n``
+        + question, as ``run_llava.py`` and ``model_vqa.py`` do), so here unless ``history`` holds it; a number:
+        that many new pictures open this turn. Earlier turns come from ``history`` (those that hold pictures
+        keep them there).
         """
         turns = list(history or [])
-        turns.append(Turn("user", question, image=image and not any(t.image for t in turns)))
+        n = int(image and not any(t.image for t in turns)) if isinstance(image, bool) else int(image)
+        turns.append(Turn("user", question, image=n))
         _check_alternation(turns)
         if self.jinja is not None:
             return render_jinja(self.jinja, turns, add_generation_prompt=True)
@@ -348,6 +354,18 @@ def expand_image(ids: list, image_token_id: int, slots: list) -> list:
     return ids[:i] + list(slots) + ids[i + 1 :]
 
 
+def expand_images(ids: list, image_token_id: int, slots: list[list]) -> list:
+    """``ids`` with each of its image tokens replaced, in order, by that picture's ``slots``."""
+    where = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(where) != len(slots):
+        raise ValueError(f"expected {len(slots)} {IMAGE_PLACEHOLDER} tokens, found {len(where)}")
+    out, at = [], 0
+    for i, s in zip(where, slots):
+        out += ids[at:i] + list(s)
+        at = i + 1
+    return out + ids[at:]
+
+
 def turns_from_llava(conversations: list[dict]) -> list[Turn]:
     """LLaVA's JSON ``conversations`` (``from``: human/gpt) as turns."""
     roles = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
@@ -370,7 +388,7 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool) 
 
     Each message's text is rendered as a sentinel first and put back afterwards, so the
     template's own text is ``fixed`` and the messages' text never becomes special tokens.
-    A turn with the image gets an image part first; the ``<image>`` the template writes
+    A turn with pictures gets an image part for each first; the ``<image>`` the template writes
     for it is where the image goes.
     """
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -382,7 +400,7 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool) 
     env.add_extension(_generation_tag())
     messages = []
     for i, t in enumerate(turns):
-        content: list[dict] = [{"type": "image"}] if t.image else []
+        content: list[dict] = [{"type": "image"} for _ in range(int(t.image))]
         content.append({"type": "text", "text": _SENTINEL.format(i)})
         messages.append({"role": t.role, "content": content})
     try:

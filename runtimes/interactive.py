@@ -15,7 +15,8 @@ from llava_edge.preprocess import load_image
 
 from .pipeline import ChatSession
 
-COMMANDS = "/image PATH to change the image, /reset to forget, /quit to leave"
+COMMANDS = ("/image PATH to add a picture to the next question (to change it, for a model trained with one "
+            "picture a conversation), /reset to forget, /quit to leave")
 
 
 def answer(session: ChatSession, question: str, sampling: dict, say: Callable[[str], None],
@@ -54,7 +55,7 @@ def run(session: ChatSession, sampling: dict, say: Callable[[str], None],
             path = line[len("/image"):].strip()
             try:
                 load_image(path)
-                session.set_image(path)
+                session.add_image(path)
             except UserError as e:
                 say(f"error: {e}")
             continue

@@ -27,7 +27,8 @@ import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from llava_edge import manifest as bundle_manifest
 from llava_edge.errors import UserError
 from llava_edge.families import PreparedImage
 from llava_edge.preprocess import ImageInput, ImageSpec
-from llava_edge.templates import Image, Parts, Template, Turn, expand_image, get_template
+from llava_edge.templates import Image, Parts, Template, Turn, expand_images, get_template
 from llava_edge.tokenizer import Settings, Tokenizer
 
 from .answer import AnswerText, seeded_rng
@@ -95,6 +96,11 @@ class Sampling:
         if isinstance(self.stop, str) or not all(isinstance(x, str) for x in self.stop):
             raise UserError("stop must be a list of strings")
         self.stop = tuple(self.stop)
+
+
+IMAGES_KEPT = 8  # pictures whose embeddings a model keeps in memory (a conversation may have several)
+# a prompt's picture embeddings: an array or a function giving it (one picture), or either by picture key
+Embeds = np.ndarray | Callable[[], np.ndarray] | Mapping[str, np.ndarray | Callable[[], np.ndarray]] | None
 
 
 def _manifest_int(section: dict, key: str, name: str) -> int:
@@ -170,7 +176,7 @@ class EdgeLLaVA:
         self.images = self.family.image_path(m.image, m.vision, self.n_image_tokens, {
             name: families.read_array(bundle_manifest.bundle_file(self.bundle, a["file"], "array file"), name)
             for name, a in m.arrays.items()}, max_tiles=max_tiles, cap=self.plan.position_cap)
-        self._image_cache: dict[str, np.ndarray] = {}
+        self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.stats = {"vision_encodes": 0, "prefill_tokens": 0, "image_prefix_loads": 0}
         self.last_stop: str | None = None  # "eos", "max_tokens" or "context" (the context filled up)
         self.last_ids: list[int] = []  # token ids of the last answer
@@ -278,9 +284,11 @@ class EdgeLLaVA:
         prepared, embeddings = self.lazy_image(image)
         return prepared.key, embeddings()
 
-    def prepare_image(self, image: ImageInput, formats: tuple[str, ...] | None = None) -> PreparedImage:
-        """The picture read and preprocessed as the bundle's family does (its tiles, key and positions)."""
-        return self.images.prepare(image, formats=formats)
+    def prepare_image(self, image: ImageInput, formats: tuple[str, ...] | None = None,
+                      alone: bool = True) -> PreparedImage:
+        """The picture read and preprocessed as the bundle's family does (its tiles, key and positions);
+        ``alone``: the only picture of its conversation (LLaVA-OneVision takes one of several otherwise)."""
+        return self.images.prepare(image, formats=formats, alone=alone)
 
     def encode(self, prepared: list[PreparedImage]) -> list[np.ndarray]:
         """Each picture's positions' embeddings: all their tiles through the vision graph as one batch, then
@@ -293,15 +301,18 @@ class EdgeLLaVA:
         self.stats["vision_encodes"] += len(prepared)
         return out
 
-    def lazy_image(self, image: ImageInput) -> tuple[PreparedImage, Callable[[], np.ndarray]]:
+    def lazy_image(self, image: ImageInput, alone: bool = True) -> tuple[PreparedImage, Callable[[], np.ndarray]]:
         """(the prepared picture, a function that gives its embeddings): the vision graph runs only if the
         prompt's image positions must be decoded (not when a saved KV cache holds them)."""
-        prepared = self.prepare_image(image)
+        prepared = self.prepare_image(image, alone=alone)
         key = prepared.key
 
         def embeddings() -> np.ndarray:
-            if key not in self._image_cache:
-                self._image_cache.clear()  # one image at a time: a chat is about one picture
+            if key in self._image_cache:
+                self._image_cache.move_to_end(key)
+            else:
+                while len(self._image_cache) >= IMAGES_KEPT:
+                    self._image_cache.popitem(last=False)
                 self._image_cache[key] = self.encode([prepared])[0]
             return self._image_cache[key]
         return prepared, embeddings
@@ -310,15 +321,20 @@ class EdgeLLaVA:
     def slots_for(self, parts: Parts, image_key: str | None, n_image: int) -> list:
         """Token ids of a rendered prompt, as LLaVA's ``tokenizer_image_token`` makes them, with the image's
         token replaced by its ``n_image`` slots (a text-only prompt, ``image_key`` None, has no image)."""
+        return self.picture_slots(parts, [] if image_key is None else [(image_key, n_image)])
+
+    def picture_slots(self, parts: Parts, pictures: list[tuple[str, int]]) -> list:
+        """:meth:`slots_for` with any number of pictures: ``pictures`` (key, positions) in the prompt's order."""
         images = sum(isinstance(p, Image) for p in parts)
-        if image_key is None:
-            if images:
-                raise UserError("the prompt has a place for an image but no image was given")
+        if images and not pictures:
+            raise UserError("the prompt has a place for an image but no image was given")
+        if images != len(pictures):
+            raise UserError(f"the prompt has {images} place(s) for pictures and {len(pictures)} picture(s) were "
+                            "given")
+        if not pictures:
             return self.tokenizer.encode(parts)
-        if images != 1:
-            raise UserError(f"the prompt must have one place for the image, it has {images}")
         ids = self.tokenizer.encode_prompt(parts, self.image_token_id)
-        return expand_image(ids, self.image_token_id, [ImageSlot(image_key, j) for j in range(n_image)])
+        return expand_images(ids, self.image_token_id, [[ImageSlot(k, j) for j in range(n)] for k, n in pictures])
 
     def conversation_slots(self, question: str, image: ImageInput | None = None,
                            history: list[Turn] | None = None, system: str | None = None,
@@ -342,12 +358,11 @@ class EdgeLLaVA:
         slots = self.slots_for(parts, prepared and prepared.key, 0 if prepared is None else prepared.positions)
         return slots, prepared, template
 
-    def prefill(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
-                logits: str = "last") -> np.ndarray | None:
+    def prefill(self, slots: list, embeds: Embeds, logits: str = "last") -> np.ndarray | None:
         """Bring the KV cache to ``slots``, decoding only what is not cached yet.
 
         ``embeds``: the image's embeddings, or a function giving them (called only if image
-        positions must be decoded). What the context does not hold is first looked for in the
+        positions must be decoded); for several pictures, either of those by picture key. What the context does not hold is first looked for in the
         KV caches earlier processes saved (``PrefixCache``): the prompt through its image, else
         its fixed beginning before the image; a beginning decoded here is saved (the one through
         the image after the answer, by ``generate``). Not for ``logits="all"``, which must compute
@@ -362,10 +377,10 @@ class EdgeLLaVA:
         out = []
         for i, j in runs(todo):
             if isinstance(todo[i], ImageSlot):
-                if callable(embeds):
-                    embeds = embeds()
+                rows = embeds.get(todo[i].key) if isinstance(embeds, Mapping) else embeds
+                rows = rows() if callable(rows) else rows
                 first, last = todo[i].index, todo[j - 1].index
-                out.append(self.llm.feed_embeddings(embeds[first : last + 1], todo[i].key,
+                out.append(self.llm.feed_embeddings(rows[first : last + 1], todo[i].key,
                                                     logits if logits == "all" else "last", first=first))
             else:
                 out.append(self.llm.feed_tokens(todo[i:j], logits if logits == "all" else "last"))
@@ -385,8 +400,7 @@ class EdgeLLaVA:
         return self.prefill(slots, emb, logits="all")
 
     # -- generation --------------------------------------------------------------
-    def generate(self, slots: list, embeds: np.ndarray | Callable[[], np.ndarray] | None,
-                 sampling: Sampling) -> Iterator[str]:
+    def generate(self, slots: list, embeds: Embeds, sampling: Sampling) -> Iterator[str]:
         """Stream the answer to ``slots``; stops at EOS, a stop string (``sampling.stop`` and the conversation
         mode's), ``max_tokens`` or a full context (see ``last_stop``: "eos", "stop", "max_tokens", "context")."""
         logits = self.prefill(slots, embeds)
@@ -419,16 +433,18 @@ class EdgeLLaVA:
         if done is not None:
             done.write_unsaved(self.prefix_cache)
 
-    def session(self, image: ImageInput | None = None, on_overflow: str | None = None) -> "ChatSession":
+    def session(self, image: ImageInput | list | None = None, on_overflow: str | None = None) -> "ChatSession":
+        """A conversation about ``image``: a picture, a list of pictures (a model trained with several), or
+        None; a follow-up may bring more (``ChatSession.ask(prompt, images=[...])``)."""
         policy = on_overflow or self.on_overflow
         if policy not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {policy!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
         return ChatSession(self, image, on_overflow=policy)
 
-    def chat(self, image: ImageInput | None, prompt: str, **sampling) -> str:
+    def chat(self, image: ImageInput | list | None, prompt: str, **sampling) -> str:
         return self.session(image).ask(prompt, **sampling)
 
-    def stream(self, image: ImageInput | None, prompt: str, **sampling) -> Iterator[str]:
+    def stream(self, image: ImageInput | list | None, prompt: str, **sampling) -> Iterator[str]:
         return self.session(image).stream(prompt, **sampling)
 
     def close(self) -> None:
@@ -438,12 +454,13 @@ class EdgeLLaVA:
 
 
 def runs(slots: list) -> Iterator[tuple[int, int]]:
-    """(start, end) of each run of token ids and of image slots in ``slots``."""
+    """(start, end) of each run of token ids and of one picture's slots in ``slots``."""
     i = 0
     while i < len(slots):
         image = isinstance(slots[i], ImageSlot)
         j = i + 1
-        while j < len(slots) and isinstance(slots[j], ImageSlot) == image:
+        while j < len(slots) and isinstance(slots[j], ImageSlot) == image and (
+                not image or slots[j].key == slots[i].key):
             j += 1
         yield i, j
         i = j
@@ -460,46 +477,83 @@ def check_text(text: object, what: str) -> None:
 
 
 def drop_oldest_exchange(history: list[Turn]) -> list[Turn]:
-    """``history`` without its first (user, assistant) exchange; the image moves to the new first user turn.
+    """``history`` without its first (user, assistant) exchange; its pictures move to the new first user turn.
 
-    Keeping ``<image>`` at the start keeps the system prompt and the image at the
+    Keeping the pictures at the start keeps the system prompt and the pictures at the
     same positions, so their KV cache entries survive the drop.
     """
     first, rest = history[0], list(history[2:])
-    if rest and first.image and not rest[0].image:
-        rest[0] = Turn(rest[0].role, rest[0].text, image=True)
+    if rest and first.image:
+        rest[0] = Turn(rest[0].role, rest[0].text, image=int(first.image) + int(rest[0].image))
     return rest
 
 
 @dataclass
 class ChatSession:
-    """A multi-turn conversation about one image; follow-ups reuse the KV cache."""
+    """A multi-turn conversation about its pictures; follow-ups reuse the KV cache, and may bring new pictures
+    where the model was trained with several."""
 
     model: EdgeLLaVA
-    image: ImageInput | None = None
+    image: ImageInput | list | None = None  # the conversation's first picture (or pictures)
     history: list[Turn] = field(default_factory=list)
     on_overflow: str = "error"  # or "drop-oldest"
     dropped_turns: int = 0  # exchanges forgotten to fit the last question (drop-oldest)
     last_stop: str | None = None  # why the last answer ended: "eos", "max_tokens" or "context"
-    _embedded: tuple | None = None  # (prepared picture, embeddings function) of ``image``, made on the first question
+    pictures: list = field(default_factory=list)  # every picture of the conversation, in the prompt's order
+    pending: list = field(default_factory=list)  # pictures added for the next question (add_image)
+    _embedded: dict = field(default_factory=dict)  # (index, alone) -> (prepared picture, embeddings function)
 
-    def set_image(self, image: ImageInput | None) -> None:
+    def __post_init__(self) -> None:
+        self.set_image(self.image)
+
+    def set_image(self, image: ImageInput | list | None) -> None:
+        """Start a new conversation about ``image`` (a picture, a list of them, or None)."""
         self.image = image
-        self.history = []
-        self._embedded = None
+        self.pictures = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        self.history, self._embedded, self.pending = [], {}, []
+
+    def add_image(self, image: ImageInput) -> None:
+        """A picture for the next question: added to the conversation where the model was trained with several,
+        else the start of a new conversation about it."""
+        if self.model.images.several:
+            self.pending.append(image)
+        else:
+            self.set_image(image)
 
     def reset(self) -> None:
+        """Forget the exchanges; the conversation's pictures open the next question again."""
         self.history = []
 
-    def _fit(self, prompt: str, key: str | None, n_image: int, max_tokens: int) -> list:
+    def _unplaced(self) -> int:
+        """How many of the pictures no earlier turn holds: they open the next question."""
+        return len(self.pictures) - sum(int(t.image) for t in self.history)
+
+    def _prepared(self) -> list[tuple[PreparedImage, Callable[[], np.ndarray]]]:
+        """Each picture prepared (decoded and preprocessed once; encoded when needed). A family that takes a picture
+        among several otherwise than alone (LLaVA-OneVision) prepares them again when the count changes."""
+        m, alone = self.model, len(self.pictures) == 1
+        if len(self.pictures) > 1 and not m.images.several:
+            raise UserError(f"{m.family.title} checkpoints like this one were trained with one picture a "
+                            f"conversation; this one would have {len(self.pictures)}: start a new conversation "
+                            "for another picture")
+        out = []
+        for i, pic in enumerate(self.pictures):
+            if (i, alone) not in self._embedded:
+                self._embedded[i, alone] = m.lazy_image(pic, alone=alone)
+            out.append(self._embedded[i, alone])
+        return out
+
+    def _fit(self, prompt: str, prepared: list[PreparedImage], max_tokens: int) -> list:
         """The slots of the next prompt, dropping old exchanges or refusing as the policy says."""
         m, n_ctx = self.model, self.model.llm.n_ctx
         # drop-oldest also keeps room for the answer (up to a quarter of the context)
         reserve = min(max_tokens, n_ctx // 4) if self.on_overflow == "drop-oldest" else 1
         self.dropped_turns = 0
+        pictures = [(p.key, p.positions) for p in prepared]
+        n_image = sum(n for _, n in pictures)
         while True:
-            parts = m.template.prompt(prompt, image=self.image is not None, history=self.history)
-            slots = m.slots_for(parts, key, n_image)
+            parts = m.template.prompt(prompt, image=self._unplaced(), history=self.history)
+            slots = m.picture_slots(parts, pictures)
             if len(slots) + reserve <= n_ctx or (self.on_overflow == "drop-oldest" and not self.history
                                                  and len(slots) < n_ctx):
                 return slots
@@ -510,7 +564,8 @@ class ChatSession:
             raise ContextOverflowError(self._overflow_message(len(slots), n_image, n_ctx))
 
     def _overflow_message(self, need: int, n_image: int, n_ctx: int) -> str:
-        parts = [f"{n_image} for the image"] if n_image else []
+        many = len(self.pictures) > 1
+        parts = [f"{n_image} for the {'pictures' if many else 'image'}"] if n_image else []
         if self.history:
             n = len(self.history) // 2
             parts.append(f"{n} earlier exchange{'s' if n != 1 else ''}")
@@ -521,25 +576,32 @@ class ChatSession:
         return (f"the conversation needs {need} tokens{detail} but the context holds {n_ctx}: {fixes}"
                 + (f" (the model was trained with {trained})" if trained else ""))
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, images: list | None = None, **sampling) -> Iterator[str]:
+        """The answer to ``prompt``; ``images``: new pictures that open this question (after the conversation's
+        earlier ones)."""
         m = self.model
         s = Sampling(**sampling)
         check_text(prompt, "the question")
         if m.template.single_turn:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
             self.history = []
-        if self.image is not None and self._embedded is None:
-            self._embedded = m.lazy_image(self.image)  # decode + preprocess once per image; encode when needed
-        prepared, emb = self._embedded if self.image is not None else (None, None)
-        slots = self._fit(prompt, prepared and prepared.key, 0 if prepared is None else prepared.positions,
-                          s.max_tokens)
+        added = self.pending + list(images or [])
+        self.pictures += added
+        try:
+            embedded = self._prepared()
+        except UserError:  # the pictures that could not be added are not kept
+            del self.pictures[len(self.pictures) - len(added):]
+            self.pending = []
+            raise
+        self.pending = []
+        prepared = [p for p, _ in embedded]
+        slots = self._fit(prompt, prepared, s.max_tokens)
         answer = ""
-        for piece in m.generate(slots, emb, s):
+        for piece in m.generate(slots, {p.key: fn for p, fn in embedded}, s):
             answer += piece
             yield piece
         self.last_stop = m.last_stop
-        image_here = self.image is not None and not any(t.image for t in self.history)
         # the answer as LLaVA's chat keeps it for the next turn (decoded, stripped)
-        self.history += [Turn("user", prompt, image=image_here), Turn("assistant", answer.strip())]
+        self.history += [Turn("user", prompt, image=self._unplaced()), Turn("assistant", answer.strip())]
 
     def ask(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

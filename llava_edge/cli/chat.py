@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -13,7 +13,8 @@ from ._app import app, say
 @app.command("chat")
 def chat(
     prompt: Optional[str] = typer.Argument(None, help="Question; without one, an interactive session opens"),
-    image: Optional[str] = typer.Option(None, "--image", help="Image file (any format Pillow reads)"),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="Image file (any format Pillow reads); "
+                                              "repeat it for several pictures (models trained with several)"),
     bundle: o.Bundle = None,
     device: o.Device = "auto",
     vision_variant: o.VisionVariant = None,
@@ -47,21 +48,22 @@ def chat(
     Sampling(**sampling)  # a one-line error for bad values, before anything is loaded
     if prompt is not None:
         check_text(prompt, "the question")
-    if image is not None:
-        load_image(image)  # fail on a bad image before loading the model
+    images = list(image or [])
+    for path in images:
+        load_image(path)  # fail on a bad image before loading the model
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
                        image_tokens=image_tokens, token_method=token_method, max_tiles=max_tiles,
                        threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
                        prefix_cache=not no_prefix_cache, conv_mode=conv_mode, verify=not no_verify)
     if explain:
         say(m.explain())
-        if image is not None:
-            say(f"this picture: {m.images.describe(m.prepare_image(image))}")
+        for path in images:
+            say(f"{path}: {m.images.describe(m.prepare_image(path, alone=len(images) == 1))}")
         if prompt is None:
             return
     from ..runtimes import interactive
 
-    session = m.session(image)
+    session = m.session(images if len(images) > 1 else images[0] if images else None)
     if prompt is not None:
         interactive.answer(session, prompt, sampling, say)
     else:

@@ -58,8 +58,11 @@ class ImagePath:
     """A bundle's way from a picture to language-model positions (torch-free)."""
 
     tokens_per_tile: int  # what the vision graph gives per tile
+    several: bool = False  # the model was trained with several pictures in a conversation
 
-    def prepare(self, image: Any, formats: tuple[str, ...] | None = None) -> PreparedImage:
+    def prepare(self, image: Any, formats: tuple[str, ...] | None = None, alone: bool = True) -> PreparedImage:
+        """``alone``: the only picture of its conversation (a family may take a picture among several
+        otherwise)."""
         raise NotImplementedError
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
@@ -122,7 +125,15 @@ class Family:
         """The manifest's ``image`` section: everything the runtime needs to turn a picture into positions
         (``max_tiles``: the most tiles a picture may take, for a tiled family)."""
         self.check_max_tiles(max_tiles)
-        return ckpt.image_spec().to_dict()
+        d = ckpt.image_spec().to_dict()
+        if self.several_images(ckpt):  # absent for one picture a conversation: as such bundles always were
+            d["several_images"] = True
+        return d
+
+    def several_images(self, ckpt: Checkpoint) -> bool:
+        """Whether checkpoints of the family were trained with several pictures in a conversation (the runtime
+        refuses more than one otherwise)."""
+        return False
 
     def check_max_tiles(self, max_tiles: int | None) -> None:
         if max_tiles is not None and not self.tiled:

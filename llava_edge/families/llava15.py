@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import towers
 from ..preprocess import ImageSpec, preprocess
 from ..templates import CHAT_TEMPLATE
 from .base import Family, ImagePath, PreparedImage, pixels_key
@@ -20,10 +21,10 @@ if TYPE_CHECKING:
 
 
 class OneTile(ImagePath):
-    def __init__(self, spec: ImageSpec, tokens: int):
-        self.spec, self.tokens_per_tile = spec, tokens
+    def __init__(self, spec: ImageSpec, tokens: int, several: bool = False):
+        self.spec, self.tokens_per_tile, self.several = spec, tokens, several
 
-    def prepare(self, image, formats=None) -> PreparedImage:
+    def prepare(self, image, formats=None, alone: bool = True) -> PreparedImage:
         pixels = preprocess(image, self.spec, formats=formats)[None]
         return PreparedImage(pixels_key(pixels), pixels, self.tokens_per_tile, (self.spec.crop, self.spec.crop))
 
@@ -50,6 +51,11 @@ class Llava15(Family):
     supported = ("LlavaForConditionalGeneration (model_type 'llava') with a CLIP or SigLIP tower and a llama, "
                  "mistral, qwen2 or phi3 language model")
 
+    def several_images(self, ckpt: Checkpoint) -> bool:
+        """A SigLIP tower in this layout is LLaVA-Interleave's build (llava-hf/llava-interleave-qwen-*), trained
+        with several pictures a conversation; LLaVA-1.5's CLIP checkpoints with one."""
+        return towers.for_config(ckpt.vision_config) is towers.SIGLIP
+
     def default_conv_mode(self, ckpt: Checkpoint) -> str:
         """llava-hf's LLaVA-1.5 checkpoints (a Llama/Vicuna language model) are conversions of LLaVA-1.5, trained
         with LLaVA's ``--version v1``: ``vicuna_v1``, the mode LLaVA's own benchmark scripts prompt them with.
@@ -63,7 +69,7 @@ class Llava15(Family):
                    max_tiles: int | None = None, cap: int | None = None) -> ImagePath:
         self.check_max_tiles(max_tiles)
         self.check_cap(cap)
-        return OneTile(ImageSpec.from_dict(image), tokens_per_tile)
+        return OneTile(ImageSpec.from_dict(image), tokens_per_tile, bool(image.get("several_images")))
 
     def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
         import torch

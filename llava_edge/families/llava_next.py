@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import anyres
 from ..errors import UserError
-from ..preprocess import ImageSpec, load_image
+from ..preprocess import ImageSpec, load_image, preprocess
 from ..templates import CHAT_TEMPLATE
 from ..weights import stored_tensors
 from .base import Family, ImagePath, PreparedImage, pixels_key
@@ -32,7 +32,7 @@ NEWLINE = "image_newline"
 
 
 class AnyresTiles(ImagePath):
-    def __init__(self, spec: ImageSpec, grid, tokens: int, newline: np.ndarray):
+    def __init__(self, spec: ImageSpec, grid, tokens: int, newline: np.ndarray, several: bool = False):
         side = grid.tile // grid.patch
         if tokens != side * side:
             raise UserError(f"the bundle's vision graph gives {tokens} tokens per tile, not the {side}x{side} patch "
@@ -40,8 +40,16 @@ class AnyresTiles(ImagePath):
         if newline.ndim != 1:
             raise UserError("the bundle's image_newline is not a vector: export it again")
         self.spec, self.grid, self.tokens_per_tile, self.newline = spec, grid, tokens, newline.astype(np.float32)
+        self.several = several
 
-    def prepare(self, image, formats=None) -> PreparedImage:
+    def prepare(self, image, formats=None, alone: bool = True) -> PreparedImage:
+        if not alone and self.several:
+            # one of several pictures (LLaVA-OneVision): padded to a square with the mean colour, one tile, its
+            # patches and one newline, as transformers' OneVision processor and model take each of them
+            pixels = preprocess(image, dataclasses.replace(self.spec, pad="pad"), formats=formats)[None]
+            side = self.grid.side
+            return PreparedImage(pixels_key(pixels, "one of several"), pixels, side * side + 1,
+                                 (self.spec.crop, self.spec.crop))
         im = load_image(image, formats=formats)
         w, h = im.size
         rows, cols = anyres.grid(w, h, self.grid)  # refuses what --max-tiles does not allow, before any resize
@@ -53,10 +61,15 @@ class AnyresTiles(ImagePath):
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
         self.check_features(features, prepared)
+        if prepared.grid is None:  # one of several pictures: its tile, then one newline
+            return np.concatenate([features[0], self.newline[None].astype(features.dtype)])
         w, h = prepared.size
         return anyres.pack(features, w, h, self.grid, self.newline)
 
     def describe(self, prepared: PreparedImage) -> str:
+        if prepared.grid is None:
+            return (f"one of several pictures: padded to a square, one {self.grid.tile} px tile and a newline = "
+                    f"{prepared.positions} positions")
         w, h = prepared.size
         rows, cols = prepared.grid or (0, 0)
         uh, uw = anyres.packed_grid_size(w, h, self.grid)
@@ -102,8 +115,7 @@ class LlavaNext(Family):
         return dataclasses.replace(spec, orientation=orientation, rounding=rounding)
 
     def image_section(self, ckpt: Checkpoint, max_tiles: int | None = None) -> dict:
-        self.check_max_tiles(max_tiles)
-        return {**ckpt.image_spec().to_dict(), "anyres": self.anyres_spec(ckpt, max_tiles).to_dict()}
+        return {**super().image_section(ckpt, max_tiles), "anyres": self.anyres_spec(ckpt, max_tiles).to_dict()}
 
     def most_tiles(self, image: dict) -> int:
         g = self._grid(image)
@@ -159,7 +171,7 @@ class LlavaNext(Family):
         if cap is not None:
             grid = dataclasses.replace(grid, max_positions=cap)
         spec = ImageSpec.from_dict({k: v for k, v in image.items() if k != "anyres"})
-        return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE])
+        return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE], bool(image.get("several_images")))
 
     def config_extra(self, tile: int, grids: list | None = None) -> dict:
         """``grids``, else LLaVA-1.6's five grids (1x2, 2x1, 2x2, 1x3, 3x1 tiles) at this tile size."""

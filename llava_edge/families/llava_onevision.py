@@ -41,6 +41,9 @@ class LlavaOnevision(LlavaNext):
     def check(self, config: dict, path) -> None:
         super(LlavaNext, self).check(config, path)  # the pinpoints have transformers' default when absent
 
+    def several_images(self, ckpt: Checkpoint) -> bool:
+        return True
+
     def anyres_spec(self, ckpt: Checkpoint, max_tiles: int | None = None):
         """Always transformers' reading: OneVision checkpoints come from transformers' conversion, and the cap
         comes from the config's ``vision_aspect_ratio``."""
