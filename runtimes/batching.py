@@ -50,6 +50,10 @@ class Draining(UserError):
 class Event:
     kind: str  # "text" (a piece of the answer), "done" or "error"
     text: str = ""
+    # for a request with ``logits``: the answer's tokens whose text this piece gives out, each with the logits
+    # (float32, the whole vocabulary) of the position that produced it; a token whose text is held back comes
+    # with the piece that shows it, and one whose text is all in a stop string (cut off the answer) never comes
+    tokens: tuple[tuple[int, np.ndarray], ...] = ()
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Request:
     on_event: Callable[[Event], None]  # called on the engine's thread
     timeout_s: float | None = None
     ignore_eos: bool = False  # answer until max_tokens or the context's end (benchmarks; llama.cpp's option)
+    logits: bool = False  # hand each answer token's logits with its text (``Event.tokens``: serve's logprobs)
     # what happened, filled in by the engine
     cancelled: bool = False
     finish_reason: str | None = None  # "eos", "stop", "max_tokens", "context", "cancelled", "timeout", "error"
@@ -96,6 +101,7 @@ class _Running:
     rng: np.random.Generator
     next_token: int | None = None  # sampled, to be decoded in the next step
     deadline: float | None = None
+    held: list = field(default_factory=list)  # (token, logits) whose text is not shown yet (req.logits)
 
     def reading(self) -> bool:
         return self.cursor < len(self.req.slots)
@@ -330,12 +336,17 @@ class BatchEngine:
             self._finish(r, "eos")
             return
         piece = r.answer.add(tok)
+        if req.logits:  # the array is this step's own copy: handing it on costs nothing here
+            r.held.append((tok, logits))
         if r.answer.stopped:
             self._finish(r, "stop")
             return
+        shown = ()
+        if piece and r.held:
+            shown, r.held = tuple(r.held), []
         # one event per token, its text empty while held back (a multi-byte character or a stop string
         # being completed): a streaming client sees each token come, as from llama.cpp's servers
-        _emit(req, Event("text", piece))
+        _emit(req, Event("text", piece, shown))
         if len(r.answer.ids) >= req.max_tokens:
             self._finish(r, "max_tokens")
         elif len(self.llm.seqs[r.seq]) >= self.llm.n_ctx:
@@ -354,8 +365,9 @@ class BatchEngine:
         req = r.req
         if reason in ("eos", "stop", "max_tokens", "context"):
             rest = r.answer.finish()
-            if rest:
-                _emit(req, Event("text", rest))
+            shown = tuple(self._in_answer(r) if reason == "stop" else r.held)
+            if rest or shown:
+                _emit(req, Event("text", rest, shown))
             r.reuse.write_unsaved(self.model.prefix_cache)
         elif reason == "error":
             self.llm.reset(r.seq)
@@ -363,6 +375,12 @@ class BatchEngine:
         del self._running[r.seq]
         self._last_used[r.seq] = time.monotonic()
         self._end(req, reason, message)
+
+    def _in_answer(self, r: _Running) -> list:
+        """The held tokens with text in the answer after a stop string cut it (the stop string's own are not)."""
+        ids, first = r.answer.ids, len(r.answer.ids) - len(r.held)
+        decode = self.model.tokenizer.decode
+        return [h for j, h in enumerate(r.held) if len(decode(ids[: first + j])) < len(r.answer.text)]
 
     def _end(self, req: Request, reason: str, message: str = "") -> None:
         req.finish_reason = reason

@@ -32,6 +32,7 @@ from ..batching import BatchEngine, Draining, QueueFull, Request
 from .body import ClientGone
 from .conversation import IMAGE_FORMATS, ApiError, Conversation, ImagePolicy, SamplingRequest, image_bytes
 from .guards import AccessLog, BrowserGuard, Guard, error_body
+from .logprobs import Pieces, entries
 from .metrics import ServeMetrics
 
 log = logging.getLogger("llava_edge.serve")
@@ -78,12 +79,14 @@ class Server:
         self.metrics = ServeMetrics(self)
         self.started = time.time()
         self.token_bytes = 0  # the most bytes of text one token of the vocabulary stands for
+        self.pieces: Pieces | None = None  # tokens' text for logprobs
 
     def load(self) -> None:
         """Load the bundle and start the engine (on a thread, while the server already answers /health)."""
         try:
             self.model = self._load()
             self.token_bytes = longest_token_bytes(self.model.llm)
+            self.pieces = Pieces(self.model.llm)
             self.engine = BatchEngine(self.model, queue_limit=self.options.queue)
             self.state = "ready" if self.state == "loading" else self.state
         except Exception as e:  # noqa: BLE001 - shown by /health and the log; the CLI exits
@@ -160,7 +163,8 @@ class Server:
             temperature=o.temperature if s.temperature is None else float(s.temperature),
             top_p=o.top_p if s.top_p is None else float(s.top_p),
             max_tokens=max_tokens, seed=o.seed if s.seed is None else s.seed,
-            stops=(*s.stop, *template.stop), on_event=on_event, timeout_s=o.timeout_s, ignore_eos=s.ignore_eos)
+            stops=(*s.stop, *template.stop), on_event=on_event, timeout_s=o.timeout_s, ignore_eos=s.ignore_eos,
+            logits=s.logprobs is not None)
 
     async def answer(self, conv: Conversation, s: SamplingRequest, api: str) -> "Answer":
         """Queue ``conv``; the returned :class:`Answer` streams the pieces (refusals raise ``ApiError`` here)."""
@@ -184,28 +188,35 @@ class Server:
                            headers={"Retry-After": "5"}) from None
         except UserError as e:
             raise ApiError(str(e), code="context_length_exceeded", param="messages") from None
-        return Answer(self, req, queue, api)
+        return Answer(self, req, queue, api, s.logprobs)
 
 
 class Answer:
-    """One answer as it comes: ``async for piece in answer.pieces()``; ``req`` holds the counts afterwards."""
+    """One answer as it comes: ``async for piece, logprobs in answer.pieces()``; ``req`` holds the counts
+    afterwards."""
 
-    def __init__(self, server: Server, req: Request, queue: asyncio.Queue, api: str):
+    def __init__(self, server: Server, req: Request, queue: asyncio.Queue, api: str, top_logprobs: int | None = None):
         self.server, self.req, self.queue, self.api = server, req, queue, api
+        self.top_logprobs = top_logprobs  # None: no logprobs asked
         self.text = ""
+        self.logprobs: list[dict] = []  # the entries of the answer's tokens so far (logprobs.py), when asked
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """The answer's text pieces; an engine error or a timeout raises ``ApiError``. A consumer that stops
-        early (its client disconnected) cancels the request and frees its sequence."""
+    async def pieces(self) -> AsyncIterator[tuple[str, list[dict]]]:
+        """The answer's text pieces, each with the logprobs entries of the tokens whose text it shows (none
+        when not asked); an engine error or a timeout raises ``ApiError``. A consumer that stops early (its
+        client disconnected) cancels the request and frees its sequence."""
         finished = False
         try:
             while True:
                 ev = await self.queue.get()
                 if ev.kind == "text":
                     self.text += ev.text
-                    yield ev.text
+                    found = [] if self.top_logprobs is None else \
+                        entries(ev.tokens, self.top_logprobs, self.server.pieces)
+                    self.logprobs += found
+                    yield ev.text, found
                     continue
                 finished = True
                 if ev.kind == "error":

@@ -62,6 +62,7 @@ class SamplingRequest:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # llama.cpp server's extension: answer until max_tokens (for benchmarks)
+    logprobs: int | None = None  # None: none asked; else each token's log-probability and this many alternatives
 
 
 # -- checking JSON values ----------------------------------------------------------------------------------------

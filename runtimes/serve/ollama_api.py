@@ -1,6 +1,7 @@
 """Ollama's API, so Ollama clients and UIs work unchanged: ``POST /api/chat``, ``POST /api/generate`` (base64
-``images``, NDJSON streaming by default, ``options``), ``GET /api/tags``, ``POST /api/show``, ``GET /api/ps`` and
-``GET /api/version``. Errors are ``{"error": "..."}`` with the status code, as Ollama answers them."""
+``images``, NDJSON streaming by default, ``options``, ``logprobs`` / ``top_logprobs``), ``GET /api/tags``,
+``POST /api/show``, ``GET /api/ps`` and ``GET /api/version``. Errors are ``{"error": "..."}`` with the status code,
+as Ollama answers them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.requests import Request as HttpRequest
 from .body import read_json
 from .conversation import (ApiError, Conversation, ImageSource, SamplingRequest, decode_base64, flag, from_messages,
                            json_type, number, one_image, stop_strings, text_of)
+from .logprobs import ollama_entries, ollama_request
 
 # the Ollama release whose API this follows (the `ollama` Python client is tested against it)
 OLLAMA_API_VERSION = "0.6.3"
@@ -40,7 +42,8 @@ def sampling_of(body: dict) -> SamplingRequest:
         temperature=number(opts, "temperature", "options.", 0, 100), top_p=number(opts, "top_p", "options.", 1e-9, 1),
         max_tokens=predict if predict and predict > 0 else None,  # -1 / -2: until the end (Ollama's meaning)
         seed=number(opts, "seed", "options.", -1, 2**63 - 1, integer=True),
-        stop=stop_strings(opts.get("stop"), "options.stop"), ignore_eos=flag(opts, "ignore_eos", "options."))
+        stop=stop_strings(opts.get("stop"), "options.stop"), ignore_eos=flag(opts, "ignore_eos", "options."),
+        logprobs=ollama_request(body))
 
 
 def unsupported(body: dict, keys: tuple[str, ...]) -> None:
@@ -107,18 +110,20 @@ def register(app, server) -> None:
         answer = await server.answer(conv, sampling_of(body), "ollama")
         name = f"{server.options.model_name}:latest"
 
-        def piece_obj(text: str) -> dict:
+        def piece_obj(text: str, found: list[dict] | None = None) -> dict:
             body = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            if found:  # only when asked, and left out when empty, as Ollama answers
+                body["logprobs"] = ollama_entries(found)
             return {"model": name, "created_at": created_at(), **body, "done": False}
 
         if not stream:
             text = await answer.full(request)
-            return JSONResponse({**piece_obj(text), **final(answer, started)})
+            return JSONResponse({**piece_obj(text, answer.logprobs), **final(answer, started)})
 
         async def lines():
             try:
-                async for piece in answer.pieces():
-                    yield json.dumps(piece_obj(piece)) + "\n"
+                async for piece, found in answer.pieces():
+                    yield json.dumps(piece_obj(piece, found)) + "\n"
             except ApiError as e:  # begun already: the error is the last line, as Ollama streams it
                 yield json.dumps({"error": e.message}) + "\n"
                 return

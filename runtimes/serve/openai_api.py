@@ -4,8 +4,9 @@ What the official ``openai`` client sends and reads: messages whose content is a
 string or parts (``text``, ``image_url``), ``stream`` with server-sent events
 ending in ``[DONE]`` (``stream_options.include_usage`` adds a usage chunk),
 ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``,
-``stop``, ``n`` (1 only), ``ignore_eos`` (llama.cpp server's extension) and ``usage`` (prompt tokens count the image's
-positions; ``prompt_tokens_details.cached_tokens`` those not decoded again).
+``stop``, ``n`` (1 only), ``ignore_eos`` (llama.cpp server's extension), ``logprobs`` / ``top_logprobs``
+(``logprobs.py``) and ``usage`` (prompt tokens count the image's positions;
+``prompt_tokens_details.cached_tokens`` those not decoded again).
 Errors are OpenAI's error object with its status codes.
 """
 
@@ -15,6 +16,7 @@ import json
 
 from starlette.requests import Request as HttpRequest
 
+from . import logprobs
 from .body import read_json
 from .conversation import (ApiError, Conversation, SamplingRequest, flag, from_messages, image_from_url, json_type,
                            number, stop_strings, text_of)
@@ -57,7 +59,8 @@ def parse_chat(body: dict) -> tuple[Conversation, SamplingRequest]:
     sampling = SamplingRequest(
         temperature=number(body, "temperature", "", 0, 100), top_p=number(body, "top_p", "", 1e-9, 1),
         max_tokens=max_tokens, seed=number(body, "seed", "", -1, 2**63 - 1, integer=True),
-        stop=stop_strings(body.get("stop"), "stop"), ignore_eos=flag(body, "ignore_eos"))
+        stop=stop_strings(body.get("stop"), "stop"), ignore_eos=flag(body, "ignore_eos"),
+        logprobs=logprobs.openai_request(body))
     return conv, sampling
 
 
@@ -92,25 +95,31 @@ def register(app, server) -> None:
         conv, sampling = parse_chat(body)
         answer = await server.answer(conv, sampling, "openai")
         name = server.options.model_name
+        asked = sampling.logprobs is not None
+
+        def choice_logprobs(found: list[dict] | None):
+            return {"content": found, "refusal": None} if asked and found is not None else None
+
         if not stream:
             text = await answer.full(request)
             return JSONResponse({
                 "id": f"chatcmpl-{answer.id}", "object": "chat.completion", "created": answer.created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": answer.finish_reason, "logprobs": None}],
+                             "finish_reason": answer.finish_reason, "logprobs": choice_logprobs(answer.logprobs)}],
                 "usage": usage(answer.req)})
 
-        def chunk(delta: dict, finish=None) -> str:
+        def chunk(delta: dict, finish=None, found: list[dict] | None = None) -> str:
             return "data: " + json.dumps({
                 "id": f"chatcmpl-{answer.id}", "object": "chat.completion.chunk", "created": answer.created,
-                "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                            "logprobs": choice_logprobs(found)}],
             }) + "\n\n"
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
             try:
-                async for piece in answer.pieces():
-                    yield chunk({"content": piece})
+                async for piece, found in answer.pieces():
+                    yield chunk({"content": piece}, found=found)
             except ApiError as e:  # the response has begun: the error goes in the stream, as OpenAI does
                 yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "code": e.code}}) + "\n\n"
                 return
