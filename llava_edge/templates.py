@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"  # where transformers' chat templates put a video part (LLaVA-OneVision)
 CHAT_TEMPLATE = "chat_template"  # the mode that renders the checkpoint's own Jinja template
 
 
@@ -35,6 +36,7 @@ class Turn:
     text: str
     # how many pictures open the turn (True: one), as LLaVA places them: "<image>\n" each, then the text
     image: bool | int = False
+    videos: int = 0  # how many of those are videos (after the images; LLaVA-NeXT's code gives them "<image>" too)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class Template:
         """``plain``: one image and one caption; the question is kept but nothing earlier."""
         return self.style == PLAIN
 
-    def prompt(self, question: str, *, image: bool | int = True, history: list[Turn] | None = None) -> Parts:
+    def prompt(self, question: str, *, image: bool | int = True, history: list[Turn] | None = None,
+               videos: int = 0) -> Parts:
         """The generation prompt, as LLaVA's evaluation scripts build it.
 
         ``image=True``: the conversation's picture goes first in the first user turn that has one (``<image>\\n``
@@ -153,7 +156,7 @@ class Template:
         """
         turns = list(history or [])
         n = int(image and not any(t.image for t in turns)) if isinstance(image, bool) else int(image)
-        turns.append(Turn("user", question, image=n))
+        turns.append(Turn("user", question, image=n, videos=videos))
         _check_alternation(turns)
         if self.jinja is not None:
             return render_jinja(self.jinja, turns, add_generation_prompt=True)
@@ -400,7 +403,8 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool) 
     env.add_extension(_generation_tag())
     messages = []
     for i, t in enumerate(turns):
-        content: list[dict] = [{"type": "image"} for _ in range(int(t.image))]
+        content: list[dict] = [{"type": "image"} for _ in range(int(t.image) - t.videos)]
+        content += [{"type": "video"} for _ in range(t.videos)]
         content.append({"type": "text", "text": _SENTINEL.format(i)})
         messages.append({"role": t.role, "content": content})
     try:
@@ -419,9 +423,10 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool) 
 
 
 def _template_text(s: str) -> list[Part]:
-    """Text the chat template wrote, with the ``<image>`` it writes for an image part as the image."""
+    """Text the chat template wrote, with the ``<image>`` (``<video>``) it writes for an image (video) part as the
+    place of that picture."""
     out: list[Part] = []
-    for j, chunk in enumerate(s.split(IMAGE_PLACEHOLDER)):
+    for j, chunk in enumerate(re.split(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}", s)):
         if j:
             out.append(IMAGE)
         out.append(Text(chunk, True))

@@ -61,7 +61,8 @@ class Request:
     """One answer to compute: the prompt's positions, its image and how to sample."""
 
     slots: list  # token ids and ImageSlots, as ``EdgeLLaVA.slots_for`` makes them
-    image: PreparedImage | None  # the prompt's picture, read and preprocessed (``EdgeLLaVA.prepare_image``)
+    # the prompt's picture (or pictures, in the prompt's order), read and preprocessed (``EdgeLLaVA.prepare_image``)
+    image: PreparedImage | list[PreparedImage] | None
     temperature: float
     top_p: float
     max_tokens: int
@@ -89,6 +90,10 @@ class Request:
     @property
     def image_positions(self) -> int:
         return sum(isinstance(s, ImageSlot) for s in self.slots)
+
+    @property
+    def pictures(self) -> list[PreparedImage]:
+        return [] if self.image is None else list(self.image) if isinstance(self.image, list) else [self.image]
 
 
 @dataclass
@@ -304,10 +309,12 @@ class BatchEngine:
         decode."""
         todo = {}
         for r in self._running.values():
-            img = r.req.image
-            if img and img.key not in self._embeddings and r.reading() and \
-                    any(isinstance(s, ImageSlot) for s in r.req.slots[r.cursor:]):
-                todo[img.key] = img
+            if not r.reading() or not r.req.image:
+                continue
+            ahead = {s.key for s in r.req.slots[r.cursor:] if isinstance(s, ImageSlot)}
+            for img in r.req.pictures:
+                if img.key in ahead and img.key not in self._embeddings:
+                    todo[img.key] = img
         if todo:
             emb = self.model.encode(list(todo.values()))
             self.stats["vision_batches"] += 1
@@ -315,8 +322,9 @@ class BatchEngine:
             for key, e in zip(todo, emb):
                 self._embeddings[key] = e
         for r in self._running.values():  # the images of running prompts are the last to be dropped
-            if r.req.image and r.req.image.key in self._embeddings:
-                self._embeddings.move_to_end(r.req.image.key)
+            for img in r.req.pictures:
+                if img.key in self._embeddings:
+                    self._embeddings.move_to_end(img.key)
         while len(self._embeddings) > self._keep_images:
             self._embeddings.popitem(last=False)
 

@@ -41,6 +41,7 @@ from llava_edge.families import PreparedImage
 from llava_edge.preprocess import ImageInput, ImageSpec
 from llava_edge.templates import Image, Parts, Template, Turn, expand_images, get_template
 from llava_edge.tokenizer import Settings, Tokenizer
+from llava_edge.video import Video, read_frames
 
 from .answer import AnswerText, seeded_rng
 from .answer import sample as sample_token
@@ -287,7 +288,12 @@ class EdgeLLaVA:
     def prepare_image(self, image: ImageInput, formats: tuple[str, ...] | None = None,
                       alone: bool = True) -> PreparedImage:
         """The picture read and preprocessed as the bundle's family does (its tiles, key and positions);
-        ``alone``: the only picture of its conversation (LLaVA-OneVision takes one of several otherwise)."""
+        ``alone``: the only picture of its conversation (LLaVA-OneVision takes one of several otherwise). A
+        :class:`~llava_edge.video.Video` gives its sampled frames, prepared as the family takes a video."""
+        if isinstance(image, Video):
+            if not self.images.video:
+                raise UserError(f"{self.family.title} checkpoints take no video: LLaVA-OneVision does")
+            return self.images.prepare_video(read_frames(image), image.name)
         return self.images.prepare(image, formats=formats, alone=alone)
 
     def encode(self, prepared: list[PreparedImage]) -> list[np.ndarray]:
@@ -336,14 +342,17 @@ class EdgeLLaVA:
         ids = self.tokenizer.encode_prompt(parts, self.image_token_id)
         return expand_images(ids, self.image_token_id, [[ImageSlot(k, j) for j in range(n)] for k, n in pictures])
 
-    def conversation_slots(self, question: str, image: ImageInput | None = None,
+    def conversation_slots(self, question: str, image: ImageInput | list | None = None,
                            history: list[Turn] | None = None, system: str | None = None,
-                           formats: tuple[str, ...] | None = None) -> tuple[list, PreparedImage | None, Template]:
+                           formats: tuple[str, ...] | None = None) -> tuple[list, PreparedImage | list | None,
+                                                                            Template]:
         """A conversation's generation prompt: (slots, the prepared picture or None, template).
 
+        ``image``: the conversation's picture, or a list of its pictures in order (then the prepared ones come
+        back as a list): ``history``'s turns hold as many as their ``image`` says, the question the rest.
         ``system`` replaces the conversation mode's system prompt (text with the tokenizer's control
         tokens, or a ``chat_template`` mode, is refused); ``formats``: the image file formats accepted.
-        The image is read and preprocessed here, the vision graph is not run.
+        The images are read and preprocessed here, the vision graph is not run.
         """
         template = self.template
         if system is not None:
@@ -353,10 +362,22 @@ class EdgeLLaVA:
             if special:
                 raise UserError(f"the system message contains the control token {special[0]!r}")
             template = dataclasses.replace(template, system=system)
-        prepared = None if image is None else self.prepare_image(image, formats=formats)
-        parts = template.prompt(question, image=prepared is not None, history=list(history or []))
-        slots = self.slots_for(parts, prepared and prepared.key, 0 if prepared is None else prepared.positions)
-        return slots, prepared, template
+        pictures = [] if image is None else list(image) if isinstance(image, list) else [image]
+        self.check_pictures(len(pictures))
+        alone = sum(not isinstance(p, Video) for p in pictures) == 1  # as ChatSession._prepared counts
+        prepared = [self.prepare_image(p, formats=formats, alone=alone) for p in pictures]
+        history = list(history or [])
+        new = max(0, len(prepared) - sum(int(t.image) for t in history))  # fewer: picture_slots says so
+        videos = sum(isinstance(p, Video) for p in pictures[len(pictures) - new:]) if new else 0
+        parts = template.prompt(question, image=new, history=history, videos=videos)
+        slots = self.picture_slots(parts, [(p.key, p.positions) for p in prepared])
+        return slots, prepared if isinstance(image, list) else (prepared[0] if prepared else None), template
+
+    def check_pictures(self, n: int) -> None:
+        """A one-line error for a conversation of ``n`` pictures where the model was trained with one."""
+        if n > 1 and not self.images.several:
+            raise UserError(f"{self.family.title} checkpoints like this one were trained with one picture a "
+                            f"conversation; this one would have {n}: start a new conversation for another picture")
 
     def prefill(self, slots: list, embeds: Embeds, logits: str = "last") -> np.ndarray | None:
         """Bring the KV cache to ``slots``, decoding only what is not cached yet.
@@ -476,15 +497,19 @@ def check_text(text: object, what: str) -> None:
         raise UserError(f"{what} is not valid UTF-8 text (byte {e.start}): check the terminal's encoding") from None
 
 
-def drop_oldest_exchange(history: list[Turn]) -> list[Turn]:
+def drop_oldest_exchange(history: list[Turn]) -> list[Turn] | None:
     """``history`` without its first (user, assistant) exchange; its pictures move to the new first user turn.
+    None where they cannot keep their order there (a turn renders its images before its videos).
 
     Keeping the pictures at the start keeps the system prompt and the pictures at the
     same positions, so their KV cache entries survive the drop.
     """
     first, rest = history[0], list(history[2:])
     if rest and first.image:
-        rest[0] = Turn(rest[0].role, rest[0].text, image=int(first.image) + int(rest[0].image))
+        if first.videos and int(rest[0].image) > rest[0].videos:
+            return None
+        rest[0] = Turn(rest[0].role, rest[0].text, image=int(first.image) + int(rest[0].image),
+                       videos=first.videos + rest[0].videos)
     return rest
 
 
@@ -531,11 +556,10 @@ class ChatSession:
     def _prepared(self) -> list[tuple[PreparedImage, Callable[[], np.ndarray]]]:
         """Each picture prepared (decoded and preprocessed once; encoded when needed). A family that takes a picture
         among several otherwise than alone (LLaVA-OneVision) prepares them again when the count changes."""
-        m, alone = self.model, len(self.pictures) == 1
-        if len(self.pictures) > 1 and not m.images.several:
-            raise UserError(f"{m.family.title} checkpoints like this one were trained with one picture a "
-                            f"conversation; this one would have {len(self.pictures)}: start a new conversation "
-                            "for another picture")
+        m = self.model
+        m.check_pictures(len(self.pictures))
+        # a video does not count: transformers' OneVision tiles a picture that is the only image beside videos
+        alone = sum(not isinstance(p, Video) for p in self.pictures) == 1
         out = []
         for i, pic in enumerate(self.pictures):
             if (i, alone) not in self._embedded:
@@ -551,14 +575,17 @@ class ChatSession:
         self.dropped_turns = 0
         pictures = [(p.key, p.positions) for p in prepared]
         n_image = sum(n for _, n in pictures)
+        videos = sum(isinstance(p, Video) for p in self.pictures[len(self.pictures) - self._unplaced():])
         while True:
-            parts = m.template.prompt(prompt, image=self._unplaced(), history=self.history)
+            parts = m.template.prompt(prompt, image=self._unplaced(), history=self.history, videos=videos)
             slots = m.picture_slots(parts, pictures)
             if len(slots) + reserve <= n_ctx or (self.on_overflow == "drop-oldest" and not self.history
                                                  and len(slots) < n_ctx):
                 return slots
-            if self.on_overflow == "drop-oldest" and self.history:
-                self.history = drop_oldest_exchange(self.history)
+            shorter = drop_oldest_exchange(self.history) if self.on_overflow == "drop-oldest" and self.history \
+                else None
+            if shorter is not None:
+                self.history = shorter
                 self.dropped_turns += 1
                 continue
             raise ContextOverflowError(self._overflow_message(len(slots), n_image, n_ctx))
@@ -585,6 +612,7 @@ class ChatSession:
         if m.template.single_turn:  # LLaVA's `plain` (stage-1 captioner): one image, one caption, no history
             self.history = []
         added = self.pending + list(images or [])
+        added.sort(key=lambda p: isinstance(p, Video))  # a turn's images come before its videos, as it renders them
         self.pictures += added
         try:
             embedded = self._prepared()
@@ -601,7 +629,9 @@ class ChatSession:
             yield piece
         self.last_stop = m.last_stop
         # the answer as LLaVA's chat keeps it for the next turn (decoded, stripped)
-        self.history += [Turn("user", prompt, image=self._unplaced()), Turn("assistant", answer.strip())]
+        new = self.pictures[len(self.pictures) - self._unplaced():]
+        self.history += [Turn("user", prompt, image=len(new), videos=sum(isinstance(p, Video) for p in new)),
+                         Turn("assistant", answer.strip())]
 
     def ask(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

@@ -209,3 +209,52 @@ def test_cli_refuses_a_second_picture_for_a_one_picture_family(tmp_path_factory,
     r = le("chat", "--bundle", bundle, "--image", a, "--image", a, "--max-tokens", "2", "--device", "cpu", Q1,
            block_torch=True)
     assert_one_line_error(r, "one picture a conversation")
+
+
+def _expected(m, question: str, pics: list, history: list) -> tuple[str, int]:
+    """The runtime's greedy answer to the conversation, and its prompt's positions."""
+    from llava_edge.runtimes.pipeline import Sampling
+
+    slots, prepared, _ = m.conversation_slots(question, pics, history)
+    emb = {p.key: (lambda p=p: m.encode([p])[0]) for p in prepared}
+    m.llm.reset()
+    return "".join(m.generate(slots, emb, Sampling(max_tokens=8))).strip(), len(slots)
+
+
+def test_serve_takes_several_pictures_in_one_message_and_across_turns(interleave, tmp_path):
+    """`serve` driven by the official openai and ollama clients: two image_url parts in one message, a third
+    picture in a later turn, and Ollama's `images`; each answer and its prompt_tokens equal the runtime's
+    own for the same conversation."""
+    import ollama
+    from openai import OpenAI
+    from serve_helpers import data_uri, serving
+
+    from llava_edge.templates import Turn
+
+    _, bundle = interleave
+    paths = []
+    for i, size in enumerate([(300, 200), (120, 260), (640, 480)]):
+        paths.append(tmp_path / f"p{i}.png")
+        picture(*size, seed=i + 1).save(paths[-1])
+    m = _load(bundle)
+    try:
+        first, n_first = _expected(m, Q1, paths[:2], [])
+        second, n_second = _expected(m, Q2, paths, [Turn("user", Q1, image=2), Turn("assistant", first)])
+    finally:
+        m.close()
+
+    def part(p):
+        return {"type": "image_url", "image_url": {"url": data_uri(p)}}
+
+    with serving(bundle, tmp_path, "--device", "cpu", "--threads", "1", "--no-prefix-cache") as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="-")
+        msgs = [{"role": "user", "content": [{"type": "text", "text": Q1}, part(paths[0]), part(paths[1])]}]
+        r = c.chat.completions.create(model="b", messages=msgs, max_tokens=8, temperature=0)
+        assert (r.choices[0].message.content.strip(), r.usage.prompt_tokens) == (first, n_first)
+        msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": [{"type": "text", "text": Q2}, part(paths[2])]}]
+        r = c.chat.completions.create(model="b", messages=msgs, max_tokens=8, temperature=0)
+        assert (r.choices[0].message.content.strip(), r.usage.prompt_tokens) == (second, n_second)
+        o = ollama.Client(host=s.url).chat(model="b", options={"temperature": 0, "num_predict": 8}, messages=[
+            {"role": "user", "content": Q1, "images": [paths[0].read_bytes(), paths[1].read_bytes()]}])
+        assert o.message.content.strip() == first and o.prompt_eval_count == n_first

@@ -15,6 +15,9 @@ def chat(
     prompt: Optional[str] = typer.Argument(None, help="Question; without one, an interactive session opens"),
     image: Optional[List[str]] = typer.Option(None, "--image", help="Image file (any format Pillow reads); "
                                               "repeat it for several pictures (models trained with several)"),
+    video: Optional[str] = typer.Option(None, "--video", help="A video file (LLaVA-OneVision): --frames of it, "
+                                        "sampled uniformly, after any --image"),
+    frames: int = typer.Option(8, "--frames", help="How many frames of --video (1 to 64)"),
     bundle: o.Bundle = None,
     device: o.Device = "auto",
     vision_variant: o.VisionVariant = None,
@@ -48,9 +51,14 @@ def chat(
     Sampling(**sampling)  # a one-line error for bad values, before anything is loaded
     if prompt is not None:
         check_text(prompt, "the question")
-    images = list(image or [])
+    from ..video import Video, check_frames
+
+    images: list = list(image or [])
     for path in images:
         load_image(path)  # fail on a bad image before loading the model
+    check_frames(frames)
+    if video is not None:
+        images.append(Video(video, frames))
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
                        image_tokens=image_tokens, token_method=token_method, max_tiles=max_tiles,
                        threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
@@ -58,7 +66,8 @@ def chat(
     if explain:
         say(m.explain())
         for path in images:
-            say(f"{path}: {m.images.describe(m.prepare_image(path, alone=len(images) == 1))}")
+            alone = sum(not isinstance(p, Video) for p in images) == 1
+            say(f"{getattr(path, 'name', path)}: {m.images.describe(m.prepare_image(path, alone=alone))}")
         if prompt is None:
             return
     from ..runtimes import interactive

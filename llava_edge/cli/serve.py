@@ -33,6 +33,7 @@ def serve(
                                              "directory"),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs "
                                              "(size- and time-limited); refused by default"),
+    frames: int = typer.Option(8, "--frames", help="Frames sampled from each video_url (LLaVA-OneVision; 1 to 64)"),
     max_body_mb: float = typer.Option(32, "--max-body-mb", help="Largest request body"),
     timeout: float = typer.Option(300, "--timeout", help="Seconds a request may take, queueing included"),
     grace: float = typer.Option(30, "--grace", help="Seconds in-flight answers get to finish on SIGTERM"),
@@ -73,6 +74,7 @@ def serve(
     from ..runtimes.serve import ServeOptions, check_bind
     from ..runtimes.serve import serve as run_server
     from ..runtimes.serve.conversation import ImagePolicy
+    from ..video import check_frames
 
     key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, key, insecure)
@@ -96,7 +98,7 @@ def serve(
     options = ServeOptions(
         model_name=model_name or path.resolve().name, api_key=key, parallel=parallel, queue=queue,
         timeout_s=timeout, max_body_bytes=int(max_body_mb * (1 << 20)), cors=tuple(cors or ()),
-        images=ImagePolicy(image_dir=image_dir, allow_remote=allow_remote_images),
+        images=ImagePolicy(image_dir=image_dir, allow_remote=allow_remote_images, frames=check_frames(frames)),
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
         header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
         max_connections=max_connections, allow_hosts=tuple(allow_host or ()))

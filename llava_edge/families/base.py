@@ -39,6 +39,7 @@ class PreparedImage:
     positions: int  # language-model positions of the packed features
     size: tuple[int, int]  # (width, height) of the picture as loaded
     grid: tuple[int, int] | None = None  # (rows, cols) of tiles besides the base picture; None: one tile
+    video: bool = False  # the tiles are a video's frames
 
     @property
     def tiles(self) -> int:
@@ -64,6 +65,10 @@ class ImagePath:
         """``alone``: the only picture of its conversation (a family may take a picture among several
         otherwise)."""
         raise NotImplementedError
+
+    def prepare_video(self, frames: list, name: str = "video") -> PreparedImage:
+        """A video's sampled frames (PIL images) as the vision graph's batch and their positions."""
+        raise UserError(f"this model takes no video ({name}): LLaVA-OneVision does")
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
         """The graph's output for ``prepared`` ((tiles, tokens per tile, width)) -> (positions, width)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import anyres
 from ..errors import UserError
-from ..preprocess import ImageSpec, load_image, preprocess
+from ..preprocess import ImageSpec, clip_pixels, load_image, preprocess
 from ..templates import CHAT_TEMPLATE
 from ..weights import stored_tensors
 from .base import Family, ImagePath, PreparedImage, pixels_key
@@ -32,7 +32,8 @@ NEWLINE = "image_newline"
 
 
 class AnyresTiles(ImagePath):
-    def __init__(self, spec: ImageSpec, grid, tokens: int, newline: np.ndarray, several: bool = False):
+    def __init__(self, spec: ImageSpec, grid, tokens: int, newline: np.ndarray, several: bool = False,
+                 video: bool = False):
         side = grid.tile // grid.patch
         if tokens != side * side:
             raise UserError(f"the bundle's vision graph gives {tokens} tokens per tile, not the {side}x{side} patch "
@@ -40,7 +41,7 @@ class AnyresTiles(ImagePath):
         if newline.ndim != 1:
             raise UserError("the bundle's image_newline is not a vector: export it again")
         self.spec, self.grid, self.tokens_per_tile, self.newline = spec, grid, tokens, newline.astype(np.float32)
-        self.several = several
+        self.several, self.video = several, video
 
     def prepare(self, image, formats=None, alone: bool = True) -> PreparedImage:
         if not alone and self.several:
@@ -59,14 +60,36 @@ class AnyresTiles(ImagePath):
         layout = (w, h) if self.grid.max_positions is None else ((w, h), ("max_positions", self.grid.max_positions))
         return PreparedImage(pixels_key(pixels, *layout), pixels, positions, (w, h), (rows, cols))
 
+    def prepare_video(self, frames: list, name: str = "video") -> PreparedImage:
+        if not self.video:
+            return super().prepare_video(frames, name)
+        # each frame resized to the tile as it is, through the tower's normalization (the video processor's steps)
+        pixels = np.stack([clip_pixels(f if f.mode == "RGB" else f.convert("RGB"), self.spec) for f in frames])
+        pooled = -(-self.grid.side // 2)
+        return PreparedImage(pixels_key(pixels, "video"), pixels, len(frames) * pooled * pooled + 1,
+                             frames[0].size, video=True)
+
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
         self.check_features(features, prepared)
+        if prepared.video:
+            # LlavaOnevisionModel.get_video_features: every frame's patch grid halved bilinearly (ceil), the frames
+            # one after another, one newline after the last
+            s, dim = self.grid.side, features.shape[2]
+            p = -(-s // 2)
+            grids = [anyres.resize_bilinear(np.ascontiguousarray(f.reshape(s, s, dim), np.float32), p, p)
+                     for f in features]
+            rows = np.concatenate([g.reshape(p * p, dim) for g in grids]).astype(features.dtype)
+            return np.concatenate([rows, self.newline[None].astype(features.dtype)])
         if prepared.grid is None:  # one of several pictures: its tile, then one newline
             return np.concatenate([features[0], self.newline[None].astype(features.dtype)])
         w, h = prepared.size
         return anyres.pack(features, w, h, self.grid, self.newline)
 
     def describe(self, prepared: PreparedImage) -> str:
+        if prepared.video:
+            p = -(-self.grid.side // 2)
+            return (f"a video: {prepared.tiles} frames, each one {self.grid.tile} px tile pooled to {p}x{p}, and a "
+                    f"newline = {prepared.positions} positions")
         if prepared.grid is None:
             return (f"one of several pictures: padded to a square, one {self.grid.tile} px tile and a newline = "
                     f"{prepared.positions} positions")
@@ -171,7 +194,8 @@ class LlavaNext(Family):
         if cap is not None:
             grid = dataclasses.replace(grid, max_positions=cap)
         spec = ImageSpec.from_dict({k: v for k, v in image.items() if k != "anyres"})
-        return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE], bool(image.get("several_images")))
+        return AnyresTiles(spec, grid, tokens_per_tile, arrays[NEWLINE], bool(image.get("several_images")),
+                           bool(image.get("video")))
 
     def config_extra(self, tile: int, grids: list | None = None) -> dict:
         """``grids``, else LLaVA-1.6's five grids (1x2, 2x1, 2x2, 1x3, 3x1 tiles) at this tile size."""

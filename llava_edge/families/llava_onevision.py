@@ -44,6 +44,10 @@ class LlavaOnevision(LlavaNext):
     def several_images(self, ckpt: Checkpoint) -> bool:
         return True
 
+    def image_section(self, ckpt: Checkpoint, max_tiles: int | None = None) -> dict:
+        """LLaVA-NeXT's, and ``video``: OneVision answers about videos (frames pooled 2x2, one newline)."""
+        return {**super().image_section(ckpt, max_tiles), "video": True}
+
     def anyres_spec(self, ckpt: Checkpoint, max_tiles: int | None = None):
         """Always transformers' reading: OneVision checkpoints come from transformers' conversion, and the cap
         comes from the config's ``vision_aspect_ratio``."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from starlette.requests import Request as HttpRequest
 
 from llava_edge.errors import UserError
+from llava_edge.video import Video
 
 from ..batching import BatchEngine, Draining, QueueFull, Request
 from .body import ClientGone
@@ -145,12 +146,14 @@ class Server:
         """The engine's request for ``conv`` (worker thread: image read, decoded and preprocessed, prompt tokenized)."""
         m, o = self.model, self.options
         try:
-            data = None if conv.image is None else image_bytes(conv.image, o.images)
-            slots, image, template = m.conversation_slots(conv.question, data, conv.history, conv.system,
+            data = [Video(image_bytes(src, o.images), o.images.frames) if src.video else image_bytes(src, o.images)
+                    for src in conv.images]
+            slots, image, template = m.conversation_slots(conv.question, data or None, conv.history, conv.system,
                                                           formats=IMAGE_FORMATS)
         except UserError as e:
-            where = conv.image.where if conv.image and "image" in str(e) else \
-                "messages" if "system message" in str(e) else None
+            where = (conv.images[-1].where if len(conv.images) > 1 and "picture" in str(e) else
+                     conv.images[0].where if conv.images and "image" in str(e) else
+                     "messages" if "system message" in str(e) or "picture" in str(e) else None)
             raise ApiError(str(e), param=where) from None
         if len(slots) >= m.llm.n_ctx:
             self.metrics.rejected(api, "context_length")

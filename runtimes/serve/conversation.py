@@ -24,6 +24,8 @@ from llava_edge.templates import Turn
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 _MIMES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
+_VIDEO_MIMES = {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo",
+                "application/octet-stream"}
 
 
 class ApiError(Exception):
@@ -44,14 +46,15 @@ class ImageSource:
     path: str | None = None
     url: str | None = None
     where: str = "image"  # the field, for messages
+    video: bool = False  # a video (OpenAI-style ``video_url`` part, as vLLM takes it)
 
 
 @dataclass
 class Conversation:
     system: str | None
-    history: list[Turn]  # earlier turns (user, assistant, ...); the one with the image has image=True
+    history: list[Turn]  # earlier turns (user, assistant, ...); a turn's ``image``: how many pictures open it
     question: str  # the last user turn, the one answered
-    image: ImageSource | None = None
+    images: list[ImageSource] = field(default_factory=list)  # every picture, in the conversation's order
 
 
 @dataclass
@@ -130,31 +133,27 @@ def decode_base64(text: str, where: str) -> bytes:
         raise ApiError(f"'{where}' is not valid base64", param=where) from None
 
 
-def image_from_url(url, where: str) -> ImageSource:
-    """An OpenAI ``image_url``: a ``data:`` URI, an http(s) URL, or a path (``file://`` or plain)."""
+def image_from_url(url, where: str, video: bool = False) -> ImageSource:
+    """An OpenAI ``image_url`` (``video_url``): a ``data:`` URI, an http(s) URL, or a path (``file://`` or plain)."""
     if not isinstance(url, str) or not url:
         raise ApiError(f"'{where}' must be a non-empty string", param=where)
     m = _DATA_URI.match(url)
     if m:
         mime = (m.group("mime") or "").lower()
-        if mime and mime not in _MIMES:
-            raise ApiError(f"'{where}': images must be PNG, JPEG or WebP, not {mime}", param=where)
-        return ImageSource(data=decode_base64(url[m.end():], where), where=where)
+        if mime and mime not in (_VIDEO_MIMES if video else _MIMES):
+            what = "videos must be video/* (MP4, WebM, QuickTime, Matroska, AVI)" if video else \
+                "images must be PNG, JPEG or WebP"
+            raise ApiError(f"'{where}': {what}, not {mime}", param=where)
+        return ImageSource(data=decode_base64(url[m.end():], where), where=where, video=video)
     if url.lower().startswith("data:"):
         raise ApiError(f"'{where}': a data URI must be base64 (data:image/png;base64,...)", param=where)
     if re.match(r"https?://", url, re.I):
-        return ImageSource(url=url, where=where)
+        return ImageSource(url=url, where=where, video=video)
     if re.match(r"[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
         raise ApiError(f"'{where}': unsupported URL scheme (data:, http(s):// or a file under --image-dir)",
                        param=where)
-    return ImageSource(path=url[len("file://"):] if url.lower().startswith("file://") else url, where=where)
-
-
-def one_image(found: list[ImageSource]) -> ImageSource | None:
-    if len(found) > 1:
-        raise ApiError(f"the conversation has {len(found)} images; this model takes one image per conversation",
-                       param=found[1].where)
-    return found[0] if found else None
+    return ImageSource(path=url[len("file://"):] if url.lower().startswith("file://") else url, where=where,
+                       video=video)
 
 
 def from_messages(messages, roles: tuple[str, ...], read) -> Conversation:
@@ -176,33 +175,32 @@ def from_messages(messages, roles: tuple[str, ...], read) -> Conversation:
         if role in ("system", "developer"):
             system.append(text)
             continue
-        images += found
-        turns.append((role, text, bool(found)))
-    conv = turns_to_conversation(turns, "\n".join(system) if system else None)
-    conv.image = one_image(images)
-    return conv
+        turns.append((role, text, found))
+    return turns_to_conversation(turns, "\n".join(system) if system else None)
 
 
-def turns_to_conversation(turns: list[tuple[str, str, bool]], system: str | None) -> Conversation:
-    """(role, text, has_image) in order -> a Conversation; consecutive messages of one role are joined."""
+def turns_to_conversation(turns: list[tuple[str, str, list]], system: str | None) -> Conversation:
+    """(role, text, pictures) in order -> a Conversation; consecutive messages of one role are joined. A turn's
+    pictures open it, its images before its videos (as the runtime renders a turn), and ``images`` lists them
+    all in that order."""
     merged: list[list] = []
-    for role, text, image in turns:
+    for role, text, found in turns:
         if merged and merged[-1][0] == role:
             merged[-1][1] = merged[-1][1] + "\n" + text if merged[-1][1] and text else merged[-1][1] + text
-            merged[-1][2] = merged[-1][2] or image
+            merged[-1][2] = merged[-1][2] + list(found)
         else:
-            merged.append([role, text, image])
+            merged.append([role, text, list(found)])
+    for m in merged:
+        m[2].sort(key=lambda src: src.video)
     if not merged or merged[0][0] != "user":
         raise ApiError("the conversation must start with a user message (after any system message)",
                        param="messages")
     if merged[-1][0] != "user":
         raise ApiError("the last message must be the user's: it is what the model answers", param="messages")
     # the answers as the runtime keeps them in a conversation (``ChatSession``: stripped)
-    history = [Turn(r, t.strip() if r == "assistant" else t, image=i) for r, t, i in merged[:-1]]
-    _, question, image_last = merged[-1]
-    if image_last and any(t.image for t in history):
-        raise ApiError("the conversation has two images; this model takes one", param="messages")
-    return Conversation(system, history, question)
+    history = [Turn(r, t.strip() if r == "assistant" else t, image=len(f), videos=sum(s.video for s in f))
+               for r, t, f in merged[:-1]]
+    return Conversation(system, history, merged[-1][1], [s for m in merged for s in m[2]])
 
 
 # -- fetching the image's bytes ------------------------------------------------------------------------------------
@@ -211,6 +209,11 @@ class ImagePolicy:
     image_dir: Path | None = None  # file paths are accepted only inside it
     allow_remote: bool = False
     max_image_bytes: int = 20 << 20  # a file or a download
+    max_video_bytes: int = 256 << 20
+    frames: int = 8  # frames sampled from each video (LLaVA-OneVision)
+
+    def limit(self, src: "ImageSource") -> int:
+        return self.max_video_bytes if src.video else self.max_image_bytes
     remote_timeout_s: float = 10.0
 
 
@@ -242,8 +245,8 @@ def _read_under(src: ImageSource, policy: ImagePolicy) -> bytes:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ApiError(f"'{src.where}': not a file", param=src.where)
-        if st.st_size > policy.max_image_bytes:
-            raise ApiError(f"'{src.where}': the image file is over {policy.max_image_bytes >> 20} MB", status=413,
+        if st.st_size > policy.limit(src):
+            raise ApiError(f"'{src.where}': the file is over {policy.limit(src) >> 20} MB", status=413,
                            param=src.where)
         return f.read()
 
@@ -254,7 +257,7 @@ def _download(src: ImageSource, policy: ImagePolicy) -> bytes:
                        "server with --allow-remote-images)", param=src.where)
     import httpx
 
-    limit = policy.max_image_bytes
+    limit = policy.limit(src)
     try:
         with httpx.stream("GET", src.url, timeout=policy.remote_timeout_s, follow_redirects=True,
                           headers={"Accept": "image/png, image/jpeg, image/webp"}) as r:

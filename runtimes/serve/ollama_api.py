@@ -12,7 +12,7 @@ from starlette.requests import Request as HttpRequest
 
 from .body import read_json
 from .conversation import (ApiError, Conversation, ImageSource, SamplingRequest, decode_base64, flag, from_messages,
-                           json_type, number, one_image, stop_strings, text_of)
+                           json_type, number, stop_strings, text_of)
 from .logprobs import ollama_entries, ollama_request
 
 # the Ollama release whose API this follows (the `ollama` Python client is tested against it)
@@ -66,7 +66,7 @@ def parse_generate(body: dict) -> Conversation:
     prompt = text_of(body.get("prompt") or "", "prompt")
     system = body.get("system")
     conv = Conversation(None if system in (None, "") else text_of(system, "system"), [], prompt)
-    conv.image = one_image(images_of(body.get("images"), "images"))
+    conv.images = images_of(body.get("images"), "images")
     return conv
 
 

@@ -38,12 +38,13 @@ def read_message(msg: dict, where: str) -> tuple[str, list]:
             kind = part.get("type")
             if kind == "text":
                 texts.append(text_of(part.get("text"), f"{pw}.text"))
-            elif kind == "image_url":
-                ref = part.get("image_url")
+            elif kind in ("image_url", "video_url"):
+                ref = part.get(kind)
                 url = ref.get("url") if isinstance(ref, dict) else ref
-                found.append(image_from_url(url, f"{pw}.image_url.url"))
+                found.append(image_from_url(url, f"{pw}.{kind}.url", video=kind == "video_url"))
             else:
-                raise ApiError(f"'{pw}.type' must be 'text' or 'image_url', not {kind!r}", param=f"{pw}.type")
+                raise ApiError(f"'{pw}.type' must be 'text', 'image_url' or 'video_url', not {kind!r}",
+                               param=f"{pw}.type")
     elif not (content is None and msg.get("role") == "assistant"):
         raise ApiError(f"'{where}.content' must be a string or an array of parts", param=f"{where}.content")
     return "\n".join(texts), found
