@@ -108,8 +108,8 @@ def split_fixed(parts: Parts, sep: str) -> list[Parts]:
     return [normalize(x) for x in pieces]
 
 
-# LLaVA's SeparatorStyle
-SINGLE, TWO, MPT, PLAIN, LLAMA_2 = "single", "two", "mpt", "plain", "llama_2"
+# LLaVA's SeparatorStyle (CHATML: LLaVA-NeXT's, for its Qwen modes)
+SINGLE, TWO, MPT, PLAIN, LLAMA_2, CHATML = "single", "two", "mpt", "plain", "llama_2", "chatml"
 Message = tuple[str, Parts | None]  # (role, content); None: the open turn the model answers
 
 
@@ -211,6 +211,14 @@ class Template:
                 else:
                     out += [fixed(" "), *msg, fixed(" " + self.sep2)]
             out = _lstrip_chars(normalize(out), self.sep)
+        elif self.style == CHATML:  # LLaVA-NeXT's conversation.py: a newline after each role and each separator
+            if self.system:
+                add(fixed(self.system + self.sep + "\n"))
+            for role, msg in messages:
+                if msg:
+                    out += [fixed(role + "\n"), *msg, fixed(self.sep + "\n")]
+                else:
+                    add(fixed(role + "\n"))
         elif self.style == PLAIN:
             seps = (self.sep, self.sep2)
             add(fixed(self.system))
@@ -295,6 +303,9 @@ mpt = Template("mpt", "<|im_start|>system\nA conversation between a user and an 
                "gives helpful and honest answers.", ("<|im_start|>user\n", "<|im_start|>assistant\n"), MPT,
                "<|im_end|>", version="mpt")
 llava_plain = Template("plain", "", ("", ""), PLAIN, "\n")
+# LLaVA-NeXT's conv_qwen (its "qwen_1_5" and "qwen_2" modes: LLaVA-OneVision and LLaVA-Interleave's training)
+qwen_1_5 = Template("qwen_1_5", "<|im_start|>system\nYou are a helpful assistant.",
+                    ("<|im_start|>user", "<|im_start|>assistant"), CHATML, "<|im_end|>", version="qwen")
 llava_v0 = Template("llava_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), SINGLE, "###")
 llava_v1 = Template("llava_v1", _HUMAN_SYSTEM, ("USER", "ASSISTANT"), TWO, " ", "</s>", version="v1")
 
@@ -314,6 +325,8 @@ TEMPLATES: dict[str, Template] = {
     "llava_v1": llava_v1,
     "llava_llama_2": llava_llama_2,
     "mpt": mpt,
+    "qwen_1_5": qwen_1_5,
+    "qwen_2": qwen_1_5,
 }
 MODES = (*TEMPLATES, CHAT_TEMPLATE)
 

@@ -10,7 +10,8 @@ positions a model learns, a leading ``▁`` before a digit, a stop token, is
 decided there; a reimplementation by character spans learns slightly different
 positions. So this module follows LLaVA's functions step by step
 (``preprocess_plain``, ``preprocess_v1``, ``preprocess_llama_2``,
-``preprocess_mpt`` and the generic ``_add_speaker_and_signal`` path), on
+``preprocess_mpt`` and the generic ``_add_speaker_and_signal`` path; and LLaVA-NeXT's
+``preprocess_qwen`` for its Qwen modes, which masks by message instead), on
 structured prompts (``templates.Parts``) with one difference: the separators
 are looked for only where the template wrote them, so a question that contains
 `` ASSISTANT: `` does not split a round (LLaVA's string split would, and then
@@ -55,6 +56,8 @@ def label(turns: list[Turn], template: Template, tok: Tokenizer, image_token_id:
                        sep=template.sep + template.roles[1] + ": ")
     if template.version == "mpt":
         return _mpt(turns, template, tok, image_token_id, has_image, max_length)
+    if template.version == "qwen":
+        return _qwen(turns, template, tok, image_token_id, max_length)
     return _speaker_signal(turns, template, tok, image_token_id, has_image)
 
 
@@ -149,6 +152,45 @@ def _speaker_signal(turns, template, tok, image_token_id, has_image) -> Labeled:
             _ignore(labels, cur + 2, cur + n)
         cur += n
     return Labeled(ids, labels, False)
+
+
+def _qwen(turns, template, tok, image_token_id, max_length) -> Labeled:
+    # LLaVA-NeXT's preprocess_qwen: the system message, then each message rendered alone as
+    # "<|im_start|>ROLE\n" + text + "<|im_end|>\n" and tokenized alone (apply_chat_template: no BOS, "<image>" a
+    # special token); a user message's tokens ignored, an assistant's learned whole (its role line and
+    # "<|im_end|>\n" too); then every "\n", "<|im_start|>" and "<|im_end|>" token learned wherever it stands,
+    # the user's included. The original unmasks the id 198, which is "\n" in Qwen's vocabulary; here it is the
+    # id this tokenizer gives "\n", the same for Qwen's. A record that opens with an assistant turn loses it.
+    if turns and turns[0].role != "user":
+        turns = turns[1:]
+    start, end = template.roles[0].split("user")[0], template.sep  # "<|im_start|>", "<|im_end|>"
+
+    def encode(parts: Parts) -> list[int]:
+        chunks: list[list] = [[]]
+        for p in normalize(parts):
+            if isinstance(p, Text):
+                chunks[-1].append(p)
+            else:
+                chunks.append([])
+        out: list[int] = []
+        for k, c in enumerate(chunks):
+            if k:
+                out.append(image_token_id)
+            out += tok.encode(tuple(c), add_special_tokens=False) if c else []
+        return out
+
+    ids = encode((fixed(template.system + end + "\n"),))
+    labels = [IGNORE_INDEX] * len(ids)
+    for t in turns:
+        role = "user" if t.role == "user" else "assistant"
+        x = encode((fixed(f"{start}{role}\n"), *message_parts(t), fixed(f"{end}\n")))
+        ids += x
+        labels += [IGNORE_INDEX] * len(x) if role == "user" else x
+    newline = tok.encode((fixed("\n"),), add_special_tokens=False)
+    keep = {i for i in (tok.token_id(start), tok.token_id(end)) if i is not None}
+    keep |= set(newline) if len(newline) == 1 else set()
+    labels = [i if i in keep else lab for i, lab in zip(ids, labels)]
+    return _finish(ids, labels, len(ids), max_length)
 
 
 def _ignore(labels: list[int], a: int, b: int) -> None:
