@@ -380,16 +380,15 @@ def _config_dir(tmp_path: Path, config: dict) -> Path:
 
 @pytest.mark.parametrize("config, names", [
     ({"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}, ["Qwen2VL", "qwen2_vl"]),
-    ({"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision"},
-     ["llava_onevision"]),
+    ({"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3"}, ["idefics3"]),
     ({"model_type": "bert"}, ["bert"]),
 ])
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, config, names):
     with pytest.raises(UserError) as e:
         resolve_model(_config_dir(tmp_path, config))
     msg = one_line(e)
-    for word in [*names, "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "llama", "mistral",
-                 "LlavaLlamaForCausalLM"]:
+    for word in [*names, "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                 "LlavaOnevisionForConditionalGeneration", "llama", "mistral", "qwen2", "LlavaLlamaForCausalLM"]:
         assert word in msg
 
 
@@ -403,10 +402,10 @@ def test_a_llava_next_checkpoint_without_pinpoints_is_named_as_such(tmp_path):
 
 def test_unsupported_language_model_in_a_llava_checkpoint(tmp_path, toy_model):
     cfg = json.loads((toy_model / "config.json").read_text())
-    cfg["text_config"]["model_type"] = "qwen2"
+    cfg["text_config"]["model_type"] = "gemma"
     with pytest.raises(UserError) as e:
         resolve_model(_config_dir(tmp_path, cfg))
-    assert "qwen2" in one_line(e) and "llama, mistral" in one_line(e)
+    assert "gemma" in one_line(e) and "llama, mistral, qwen2, phi3" in one_line(e)
 
 
 def _edit_original(original, tmp_path: Path, **changes) -> Path:
