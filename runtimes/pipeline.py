@@ -104,6 +104,12 @@ IMAGES_KEPT = 8  # pictures whose embeddings a model keeps in memory (a conversa
 Embeds = np.ndarray | Callable[[], np.ndarray] | Mapping[str, np.ndarray | Callable[[], np.ndarray]] | None
 
 
+def only_image(pictures: list) -> bool:
+    """Whether a conversation's pictures hold one image: videos do not count (transformers' OneVision tiles a
+    picture that is the only image beside videos)."""
+    return sum(not isinstance(p, Video) for p in pictures) == 1
+
+
 def _manifest_int(section: dict, key: str, name: str) -> int:
     try:
         return int(section[key])
@@ -364,8 +370,7 @@ class EdgeLLaVA:
             template = dataclasses.replace(template, system=system)
         pictures = [] if image is None else list(image) if isinstance(image, list) else [image]
         self.check_pictures(len(pictures))
-        alone = sum(not isinstance(p, Video) for p in pictures) == 1  # as ChatSession._prepared counts
-        prepared = [self.prepare_image(p, formats=formats, alone=alone) for p in pictures]
+        prepared = [self.prepare_image(p, formats=formats, alone=only_image(pictures)) for p in pictures]
         history = list(history or [])
         new = max(0, len(prepared) - sum(int(t.image) for t in history))  # fewer: picture_slots says so
         videos = sum(isinstance(p, Video) for p in pictures[len(pictures) - new:]) if new else 0
@@ -558,8 +563,7 @@ class ChatSession:
         among several otherwise than alone (LLaVA-OneVision) prepares them again when the count changes."""
         m = self.model
         m.check_pictures(len(self.pictures))
-        # a video does not count: transformers' OneVision tiles a picture that is the only image beside videos
-        alone = sum(not isinstance(p, Video) for p in self.pictures) == 1
+        alone = only_image(self.pictures)
         out = []
         for i, pic in enumerate(self.pictures):
             if (i, alone) not in self._embedded:

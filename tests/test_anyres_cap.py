@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from next_helpers import picture
+from next_helpers import picture, toy_bundle
 
 from llava_edge import anyres
 from llava_edge.anyres import HF_DEFAULT_PINPOINTS, AnyresSpec
@@ -104,14 +104,7 @@ def test_bad_caps_get_one_line_errors():
 # -- through a bundle ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
-
-    model = write_toy_model(tmp_path_factory.mktemp("cap") / "model", preset="toy-next", seed=0)
-    out = tmp_path_factory.mktemp("cap_bundle") / "b"
-    export_bundle(open_checkpoint(model), out, log=lambda _: None)
-    return model, out
+    return toy_bundle(tmp_path_factory, "toy-next", seed=0)
 
 
 def test_the_runtime_s_capped_features_equal_transformers_tiles_packed_by_torch(toy):

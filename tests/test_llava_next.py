@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from next_helpers import hf_count, picture
+from next_helpers import assert_logits_close, hf_answer, hf_count, picture
 
 from llava_edge import manifest
 from llava_edge.errors import UserError
@@ -163,17 +163,8 @@ def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, n
     i = ids.index(m.image_token_id)
     full = ids[:i] + [m.image_token_id] * n + ids[i + 1 :]
     ref = hf_inputs(next_processor, im)
-    with torch.no_grad():
-        want = next_hf(input_ids=torch.tensor([full]), **ref).logits[0, -1].numpy()
-    got = m.prompt_logits(im, parts)[-1]
-    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-
-    with torch.no_grad():
-        out = next_hf.generate(input_ids=torch.tensor([full]), **ref, max_new_tokens=8, do_sample=False,
-                               eos_token_id=m.eos_id, pad_token_id=m.eos_id)
-    new = out[0, len(full):].tolist()
-    if m.eos_id in new:
-        new = new[: new.index(m.eos_id)]
+    want, new = hf_answer(next_hf, m.eos_id, 8, input_ids=torch.tensor([full]), **ref)
+    assert_logits_close(m.prompt_logits(im, parts)[-1], want)
     m.chat(im, QUESTION, max_tokens=8)
     assert m.last_ids[: len(new)] == new
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from next_helpers import picture
+from next_helpers import assert_logits_close, hf_answer, picture, toy_bundle
 
 from llava_edge import manifest
 
@@ -29,14 +29,7 @@ QUESTION = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
-
-    model = write_toy_model(tmp_path_factory.mktemp("ov") / "model", preset="toy-onevision", seed=0)
-    out = tmp_path_factory.mktemp("ov_bundle") / "b"
-    export_bundle(open_checkpoint(model), out, log=lambda _: None)
-    return model, out
+    return toy_bundle(tmp_path_factory, "toy-onevision", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +124,8 @@ def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, h
     n = len(hf_features(hf, ref))
     i = ids.index(m.image_token_id)
     full = ids[:i] + [m.image_token_id] * n + ids[i + 1 :]
-    with torch.no_grad():
-        want = hf(input_ids=torch.tensor([full]), **ref).logits[0, -1].numpy()
-    got = m.prompt_logits(im, parts)[-1]
-    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor([full]), **ref, max_new_tokens=8, do_sample=False,
-                          eos_token_id=m.eos_id, pad_token_id=m.eos_id)
-    new = out[0, len(full):].tolist()
-    if m.eos_id in new:
-        new = new[: new.index(m.eos_id)]
+    want, new = hf_answer(hf, m.eos_id, 8, input_ids=torch.tensor([full]), **ref)
+    assert_logits_close(m.prompt_logits(im, parts)[-1], want)
     m.chat(im, QUESTION, max_tokens=8)
     assert m.last_ids[: len(new)] == new
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from next_helpers import picture
+from next_helpers import assert_logits_close, hf_answer, picture, toy_bundle
 
 from llava_edge.errors import UserError
 from llava_edge.runtimes.llm import ImageSlot
@@ -27,14 +27,7 @@ Q1, Q2 = "What is in these pictures?", "And now?"
 
 
 def _bundle(tmp_path_factory, preset: str):
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
-
-    model = write_toy_model(tmp_path_factory.mktemp(preset) / "model", preset=preset, seed=1)
-    out = tmp_path_factory.mktemp(f"{preset}-bundle") / "b"
-    export_bundle(open_checkpoint(model), out, log=lambda _: None)
-    return model, out
+    return toy_bundle(tmp_path_factory, preset, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +61,12 @@ def _runs(slots: list) -> list[tuple[str, int]]:
     return [tuple(x) for x in out]
 
 
+def _prompt_logits(m, session, slots) -> np.ndarray:
+    """The runtime's logits after ``slots``, every position decoded from an empty context."""
+    m.llm.reset()
+    return m.prefill(slots, {p.key: fn for p, fn in session._prepared()}, logits="all")[-1]
+
+
 def _last_slots(m, session, prompt) -> list:
     prepared = [p for p, _ in session._prepared()]
     return session._fit(prompt, prepared, 1)
@@ -98,15 +97,8 @@ def test_interleave_answers_two_pictures_then_a_third_as_transformers(interleave
         ids = _ids(slots, m.image_token_id)
         px = torch.from_numpy(np.concatenate([np.asarray(proc(images=p, return_tensors="np")["pixel_values"],
                                                          np.float32) for p in pics]))
-        with torch.no_grad():
-            want = hf(input_ids=torch.tensor([ids]), pixel_values=px).logits[0, -1].numpy()
-            out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=px, max_new_tokens=6, do_sample=False,
-                              eos_token_id=m.eos_id, pad_token_id=m.eos_id)
-        m.llm.reset()
-        got = m.prefill(slots, {p.key: fn for p, fn in s._prepared()}, logits="all")[-1]
-        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-        new = out[0, len(ids):].tolist()
-        new = new[: new.index(m.eos_id)] if m.eos_id in new else new
+        want, new = hf_answer(hf, m.eos_id, 6, input_ids=torch.tensor([ids]), pixel_values=px)
+        assert_logits_close(_prompt_logits(m, s, slots), want)
         assert m.last_ids[: len(new)] == new
     finally:
         m.close()
@@ -141,15 +133,8 @@ def test_onevision_takes_each_of_several_pictures_as_one_padded_tile(onevision):
         inputs = {"pixel_values": torch.from_numpy(np.asarray(ref["pixel_values"], np.float32)),
                   "image_sizes": torch.from_numpy(np.asarray(ref["image_sizes"])),
                   "batch_num_images": torch.from_numpy(np.asarray(ref["batch_num_images"]))}
-        with torch.no_grad():
-            want = hf(input_ids=torch.tensor([ids]), **inputs).logits[0, -1].numpy()
-            out = hf.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=6, do_sample=False,
-                              eos_token_id=m.eos_id, pad_token_id=m.eos_id)
-        m.llm.reset()
-        got = m.prefill(slots, {p.key: fn for p, fn in s._prepared()}, logits="all")[-1]
-        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-        new = out[0, len(ids):].tolist()
-        new = new[: new.index(m.eos_id)] if m.eos_id in new else new
+        want, new = hf_answer(hf, m.eos_id, 6, input_ids=torch.tensor([ids]), **inputs)
+        assert_logits_close(_prompt_logits(m, s, slots), want)
         assert m.last_ids[: len(new)] == new
     finally:
         m.close()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from next_helpers import picture
+from next_helpers import assert_logits_close, hf_answer, picture, toy_bundle
 
 from llava_edge import manifest
 from llava_edge.preprocess import ImageSpec, preprocess
@@ -27,14 +27,7 @@ QUESTION = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
-
-    model = write_toy_model(tmp_path_factory.mktemp("siglip") / "model", preset="toy-siglip", seed=0)
-    out = tmp_path_factory.mktemp("siglip_bundle") / "b"
-    export_bundle(open_checkpoint(model), out, log=lambda _: None)
-    return model, out
+    return toy_bundle(tmp_path_factory, "toy-siglip", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +109,8 @@ def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, h
     i = ids.index(m.image_token_id)
     full = ids[:i] + [m.image_token_id] * m.n_image_tokens + ids[i + 1 :]
     px = torch.from_numpy(np.asarray(processor(images=im, return_tensors="np")["pixel_values"], np.float32))
-    with torch.no_grad():
-        want = hf(input_ids=torch.tensor([full]), pixel_values=px).logits[0, -1].numpy()
-    got = m.prompt_logits(im, parts)[-1]
-    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor([full]), pixel_values=px, max_new_tokens=8, do_sample=False,
-                          eos_token_id=m.eos_id, pad_token_id=m.eos_id)
-    new = out[0, len(full):].tolist()
-    if m.eos_id in new:
-        new = new[: new.index(m.eos_id)]
+    want, new = hf_answer(hf, m.eos_id, 8, input_ids=torch.tensor([full]), pixel_values=px)
+    assert_logits_close(m.prompt_logits(im, parts)[-1], want)
     m.chat(im, QUESTION, max_tokens=8)
     assert m.last_ids[: len(new)] == new
 
@@ -151,23 +136,19 @@ def test_quantized_vision_variants_and_the_mmproj(toy, tmp_path):
 @pytest.mark.parametrize("shape", [{"text": "qwen2"}, {"text": "phi3", "tower": "clip", "strategy": "default",
                                                        "feature_layer": -2, "image_pad": "pad", "resize": 128}],
                          ids=["siglip-qwen2 (Interleave)", "clip-phi3 (llava-phi-3-mini)"])
-def test_other_language_models_answer_as_transformers(shape, tmp_path):
+def test_other_language_models_answer_as_transformers(shape, tmp_path_factory):
     """LLaVA-1.5-style checkpoints with another language model: SigLIP + Qwen2 (LLaVA-Interleave's build) and CLIP +
     Phi-3 (xtuner's llava-phi-3-mini): exported (llama.cpp's qwen2 / phi3 architecture) and answering with the
     first-answer-token logits and greedy ids of transformers' LlavaForConditionalGeneration."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llava_edge import EdgeLLaVA
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
 
-    model = write_toy_model(tmp_path / "model", preset="toy-siglip", seed=3, shape=shape)
+    model, bundle = toy_bundle(tmp_path_factory, "toy-siglip", seed=3, shape=shape)
     assert json.loads((model / "config.json").read_text())["text_config"]["model_type"] == shape["text"]
-    export_bundle(open_checkpoint(model), tmp_path / "b", log=lambda _: None)
     hf = LlavaForConditionalGeneration.from_pretrained(model, attn_implementation="eager").eval()
     image_processor = AutoProcessor.from_pretrained(model).image_processor
-    m = EdgeLLaVA.load(tmp_path / "b", device="cpu", kv_cache="f32", threads=1, prefix_cache=False)
+    m = EdgeLLaVA.load(bundle, device="cpu", kv_cache="f32", threads=1, prefix_cache=False)
     try:
         im = picture(300, 200, seed=2)
         prepared = m.prepare_image(im)
@@ -179,15 +160,8 @@ def test_other_language_models_answer_as_transformers(shape, tmp_path):
         if shape.get("image_pad") != "pad":  # transformers' own processor where the checkpoint is read as it does
             want_px = np.asarray(image_processor(images=im, return_tensors="np")["pixel_values"], np.float32)
             np.testing.assert_allclose(prepared.pixels, want_px, atol=1e-6)
-        with torch.no_grad():
-            want = hf(input_ids=torch.tensor([full]), pixel_values=px).logits[0, -1].numpy()
-            out = hf.generate(input_ids=torch.tensor([full]), pixel_values=px, max_new_tokens=8, do_sample=False,
-                              eos_token_id=m.eos_id, pad_token_id=m.eos_id)
-        got = m.prompt_logits(im, parts)[-1]
-        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-        new = out[0, len(full):].tolist()
-        if m.eos_id in new:
-            new = new[: new.index(m.eos_id)]
+        want, new = hf_answer(hf, m.eos_id, 8, input_ids=torch.tensor([full]), pixel_values=px)
+        assert_logits_close(m.prompt_logits(im, parts)[-1], want)
         m.chat(im, QUESTION, max_tokens=8)
         assert m.last_ids[: len(new)] == new
     finally:

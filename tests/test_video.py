@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from next_helpers import picture
+from next_helpers import assert_logits_close, hf_answer, picture, toy_bundle
 
 from llava_edge.errors import UserError
 from llava_edge.runtimes.llm import ImageSlot
@@ -45,14 +45,7 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onevision(tmp_path_factory):
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
-
-    model = write_toy_model(tmp_path_factory.mktemp("ov") / "model", preset="toy-onevision", seed=2)
-    out = tmp_path_factory.mktemp("ov_bundle") / "b"
-    export_bundle(open_checkpoint(model), out, log=lambda _: None)
-    return model, out
+    return toy_bundle(tmp_path_factory, "toy-onevision", seed=2)
 
 
 def test_frames_are_sampled_uniformly_first_and_last_included(clip):
@@ -121,15 +114,10 @@ def test_video_features_and_answer_equal_transformers(onevision, clip):
         ids = torch.tensor([[0 if isinstance(x, ImageSlot) else x for x in slots]])
         with torch.no_grad():
             embeds = hf.get_input_embeddings()(ids).clone()
-            embeds[0, mask] = torch.from_numpy(want)
-            ref = hf(inputs_embeds=embeds).logits[0, -1].numpy()
-            out = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                              do_sample=False, eos_token_id=m.eos_id, pad_token_id=m.eos_id)
+        embeds[0, mask] = torch.from_numpy(want)
+        ref, new = hf_answer(hf, m.eos_id, 6, inputs_embeds=embeds, attention_mask=torch.ones_like(ids))
         m.llm.reset()
-        logits = m.prefill(slots, {p.key: fn for p, fn in s._prepared()}, logits="all")[-1]
-        assert np.abs(logits - ref).max() <= 1e-3 * np.abs(ref).max()
-        new = out[0].tolist()
-        new = new[: new.index(m.eos_id)] if m.eos_id in new else new
+        assert_logits_close(m.prefill(slots, {p.key: fn for p, fn in s._prepared()}, logits="all")[-1], ref)
         assert m.last_ids[: len(new)] == new
     finally:
         m.close()
@@ -154,10 +142,6 @@ def test_a_video_and_a_picture_in_one_conversation(onevision, clip):
 def test_cli_chat_with_a_video_and_a_family_without_video(onevision, clip, tmp_path_factory):
     from cli_run import assert_one_line_error, le
 
-    from llava_edge.checkpoint import open_checkpoint
-    from llava_edge.export.bundle import export_bundle
-    from llava_edge.toy.model import write_toy_model
-
     _, bundle = onevision
     r = le("chat", "--bundle", bundle, "--video", clip, "--frames", "4", "--explain", "--max-tokens", "3",
            "--device", "cpu", "--no-prefix-cache", QUESTION, block_torch=True)
@@ -165,9 +149,7 @@ def test_cli_chat_with_a_video_and_a_family_without_video(onevision, clip, tmp_p
     assert "a video: 4 frames" in r.stderr
     r = le("chat", "--bundle", bundle, "--video", clip, "--frames", "10000", QUESTION, block_torch=True)
     assert_one_line_error(r, "--frames")
-    model = write_toy_model(tmp_path_factory.mktemp("next") / "m", preset="toy-next", seed=0)
-    out = tmp_path_factory.mktemp("next_b") / "b"
-    export_bundle(open_checkpoint(model), out, log=lambda _: None)
+    _, out = toy_bundle(tmp_path_factory, "toy-next")
     r = le("chat", "--bundle", out, "--video", clip, "--device", "cpu", QUESTION, block_torch=True)
     assert_one_line_error(r, "no video")
 

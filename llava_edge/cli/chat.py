@@ -45,7 +45,7 @@ def chat(
 ):
     """Ask about an image: the vision graph in onnxruntime or TensorRT, the language model in llama.cpp."""
     from ..preprocess import load_image
-    from ..runtimes.pipeline import EdgeLLaVA, Sampling, check_text
+    from ..runtimes.pipeline import EdgeLLaVA, Sampling, check_text, only_image
 
     sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     Sampling(**sampling)  # a one-line error for bad values, before anything is loaded
@@ -66,8 +66,7 @@ def chat(
     if explain:
         say(m.explain())
         for path in images:
-            alone = sum(not isinstance(p, Video) for p in images) == 1
-            say(f"{getattr(path, 'name', path)}: {m.images.describe(m.prepare_image(path, alone=alone))}")
+            say(f"{getattr(path, 'name', path)}: {m.images.describe(m.prepare_image(path, alone=only_image(images)))}")
         if prompt is None:
             return
     from ..runtimes import interactive

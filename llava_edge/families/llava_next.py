@@ -60,13 +60,17 @@ class AnyresTiles(ImagePath):
         layout = (w, h) if self.grid.max_positions is None else ((w, h), ("max_positions", self.grid.max_positions))
         return PreparedImage(pixels_key(pixels, *layout), pixels, positions, (w, h), (rows, cols))
 
+    @property
+    def frame_side(self) -> int:
+        """A video frame's patch grid side once pooled: halved, rounded up (get_video_features' ``apply_pooling``)."""
+        return -(-self.grid.side // 2)
+
     def prepare_video(self, frames: list, name: str = "video") -> PreparedImage:
         if not self.video:
             return super().prepare_video(frames, name)
         # each frame resized to the tile as it is, through the tower's normalization (the video processor's steps)
         pixels = np.stack([clip_pixels(f if f.mode == "RGB" else f.convert("RGB"), self.spec) for f in frames])
-        pooled = -(-self.grid.side // 2)
-        return PreparedImage(pixels_key(pixels, "video"), pixels, len(frames) * pooled * pooled + 1,
+        return PreparedImage(pixels_key(pixels, "video"), pixels, len(frames) * self.frame_side ** 2 + 1,
                              frames[0].size, video=True)
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:
@@ -74,8 +78,7 @@ class AnyresTiles(ImagePath):
         if prepared.video:
             # LlavaOnevisionModel.get_video_features: every frame's patch grid halved bilinearly (ceil), the frames
             # one after another, one newline after the last
-            s, dim = self.grid.side, features.shape[2]
-            p = -(-s // 2)
+            s, p, dim = self.grid.side, self.frame_side, features.shape[2]
             grids = [anyres.resize_bilinear(np.ascontiguousarray(f.reshape(s, s, dim), np.float32), p, p)
                      for f in features]
             rows = np.concatenate([g.reshape(p * p, dim) for g in grids]).astype(features.dtype)
@@ -87,7 +90,7 @@ class AnyresTiles(ImagePath):
 
     def describe(self, prepared: PreparedImage) -> str:
         if prepared.video:
-            p = -(-self.grid.side // 2)
+            p = self.frame_side
             return (f"a video: {prepared.tiles} frames, each one {self.grid.tile} px tile pooled to {p}x{p}, and a "
                     f"newline = {prepared.positions} positions")
         if prepared.grid is None:
