@@ -44,6 +44,11 @@ class Tower:
     # why llama.cpp cannot run this tower in a tiled (anyres) checkpoint; None: it can (approximately, see
     # docs/MMPROJ.md)
     llama_cpp_no_tiles: str | None = None
+    # the PIL image processor its llava-hf checkpoints ship (transformers' default classes need torchvision and
+    # fall back to these without it), and whether it resizes a picture to the tile as it is (no crop)
+    processor_class: str = "CLIPImageProcessor"
+    squash: bool = False
+    new_tower_keys: tuple[tuple[str, object], ...] = ()  # a new tower's config keys besides its shape (the toy)
 
     @property
     def llama_cpp_strategy(self) -> str:
@@ -60,20 +65,16 @@ class Tower:
     def hf_config(self, **shape):
         import transformers
 
-        extra = {"vision_use_head": False} if self.name == "siglip" else {}
-        return getattr(transformers, self.config_class)(hidden_act=self.act, **extra, **shape)
+        return getattr(transformers, self.config_class)(hidden_act=self.act, **dict(self.new_tower_keys), **shape)
 
     def hf_image_processor(self, resize: int, crop: int):
-        """The image processor a llava-hf checkpoint with this tower ships (the PIL one: transformers' default
-        classes need torchvision, and fall back to these without it)."""
-        if self.name == "siglip":
-            from transformers import SiglipImageProcessorPil
+        """The image processor a llava-hf checkpoint with this tower ships."""
+        import transformers
 
-            return SiglipImageProcessorPil(size={"height": crop, "width": crop}, image_mean=list(self.mean),
-                                           image_std=list(self.std))
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop})
+        cls = getattr(transformers, self.processor_class)
+        if self.squash:
+            return cls(size={"height": crop, "width": crop}, image_mean=list(self.mean), image_std=list(self.std))
+        return cls(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop})
 
 
 CLIP = Tower("clip", ("clip_vision_model", "clip"), "CLIPVisionConfig", class_token=True, normed_last_hidden=False,
@@ -81,6 +82,7 @@ CLIP = Tower("clip", ("clip_vision_model", "clip"), "CLIPVisionConfig", class_to
 SIGLIP = Tower("siglip", ("siglip_vision_model",), "SiglipVisionConfig", class_token=False,
                normed_last_hidden=True, act="gelu_pytorch_tanh", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                pre_layernorm=False, unused_modules=("post_layernorm.", "head."),
+               processor_class="SiglipImageProcessorPil", squash=True, new_tower_keys=(("vision_use_head", False),),
                llama_cpp_no_tiles="llama.cpp has no LLaVA-OneVision packing for SigLIP tiles (anyres_max downscale, "
                                   "unpad, a newline per row); its tiled 'mlp' path is LLaVA-1.6's CLIP approximation")
 TOWERS = {t.name: t for t in (CLIP, SIGLIP)}
