@@ -199,3 +199,29 @@ def test_the_tensorrt_profile_takes_every_tile_of_the_largest_picture_by_default
     with pytest.raises(UserError) as e:
         export_bundle(ckpt, tmp_path / "c", "tensorrt", tensorrt=TensorRTOptions(max_batch=8), log=lambda _: None)
     assert "\n" not in str(e.value) and "--max-tiles 7" in str(e.value)
+
+
+@pytest.mark.parametrize("preset", ["llava-onevision-qwen2-0.5b", "llava-interleave-qwen-0.5b"])
+def test_the_0_5b_shapes_are_llava_hf_s_configurations(preset, tmp_path):
+    """The real-shape presets (random weights, for timing at size) carry llava-hf's published configurations, and
+    the streaming writer's names equal a model's own state with the tied embedding stored once."""
+    from llava_edge.toy.model import saved_tensor_names, write_skeleton
+
+    config = write_skeleton(tmp_path / "m", preset, layers=1)
+    v, t = config.vision_config, config.text_config
+    assert (v.model_type, v.hidden_size, v.num_hidden_layers, v.intermediate_size, v.image_size, v.patch_size) == (
+        "siglip_vision_model", 1152, 26, 4304, 384, 14)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    assert t.model_type == "qwen2" and t.tie_word_embeddings and t.vocab_size == 152000
+    assert t.rope_parameters["rope_theta"] == 1e6 and t.rms_norm_eps == 1e-6
+    names = saved_tensor_names(config)
+    assert "language_model.lm_head.weight" not in names
+    if preset == "llava-onevision-qwen2-0.5b":
+        assert type(config).__name__ == "LlavaOnevisionConfig" and config.vision_aspect_ratio == "anyres_max_9"
+        assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) == (896, 14, 2, 4864)
+        assert len(config.image_grid_pinpoints) == 36 and max(max(g) for g in config.image_grid_pinpoints) == 2304
+        assert names["image_newline"] == (896,)
+    else:
+        assert type(config).__name__ == "LlavaConfig"
+        assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) == (1024, 16, 16, 2816)
+    assert names["language_model.model.embed_tokens.weight"] == (152000, t.hidden_size)

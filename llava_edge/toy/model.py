@@ -37,6 +37,11 @@ _CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5
     projection_dim=768, resize=336,
 )
 
+_SIGLIP_SO400M_384 = dict(  # google/siglip-so400m-patch14-384 as LLaVA-OneVision and -Interleave store it (26 layers)
+    image_size=384, patch_size=14, vision_hidden=1152, vision_layers=26, vision_heads=16, vision_ffn=4304,
+    resize=384, tower="siglip", strategy="full", feature_layer=-1, image_pad="square",
+)
+
 # The shape of each model. ``real`` presets are streamed to disk (see the module docstring).
 SHAPES = {
     "toy": dict(
@@ -82,6 +87,20 @@ SHAPES = {
         max_positions=32768, projector_act="gelu", vocab=32064, real=True, family="llava-next", text="mistral",
         rope_theta=1e6,
     ),
+    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf: Qwen2-0.5B (2 KV heads, tied embeddings) + SigLIP-so400m/14-384 with
+    # 26 stored layers, every token of the last, on OneVision's 36 grids with anyres_max_9
+    "llava-onevision-qwen2-0.5b": dict(
+        _SIGLIP_SO400M_384, hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864, sp_vocab=1000,
+        max_positions=32768, projector_act="gelu", vocab=152000, real=True, family="llava-onevision", text="qwen2",
+        rope_theta=1e6, rms_eps=1e-6, tie=True,
+    ),
+    # llava-hf/llava-interleave-qwen-0.5b-hf: Qwen1.5-0.5B-Chat (16 KV heads, tied embeddings) + the same tower in a
+    # LlavaForConditionalGeneration, one tile of 729 positions a picture
+    "llava-interleave-qwen-0.5b": dict(
+        _SIGLIP_SO400M_384, hidden=1024, layers=24, heads=16, kv_heads=16, ffn=2816, sp_vocab=1000,
+        max_positions=32768, projector_act="gelu", vocab=152000, real=True, text="qwen2", rope_theta=1e6,
+        rms_eps=1e-6, tie=True,
+    ),
     # bczhou/tiny-llava-v1-hf: TinyLlama-1.1B (grouped-query attention, 4 KV heads) + CLIP-L/14-336
     "tinyllava-1.1b": dict(
         _CLIP_L_336, hidden=2048, layers=22, heads=32, kv_heads=4, ffn=5632, sp_vocab=1000,
@@ -121,11 +140,13 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
     text = text_class(
         vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["ffn"],
         num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=p["max_positions"], rms_norm_eps=1e-5, rope_theta=p.get("rope_theta", 10000.0),
-        bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False,
+        max_position_embeddings=p["max_positions"], rms_norm_eps=p.get("rms_eps", 1e-5),
+        rope_theta=p.get("rope_theta", 10000.0), bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id,
+        tie_word_embeddings=p.get("tie", False),
     )
     family = FAMILIES[p.get("family", DEFAULT)]
-    return llava_config(vision, text, image_token_id, projector_act=p["projector_act"], tie_word_embeddings=False,
+    return llava_config(vision, text, image_token_id, projector_act=p["projector_act"],
+                        tie_word_embeddings=p.get("tie", False),
                         family=family, feature_layer=p.get("feature_layer", -2), strategy=p.get("strategy", "default"),
                         **family.config_extra(p["image_size"], p.get("grids")))
 
@@ -218,8 +239,11 @@ def saved_tensor_names(config) -> dict[str, tuple[int, ...]]:
     renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
                ("model.image_newline", "image_newline"))
-    shapes = {}
-    for name, t in model.state_dict().items():
+    shapes, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tied weight (Qwen2's lm_head is its embedding) is stored once, as save_pretrained does
+            continue
+        seen.add(id(t))
         for old, new in renames:
             if name.startswith(old):
                 name = new + name[len(old):]
