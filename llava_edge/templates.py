@@ -37,6 +37,9 @@ class Turn:
     # how many pictures open the turn (True: one), as LLaVA places them: "<image>\n" each, then the text
     image: bool | int = False
     videos: int = 0  # how many of those are videos (after the images; LLaVA-NeXT's code gives them "<image>" too)
+    # the pictures stand where ``<image>`` stands in ``text`` instead of opening the turn: a data file's turn as
+    # LLaVA-NeXT's ``preprocess_multimodal`` leaves it (several pictures; or one already first); ``image`` counts them
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,14 @@ def message_parts(turn: Turn) -> Parts:
     ``preprocess_multimodal`` writes it; several: ``<image>\n`` each), then its text, which is never parsed for
     special tokens or images."""
     n = int(turn.image)
+    if turn.inline:
+        pieces = turn.text.split(IMAGE_PLACEHOLDER)
+        if len(pieces) != n + 1:
+            raise ValueError(f"a turn with {n} inline picture(s) holds {len(pieces) - 1} {IMAGE_PLACEHOLDER}")
+        out: list[Part] = [Text(pieces[0], False)]
+        for piece in pieces[1:]:
+            out += [IMAGE, Text(piece, False)]
+        return normalize(out)
     if not n:
         return normalize((Text(turn.text, False),))
     return normalize((*(IMAGE, Text("\n", False)) * (n - 1), IMAGE,
@@ -126,6 +137,9 @@ class Template:
     version: str = "Unknown"  # LLaVA's ``version``: picks the training preprocessor ("v1...", "mpt", ...)
     examples: tuple[tuple[str, str], ...] = ()  # few-shot messages of the conversation object (v0)
     jinja: str | None = field(default=None, compare=False)  # chat_template mode only
+    # whose code trains with the mode: LLaVA's (1.2.2) or LLaVA-NeXT's (its Qwen modes); their
+    # ``preprocess_multimodal`` place a data file's ``<image>`` differently (``train/data.py``)
+    origin: str = "llava"
 
     # -- what the runtime needs -------------------------------------------------------------
     @property
@@ -305,7 +319,8 @@ mpt = Template("mpt", "<|im_start|>system\nA conversation between a user and an 
 llava_plain = Template("plain", "", ("", ""), PLAIN, "\n")
 # LLaVA-NeXT's conv_qwen (its "qwen_1_5" and "qwen_2" modes: LLaVA-OneVision and LLaVA-Interleave's training)
 qwen_1_5 = Template("qwen_1_5", "<|im_start|>system\nYou are a helpful assistant.",
-                    ("<|im_start|>user", "<|im_start|>assistant"), CHATML, "<|im_end|>", version="qwen")
+                    ("<|im_start|>user", "<|im_start|>assistant"), CHATML, "<|im_end|>", version="qwen",
+                    origin="llava-next")
 llava_v0 = Template("llava_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), SINGLE, "###")
 llava_v1 = Template("llava_v1", _HUMAN_SYSTEM, ("USER", "ASSISTANT"), TWO, " ", "</s>", version="v1")
 

@@ -51,11 +51,15 @@ def _ids(out) -> list[int]:
 
 def reference(hf, turns: list[Turn], has_image: bool) -> tuple[list[int], list[int]]:
     """LLaVA-NeXT's preprocess_qwen, on transformers' tokenizer."""
+    return reference_source(hf, [{"from": "human" if t.role == "user" else "gpt",
+                                  "value": ("<image>\n" + t.text if t.image else t.text)} for t in turns])
+
+
+def reference_source(hf, source: list[dict]) -> tuple[list[int], list[int]]:
+    """LLaVA-NeXT's preprocess_qwen of a record's ``conversations`` (after its preprocess_multimodal)."""
     image = hf.convert_tokens_to_ids("<image>")
     im_start, im_end = hf.convert_tokens_to_ids("<|im_start|>"), hf.convert_tokens_to_ids("<|im_end|>")
     hf.chat_template = RESET_TEMPLATE
-    source = [{"from": "human" if t.role == "user" else "gpt",
-               "value": ("<image>\n" + t.text if t.image else t.text)} for t in turns]
     if source[0]["from"] != "human":
         source = source[1:]
     ids = _ids(hf.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."}]))

@@ -100,7 +100,7 @@ def test_each_picture_takes_its_own_positions_and_none_is_learned(next_toy, pict
         ids, labels = item["input_ids"], item["labels"]
         n = hf_count(next_toy, Image.open(rec.image))
         at = [k for k, t in enumerate(ids) if t == ckpt.image_token_id]
-        assert len(at) == n == item["image"].positions and at == list(range(at[0], at[0] + n)), rec.id
+        assert len(at) == n == item["images"][0].positions and at == list(range(at[0], at[0] + n)), rec.id
         counts.append(n)
         first = next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)
         assert first > at[-1]  # the prompt and every image position before the first answer token: ignored

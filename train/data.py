@@ -23,7 +23,7 @@ from llava_edge.errors import UserError
 from llava_edge.families import DEFAULT, FAMILIES, Family, ImagePath
 from llava_edge.families.llava15 import OneTile
 from llava_edge.preprocess import ImageSpec
-from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, expand_image, turns_from_llava
+from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, expand_images, turns_from_llava
 from llava_edge.tokenizer import Tokenizer
 
 from .labels import IGNORE_INDEX, Labeled, label
@@ -32,29 +32,46 @@ from .labels import IGNORE_INDEX, Labeled, label
 @dataclass
 class Record:
     id: str
-    image: Path | None
+    image: Path | None  # the record's picture, the first of several
     turns: list[Turn]
+    images: tuple[Path, ...] = ()  # every picture, in the order of the ``<image>`` markers
+
+    def __post_init__(self):
+        if not self.images and self.image is not None:
+            self.images = (self.image,)
 
 
-def _image_first(rid: str, turns: list[Turn]) -> list[Turn]:
-    """LLaVA's ``preprocess_multimodal``: the turn that holds ``<image>`` gets it first, its text stripped.
+def _placed(rid: str, turns: list[Turn], n: int, origin: str) -> list[Turn]:
+    """``preprocess_multimodal``: where a record's ``n`` pictures go in its turns, by the code of the mode's
+    ``origin``.
 
-    One image per record, in a user turn; LLaVA's data always has it in the first.
+    LLaVA's (1.2.2): the turn that holds ``<image>`` gets it first (``<image>\n`` + its text stripped), and takes
+    one picture a record. LLaVA-NeXT's: a turn with a lone ``<image>`` that does not open it gets it first
+    likewise; any other turn is left as written, its pictures where its markers stand (several pictures, or one
+    that already opens the turn: ``<image>`` directly followed by text stays so).
     """
-    where = [i for i, t in enumerate(turns) if IMAGE_PLACEHOLDER in t.text]
-    if not where:
-        raise UserError(f"record {rid} names an image but no turn holds {IMAGE_PLACEHOLDER}")
-    if len(where) > 1 or turns[where[0]].text.count(IMAGE_PLACEHOLDER) > 1:
-        raise UserError(f"record {rid} holds {IMAGE_PLACEHOLDER} more than once (one image per record)")
-    i = where[0]
-    if turns[i].role != "user":
+    counts = [t.text.count(IMAGE_PLACEHOLDER) for t in turns]
+    if sum(counts) != n:
+        raise UserError(f"record {rid} names {n} picture(s) but its turns hold {sum(counts)} {IMAGE_PLACEHOLDER}")
+    if any(c and t.role != "user" for c, t in zip(counts, turns)):
         raise UserError(f"record {rid}: {IMAGE_PLACEHOLDER} is in an answer, not in a question")
-    text = turns[i].text.replace(IMAGE_PLACEHOLDER, "").strip()
-    return [*turns[:i], Turn("user", text, image=True), *turns[i + 1:]]
+    if origin != "llava-next" and n > 1:
+        raise UserError(f"record {rid} has {n} pictures: LLaVA's modes take one a record; train with a mode of "
+                        "LLaVA-NeXT's (qwen_1_5, qwen_2)")
+    out = []
+    for c, t in zip(counts, turns):
+        if c == 1 and (origin != "llava-next" or not t.text.startswith(IMAGE_PLACEHOLDER)):
+            t = Turn("user", t.text.replace(IMAGE_PLACEHOLDER, "").strip(), image=True)
+        elif c:
+            t = Turn("user", t.text, image=c, inline=True)
+        out.append(t)
+    return out
 
 
-def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bool = False) -> tuple[list[Record], int]:
-    """Validated records and the number skipped (only with ``skip_bad``; otherwise the first problem raises)."""
+def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bool = False,
+                 origin: str = "llava") -> tuple[list[Record], int]:
+    """Validated records and the number skipped (only with ``skip_bad``; otherwise the first problem raises).
+    ``origin``: whose ``preprocess_multimodal`` places the pictures (``Template.origin`` of the training mode)."""
     data = Path(data)
     if not data.is_file():
         raise UserError(f"data file not found: {data}")
@@ -70,7 +87,7 @@ def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bo
     records, skipped = [], 0
     for n, r in enumerate(raw):
         try:
-            records.append(_record(r, n, root))
+            records.append(_record(r, n, root, origin))
         except UserError:
             if not skip_bad:
                 raise
@@ -80,7 +97,7 @@ def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bo
     return records, skipped
 
 
-def _record(r: dict, n: int, root: Path | None) -> Record:
+def _record(r: dict, n: int, root: Path | None, origin: str = "llava") -> Record:
     rid = str(r.get("id", f"#{n}")) if isinstance(r, dict) else f"#{n}"
     if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
         raise UserError(f"record {rid}: no 'conversations' list")
@@ -96,19 +113,27 @@ def _record(r: dict, n: int, root: Path | None) -> Record:
     for i, t in enumerate(turns):
         if t.role != ("user" if i % 2 == 0 else "assistant"):
             raise UserError(f"record {rid}: turns do not alternate human/gpt")
-    image = None
-    if "image" in r and r["image"] is not None:
-        if root is None:
-            raise UserError(f"record {rid} has an image but no --image-folder was given")
-        image = (root / str(r["image"])).resolve()
-        if root not in image.parents:
-            raise UserError(f"record {rid}: image path {r['image']!r} escapes --image-folder")
-        if not image.is_file():
-            raise UserError(f"record {rid}: image not found: {image}")
-        turns = _image_first(rid, turns)
-    elif any(IMAGE_PLACEHOLDER in t.text for t in turns):
-        raise UserError(f"record {rid}: text has {IMAGE_PLACEHOLDER} but the record names no image")
-    return Record(rid, image, turns)
+    names = r.get("image")
+    if names is None or names == []:
+        if any(IMAGE_PLACEHOLDER in t.text for t in turns):
+            raise UserError(f"record {rid}: text has {IMAGE_PLACEHOLDER} but the record names no image")
+        return Record(rid, None, turns)
+    if root is None:
+        raise UserError(f"record {rid} has an image but no --image-folder was given")
+    names = names if isinstance(names, list) else [names]  # LLaVA-NeXT's several pictures: a list of paths
+    images = tuple(_image_file(rid, root, name) for name in names)
+    return Record(rid, images[0], _placed(rid, turns, len(images), origin), images)
+
+
+def _image_file(rid: str, root: Path, name) -> Path:
+    if not isinstance(name, str) or not name:
+        raise UserError(f"record {rid}: image {name!r} is not a file name")
+    image = (root / name).resolve()
+    if root not in image.parents:
+        raise UserError(f"record {rid}: image path {name!r} escapes --image-folder")
+    if not image.is_file():
+        raise UserError(f"record {rid}: image not found: {image}")
+    return image
 
 
 @dataclass
@@ -127,18 +152,25 @@ def _label(record: Record, template: Template, tokenizer: Tokenizer, image_token
         raise UserError(f"record {record.id}: {e}") from None
 
 
-def expand(rid: str, lab: Labeled, image_token_id: int, positions: int | None,
-           max_length: int) -> tuple[list[int], list[int]]:
-    """Ids and labels with the image token as ``positions`` positions the loss ignores (None: no image), cut at
-    ``max_length``."""
+def expand(rid: str, lab: Labeled, image_token_id: int, positions: list[int], max_length: int
+           ) -> tuple[list[int], list[int]]:
+    """Ids and labels with each image token, in order, as that picture's ``positions`` positions the loss ignores
+    (none: no picture), cut at ``max_length``."""
     ids, labels = lab.input_ids, lab.labels
-    if positions is not None:
-        i = ids.index(image_token_id)
-        if i + positions > max_length:
-            raise UserError(f"record {rid}: the image ({positions} positions) does not fit in max length "
-                            f"{max_length} (--max-length)")
-        ids = expand_image(ids, image_token_id, [image_token_id] * positions)
-        labels = labels[:i] + [IGNORE_INDEX] * positions + labels[i + 1 :]
+    if positions:
+        where = [i for i, t in enumerate(ids) if t == image_token_id]
+        if len(where) != len(positions):
+            raise UserError(f"record {rid}: {len(where)} image tokens for {len(positions)} picture(s)")
+        if where[-1] - (len(positions) - 1) + sum(positions) > max_length:
+            what = f"the image ({positions[0]} positions)" if len(positions) == 1 else \
+                f"its {len(positions)} pictures ({sum(positions)} positions)"
+            raise UserError(f"record {rid}: {what} does not fit in max length {max_length} (--max-length)")
+        ids = expand_images(ids, image_token_id, [[image_token_id] * p for p in positions])
+        out, at = [], 0
+        for i, p in zip(where, positions):
+            out += labels[at:i] + [IGNORE_INDEX] * p
+            at = i + 1
+        labels = out + labels[at:]
     return ids[:max_length], labels[:max_length]
 
 
@@ -152,7 +184,7 @@ def encode(record: Record, template: Template, tokenizer: Tokenizer, image_token
     """LLaVA's ids and labels, with the image expanded to ``n_image_tokens`` positions the loss ignores."""
     has_image = record.image is not None
     lab = _label(record, template, tokenizer, image_token_id, max_length)
-    ids, labels = expand(record.id, lab, image_token_id, n_image_tokens if has_image else None, max_length)
+    ids, labels = expand(record.id, lab, image_token_id, [n_image_tokens] * len(record.images), max_length)
     _check_answer(record.id, labels, lab.mismatch, max_length)
     return Encoded(ids, labels, has_image, lab.mismatch)
 
@@ -161,11 +193,13 @@ class LlavaDataset:
     """Map-style dataset: labeled upfront (cheap), pictures read per item and only then expanded.
 
     ``images``: the checkpoint family's image path (``Family.image_path``), or an ``ImageSpec`` for one tile with
-    ``positions`` positions each (LLaVA-1.5's; a reduced-token run's). ``positions``: the most positions one
-    picture can take. Every record is checked upfront as if its picture took that many (it fits, an answer token
-    is left), so a run never stops on a record halfway; an item then takes its own picture's count. The items
-    keep one image token each: a LLaVA-NeXT picture's count is known only once it is read, and unexpanded ids
-    hold a few hundred entries a record where expanded ones would hold thousands.
+    ``positions`` positions each (LLaVA-1.5's; a reduced-token run's). ``positions``: the most positions a
+    record's only picture can take; each of a record's several pictures takes the family's count for one among
+    several (``ImagePath.several_positions``; LLaVA-OneVision: one padded tile and a newline), and only a family
+    trained with several takes them. Every record is checked upfront as if its pictures took that many (they fit,
+    an answer token is left), so a run never stops on a record halfway; an item then takes its own pictures'
+    counts. The items keep one image token a picture: a tiled picture's count is known only once it is read, and
+    unexpanded ids hold a few hundred entries a record where expanded ones would hold thousands.
     """
 
     def __init__(self, records: list[Record], template: Template, tokenizer, image_token_id: int, positions: int,
@@ -174,12 +208,17 @@ class LlavaDataset:
         self.images = OneTile(images, positions) if isinstance(images, ImageSpec) else images
         self.family = family or FAMILIES[DEFAULT]
         self.image_token_id, self.max_length = image_token_id, max_length
+        for r in records:
+            if len(r.images) > 1 and not self.images.several:
+                raise UserError(f"record {r.id} has {len(r.images)} pictures: {self.family.title} checkpoints like "
+                                "this one were trained with one picture a conversation")
         self.items = [_label(r, template, tokenizer, image_token_id, max_length) for r in records]
         self._lengths = []
         for r, lab in zip(records, self.items):
-            ids, labels = expand(r.id, lab, image_token_id, positions if r.image is not None else None, max_length)
+            most = [positions] if len(r.images) == 1 else [self.images.several_positions] * len(r.images)
+            ids, labels = expand(r.id, lab, image_token_id, most if r.images else [], max_length)
             _check_answer(r.id, labels, lab.mismatch, max_length)
-            self._lengths.append(len(ids) if r.image is not None else -len(ids))
+            self._lengths.append(len(ids) if r.images else -len(ids))
         self.mismatched = [r.id for r, e in zip(records, self.items) if e.mismatch]
 
     def __len__(self) -> int:
@@ -191,21 +230,21 @@ class LlavaDataset:
         return self._lengths
 
     def __getitem__(self, i: int) -> dict:
+        """Ids and labels with every picture expanded, and ``images``: the prepared pictures in order (several:
+        each one as the family takes one among several)."""
         lab, r = self.items[i], self.records[i]
-        prepared = None
-        if r.image is not None:
-            try:
-                prepared = self.images.prepare(r.image)
-            except UserError as e:
-                raise UserError(f"record {r.id}: {e}") from None
-        ids, labels = expand(r.id, lab, self.image_token_id, prepared.positions if prepared else None,
-                             self.max_length)
-        return {"input_ids": ids, "labels": labels, "image": prepared}
+        alone = len(r.images) == 1
+        try:
+            prepared = [self.images.prepare(path, alone=alone) for path in r.images]
+        except UserError as e:
+            raise UserError(f"record {r.id}: {e}") from None
+        ids, labels = expand(r.id, lab, self.image_token_id, [p.positions for p in prepared], self.max_length)
+        return {"input_ids": ids, "labels": labels, "images": prepared}
 
 
 def collate(batch: list[dict], pad_id: int, family: Family | None = None) -> dict:
-    """Right-padded ids, labels and mask, and the family's model inputs for the batch's pictures (items without
-    an ``image`` have none)."""
+    """Right-padded ids, labels and mask, and the family's model inputs for the batch's pictures, item by item
+    (the family is told how many each item has)."""
     import torch
 
     n = max(len(b["input_ids"]) for b in batch)
@@ -218,7 +257,8 @@ def collate(batch: list[dict], pad_id: int, family: Family | None = None) -> dic
         labels[i, :k] = torch.tensor(b["labels"])
         mask[i, :k] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    pictures = [b["image"] for b in batch if b.get("image") is not None]
+    pictures = [p for b in batch for p in b["images"]]
     if pictures:
-        out.update((family or FAMILIES[DEFAULT]).hf_inputs(pictures))
+        out.update((family or FAMILIES[DEFAULT]).hf_inputs(pictures, [len(b["images"]) for b in batch
+                                                                      if b["images"]]))
     return out

@@ -41,6 +41,7 @@ class Preset:
     stage1: StageConfig
     stage2: StageConfig
     notes: str = ""
+    conv_mode: str = "vicuna_v1"  # stage 2's conversation mode (LLaVA's --version); stage 1 trains with plain
 
 
 _S1 = StageConfig(lr=1e-3, global_batch=256, per_device_batch=32)
@@ -62,6 +63,23 @@ PRESETS: dict[str, Preset] = {
     "llava-next": Preset(
         _S1, _S2.with_(lr=1e-5, vision_lr=2e-6, per_device_batch=4, max_length=4096),
         "LLaVA-NeXT stage 2, vision tower at 2e-6; LLaVA-NeXT runs it under ZeRO-3 (train/configs/zero3.yaml)",
+    ),
+    # LLaVA-OneVision (LLaVA-NeXT's scripts/train): stage 1 as pretrain_siglip.sh (SigLIP-so400m + Qwen2, the
+    # projector alone at 1e-3, plain, blip558k, 1 epoch, per-device batch 16, max length 8192); stage 2 as
+    # finetune_si.sh / finetune_ov.sh (mode qwen_1_5, the whole model at 1e-5, the tower at 2e-6, 1 epoch,
+    # warm-up 0.03, cosine, per-device batch 1, max length 32768, anyres_max_9 on the 1x1..6x6 grids the checkpoint
+    # carries). The scripts leave the global batch to the GPU count: LLaVA-1.5's 256 and 128 are kept.
+    "llava-onevision-0.5b": Preset(
+        _S1.with_(per_device_batch=16, max_length=8192),
+        _S2.with_(lr=1e-5, vision_lr=2e-6, per_device_batch=1, max_length=32768),
+        "LLaVA-OneVision's scripts; run under ZeRO-3 as they do (train/configs/zero3.yaml)", conv_mode="qwen_1_5",
+    ),
+    # LLaVA-Interleave (a SigLIP LlavaForConditionalGeneration, one tile a picture): LLaVA-NeXT publishes no
+    # training script for it; these are OneVision's scripts' numbers above, with its Qwen mode.
+    "llava-interleave-0.5b": Preset(
+        _S1.with_(per_device_batch=16, max_length=8192),
+        _S2.with_(lr=1e-5, vision_lr=2e-6, per_device_batch=1, max_length=32768),
+        "LLaVA-OneVision's scripts' numbers (no Interleave script is published)", conv_mode="qwen_1_5",
     ),
     "toy": Preset(
         # Stage 1: LLaVA-1.5's 1e-3 at batch 256, scaled to the toy's batch of 32 by the square-root

@@ -49,7 +49,7 @@ def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_
              image_tokens: int | None = None, images_only: bool = False):
     from dataclasses import replace
 
-    records, skipped = load_records(data, image_folder, skip_bad=skip_bad)
+    records, skipped = load_records(data, image_folder, skip_bad=skip_bad, origin=get_template(template).origin)
     if skipped:
         log(f"skipped {skipped} bad record(s) of {skipped + len(records)}")
     if images_only:  # a text-only record gives the projector no gradient

@@ -96,9 +96,10 @@ def train_stage2(
     save_steps: o.SaveSteps = None, seed: o.TrainSeed = None,
     image_aspect: str = typer.Option("pad", help="pad (LLaVA-1.5) | square"),
     resume: o.Resume = False, skip_bad: o.SkipBad = False, stop_after: o.StopAfter = 0,
-    conv_mode: str = typer.Option("vicuna_v1", "--conv-mode", help="LLaVA's --version: the conversation mode the "
-                                  "records are rendered and masked with (LLaVA-1.5: v1 = vicuna_v1); recorded in "
-                                  "the output for export and chat"),
+    conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="LLaVA's --version: the conversation mode "
+                                            "the records are rendered and masked with; recorded in the output for "
+                                            "export and chat; default: the preset's (LLaVA-1.5: v1 = vicuna_v1, "
+                                            "OneVision: qwen_1_5)"),
     image_tokens: Optional[int] = typer.Option(None, "--image-tokens", help="Train with each image reduced to this "
                                                "many tokens (see quantize --image-tokens)"),
     token_method: str = typer.Option("pool", "--token-method", help="With --image-tokens: pool | dominant"),
@@ -114,6 +115,10 @@ def train_stage2(
                         epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed,
                         lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr,
                         vision_lr=vision_lr)
+    if conv_mode is None:
+        from ..train.presets import get_preset
+
+        conv_mode = get_preset(preset).conv_mode
     _check_train_mode(conv_mode)
     out = stages.stage2(model, data, image_folder, output, cfg, projector=projector, pad=image_aspect,
                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode,

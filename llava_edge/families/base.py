@@ -66,6 +66,11 @@ class ImagePath:
         otherwise)."""
         raise NotImplementedError
 
+    @property
+    def several_positions(self) -> int:
+        """The positions a picture takes among several (``prepare(alone=False)``)."""
+        return self.tokens_per_tile
+
     def prepare_video(self, frames: list, name: str = "video") -> PreparedImage:
         """A video's sampled frames (PIL images) as the vision graph's batch and their positions."""
         raise UserError(f"this model takes no video ({name}): LLaVA-OneVision does")
@@ -259,6 +264,7 @@ class Family:
         embeds[0, mask] = features.to(embeds.dtype)
         return {"input_ids": t, "inputs_embeds": embeds, "attention_mask": torch.ones_like(t)}
 
-    def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
-        """The keyword arguments the Hugging Face model takes for these pictures (torch tensors)."""
+    def hf_inputs(self, prepared: list[PreparedImage], per_sample: list[int] | None = None) -> dict:
+        """The keyword arguments the Hugging Face model takes for these pictures (torch tensors), in the order of
+        their image tokens; ``per_sample``: how many belong to each sample of the batch (None: one each)."""
         raise NotImplementedError

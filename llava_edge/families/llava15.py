@@ -71,7 +71,7 @@ class Llava15(Family):
         self.check_cap(cap)
         return OneTile(ImageSpec.from_dict(image), tokens_per_tile, bool(image.get("several_images")))
 
-    def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
+    def hf_inputs(self, prepared: list[PreparedImage], per_sample: list[int] | None = None) -> dict:
         import torch
 
         return {"pixel_values": torch.from_numpy(np.concatenate([p.pixels for p in prepared]))}

@@ -47,10 +47,9 @@ class AnyresTiles(ImagePath):
         if not alone and self.several:
             # one of several pictures (LLaVA-OneVision): padded to a square with the mean colour, one tile, its
             # patches and one newline, as transformers' OneVision processor and model take each of them
-            pixels = preprocess(image, dataclasses.replace(self.spec, pad="pad"), formats=formats)[None]
-            side = self.grid.side
-            return PreparedImage(pixels_key(pixels, "one of several"), pixels, side * side + 1,
-                                 (self.spec.crop, self.spec.crop))
+            im = load_image(image, padded=True, formats=formats)
+            pixels = preprocess(im, dataclasses.replace(self.spec, pad="pad"))[None]
+            return PreparedImage(pixels_key(pixels, "one of several"), pixels, self.several_positions, im.size)
         im = load_image(image, formats=formats)
         w, h = im.size
         rows, cols = anyres.grid(w, h, self.grid)  # refuses what --max-tiles does not allow, before any resize
@@ -59,6 +58,11 @@ class AnyresTiles(ImagePath):
         # a cap packs the same pixels into other positions: its cells are not the uncapped picture's
         layout = (w, h) if self.grid.max_positions is None else ((w, h), ("max_positions", self.grid.max_positions))
         return PreparedImage(pixels_key(pixels, *layout), pixels, positions, (w, h), (rows, cols))
+
+    @property
+    def several_positions(self) -> int:
+        """One tile's patches and a newline."""
+        return self.grid.side ** 2 + 1
 
     @property
     def frame_side(self) -> int:
@@ -255,7 +259,7 @@ class LlavaNext(Family):
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
 
-    def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
+    def hf_inputs(self, prepared: list[PreparedImage], per_sample: list[int] | None = None) -> dict:
         """``pixel_values`` (images, most tiles, 3, S, S), zero tiles after an image's own, and ``image_sizes`` as
         (height, width), as ``LlavaNextProcessor`` gives them."""
         import torch

@@ -103,8 +103,12 @@ class LlavaOnevision(LlavaNext):
             vision_aspect_ratio=cfg.vision_aspect_ratio, batch_num_images=inputs["batch_num_images"],
         ).pooler_output[0]
 
-    def hf_inputs(self, prepared: list[PreparedImage]) -> dict:
-        """LLaVA-NeXT's, and ``batch_num_images`` (one picture per prompt: each one is tiled)."""
+    def hf_inputs(self, prepared: list[PreparedImage], per_sample: list[int] | None = None) -> dict:
+        """LLaVA-NeXT's, and ``batch_num_images``: the model tiles a sample's only picture and takes each of a
+        sample's several as one tile."""
         import torch
 
-        return {**super().hf_inputs(prepared), "batch_num_images": torch.tensor([1] * len(prepared))}
+        counts = per_sample or [1] * len(prepared)
+        if sum(counts) != len(prepared):
+            raise ValueError(f"{len(prepared)} pictures for samples of {counts}")
+        return {**super().hf_inputs(prepared), "batch_num_images": torch.tensor(counts)}
