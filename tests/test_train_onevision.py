@@ -299,3 +299,20 @@ def test_a_one_picture_family_refuses_a_several_picture_record_in_one_line(toy_m
     r = le("train", "stage2", "--model", toy_model, "--data", path, "--image-folder", tmp_path, "--output",
            tmp_path / "out", "--preset", "toy", "--max-steps", "1", "--conv-mode", "qwen_1_5")
     assert_one_line_error(r, "twice", "2 pictures", "one picture a conversation", progress=True)
+
+
+def test_the_onevision_preset_trains_in_its_qwen_mode_with_the_tower(onevision, data, tmp_path):
+    """``--preset llava-onevision-0.5b`` without ``--conv-mode`` trains in LLaVA-NeXT's qwen_1_5 mode (what its
+    finetune scripts pass) and records it; its tower learns (mm_vision_tower_lr)."""
+    from cli_run import le
+    from safetensors.torch import load_file
+
+    out = tmp_path / "s2"
+    r = le("train", "stage2", "--model", onevision, "--data", data / "data.json", "--image-folder", data,
+           "--output", out, "--preset", "llava-onevision-0.5b", "--max-steps", "2", "--global-batch", "2",
+           "--per-device-batch", "2", "--max-length", "4096", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "llava_edge.json").read_text())["template"] == "qwen_1_5"
+    before, after = load_file(str(onevision / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    tower = [k for k in before if "vision_tower" in k]
+    assert tower and any(not torch.equal(before[k], after[k]) for k in tower)
