@@ -108,6 +108,7 @@ def test_several_pictures_are_labeled_as_llava_next_does(qwen, tmp_path):  # noq
     (_record("<image>\n<image>\nWhich?"), "llava", ["2 pictures", "qwen_1_5"]),
     (dict(_record("<image>\n<image>\nWhich?"), image=["p0.png", 3]), "llava-next", ["3", "not a file name"]),
     (dict(_record("<image>\n<image>\nWhich?"), image=["p0.png", "../x.png"]), "llava-next", ["escapes"]),
+    (dict(_record("<image>\nWhat happens?"), video="clip.mp4"), "llava-next", ["video", "pictures only"]),
 ])
 def test_bad_several_picture_records_are_one_line_errors(record, origin, words, tmp_path):
     for name in ("p0.png", "p1.png"):

@@ -113,6 +113,8 @@ def _record(r: dict, n: int, root: Path | None, origin: str = "llava") -> Record
     for i, t in enumerate(turns):
         if t.role != ("user" if i % 2 == 0 else "assistant"):
             raise UserError(f"record {rid}: turns do not alternate human/gpt")
+    if r.get("video") is not None:
+        raise UserError(f"record {rid} holds a video: training takes pictures only (--skip-bad leaves it out)")
     names = r.get("image")
     if names is None or names == []:
         if any(IMAGE_PLACEHOLDER in t.text for t in turns):
