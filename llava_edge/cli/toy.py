@@ -22,6 +22,8 @@ def toy_data(
                                              "world's 224)"),
     detail: bool = typer.Option(False, "--detail", help="The detail world: patterned shapes and a pattern question "
                                 "that one tile's pixels cannot answer"),
+    two_pictures: bool = typer.Option(False, "--two-pictures", help="Also ask which of two pictures has more "
+                                      "shapes (for families trained with several pictures a conversation)"),
 ):
     """Synthetic shape scenes in LLaVA's JSON conversation format."""
     from ..toy.data import DETAIL_IMAGE_SIZE, write_dataset
@@ -34,7 +36,7 @@ def toy_data(
             raise UserError("record counts must be zero or more")
     if image_size < 16:
         raise UserError("--image-size must be at least 16")
-    paths = write_dataset(out, seed, n_stage1, n_stage2, n_eval, image_size, detail)
+    paths = write_dataset(out, seed, n_stage1, n_stage2, n_eval, image_size, detail, several=two_pictures)
     for split, p in paths.items():
         say(f"{split}: {p}")
 
@@ -42,8 +44,9 @@ def toy_data(
 @toy_app.command("model")
 def toy_model(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write"),
-    preset: str = typer.Option("toy", help="Model shape: toy | toy-next (LLaVA-NeXT) | llava-1.5-7b | llava-1.5-13b "
-                               "| tinyllava-1.1b | llava-v1.6-mistral-7b"),
+    preset: str = typer.Option("toy", help="Model shape: toy | toy-next (LLaVA-NeXT) | toy-siglip | toy-onevision "
+                               "(SigLIP + Qwen2) | llava-1.5-7b | llava-1.5-13b | tinyllava-1.1b | "
+                               "llava-v1.6-mistral-7b | llava-onevision-qwen2-0.5b | llava-interleave-qwen-0.5b"),
     seed: int = typer.Option(0, help="Weight initialisation seed"),
     layers: Optional[int] = typer.Option(None, "--layers", help="Shorten the language model to N decoder layers"),
     dtype: str = typer.Option("bfloat16", help="Real-size presets' stored weights: bfloat16 | float16 (toy: fp32)"),
@@ -66,17 +69,19 @@ def toy_model(
 def toy_build(
     out: Path = typer.Option(..., "--out", help="Folder for data, every stage's output and the final model"),
     seed: int = typer.Option(0),
-    preset: str = typer.Option("toy", help="Model shape: toy (LLaVA-1.5, one tile) | toy-next (LLaVA-NeXT, anyres)"),
+    preset: str = typer.Option("toy", help="Model shape: toy (LLaVA-1.5, one tile) | toy-next (LLaVA-NeXT, anyres) | "
+                               "toy-siglip (one SigLIP tile) | toy-onevision (LLaVA-OneVision: SigLIP tiles, Qwen2, "
+                               "two-picture questions)"),
     detail: bool = typer.Option(False, "--detail", help="The detail world: patterned shapes and a pattern question "
                                 "that one tile's pixels cannot answer"),
     n_eval: int = typer.Option(200, "--n-eval", help="Held-out evaluation questions"),
 ):
     """The whole recipe on the toy world: pretrain the halves, stage 1, stage 2, evaluate."""
-    from ..toy.build import BuildSize, build
+    from ..toy.build import BuildSize, build, small_presets
     from ..toy.model import preset_shape
 
     if preset_shape(preset).get("real"):
-        raise UserError(f"toy build trains the small presets (toy, toy-next), not {preset}")
+        raise UserError(f"toy build trains the small presets ({', '.join(small_presets())}), not {preset}")
     if n_eval < 1:
         raise UserError("--n-eval must be at least 1")
     build(out, seed=seed, size=BuildSize(n_eval=n_eval), log=say, preset=preset, detail=detail)

@@ -10,9 +10,14 @@
 A step whose output is complete is not run again.
 
 ``preset`` picks the model's shape (``toy``: LLaVA-1.5, one tile; ``toy-next``:
-LLaVA-NeXT, anyres tiles); both take the same data, training preset and steps
-through the same stages. ``detail``: the detail world (``toy/data.py``), whose
-pattern question needs more than one tile's pixels.
+LLaVA-NeXT, anyres tiles; ``toy-siglip``: LLaVA-Interleave's one SigLIP tile;
+``toy-onevision``: LLaVA-OneVision, SigLIP tiles and a Qwen2 language model);
+all take the same training preset and steps through the same stages, stage 2 in
+the conversation mode the base checkpoint records (``vicuna_v1``; ``qwen_1_5``
+for Qwen2). ``detail``: the detail world (``toy/data.py``), whose pattern
+question needs more than one tile's pixels. A model family trained with several
+pictures a conversation (``Family.several_images``) also gets the two-picture
+question kind; the others the one-picture data, as before.
 """
 
 from __future__ import annotations
@@ -36,6 +41,29 @@ class BuildSize:
     stage2_epochs: float = 3.0
 
 
+def several_pictures(ckpt_dir: Path) -> bool:
+    """Whether the checkpoint's family was trained with several pictures a conversation (then the toy data asks
+    about two pictures too)."""
+    from ..checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(ckpt_dir)
+    return ckpt.family.several_images(ckpt)
+
+
+TEXT_ROOM = 512  # tokens: more than the longest toy conversation's text
+
+
+def max_length(ckpt_dir: Path, preset_length: int) -> int:
+    """The training preset's max length, raised where the family's largest picture and the text would not fit
+    (OneVision's 36 grids reach 6x6 tiles)."""
+    from ..checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(ckpt_dir)
+    family = ckpt.family
+    most = family.max_positions(family.image_section(ckpt), family.tokens_per_tile(ckpt))
+    return max(preset_length, most + TEXT_ROOM)
+
+
 def build_base(out: Path, seed: int, size: BuildSize, log=print, preset: str = "toy", detail: bool = False) -> Path:
     """Random toy LLaVA, then a short pretraining of its vision tower and its language model."""
     if (out / "config.json").is_file():
@@ -54,13 +82,22 @@ def build_base(out: Path, seed: int, size: BuildSize, log=print, preset: str = "
         model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")  # a GPU, where there is one
         tok = Tokenizer(tmp)
         pretrain_vision(model, ckpt.image_spec(), steps=size.vision_steps, seed=seed, log=log)
-        pretrain_language(model, tok, steps=size.language_steps, seed=seed, log=log, detail=detail)
+        pretrain_language(model, tok, steps=size.language_steps, seed=seed, log=log, detail=detail,
+                          mode=ckpt.conv_mode, several=ckpt.family.several_images(ckpt))
         model.cpu().save_pretrained(tmp, safe_serialization=True)
     return out
 
 
+def small_presets() -> list[str]:
+    """The presets toy build trains: those not streamed at real size."""
+    from .model import SHAPES
+
+    return [name for name, shape in SHAPES.items() if not shape.get("real")]
+
+
 def build(out: str | Path, seed: int = 0, size: BuildSize = BuildSize(), log=print, preset: str = "toy",
           detail: bool = False) -> dict:
+    from ..checkpoint import open_checkpoint
     from ..train import stages
     from ..train.presets import get_preset
     from .data import DETAIL_IMAGE_SIZE, FILES, write_dataset
@@ -70,26 +107,31 @@ def build(out: str | Path, seed: int = 0, size: BuildSize = BuildSize(), log=pri
     if preset_shape(preset).get("real"):
         from ..errors import UserError
 
-        raise UserError(f"toy build trains the small presets (toy, toy-next), not {preset}")
+        raise UserError(f"toy build trains the small presets ({', '.join(small_presets())}), not {preset}")
     out = Path(out)
     t0 = time.time()
-    data = out / "data"
-    if not (data / FILES["eval"]).is_file():
-        log("toy data")
-        write_dataset(data, seed, size.n_stage1, size.n_stage2, size.n_eval,
-                      **(dict(image_size=DETAIL_IMAGE_SIZE, detail_world=True) if detail else {}))
+    # the base first: its family says whether the data shows two pictures at once
     log("base model: pretraining the vision tower and the language model")
     base = build_base(out / "base", seed, size, log, preset, detail)
+    several = several_pictures(base)
+    data = out / "data"
+    if not (data / FILES["eval"]).is_file():
+        log("toy data" + (" (with the two-picture question)" if several else ""))
+        write_dataset(data, seed, size.n_stage1, size.n_stage2, size.n_eval, several=several,
+                      **(dict(image_size=DETAIL_IMAGE_SIZE, detail_world=True) if detail else {}))
     training = get_preset("toy")
+    length = max_length(base, training.stage2.max_length)
     if not (out / "stage1" / "mm_projector.safetensors").is_file():
         log("stage 1: feature alignment (projector only, plain template)")
         stages.stage1(str(base), data / FILES["stage1"], data, out / "stage1",
-                      replace(training.stage1, epochs=size.stage1_epochs, seed=seed), pad="square", log=log)
+                      replace(training.stage1, epochs=size.stage1_epochs, seed=seed, max_length=length),
+                      pad="square", log=log)
+    mode = open_checkpoint(base).conv_mode  # the mode the toy's language model was pretrained to chat in
     if not (out / "stage2" / "model.safetensors").is_file():
-        log("stage 2: visual instruction tuning (projector + language model, vicuna_v1)")
+        log(f"stage 2: visual instruction tuning (projector + language model, {mode})")
         stages.stage2(str(base), data / FILES["stage2"], data, out / "stage2",
-                      replace(training.stage2, epochs=size.stage2_epochs, seed=seed),
-                      projector=out / "stage1" / "mm_projector.safetensors", pad="pad", log=log)
+                      replace(training.stage2, epochs=size.stage2_epochs, seed=seed, max_length=length),
+                      projector=out / "stage1" / "mm_projector.safetensors", pad="pad", conv_mode=mode, log=log)
     model = out / "model"
     if not (model / "model.safetensors").is_file():
         with atomic.atomic_path(model) as tmp:

@@ -13,6 +13,13 @@ The detail world (``detail_world=True``, opt-in) draws the objects with a fill p
 kind, ``pattern``, whose answer only a view at the picture's own pixels shows.
 Its captions and descriptions name the pattern too. Without it the data are the
 default world's, byte for byte.
+
+Two pictures (``several=True``, opt-in, for model families trained with several
+pictures in a conversation): one more kind, ``more``, "Which picture has more
+shapes?" over two scenes with different counts, answered "The first picture." or
+"The second picture."; its records name both pictures as LLaVA-NeXT's multi-image
+data does (``"image": [a, b]``, one ``<image>`` per picture in the human turn).
+Without it the data are the one-picture world's, byte for byte.
 """
 
 from __future__ import annotations
@@ -80,6 +87,12 @@ def detail(scene: Scene) -> str:
 
 KINDS = ("shape", "color", "size", "count", "where", "exists")
 DETAIL_KIND = "pattern"  # asked of the detail world's scenes only
+MORE_KIND = "more"  # two pictures: which one holds more shapes
+MORE_QUESTION = "Which picture has more shapes?"
+MORE_ANSWERS = ("The first picture.", "The second picture.")
+# the share of held-out questions and stage-2 records that show two pictures (``several``): the held-out set asks
+# the kind about as often as each one-picture kind
+MORE_SHARE = 1 / 7
 
 
 # How often each kind is asked in the stage-2 mix (the held-out set asks them evenly).
@@ -153,6 +166,42 @@ def record(rid: str, image: str | None, turns: list[tuple[str, str]], image_firs
     return out
 
 
+def two_scenes(new_scene, rng: random.Random) -> tuple[Scene, Scene]:
+    """Two scenes whose shape counts differ (the question never has a tie), first or second the larger one
+    with equal chance."""
+    a = new_scene(rng)
+    b = new_scene(rng)
+    while len(b.objects) == len(a.objects):
+        b = new_scene(rng)
+    return a, b
+
+
+def more_answer(a: Scene, b: Scene) -> str:
+    return MORE_ANSWERS[0] if len(a.objects) > len(b.objects) else MORE_ANSWERS[1]
+
+
+def two_picture_record(rid: str, names: list[str], question: str, answer: str) -> dict:
+    """One question about two pictures, in LLaVA-NeXT's multi-image layout: ``image`` lists them and the human
+    turn opens with one ``<image>`` line per picture."""
+    markers = "".join("<image>\n" for _ in names)
+    return {"id": rid, "image": list(names), "conversations": [{"from": "human", "value": markers + question},
+                                                               {"from": "gpt", "value": answer}]}
+
+
+def _two_pictures(split: str, i: int, out: Path, rng: random.Random, new_scene, image_size: int) -> dict:
+    a, b = two_scenes(new_scene, rng)
+    names = [f"images/{split}_{i:05d}_{k}.png" for k in "ab"]
+    for scene, name in zip((a, b), names):
+        render(scene, image_size, rng).save(out / name)
+    answer = more_answer(a, b)
+    rec = two_picture_record(f"{split}_{i:05d}", names, MORE_QUESTION, answer)
+    if split == "eval":
+        rec.update(category=MORE_KIND, answer=answer, scenes=[a.to_dict(), b.to_dict()])
+    else:
+        rec["category"] = MORE_KIND
+    return rec
+
+
 TEXT_ONLY = (
     ("What shapes can appear in these pictures?", "Circles, squares and triangles."),
     ("Which colors do the shapes have?", "Red, green, blue or yellow."),
@@ -160,11 +209,16 @@ TEXT_ONLY = (
 )
 
 
-def make_split(split: str, n: int, out: Path, seed: int, image_size: int, detail_world: bool = False) -> list[dict]:
+def make_split(split: str, n: int, out: Path, seed: int, image_size: int, detail_world: bool = False,
+               several: bool = False) -> list[dict]:
     rng = random.Random(f"llava-edge-toy-{seed}-{split}")
     new_scene = random_detail_scene if detail_world else random_scene
     records = []
     for i in range(n):
+        # the draw happens only with ``several``: without it the random stream is the one-picture world's
+        if several and split != "stage1" and rng.random() < MORE_SHARE:
+            records.append(_two_pictures(split, i, out, rng, new_scene, image_size))
+            continue
         scene = new_scene(rng)
         name = f"images/{split}_{i:05d}.png"
         render(scene, image_size, rng).save(out / name)
@@ -198,14 +252,16 @@ def make_split(split: str, n: int, out: Path, seed: int, image_size: int, detail
 
 
 def write_dataset(out: str | Path, seed: int = 0, n_stage1: int = 2000, n_stage2: int = 2000,
-                  n_eval: int = 200, image_size: int = 128, detail_world: bool = False) -> dict[str, Path]:
+                  n_eval: int = 200, image_size: int = 128, detail_world: bool = False,
+                  several: bool = False) -> dict[str, Path]:
     """Write images and the three JSON files under ``out``; returns the JSON paths. ``detail_world``: the detail world
-    (give it ``DETAIL_IMAGE_SIZE``)."""
+    (give it ``DETAIL_IMAGE_SIZE``); ``several``: the two-picture kind too (for families trained with several
+    pictures a conversation)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n in (("stage1", n_stage1), ("stage2", n_stage2), ("eval", n_eval)):
-        records = make_split(split, n, out, seed, image_size, detail_world)
+        records = make_split(split, n, out, seed, image_size, detail_world, several)
         paths[split] = out / FILES[split]
         atomic.write_json(paths[split], records)
     return paths

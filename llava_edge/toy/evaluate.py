@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from ..drift.formats import normalize_short as normalize  # LLaVA's short-answer normalisation
+from .data import MORE_ANSWERS, MORE_KIND
 
 
 def question_of(record: dict) -> str:
@@ -25,20 +26,51 @@ def score(records: list[dict], answers: list[str]) -> dict:
         per[r.get("category", "all")][0] += ok
         per[r.get("category", "all")][1] += 1
     right = sum(v[0] for v in per.values())
-    return {
+    out = {
         "accuracy": right / max(1, len(records)),
         "n": len(records),
         "per_category": {k: v[0] / v[1] for k, v in sorted(per.items())},
     }
+    if MORE_KIND in per:  # two answers, equally likely: a model that cannot tell the pictures apart scores 50%
+        out["two_pictures"] = {"accuracy": per[MORE_KIND][0] / per[MORE_KIND][1], "n": per[MORE_KIND][1],
+                               "chance": 1 / len(MORE_ANSWERS)}
+    return out
+
+
+def pictures_of(record: dict) -> list[str]:
+    """The record's pictures: one name, or LLaVA-NeXT's list of several."""
+    image = record["image"]
+    return list(image) if isinstance(image, list) else [image]
+
+
+def several_inputs(model, family, images, ids: list[int], pictures: list, image_token_id: int) -> dict:
+    """``generate``'s keyword arguments for a prompt with several pictures: each picture's tiles through the tower
+    and projector (transformers' modules), packed by the checkpoint's family as the runtime packs them, in the
+    prompt's embeddings at that picture's positions, in order."""
+    import torch
+
+    parts = []
+    for p in pictures:
+        with torch.no_grad():
+            tiles = family.hf_tile_features(model, torch.from_numpy(p.pixels).to(model.device, model.dtype))
+        parts.append(torch.from_numpy(images.pack(tiles.float().cpu().numpy(), p)))
+    t = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(t).clone()
+    mask = t[0] == image_token_id
+    embeds[0, mask] = torch.cat(parts).to(embeds.device, embeds.dtype)
+    return {"input_ids": t, "inputs_embeds": embeds, "attention_mask": torch.ones_like(t)}
 
 
 def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: int = 12) -> dict:
     """Greedy answers of the Hugging Face model, prompted exactly as the runtime (and LLaVA's evaluation) prompts,
-    each picture prepared by the checkpoint's family as export and the runtime prepare it."""
+    each picture prepared by the checkpoint's family as export and the runtime prepare it (one of several pictures
+    as the family takes a picture among others)."""
     import torch
 
     from ..checkpoint import load_hf_model, open_checkpoint
-    from ..templates import expand_image, get_template
+    from ..errors import UserError
+    from ..templates import expand_images, get_template
     from ..tokenizer import Tokenizer
 
     ckpt = open_checkpoint(model_dir)
@@ -51,12 +83,18 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
     img_id = ckpt.image_token_id
     answers = []
     for r in records:
-        picture = images.prepare(eval_file.parent / r["image"])
-        ids = expand_image(tok.encode_prompt(template.prompt(question_of(r)), img_id), img_id,
-                           [img_id] * picture.positions)
+        names = pictures_of(r)
+        if len(names) > 1 and not family.several_images(ckpt):
+            raise UserError(f"{eval_file}: record {r['id']} shows {len(names)} pictures, and {family.title} "
+                            "checkpoints take one picture a conversation")
+        alone = len(names) == 1
+        pictures = [images.prepare(eval_file.parent / n, alone=alone) for n in names]
+        ids = expand_images(tok.encode_prompt(template.prompt(question_of(r), image=len(names)), img_id), img_id,
+                            [[img_id] * p.positions for p in pictures])
+        inputs = (family.hf_generation_inputs(model, ids, pictures[0], images) if alone else
+                  several_inputs(model, family, images, ids, pictures, img_id))
         with torch.no_grad():
-            out = model.generate(**family.hf_generation_inputs(model, ids, picture, images),
-                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_id,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_id,
                                  pad_token_id=tok.pad_id)
         answers.append(tok.decode(out[0, len(ids):].tolist()))
     result = score(records, answers)

@@ -16,9 +16,12 @@ Two sizes of preset:
   14 GB, the writer's peak memory is one chunk of one tensor. ``layers``
   shortens the language model where the full one does not fit.
 
-The tokenizer is always the toy's SentencePiece one (a real Llama vocabulary
-cannot be made without a download); the embedding is padded to the real
-model's row count (32064 for LLaVA-1.5), as llava-hf pads its own.
+The tokenizer is trained on the toy world's text (a real vocabulary cannot be
+made without a download), in the style of the preset's language model: the
+toy's SentencePiece one for Llama-style presets, a byte-level BPE with Qwen2's
+pipeline and specials for ``text="qwen2"`` (``toy/tokenizer.py``); the
+embedding is padded to the real model's row count (32064 for LLaVA-1.5), as
+llava-hf pads its own.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from pathlib import Path
 from .. import atomic, towers
 from ..errors import UserError
 from ..families import DEFAULT, FAMILIES
-from .tokenizer import IMAGE_TOKEN, LEGACY, MODE, build_hf_tokenizer, train_sentencepiece
+from .tokenizer import (IMAGE_TOKEN, LEGACY, MODE, QWEN_MODE, build_hf_tokenizer, build_qwen2_tokenizer,
+                        family_markers, train_sentencepiece)
 
 _CLIP_L_336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and TinyLLaVA
     image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16, vision_ffn=4096,
@@ -124,7 +128,8 @@ def preset_shape(preset: str, layers: int | None = None) -> dict:
     return p
 
 
-def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int):
+def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = 1,
+                 eos_token_id: int = 2):
     from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
     from ..llava_hf import llava_config
@@ -141,7 +146,8 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
         vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["ffn"],
         num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
         max_position_embeddings=p["max_positions"], rms_norm_eps=p.get("rms_eps", 1e-5),
-        rope_theta=p.get("rope_theta", 10000.0), bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id,
+        rope_theta=p.get("rope_theta", 10000.0), bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         tie_word_embeddings=p.get("tie", False),
     )
     family = FAMILIES[p.get("family", DEFAULT)]
@@ -151,15 +157,26 @@ def build_config(p: dict, vocab_size: int, image_token_id: int, pad_token_id: in
                         **family.config_extra(p["image_size"], p.get("grids")))
 
 
+def qwen_text(p: dict) -> bool:
+    """Whether the preset's language model is Qwen2 (its tokenizer and conversation mode are Qwen's)."""
+    return p.get("text") == "qwen2"
+
+
 def _tokenizer_and_config(tmp: Path, p: dict):
-    """Train the toy SentencePiece model into ``tmp``; returns (HF tokenizer, LlavaConfig)."""
-    with tempfile.TemporaryDirectory() as sp_dir:
-        train_sentencepiece(Path(sp_dir) / "tokenizer.model", p["sp_vocab"])
-        tok = build_hf_tokenizer(sp_dir)
-        shutil.copy(Path(sp_dir) / "tokenizer.model", tmp / "tokenizer.model")
+    """Train the toy tokenizer (SentencePiece into ``tmp``, or Qwen2's BPE); returns (HF tokenizer, LlavaConfig)."""
+    if qwen_text(p):
+        tok = build_qwen2_tokenizer(p["sp_vocab"], family_markers(FAMILIES[p.get("family", DEFAULT)]),
+                                    p["max_positions"])
+        ids = dict(bos_token_id=None, eos_token_id=tok.eos_token_id)
+    else:
+        with tempfile.TemporaryDirectory() as sp_dir:
+            train_sentencepiece(Path(sp_dir) / "tokenizer.model", p["sp_vocab"])
+            tok = build_hf_tokenizer(sp_dir)
+            shutil.copy(Path(sp_dir) / "tokenizer.model", tmp / "tokenizer.model")
+        ids = {}
     vocab = -(-len(tok) // 64) * 64  # llava-hf pads the embedding to a multiple of 64 (32064)
     vocab = max(vocab, p.get("vocab", 0))
-    return tok, build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
+    return tok, build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, **ids)
 
 
 def _write_processor(tmp: Path, p: dict, tok, config) -> None:
@@ -167,9 +184,11 @@ def _write_processor(tmp: Path, p: dict, tok, config) -> None:
 
     family = FAMILIES[p.get("family", DEFAULT)]
     image_processor = family.hf_image_processor(p["resize"], p["image_size"], config.to_dict())
-    # legacy: as build_hf_tokenizer made it
+    # legacy: as build_hf_tokenizer made it (a byte-level BPE has no word-start rule to choose); Qwen2 adds no BOS
+    qwen = qwen_text(p)
     write_side_files(tmp, tok, image_processor, patch_size=p["patch_size"], strategy=p.get("strategy", "default"),
-                     conv_mode=MODE, image_pad=p.get("image_pad", "pad"), legacy=LEGACY, toy=True, family=family,
+                     conv_mode=QWEN_MODE if qwen else MODE, image_pad=p.get("image_pad", "pad"), legacy=LEGACY,
+                     add_bos=not qwen, toy=True, family=family,
                      class_token=towers.by_name(p.get("tower", "clip")).class_token)
 
 

@@ -4,11 +4,11 @@ LLaVA begins with a CLIP ViT that already sees and a Vicuna that already
 speaks. The toy's tower and language model start random, so before the LLaVA
 stages they get a short pretraining of their own:
 
-- vision: every patch token of the CLIP tower's layer -2 (the layer LLaVA reads)
-  learns to tell its quadrant and the shape, colour and size of what is there;
-- language: the Llama learns the toy world's text, and chats in the
-  ``vicuna_v1`` format that answer questions from a scene description given in
-  the prompt (the stand-in for Vicuna's in-context reading). The text is
+- vision: every patch token of the layer the model reads (CLIP's -2 for LLaVA-1.5,
+  SigLIP's last for OneVision) learns to tell its quadrant and the shape, colour and size of what is there;
+- language: the Llama (or Qwen2) learns the toy world's text, and chats in the
+  conversation mode stage 2 uses (``vicuna_v1``; ``qwen_1_5`` for a Qwen2 toy)
+  that answer questions from a scene description given in the prompt (the stand-in for Vicuna's in-context reading). The text is
   documents of a few lines about one scene, one sentence a line, so the model
   knows that a line ends in a newline: stage 1's caption ends in one, and while
   the toy model could not predict it, that newline was half the stage-1 loss and
@@ -68,6 +68,10 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
     import torch.nn.functional as F
 
     tower = model.model.vision_tower
+    # the layer and tokens the model reads: CLIP's layer -2 without its class token (LLaVA-1.5), SigLIP's last
+    # layer, every token (LLaVA-OneVision)
+    layer = model.config.vision_feature_layer
+    skip = 1 if model.config.vision_feature_select_strategy == "default" else 0
     dev = next(tower.parameters()).device
     hidden = tower.config.hidden_size
     side = tower.config.image_size // tower.config.patch_size
@@ -91,7 +95,7 @@ def pretrain_vision(model, spec: ImageSpec, steps: int = 300, batch: int = 48, l
         px = torch.from_numpy(np.stack([preprocess(render(s, image_size, rng), spec) for s in scenes])).to(dev)
         per_cell = torch.tensor([_labels(s) for s in scenes], device=dev)  # (batch, 4 cells, 3 attributes)
         y = torch.cat([token_cell.expand(batch, -1)[..., None], per_cell[:, token_cell]], -1)  # (batch, tokens, 4)
-        h = tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]  # the features LLaVA uses
+        h = tower(px, output_hidden_states=True).hidden_states[layer][:, skip:]  # the features the model reads
         logits = [head(h) for head in heads]
         loss = sum(F.cross_entropy(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits))
         acc = [float((lg.argmax(-1) == y[..., k]).float().mean()) for k, lg in enumerate(logits)]
@@ -122,13 +126,24 @@ def document(scene, rng: random.Random) -> str:
     return "\n".join(lines[:rng.randint(2, len(lines))]) + "\n"
 
 
-def language_examples(n: int, seed: int, detail: bool = False) -> list:
+def two_descriptions(rng: random.Random, new_scene) -> list:
+    """A chat about two scenes described in the prompt, one after the other: which one holds more shapes."""
+    from ..templates import Turn
+    from . import data
+
+    a, b = data.two_scenes(new_scene, rng)
+    return [Turn("user", f"{data.detail(a)}\n{data.detail(b)}\n{data.MORE_QUESTION}"),
+            Turn("assistant", data.more_answer(a, b))]
+
+
+def language_examples(n: int, seed: int, detail: bool = False, several: bool = False) -> list:
     """What the stand-in for Vicuna learns: toy sentences (str), and chats (list of turns)
     whose answers come from a scene description in the prompt.
 
     Vicuna arrives at LLaVA already able to answer questions about text in its
     context; the chats teach the toy model that (the image tokens later take the
     description's place). Chats are learned on their answers only, as in instruction tuning.
+    ``several``: some chats describe two scenes and ask which holds more shapes (the two pictures' kind).
     """
     from ..templates import Turn
     from . import data
@@ -137,6 +152,10 @@ def language_examples(n: int, seed: int, detail: bool = False) -> list:
     new_scene = random_detail_scene if detail else random_scene
     out: list = []
     for _ in range(n):
+        # drawn only with ``several``: without it the random stream is the one-picture world's
+        if several and rng.random() < data.MORE_SHARE:
+            out.append(two_descriptions(rng, new_scene))
+            continue
         scene = new_scene(rng)
         if rng.random() < 0.3:
             out.append(document(scene, rng))
@@ -154,25 +173,27 @@ def language_examples(n: int, seed: int, detail: bool = False) -> list:
 
 
 def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: float = 2e-3, seed: int = 0,
-                      log=print, detail: bool = False) -> list[float]:
+                      log=print, detail: bool = False, mode: str | None = None,
+                      several: bool = False) -> list[float]:
     """Next-token training of ``model.model.language_model`` + ``lm_head`` on :func:`language_examples`
-    (``detail``: the detail world's)."""
+    (``detail``: the detail world's; ``several``: with the two-scene chats), chats in conversation mode ``mode``
+    (the one stage 2 will use; default the toy's ``vicuna_v1``)."""
     import torch
 
     from ..templates import get_template
     from ..train.data import Record, collate, encode
     from .tokenizer import MODE
 
-    template = get_template(MODE)
+    template = get_template(mode or MODE)
 
     def example(x) -> dict:
         if isinstance(x, str):
             ids = tokenizer.encode(x)
-            return {"input_ids": ids, "labels": ids, "pixel_values": None}
+            return {"input_ids": ids, "labels": ids, "images": []}  # no picture
         e = encode(Record("pretrain", None, x), template, tokenizer, -1, 0, 2048)
-        return {"input_ids": e.input_ids, "labels": e.labels, "pixel_values": None}
+        return {"input_ids": e.input_ids, "labels": e.labels, "images": []}
 
-    examples = language_examples(steps * batch, seed, detail)
+    examples = language_examples(steps * batch, seed, detail, several)
     dev = next(model.parameters()).device
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     opt, sched = _optimizer(lm_params, lr, steps)
