@@ -152,9 +152,8 @@ class AnyresSpec:
 
         ``origin="hf"``: a transformers ``LlavaNextConfig`` or ``LlavaOnevisionConfig``; the tile and patch come
         from its ``vision_config`` (or from ``tower``), the pinpoints from ``image_grid_pinpoints`` (transformers'
-        default list when absent). The cap is ``max_grid`` when given; else a OneVision config's
-        ``vision_aspect_ratio`` (``anyres_max_N``, transformers' default ``anyres_max_9`` when absent); else
-        none, as transformers' LLaVA-NeXT model reads no such setting.
+        default list when absent). The cap is ``max_grid`` (``anyres_max_N``'s N: the family that has one passes
+        it; transformers' LLaVA-NeXT model reads no such setting).
         ``origin="llava"``: an original LLaVA-1.6 config (``image_aspect_ratio: anyres``,
         ``mm_patch_merge_type: spatial_unpad``), which names its tower only by ``mm_vision_tower``: ``tower``
         is then required, the tower's own ``config.json`` (``image_size``, ``patch_size``).
@@ -183,8 +182,6 @@ class AnyresSpec:
                 raise UserError("the LLaVA config has no image_grid_pinpoints")
         if not isinstance(tower, dict) or "image_size" not in tower or "patch_size" not in tower:
             raise UserError("the vision tower's config gives no image_size and patch_size")
-        if max_grid is None and origin == "hf" and config.get("model_type") == "llava_onevision":
-            max_grid = parse_vision_aspect_ratio(config.get("vision_aspect_ratio", ONEVISION_DEFAULT_ASPECT))
         return cls(tile=tower["image_size"], patch=tower["patch_size"], pinpoints=pinpoints,
                    orientation=orientation, rounding=rounding, max_tiles=max_tiles, max_grid=max_grid)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,12 @@ from PIL import Image
 from llava_edge import anyres
 from llava_edge.anyres import AnyresSpec
 from llava_edge.errors import UserError
+from llava_edge.families import FAMILIES
+
+
+def onevision_spec(config: dict) -> AnyresSpec:
+    """The OneVision family's reading of a checkpoint's config (its cap from ``vision_aspect_ratio``)."""
+    return FAMILIES["llava-onevision"].anyres_spec(SimpleNamespace(config=config))
 
 torch = pytest.importorskip("torch")
 
@@ -203,7 +210,7 @@ def _id(tower, n, w, h) -> str:
 @pytest.mark.parametrize("tower,n,w,h", CASES, ids=[_id(*c) for c in CASES])
 def test_equals_transformers(hf, tower, n, w, h):
     ref = hf.run(tower, n, w, h)
-    spec = AnyresSpec.from_config(hf.config(tower, n), "hf")
+    spec = onevision_spec(hf.config(tower, n))
     tile, patch = hf.towers[tower][:2]
     assert (spec.tile, spec.patch, spec.max_grid, spec.orientation, spec.rounding) == (tile, patch, n, "hw", "hf")
     assert anyres.grid(w, h, spec) == ref["grid"] and ref["tiles"] == 1 + ref["grid"][0] * ref["grid"][1]
@@ -230,7 +237,7 @@ def test_the_cap_is_exercised(hf):
     the cap (more than 1.21 N tiles' patches), and none for the others (N = 9 with LLaVA-1.6's grids of at
     most 4 tiles, or the tiny tower's 9)."""
     for tower, n in itertools.product(TOWER_NAMES, NS):
-        spec = AnyresSpec.from_config(hf.config(tower, n), "hf")
+        spec = onevision_spec(hf.config(tower, n))
         capped = {(w, h) for w, h in SIZES if "model_error" not in hf.run(tower, n, w, h)
                   and anyres.packed_grid_size(w, h, spec) != anyres.unpadded_size(w, h, spec)}
         most = max((a // spec.tile) * (b // spec.tile) for a, b in spec.pinpoints)
@@ -246,14 +253,14 @@ def test_processor_counts_what_the_model_cannot_pack(hf):
     tower's 1 x 5 grid, a 1000 x 100 picture, N = 1: 2 x 10 patches, ratio sqrt(5)), the processor counts the
     base tile alone while the model's interpolate raises. llava-edge refuses those pictures in one line, and
     only those."""
-    spec = AnyresSpec.from_config(hf.config("tiny", 1), "hf")
+    spec = onevision_spec(hf.config("tiny", 1))
     assert anyres.unpadded_size(1000, 100, spec) == (2, 10)
     ref = hf.run("tiny", 1, 1000, 100)
     assert "model_error" in ref and ref["tokens"] == ref["count"] == spec.side ** 2
 
     def refused(tower, n, w, h):
         try:
-            anyres.num_positions(w, h, AnyresSpec.from_config(hf.config(tower, n), "hf"))
+            anyres.num_positions(w, h, onevision_spec(hf.config(tower, n)))
         except UserError:
             return True
         return False
@@ -273,7 +280,7 @@ def test_counts_over_many_sizes_equal_the_processors(hf, tower):
     sizes |= {(w, h) for w in range(tile - 2, tile + 3) for h in (1, tile // 2, tile, 3 * tile)}
     near = 0
     for n in NS:
-        proc, spec = hf.processor[tower, n], AnyresSpec.from_config(hf.config(tower, n), "hf")
+        proc, spec = hf.processor[tower, n], onevision_spec(hf.config(tower, n))
         drop = proc.vision_feature_select_strategy == "default"
         for w, h in sorted(sizes):
             try:
@@ -329,7 +336,7 @@ def test_bad_max_grid(bad):
 def test_bad_vision_aspect_ratio(aspect):
     cfg = {"model_type": "llava_onevision", "vision_config": {"image_size": 384, "patch_size": 14},
            "image_grid_pinpoints": [[384, 768]], "vision_aspect_ratio": aspect}
-    msg = _one_line_error(AnyresSpec.from_config, cfg, "hf", match="vision_aspect_ratio")
+    msg = _one_line_error(onevision_spec, cfg, match="vision_aspect_ratio")
     assert repr(aspect) in msg
 
 
@@ -343,12 +350,13 @@ def test_settings_round_trip_and_where_the_cap_comes_from():
     assert AnyresSpec.from_dict(uncapped.to_dict()) == uncapped and uncapped.max_grid is None
     tower = {"image_size": 384, "patch_size": 14}
     onevision = {"model_type": "llava_onevision", "vision_config": tower, "image_grid_pinpoints": [[384, 768]]}
-    assert AnyresSpec.from_config(onevision, "hf").max_grid == 9  # transformers' default when the key is absent
-    assert AnyresSpec.from_config({**onevision, "vision_aspect_ratio": "anyres_max_4"}, "hf").max_grid == 4
+    assert onevision_spec(onevision).max_grid == 9  # transformers' default when the key is absent
+    assert onevision_spec({**onevision, "vision_aspect_ratio": "anyres_max_4"}).max_grid == 4
     assert AnyresSpec.from_config(onevision, "hf", max_grid=2).max_grid == 2
     # transformers' LLaVA-NeXT model reads no vision_aspect_ratio: a LLaVA-NeXT config stays uncapped
     nxt = {"model_type": "llava_next", "vision_config": {"image_size": 336, "patch_size": 14},
            "vision_aspect_ratio": "anyres_max_1"}
+    assert FAMILIES["llava-next"].anyres_spec(SimpleNamespace(config=nxt, recipe={})).max_grid is None
     assert AnyresSpec.from_config(nxt, "hf").max_grid is None
     assert AnyresSpec.from_config(nxt, "hf", max_grid=3).max_grid == 3
 

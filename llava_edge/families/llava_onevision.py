@@ -51,7 +51,9 @@ class LlavaOnevision(LlavaNext):
     def anyres_spec(self, ckpt: Checkpoint, max_tiles: int | None = None):
         """Always transformers' reading: OneVision checkpoints come from transformers' conversion, and the cap
         comes from the config's ``vision_aspect_ratio``."""
-        return anyres.AnyresSpec.from_config(ckpt.config, "hf", max_tiles=max_tiles)
+        aspect = ckpt.config.get("vision_aspect_ratio", anyres.ONEVISION_DEFAULT_ASPECT)  # transformers' default
+        return anyres.AnyresSpec.from_config(ckpt.config, "hf", max_tiles=max_tiles,
+                                             max_grid=anyres.parse_vision_aspect_ratio(aspect))
 
     def default_conv_mode(self, ckpt: Checkpoint) -> str:
         """The checkpoint's own chat template, as transformers' processor renders OneVision's prompts (the
