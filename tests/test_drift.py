@@ -283,7 +283,8 @@ def test_drift_command_writes_the_report(drift_bundle, toy_model, tmp_path, caps
     assert result["reference"]["device"] == "cpu" and result["reference"]["dtype"] == "float32"
     assert "fp32 on the CPU" in (out / "drift.md").read_text()
     assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["eval"] == {"format": "scienceqa", "source": str(sqa), "questions": 3, "with_image": 2, "gold": True}
+    assert result["eval"] == {"format": "scienceqa", "source": str(sqa), "questions": 3, "with_image": 2, "gold": True,
+                              "pictures": {"0": 1, "1": 2}}  # a one-picture model: each question as the file has it
     pairs = {f"{p['vision']}:{p['llm']}": p for p in result["pairs"]}
     assert list(pairs) == ["fp32:f32", "int8:q8_0"]
     exact, quant = pairs["fp32:f32"], pairs["int8:q8_0"]

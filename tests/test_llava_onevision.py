@@ -132,7 +132,8 @@ def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, h
 
 def test_drift_against_transformers_onevision(toy, tmp_path, capsys):
     """The drift tool's reference is transformers' LlavaOnevisionForConditionalGeneration; the exact variants
-    reproduce it."""
+    reproduce it on tiled pictures of several sizes (one a prompt: tests/test_drift_several_images.py measures
+    several)."""
     from test_drift import write_scienceqa
 
     from llava_edge.cli import main
@@ -143,7 +144,8 @@ def test_drift_against_transformers_onevision(toy, tmp_path, capsys):
         picture(*size, seed=i).save(tmp_path / "sqa" / "images" / f"s{i}.png")
     out = tmp_path / "report"
     rc = main(["drift", str(bundle), "--reference", str(model), "--eval", str(sqa), "--report", str(out),
-               "--variants", "fp32:f32", "--kv-cache", "f32", "--threads", "1", "--max-tokens", "4"])
+               "--variants", "fp32:f32", "--kv-cache", "f32", "--threads", "1", "--max-tokens", "4",
+               "--pictures", "1"])
     assert rc == 0, capsys.readouterr().err
     pair = json.loads((out / "drift.json").read_text())["pairs"][0]
     assert pair["token_drift"]["top1"] == 1.0 and pair["token_drift"]["kl_mean"] < 1e-6

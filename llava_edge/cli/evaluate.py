@@ -42,6 +42,10 @@ def drift(
                                                "every pair with at most this many positions a picture, against "
                                                "the full reference (one-tile models name reduced variants in "
                                                "--variants instead)"),
+    pictures: Optional[str] = typer.Option(None, "--pictures", help="Pictures a prompt: each one-picture question "
+                                           "is asked with each count, comma-separated, its own picture last after "
+                                           "others of the set (default: 1,2,3 for models trained with several "
+                                           "pictures a conversation, e.g. LLaVA-OneVision; else 1)"),
 ):
     """Accuracy drift of each vision/LLM variant pair against the Hugging Face model, with CI gates."""
     import tempfile
@@ -61,7 +65,7 @@ def drift(
                                  image_folder=image_folder, variants=variants, report=report, fail_on=fail_on,
                                  limit=limit, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads,
                                  eval_source=source, gate_limit=gate_limit, record=record,
-                                 image_tokens=image_tokens, log=say)
+                                 image_tokens=image_tokens, pictures=pictures, log=say)
     if failed:
         raise typer.Exit(1)
 

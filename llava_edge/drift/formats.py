@@ -19,6 +19,11 @@ Three formats, each read into the same :class:`EvalItem` list:
   in its ``coco/`` folder). Answers are read as yes/no as ``eval_pope.py``
   does; accuracy, precision, recall, F1 and the yes ratio per category.
 
+A toy-format record may name several pictures (``"image": ["a.png", "b.png"]``, as LLaVA-Interleave's and
+LLaVA-OneVision's data do); they are placed where the conversation mode places a turn's pictures, in order.
+:func:`with_pictures` asks each one-picture question again with more pictures, for models trained with
+several a conversation.
+
 The scoring functions re-state LLaVA's rules rather than import LLaVA (not a
 dependency, and its scripts are command-line programs reading files).
 """
@@ -47,10 +52,16 @@ class EvalItem:
 
     id: str
     question: str  # the user turn without <image>, exactly as LLaVA's evaluation script prompts it
-    image: Path | None
+    image: Path | None  # the picture asked about; with ``others``, the last of the prompt's pictures
     gold: str | None = None  # toy: answer text; scienceqa: option letter; pope: "yes" / "no"
     category: str | None = None
     choices: int = 0  # scienceqa: number of options
+    others: tuple[Path, ...] = ()  # pictures the prompt shows before ``image``
+
+    @property
+    def pictures(self) -> tuple[Path, ...]:
+        """Every picture of the prompt, in the order the prompt shows them."""
+        return (*self.others, self.image) if self.image is not None else self.others
 
 
 @dataclass
@@ -63,6 +74,13 @@ class EvalSet:
     @property
     def has_gold(self) -> bool:
         return any(i.gold is not None for i in self.items)
+
+    def picture_counts(self) -> dict[str, int]:
+        """How many prompts show 0, 1, 2, ... pictures (keys are the counts as text, as JSON keeps them)."""
+        counts: dict[int, int] = defaultdict(int)
+        for i in self.items:
+            counts[len(i.pictures)] += 1
+        return {str(n): counts[n] for n in sorted(counts)}
 
     def score(self, answers: list[str]) -> dict | None:
         """LLaVA-style scores of ``answers`` (one per item); None when the set has no gold answers."""
@@ -100,7 +118,7 @@ def read_eval(path: str | Path, fmt: str = "auto", image_folder: str | Path | No
         items = items[:limit]
     if not items:
         raise UserError(f"{path.name}: no questions to evaluate")
-    missing = [i.image for i in items if i.image is not None and not i.image.is_file()]
+    missing = [p for i in items for p in i.pictures if not p.is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of {path.name} not found, first {missing[0]} "
                         "(pass --image-folder)")
@@ -137,6 +155,17 @@ def _image(record: dict, base: Path) -> Path | None:
     return base / record["image"] if record.get("image") else None
 
 
+def _pictures(record: dict, base: Path) -> tuple[Path | None, tuple[Path, ...]]:
+    """(the last picture, the ones before it) of a record whose ``image`` is a file or a list of files."""
+    image = record.get("image")
+    if not isinstance(image, list):
+        return _image(record, base), ()
+    if not all(isinstance(x, str) and x for x in image):
+        raise TypeError("an image list of file names")
+    paths = tuple(base / x for x in image)
+    return (paths[-1], paths[:-1]) if paths else (None, ())
+
+
 def _human(record: dict) -> str:
     return record["conversations"][0]["value"]
 
@@ -151,8 +180,9 @@ def _read_toy(records: list[dict], base: Path, _path: Path) -> tuple[list[EvalIt
     for r in records:
         question = _human(r).replace(IMAGE_PLACEHOLDER, "").strip()  # model_vqa.py
         gold = r.get("answer", _gpt(r))
-        items.append(EvalItem(str(r["id"]), question, _image(r, base), None if gold is None else str(gold),
-                              r.get("category")))
+        image, others = _pictures(r, base)
+        items.append(EvalItem(str(r["id"]), question, image, None if gold is None else str(gold),
+                              r.get("category"), others=others))
     return items, []
 
 
@@ -194,6 +224,48 @@ def _read_pope(lines: list[dict], base: Path, path: Path) -> tuple[list[EvalItem
         items.append(EvalItem(str(q["question_id"]), q["text"], _image(q, base),
                               None if label is None else str(label).strip().lower(), q.get("category")))
     return items, notes
+
+
+# ---- several pictures a prompt -------------------------------------------------------------------------------
+
+
+def parse_picture_counts(text: str) -> tuple[int, ...]:
+    """``--pictures``: picture counts, comma-separated (``1,2,3``), each at least 1; sorted, without repeats."""
+    try:
+        counts = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise UserError(f"--pictures takes picture counts of at least 1, comma-separated (e.g. 1,2,3), not {text!r}")
+    return tuple(counts)
+
+
+def with_pictures(eval_set: EvalSet, counts: tuple[int, ...]) -> EvalSet:
+    """Each one-picture question asked once per count in ``counts``: as it is for 1; for N > 1 after N - 1 other
+    pictures of the set, its own picture last. Questions with no picture or several stay as they are.
+
+    The other pictures are the set's next distinct pictures (in the order the set first shows them, wrapping
+    around), so every prompt is reproducible and shows N different pictures. A question asked among other
+    pictures may be about any of them, so such prompts carry no gold answer: they are measured against the
+    reference (KL, top-1, answers equal to its), not scored.
+    """
+    def single(i: EvalItem) -> bool:
+        return i.image is not None and not i.others
+
+    singles = [i for i in eval_set.items if single(i)]
+    distinct = list(dict.fromkeys(i.image for i in singles))
+    most = max(counts)
+    if most > 1 and len(distinct) < most:
+        raise UserError(f"--pictures {most} needs {most} different pictures in the evaluation set; it has "
+                        f"{len(distinct)}")
+    at = {p: k for k, p in enumerate(distinct)}
+    items = [i for i in eval_set.items if 1 in counts or not single(i)]
+    for n in (c for c in counts if c > 1):
+        for i in singles:
+            k = at[i.image]
+            others = tuple(distinct[(k + j) % len(distinct)] for j in range(1, n))
+            items.append(EvalItem(f"{i.id}+{n - 1}", i.question, i.image, None, i.category, i.choices, others))
+    return EvalSet(eval_set.format, items, eval_set.source, list(eval_set.notes))
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ step are kept: the variants are then fed the same answer (teacher forcing), so
 their next-token distributions are compared position by position on the same
 context. The prompt is the bundle's conversation template rendered by the same
 code the runtime uses.
+
+A prompt with several pictures (a model trained with several a conversation)
+gives the model its pictures as one sample, as transformers' processor does for
+nested images (``images=[[a, b]]``): each picture prepared as the runtime
+prepares one of several, the model's own ``get_image_features`` and generation
+on the pixels, told how many pictures the sample holds.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ GPU_REASON = "fp16 on the GPU"
 
 @dataclass
 class ReferenceItem:
-    prompt_ids: list[int]  # the rendered prompt's token ids, one <image> token not yet expanded
+    prompt_ids: list[int]  # the rendered prompt's token ids, one <image> token a picture, not yet expanded
     answer_ids: list[int]  # greedy answer, ending with EOS when the model stopped by itself
     answer: str
     logits: np.ndarray  # (len(answer_ids), vocab) float32: the logits each answer token was chosen from
-    image_features: np.ndarray | None  # (image tokens, LM width) float32, what the projector gives the LM
+    # per picture of the prompt, in order: (image tokens, LM width) float32, what the model puts at its positions
+    image_features: list[np.ndarray] = field(default_factory=list)
     # the same with a token reduction applied before the projector, by TokenReduction.label
-    reduced_features: dict[str, np.ndarray] = field(default_factory=dict)
+    reduced_features: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    positions: int = 0  # the prompt's length with every picture expanded to its positions
 
 
 @dataclass
@@ -86,7 +94,7 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
 
     from llava_edge.checkpoint import load_hf_model, resolve_model
     from llava_edge.image_tokens import reduced_patch_features
-    from llava_edge.templates import expand_image, get_template
+    from llava_edge.templates import expand_images, get_template
     from llava_edge.tokenizer import Tokenizer
 
     dev, dtype, note = pick_device(device)
@@ -110,23 +118,26 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     ref = Reference(str(model), ckpt.fingerprint(), ckpt.stamp(), dev, dtype, note)
     log(f"reference: {ckpt.path} in {dtype} on {dev}, conversation mode {conv_mode} ({len(items)} questions)")
     for item in items:
-        ids = tok.encode_prompt(template.prompt(item.question, image=item.image is not None), img_id)
-        feats, reduced = None, {}
+        pictures = item.pictures
+        ids = tok.encode_prompt(template.prompt(item.question, image=len(pictures)), img_id)
+        feats, reduced = [], {}
         full = ids
         kwargs = {"input_ids": torch.tensor([full], device=dev)}
-        if item.image is not None:
-            picture = images.prepare(item.image)  # the runtime's preprocessing, the family's tiles
-            full = expand_image(ids, img_id, [img_id] * picture.positions)
+        if pictures:
+            # the runtime's preprocessing, the family's tiles; one of several pictures as the family takes it
+            prepared = [images.prepare(p, alone=len(pictures) == 1) for p in pictures]
+            full = expand_images(ids, img_id, [[img_id] * p.positions for p in prepared])
             with torch.no_grad():
-                features = family.hf_image_features(hf, picture, images)
-                kwargs = family.hf_generation_inputs(hf, full, picture, images, features)
-            feats = features.float().cpu().numpy()
-            px = torch.from_numpy(picture.pixels).to(dev, getattr(torch, dtype))
+                features = picture_features(hf, family, prepared, images)
+                kwargs = generation_inputs(hf, family, full, prepared, images, features)
+            feats = [f.float().cpu().numpy() for f in features]
             with torch.no_grad():
                 for r in reductions:  # the tower runs once per reduction, then each projector on its tokens
-                    patches = reduced_patch_features(hf, px, r)
-                    for key, proj in [(r.label, hf.model.multi_modal_projector), *tuned.get(r, [])]:
-                        reduced[key] = proj(patches)[0].float().cpu().numpy()
+                    for p in prepared:
+                        px = torch.from_numpy(p.pixels).to(dev, getattr(torch, dtype))
+                        patches = reduced_patch_features(hf, px, r)
+                        for key, proj in [(r.label, hf.model.multi_modal_projector), *tuned.get(r, [])]:
+                            reduced.setdefault(key, []).append(proj(patches)[0].float().cpu().numpy())
         with torch.no_grad():
             out = hf.generate(max_new_tokens=max_new_tokens,
                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_id or eos,
@@ -137,6 +148,35 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
         logits = torch.stack([s[0] for s in out.logits[: len(new)]]).float().cpu().numpy()
         answer = tok.decode(new)
         cut = [i for i in (answer.find(x) for x in template.stop) if i >= 0]  # where the runtime stops too
-        ref.items.append(ReferenceItem(ids, new, answer[:min(cut)] if cut else answer, logits, feats, reduced))
+        ref.items.append(ReferenceItem(ids, new, answer[:min(cut)] if cut else answer, logits, feats, reduced,
+                                       len(full)))
     del hf
     return ref
+
+
+def picture_features(hf, family, prepared: list, images) -> list:
+    """What the model puts at each picture's positions (torch, one tensor a picture). One picture: the family's
+    own reading (``hf_image_features``). Several: the model's ``get_image_features`` on the family's inputs
+    for one sample holding them all, the call its forward makes for nested images."""
+    if len(prepared) == 1:
+        return [family.hf_image_features(hf, prepared[0], images)]
+    return list(hf.model.get_image_features(**_on(hf, family.hf_inputs(prepared, per_sample=[len(prepared)])))
+                .pooler_output)
+
+
+def generation_inputs(hf, family, ids: list[int], prepared: list, images, features: list) -> dict:
+    """``generate``'s keyword arguments for the prompt ``ids`` (every picture expanded to its positions). Several
+    pictures: the ids and every picture's pixels as one sample. (The families trained with several pictures
+    are read by transformers' classes as they were trained; the embeddings route ``hf_generation_inputs``
+    takes otherwise is for a converted LLaVA-1.6, which takes one picture.)"""
+    import torch
+
+    if len(prepared) == 1:
+        return family.hf_generation_inputs(hf, ids, prepared[0], images, features[0])
+    return {"input_ids": torch.tensor([ids], device=hf.device),
+            **_on(hf, family.hf_inputs(prepared, per_sample=[len(prepared)]))}
+
+
+def _on(hf, inputs: dict) -> dict:
+    """``inputs`` on the model's device, floating tensors in its dtype."""
+    return {k: v.to(hf.device, hf.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}

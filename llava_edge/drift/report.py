@@ -25,6 +25,33 @@ def _gate_cell(verdicts: list[dict], label: str) -> str:
     return ", ".join(f"{v['gate']} {'pass' if v['ok'] else 'FAIL'}" for v in mine) or "-"
 
 
+def _prompts(ev: dict) -> str:
+    """How many prompts, and with how many pictures each: "3 questions, 2 with an image" for one picture a prompt,
+    "150 questions: 50 with 1 picture, 50 with 2, 50 with 3" where some show several."""
+    counts = {int(n): k for n, k in (ev.get("pictures") or {}).items()}
+    if max(counts, default=0) <= 1:
+        return f"{ev['questions']} questions, {ev['with_image']} with an image"
+    return f"{ev['questions']} questions: " + ", ".join(
+        f"{k} with {n} picture{'s' if n != 1 else ''}" if i == 0 else f"{k} with {n}"
+        for i, (n, k) in enumerate(sorted(counts.items())))
+
+
+def _by_pictures(pairs: list[dict]) -> list[str]:
+    """One row per pair and picture count, where prompts show different numbers of pictures."""
+    if not any(len(p.get("by_pictures") or {}) > 1 for p in pairs):
+        return []
+    lines = ["", "By pictures a prompt:", "",
+             "| vision | llm | pictures | prompts | KL mean | KL p99 | top-1 | answers = ref |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in pairs:
+        for n, b in (p.get("by_pictures") or {}).items():
+            t = b["token_drift"]
+            lines.append(f"| {p['vision']} | {p['llm']} | {n} | {b['prompts']} | {_f(t.get('kl_mean'), '.2e')} "
+                         f"| {_f(t.get('kl_p99'), '.2e')} | {_f(t.get('top1'), '.2%')} "
+                         f"| {_f(b.get('answer_agreement'), '.1%')} |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The result as Markdown: what was compared, one row per pair, the gate verdicts, the worst tokens."""
     ref, ev, rt = result["reference"], result["eval"], result["runtime"]
@@ -33,7 +60,7 @@ def markdown(result: dict) -> str:
         f"# Accuracy drift: {result['bundle']}",
         "",
         f"- reference: {ref['model']}, {ref['note']}",
-        f"- evaluation: {ev['source']} ({ev['format']}, {ev['questions']} questions, {ev['with_image']} with an image)",
+        f"- evaluation: {ev['source']} ({ev['format']}, {_prompts(ev)})",
         f"- runtime: {rt['vision']}, {rt['llm']}, KV cache {rt['kv_cache']}, greedy, up to {rt['max_tokens']} tokens",
     ]
     if ref.get("score"):
@@ -56,6 +83,7 @@ def markdown(result: dict) -> str:
             f"| {_f(t.get('top1'), '.2%')} | {_f(t.get('dp_mean'), '+.2e')} | {_f(t.get('dp_rms'), '.2e')} "
             f"| {_f(p.get('answer_agreement'), '.1%')} | {acc_cell} | {_gate_cell(verdicts, label)} |"
         )
+    lines += _by_pictures(result["pairs"])
     failed = [v for v in verdicts if not v["ok"]]
     if verdicts:
         lines += ["", f"Gates: {len(verdicts) - len(failed)} of {len(verdicts)} verdicts passed."]

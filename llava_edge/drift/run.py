@@ -31,13 +31,38 @@ from llava_edge.variants import Pair
 from llava_edge.errors import UserError
 
 from . import metrics
-from .formats import EvalSet
+from .formats import EvalSet, parse_picture_counts, with_pictures
 from .reference import Reference
 
 WORST_TOKENS = 10  # positions with the largest KL kept per pair, for finding out why a gate fails
 WORST_IMAGES = 5  # images with the worst image-token cosine kept per pair
 FLIPS = 20  # positions where the variant's most likely token differs from the reference's, kept per pair
 DISAGREEMENTS = 20  # answers that differ from the reference's kept per pair
+# pictures a prompt by default, for a model trained with several a conversation: each one-picture question
+# alone, then among one and two other pictures
+SEVERAL_PICTURES = (1, 2, 3)
+
+
+def picture_counts(m: bundle_manifest.Manifest, text: str | None) -> tuple[int, ...]:
+    """``--pictures``: how many pictures each one-picture question is asked with; by default 1, 2 and 3 for a
+    model trained with several pictures a conversation (the manifest's ``image.several_images``), else 1."""
+    if text is None:
+        return SEVERAL_PICTURES if several_images(m) else (1,)
+    counts = parse_picture_counts(text)
+    if max(counts) > 1:
+        check_several(m, max(counts), f"--pictures {text}")
+    return counts
+
+
+def several_images(m: bundle_manifest.Manifest) -> bool:
+    return bool(m.image.get("several_images"))
+
+
+def check_several(m: bundle_manifest.Manifest, n: int, what: str) -> None:
+    """A one-line error for prompts of ``n`` pictures (``what`` asked for them) where the model takes one."""
+    if n > 1 and not several_images(m):
+        raise UserError(f"{what}: {families.by_name(m.family).title} checkpoints like this one were trained with "
+                        f"one picture a conversation (the bundle's image.several_images is not set)")
 
 
 def runnable_variants(m: bundle_manifest.Manifest, kind: str) -> list[bundle_manifest.Variant]:
@@ -86,10 +111,21 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
     from llava_edge.runtimes.pipeline import EdgeLLaVA, Sampling
 
     t0 = time.time()
-    m = EdgeLLaVA.load(bundle, vision_variant=pair.vision, llm_variant=pair.llm, kv_cache=kv_cache, threads=threads,
-                       **({} if image_tokens is None else {"image_tokens": image_tokens}))
+
+    def load(**kw) -> EdgeLLaVA:
+        return EdgeLLaVA.load(bundle, vision_variant=pair.vision, llm_variant=pair.llm, kv_cache=kv_cache,
+                              threads=threads, **({} if image_tokens is None else {"image_tokens": image_tokens}), **kw)
+
+    m = load()
+    # the runtime sizes its context for one picture at most; a prompt of several may need more (the context's
+    # size does not change a logit)
+    need = max((r.positions + max(max_tokens, len(r.answer_ids)) for r in ref.items), default=0)
+    if need > m.plan.n_ctx:
+        m.close()
+        m = load(n_ctx=need)
     try:
         cosines, rel_errors, drifts, answers = [], [], [], []
+        by_count: dict[int, list[metrics.TokenDrift]] = {}  # pictures a prompt -> its prompts' token drift
         worst: list[dict] = []
         images: list[dict] = []
         flips: list[dict] = []
@@ -99,29 +135,32 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         tuned = "projector" in m.vision_variant.extra
         fkey = feature_key(m.vision_variant)
         for item, r in zip(eval_set.items, ref.items):
-            key, emb = m.image_embeddings(item.image) if item.image is not None else (None, None)
+            pictures = _embedded(m, item.pictures)
             features = (None if cap is not None else r.image_features if reduction is None
                         else r.reduced_features.get(fkey))
-            if emb is not None and features is not None:
-                cosines.append(metrics.cosine_rows(emb, features))
-                rel_errors.append(metrics.relative_error(emb, features))
-                images.append({"id": item.id, "cos_min": float(cosines[-1].min()),
-                               "worst_token": int(cosines[-1].argmin()), "rel_error": rel_errors[-1]})
-            parts = m.template.prompt(item.question, image=item.image is not None)
+            for j, (_, emb) in enumerate(pictures if features is not None else []):
+                cosines.append(metrics.cosine_rows(emb, features[j]))
+                rel_errors.append(metrics.relative_error(emb, features[j]))
+                images.append({"id": item.id if len(pictures) == 1 else f"{item.id} picture {j + 1}",
+                               "cos_min": float(cosines[-1].min()), "worst_token": int(cosines[-1].argmin()),
+                               "rel_error": rel_errors[-1]})
+            parts = m.template.prompt(item.question, image=len(pictures))
             prompt_mismatch += m.tokenizer.encode_prompt(parts, m.image_token_id) != r.prompt_ids
-            slots = m.slots_for(parts, key, 0 if emb is None else len(emb))
+            slots = m.picture_slots(parts, [(key, len(emb)) for key, emb in pictures])
+            embeds = dict(pictures)
             n = len(r.answer_ids)
             if n:
                 m.llm.reset()
-                logits = m.prefill(slots + list(r.answer_ids[:-1]), emb, logits="all")[-n:]
+                logits = m.prefill(slots + list(r.answer_ids[:-1]), embeds, logits="all")[-n:]
                 d = metrics.token_drift(r.logits, logits, r.answer_ids)
                 drifts.append(d)
+                by_count.setdefault(len(pictures), []).append(d)
                 worst += _positions(item.id, np.argsort(-d.kl)[:WORST_TOKENS], d, r, logits, m.tokenizer)
                 worst = sorted(worst, key=lambda w: -w["kl"])[:WORST_TOKENS]
                 if len(flips) < FLIPS:
                     flips += _positions(item.id, np.flatnonzero(~d.same_top1), d, r, logits, m.tokenizer)[
                         : FLIPS - len(flips)]
-            answers.append("".join(m.generate(slots, emb, Sampling(max_tokens=max_tokens))).strip())
+            answers.append("".join(m.generate(slots, embeds, Sampling(max_tokens=max_tokens))).strip())
     finally:
         m.close()
     same = [a == r.answer.strip() for a, r in zip(answers, ref.items)]
@@ -138,6 +177,7 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         "vision_drift": metrics.summarize_vision(cosines, rel_errors),
         "token_drift": metrics.summarize_tokens(metrics.TokenDrift.concat(drifts)),
         "answer_agreement": float(np.mean(same)) if same else None,
+        "by_pictures": by_pictures(eval_set, by_count, same),
         "disagreements": [{"id": i.id, "reference": r.answer.strip(), "variant": a}
                           for i, r, a, s in zip(eval_set.items, ref.items, answers, same) if not s][:DISAGREEMENTS],
         "worst_tokens": worst,
@@ -148,6 +188,31 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
         "answers": answers,
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def _embedded(m, pictures: tuple) -> list[tuple[str, np.ndarray]]:
+    """(key, embeddings) of each picture of a prompt, as the runtime takes them: a picture alone as the family
+    takes one picture, each of several as it takes one of several (LLaVA-OneVision: one padded tile and a
+    newline)."""
+    from llava_edge.runtimes.pipeline import only_image
+
+    alone = only_image(list(pictures))
+    out = []
+    for picture in pictures:
+        prepared, embeddings = m.lazy_image(picture, alone=alone)
+        out.append((prepared.key, embeddings()))
+    return out
+
+
+def by_pictures(eval_set: EvalSet, drifts: dict[int, list], same: list[bool]) -> dict[str, dict]:
+    """The pair's drift split by how many pictures a prompt shows: prompts, answers equal to the reference's,
+    and the token measures (KL, top-1, delta p) of those prompts."""
+    out = {}
+    for n, prompts in eval_set.picture_counts().items():
+        agree = [s for i, s in zip(eval_set.items, same) if len(i.pictures) == int(n)]
+        out[n] = {"prompts": prompts, "answer_agreement": float(np.mean(agree)) if agree else None,
+                  "token_drift": metrics.summarize_tokens(metrics.TokenDrift.concat(drifts.get(int(n), [])))}
+    return out
 
 
 def _positions(item_id: str, where, d: metrics.TokenDrift, r, logits: np.ndarray, tokenizer) -> list[dict]:
@@ -191,6 +256,8 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
     if kv_cache not in ("f16", "f32"):
         raise UserError(f"unknown --kv-cache {kv_cache!r} (f16 or f32)")
     m = bundle_manifest.read(bundle)
+    most = max((len(i.pictures) for i in eval_set.items), default=0)
+    check_several(m, most, f"the evaluation set has prompts with {most} pictures")
     pairs = pairs or parse_pairs(None, m)
     reductions = tuple(dict.fromkeys(r for r in (m.variant("vision", p.vision).token_reduction for p in pairs) if r))
     notes = list(eval_set.notes)
@@ -209,6 +276,9 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
         notes.append(note)
         log(f"warning: {note}")
     results = []
+    counts = eval_set.picture_counts()
+    if len(counts) > 1:
+        log("prompts by pictures: " + ", ".join(f"{k} with {n}" for n, k in counts.items()))
     for pair in pairs:
         log(f"drift {pair.label}: {len(eval_set.items)} questions")
         r = measure_pair(bundle, pair, eval_set, ref, max_tokens=max_tokens, kv_cache=kv_cache, threads=threads,
@@ -231,7 +301,8 @@ def run_drift(bundle: str | Path, reference: str | Path, eval_set: EvalSet, pair
                       "answers_ending_in_eos": sum(bool(i.answer_ids) and i.answer_ids[-1] == m.llm["eos_id"]
                                                    for i in ref.items)},
         "eval": {"format": eval_set.format, "source": eval_set.source, "questions": len(eval_set.items),
-                 "with_image": sum(i.image is not None for i in eval_set.items), "gold": eval_set.has_gold},
+                 "with_image": sum(bool(i.pictures) for i in eval_set.items), "gold": eval_set.has_gold,
+                 "pictures": counts},
         "runtime": _runtime_info(kv_cache, threads, max_tokens),
         "notes": notes,
         "pairs": results,
@@ -273,12 +344,14 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
                  report: str | Path | None = None, fail_on: str | None = None, limit: int | None = None,
                  max_tokens: int = 32, kv_cache: str = "f16", threads: int = 0, device: str = "auto",
                  eval_source: str | None = None, gate_limit: str | None = None, record: bool = False,
-                 image_tokens: int | None = None, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                 image_tokens: int | None = None, pictures: str | None = None,
+                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """What ``llava-edge drift`` does: check the arguments, measure, judge the gates, write the report.
 
     ``eval_source``: how the report names the questions (default: the file's path). ``gate_limit``: limits
     that replace the gates' (``gates.with_limits``). ``record``: write each pair's outcome into the bundle's
-    manifest (:func:`record_drift`), where ``chat --explain`` and the device profiles read it.
+    manifest (:func:`record_drift`), where ``chat --explain`` and the device profiles read it. ``pictures``:
+    ``--pictures`` (:func:`picture_counts`; :func:`~llava_edge.drift.formats.with_pictures`).
 
     Returns (the result, the failed verdicts of the gates named in ``fail_on``).
     Everything that can be checked before the (slow) measuring is checked first.
@@ -294,6 +367,7 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
         raise UserError("--limit must be at least 1")
     m = bundle_manifest.read(bundle)
     pairs = parse_pairs(variants, m)
+    counts = picture_counts(m, pictures)
     if image_tokens is not None:
         family = families.by_name(m.family)
         family.check_cap(image_tokens)
@@ -308,7 +382,7 @@ def drift_bundle(bundle: str | Path, reference: str | Path, *, eval_file: str | 
                                           for p in pairs])
     if eval_file is None:
         raise UserError("drift needs questions: --eval FILE (toy, ScienceQA or POPE format)")
-    eval_set = read_eval(eval_file, eval_format, image_folder, limit)
+    eval_set = with_pictures(read_eval(eval_file, eval_format, image_folder, limit), counts)
     if eval_source:
         eval_set.source = eval_source
     result = run_drift(bundle, reference, eval_set, pairs, max_tokens=max_tokens, kv_cache=kv_cache,
