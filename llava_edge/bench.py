@@ -129,7 +129,9 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
     image prefill; the warm-up pass saves it); by default it is not, so the image is encoded and
     decoded. ``fresh=False`` keeps the KV cache of the conversation before, as a running process
     (``chat``'s REPL, a server) does: what the two prompts share (the system prompt, up to
-    the image when the image is new) is not decoded again.
+    the image when the image is new) is not decoded again. ``image`` may be a list: several pictures
+    opening one question (a family trained with several), each prepared as one of several and encoded on
+    its own, as ``ChatSession`` does.
     """
     from .runtimes.pipeline import Sampling, sample
 
@@ -138,18 +140,20 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
         if fresh:
             model.llm.reset()
         vision_s: list[float] = []
+        several = isinstance(image, list)
+        pictures = image if several else [image]
 
-        def embeddings() -> np.ndarray:  # called by prefill only if the image's positions must be decoded
+        def encoded(picture) -> np.ndarray:  # called by prefill only if the image's positions must be decoded
             t = time.perf_counter()
             emb = model.encode([picture])[0]
             vision_s.append(time.perf_counter() - t)
             return emb
 
         t0 = time.perf_counter()
-        picture = model.prepare_image(image)
+        prepared = [model.prepare_image(p, alone=len(pictures) == 1) for p in pictures]
         t1 = time.perf_counter()
-        text = model.template.prompt(question, image=True, history=[])
-        slots = model.slots_for(text, picture.key, picture.positions)
+        slots = chat_pass_slots(model, prepared, question, several)
+        embeddings = {p.key: (lambda p=p: encoded(p)) for p in prepared}
         t2 = time.perf_counter()
         before = model.stats["prefill_tokens"]
         logits = model.prefill(slots, embeddings)
@@ -165,6 +169,7 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
         "tokenize_ms": (t2 - t1) * 1e3,
         "prefill_ms": prefill_s * 1e3,
         "prompt_positions": len(slots),
+        "image_positions": sum(p.positions for p in prepared),
         "prefill_tokens": decoded,  # positions decoded: all of the prompt when fresh and nothing saved
         "prefill_tokens_per_s": decoded / prefill_s,
         "ttft_ms": (t4 - t0) * 1e3,
@@ -172,6 +177,13 @@ def time_chat_pass(model, image, question: str, decode_tokens: int, fresh: bool 
         "decode_ms": decode_s * 1e3,
         "decode_tokens_per_s": steps / decode_s,
     }
+
+
+def chat_pass_slots(model, prepared: list, question: str, several: bool = False) -> list:
+    """The first question's prompt slots about ``prepared`` pictures (``several``: they were given as a list, so the
+    prompt opens with as many picture places; else the conversation's one picture)."""
+    text = model.template.prompt(question, image=len(prepared) if several else True, history=[])
+    return model.picture_slots(text, [(p.key, p.positions) for p in prepared])
 
 
 def time_decode(model, slots: list, emb, tokens: int) -> tuple[int, float]:
