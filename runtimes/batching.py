@@ -61,8 +61,8 @@ class Request:
     """One answer to compute: the prompt's positions, its image and how to sample."""
 
     slots: list  # token ids and ImageSlots, as ``EdgeLLaVA.slots_for`` makes them
-    # the prompt's picture (or pictures, in the prompt's order), read and preprocessed (``EdgeLLaVA.prepare_image``)
-    image: PreparedImage | list[PreparedImage] | None
+    # the prompt's pictures in its order, read and preprocessed (``EdgeLLaVA.prepare_image``)
+    pictures: list[PreparedImage]
     temperature: float
     top_p: float
     max_tokens: int
@@ -90,10 +90,6 @@ class Request:
     @property
     def image_positions(self) -> int:
         return sum(isinstance(s, ImageSlot) for s in self.slots)
-
-    @property
-    def pictures(self) -> list[PreparedImage]:
-        return [] if self.image is None else list(self.image) if isinstance(self.image, list) else [self.image]
 
 
 @dataclass
@@ -309,7 +305,7 @@ class BatchEngine:
         decode."""
         todo = {}
         for r in self._running.values():
-            if not r.reading() or not r.req.image:
+            if not r.reading() or not r.req.pictures:
                 continue
             ahead = {s.key for s in r.req.slots[r.cursor:] if isinstance(s, ImageSlot)}
             for img in r.req.pictures:

@@ -350,12 +350,11 @@ class EdgeLLaVA:
 
     def conversation_slots(self, question: str, image: ImageInput | list | None = None,
                            history: list[Turn] | None = None, system: str | None = None,
-                           formats: tuple[str, ...] | None = None) -> tuple[list, PreparedImage | list | None,
-                                                                            Template]:
-        """A conversation's generation prompt: (slots, the prepared picture or None, template).
+                           formats: tuple[str, ...] | None = None) -> tuple[list, list[PreparedImage], Template]:
+        """A conversation's generation prompt: (slots, its prepared pictures in order, template).
 
-        ``image``: the conversation's picture, or a list of its pictures in order (then the prepared ones come
-        back as a list): ``history``'s turns hold as many as their ``image`` says, the question the rest.
+        ``image``: the conversation's picture, or a list of its pictures in order: ``history``'s turns hold as
+        many as their ``image`` says, the question the rest.
         ``system`` replaces the conversation mode's system prompt (text with the tokenizer's control
         tokens, or a ``chat_template`` mode, is refused); ``formats``: the image file formats accepted.
         The images are read and preprocessed here, the vision graph is not run.
@@ -376,7 +375,7 @@ class EdgeLLaVA:
         videos = sum(isinstance(p, Video) for p in pictures[len(pictures) - new:]) if new else 0
         parts = template.prompt(question, image=new, history=history, videos=videos)
         slots = self.picture_slots(parts, [(p.key, p.positions) for p in prepared])
-        return slots, prepared if isinstance(image, list) else (prepared[0] if prepared else None), template
+        return slots, prepared, template
 
     def check_pictures(self, n: int) -> None:
         """A one-line error for a conversation of ``n`` pictures where the model was trained with one."""

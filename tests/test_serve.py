@@ -318,7 +318,7 @@ def test_images_batched_through_the_vision_graph(toy, solo):
                 else:
                     answers[name] = "".join(pieces)
                     done.release()
-            requests.append(Request(slots, picture, 0.0, 1.0, MAX, None, m.template.stop, on_event))
+            requests.append(Request(slots, [picture], 0.0, 1.0, MAX, None, m.template.stop, on_event))
         with engine._cv:  # all four wait before the engine looks: they are admitted in one step
             for r in requests:
                 engine._waiting.append(r)

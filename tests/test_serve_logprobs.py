@@ -68,7 +68,7 @@ def check_against_runtime(runtime, by_bytes, image, question, content: list, top
     alternatives equal the log-softmax of the runtime's own logits. Returns (log-softmax, token) of each."""
     slots, prepared, _ = runtime.conversation_slots(question, str(image))
     runtime.llm.reset()
-    logits = runtime.prefill(slots, runtime.encode([prepared])[0])
+    logits = runtime.prefill(slots, runtime.encode(prepared)[0])
     seen = []
     for i, e in enumerate(content):
         lp = log_softmax(logits)

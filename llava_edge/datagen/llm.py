@@ -119,17 +119,17 @@ class InProcess:
             slots, _, template = m.conversation_slots(turns[-1].text, None, turns[:-1], system)
         except UserError as e:
             raise LLMError(str(e)) from None
-        return self._answer(slots, None, template, max_tokens, temperature, seed)
+        return self._answer(slots, [], template, max_tokens, temperature, seed)
 
     def ask(self, question: str, image=None, max_tokens: int = 512) -> str:
         """The bundle's greedy answer to ``question`` about ``image`` (a path), as ``chat`` gives it."""
         try:
-            slots, img, template = self.model.conversation_slots(question, image)
+            slots, pictures, template = self.model.conversation_slots(question, image)
         except UserError as e:
             raise LLMError(str(e)) from None
-        return self._answer(slots, img, template, max_tokens, 0.0, None).text
+        return self._answer(slots, pictures, template, max_tokens, 0.0, None).text
 
-    def _answer(self, slots, image, template, max_tokens, temperature, seed) -> Completion:
+    def _answer(self, slots, pictures, template, max_tokens, temperature, seed) -> Completion:
         from ..runtimes.batching import Request
 
         m = self.model
@@ -146,7 +146,7 @@ class InProcess:
                     out.append(LLMError(ev.text))
                 done.set()
 
-        req = Request(slots, image, temperature, 1.0, min(max_tokens, room - 1), seed, template.stop, on_event)
+        req = Request(slots, pictures, temperature, 1.0, min(max_tokens, room - 1), seed, template.stop, on_event)
         self.engine.submit(req)
         done.wait()
         if out and isinstance(out[-1], LLMError):

@@ -148,7 +148,7 @@ class Server:
         try:
             data = [Video(image_bytes(src, o.images), o.images.frames) if src.video else image_bytes(src, o.images)
                     for src in conv.images]
-            slots, image, template = m.conversation_slots(conv.question, data or None, conv.history, conv.system,
+            slots, pictures, template = m.conversation_slots(conv.question, data or None, conv.history, conv.system,
                                                           formats=IMAGE_FORMATS)
         except UserError as e:
             where = (conv.images[-1].where if len(conv.images) > 1 and "picture" in str(e) else
@@ -162,7 +162,7 @@ class Server:
                            param="messages")
         max_tokens = s.max_tokens if s.max_tokens is not None else (o.max_tokens or m.llm.n_ctx)
         return Request(
-            slots, image,
+            slots, pictures,
             temperature=o.temperature if s.temperature is None else float(s.temperature),
             top_p=o.top_p if s.top_p is None else float(s.top_p),
             max_tokens=max_tokens, seed=o.seed if s.seed is None else s.seed,
