@@ -116,18 +116,22 @@ def test_first_answer_token_logits_and_greedy_answers_equal_transformers(size, h
 
 
 def test_quantized_vision_variants_and_the_mmproj(toy, tmp_path):
-    """fp16 and int8 graphs of the SigLIP tower pass quantize's checks against the fp32 graph; llama.cpp's
-    mmproj is written (tests/test_mmproj_siglip.py checks what llama.cpp computes with it)."""
+    """fp16, int8 and int4 graphs of the SigLIP tower are made and measured against the fp32 graph (int4,
+    weight-only blocks of 32, stays correlated with it); llama.cpp's mmproj is written (tests/test_mmproj_siglip.py
+    checks what llama.cpp computes with it)."""
     from cli_run import le
 
     model, bundle = toy
     out = tmp_path / "b"
     r = le("export", "--model", model, "--out", out, "--target", "onnx")
     assert r.returncode == 0, r.stderr
-    r = le("quantize", out, "--vision", "fp16,int8")
+    r = le("quantize", out, "--vision", "fp16,int8,int4")
     assert r.returncode == 0, r.stderr
-    names = {v.name for v in manifest.read(out).find("vision")}
-    assert {"fp16", "int8"} <= names
+    m = manifest.read(out)
+    assert {"fp16", "int8", "int4"} <= {v.name for v in m.find("vision")}
+    quality = {name: m.variant("vision", name).extra["quality"] for name in ("int8", "int4")}
+    assert quality["int4"]["against"] == "fp32" and quality["int4"]["min_cosine"] > 0.9, quality
+    assert quality["int8"]["min_cosine"] > quality["int4"]["min_cosine"], quality  # more bits, closer
     r = le("export", "--model", model, "--out", out, "--target", "mmproj")
     assert r.returncode == 0, r.stderr
     assert manifest.read(out).find("mmproj")
