@@ -20,7 +20,7 @@ from PIL import Image
 
 from cli_run import assert_one_line_error, le
 from llava_edge.errors import UserError
-from llava_edge.scenes import Scene, render
+from llava_edge.scenes import Scene
 from llava_edge.toy.data import FILES, MORE_ANSWERS, MORE_KIND, MORE_QUESTION, write_dataset
 from llava_edge.toy.evaluate import pictures_of, score
 
@@ -116,7 +116,8 @@ def test_two_picture_features_equal_transformers_onevision(two, tmp_path):
     from llava_edge.checkpoint import open_checkpoint
     from llava_edge.templates import expand_images, get_template
     from llava_edge.tokenizer import Tokenizer
-    from llava_edge.toy.evaluate import question_of, several_inputs
+    from llava_edge.drift.reference import generation_inputs
+    from llava_edge.toy.evaluate import question_of
     from llava_edge.toy.model import write_toy_model
 
     model_dir = write_toy_model(tmp_path / "ov", "toy-onevision", seed=1)
@@ -129,10 +130,10 @@ def test_two_picture_features_equal_transformers_onevision(two, tmp_path):
     tok, img = Tokenizer(model_dir), ckpt.image_token_id
     ids = expand_images(tok.encode_prompt(get_template(ckpt.conv_mode).prompt(question_of(r), image=2), img), img,
                         [[img] * p.positions for p in prepared])
-    ours = several_inputs(hf, family, images, ids, prepared, img)
+    ours = generation_inputs(hf, family, ids, prepared, images)
     ref = LlavaOnevisionImageProcessorPil.from_pretrained(model_dir)(images=[pics], return_tensors="np")
     with torch.no_grad():
-        got = hf(inputs_embeds=ours["inputs_embeds"], attention_mask=ours["attention_mask"]).logits
+        got = hf(**ours).logits
         want = hf(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(np.asarray(ref["pixel_values"])),
                   image_sizes=torch.from_numpy(np.asarray(ref["image_sizes"])),
                   batch_num_images=torch.from_numpy(np.asarray(ref["batch_num_images"]))).logits

@@ -164,7 +164,7 @@ def picture_features(hf, family, prepared: list, images) -> list:
                 .pooler_output)
 
 
-def generation_inputs(hf, family, ids: list[int], prepared: list, images, features: list) -> dict:
+def generation_inputs(hf, family, ids: list[int], prepared: list, images, features: list | None = None) -> dict:
     """``generate``'s keyword arguments for the prompt ``ids`` (every picture expanded to its positions). Several
     pictures: the ids and every picture's pixels as one sample. (The families trained with several pictures
     are read by transformers' classes as they were trained; the embeddings route ``hf_generation_inputs``
@@ -172,7 +172,7 @@ def generation_inputs(hf, family, ids: list[int], prepared: list, images, featur
     import torch
 
     if len(prepared) == 1:
-        return family.hf_generation_inputs(hf, ids, prepared[0], images, features[0])
+        return family.hf_generation_inputs(hf, ids, prepared[0], images, features[0] if features else None)
     return {"input_ids": torch.tensor([ids], device=hf.device),
             **_on(hf, family.hf_inputs(prepared, per_sample=[len(prepared)]))}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from ..drift.formats import normalize_short as normalize  # LLaVA's short-answer normalisation
+from ..drift.reference import generation_inputs  # transformers' inputs for one picture or several as one sample
 from .data import MORE_ANSWERS, MORE_KIND
 
 
@@ -43,25 +44,6 @@ def pictures_of(record: dict) -> list[str]:
     return list(image) if isinstance(image, list) else [image]
 
 
-def several_inputs(model, family, images, ids: list[int], pictures: list, image_token_id: int) -> dict:
-    """``generate``'s keyword arguments for a prompt with several pictures: each picture's tiles through the tower
-    and projector (transformers' modules), packed by the checkpoint's family as the runtime packs them, in the
-    prompt's embeddings at that picture's positions, in order."""
-    import torch
-
-    parts = []
-    for p in pictures:
-        with torch.no_grad():
-            tiles = family.hf_tile_features(model, torch.from_numpy(p.pixels).to(model.device, model.dtype))
-        parts.append(torch.from_numpy(images.pack(tiles.float().cpu().numpy(), p)))
-    t = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(t).clone()
-    mask = t[0] == image_token_id
-    embeds[0, mask] = torch.cat(parts).to(embeds.device, embeds.dtype)
-    return {"input_ids": t, "inputs_embeds": embeds, "attention_mask": torch.ones_like(t)}
-
-
 def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: int = 12) -> dict:
     """Greedy answers of the Hugging Face model, prompted exactly as the runtime (and LLaVA's evaluation) prompts,
     each picture prepared by the checkpoint's family as export and the runtime prepare it (one of several pictures
@@ -91,8 +73,7 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
         pictures = [images.prepare(eval_file.parent / n, alone=alone) for n in names]
         ids = expand_images(tok.encode_prompt(template.prompt(question_of(r), image=len(names)), img_id), img_id,
                             [[img_id] * p.positions for p in pictures])
-        inputs = (family.hf_generation_inputs(model, ids, pictures[0], images) if alone else
-                  several_inputs(model, family, images, ids, pictures, img_id))
+        inputs = generation_inputs(model, family, ids, pictures, images)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_id,
                                  pad_token_id=tok.pad_id)
