@@ -34,7 +34,6 @@ import pytest
 from llava_edge.checkpoint import DEFAULT_RECIPE, RECIPE_FILE, Checkpoint, open_checkpoint, write_recipe
 from llava_edge.errors import UserError
 from llava_edge.export import llm_gguf
-from llava_edge.export.gguf_vocab import QWEN2_SPLIT_REGEX
 from llava_edge.export.llm_gguf import export_llm_gguf
 
 from llama_family import EXTRA_TEXT, _padded, _tiny_vision
@@ -51,20 +50,11 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 def train_qwen2_tokenizer(vocab_size: int = 1000):
     """A byte-level BPE built with Qwen2's pipeline (transformers' ``Qwen2Tokenizer`` spells the same), trained on
     the toy corpus plus :data:`EXTRA_TEXT`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken
 
-    from llava_edge.toy.tokenizer import IMAGE_TOKEN, corpus
+    from llava_edge.toy.tokenizer import IMAGE_TOKEN, corpus, qwen2_bpe
 
-    tok = Tokenizer(models.BPE(byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(corpus(n_scenes=600) + EXTRA_TEXT * 20, trainer)
+    tok = qwen2_bpe(corpus(n_scenes=600) + EXTRA_TEXT * 20, vocab_size)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*QWEN2_SPECIALS, IMAGE_TOKEN]])
     return tok
 

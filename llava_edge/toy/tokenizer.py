@@ -132,10 +132,8 @@ def qwen_fixed_text() -> tuple[str, ...]:
     return tuple(x for x in text.split("\0") if x)
 
 
-def train_qwen2_bpe(texts: list[str], vocab_size: int):
-    """A ``tokenizers`` byte-level BPE with Qwen2's pipeline trained on ``texts``: (vocab, merges)."""
-    import json
-
+def qwen2_bpe(texts: list[str], vocab_size: int):
+    """A ``tokenizers.Tokenizer``: byte-level BPE with Qwen2's pipeline, trained on ``texts``, no special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from ..export.gguf_vocab import QWEN2_SPLIT_REGEX
@@ -151,7 +149,14 @@ def train_qwen2_bpe(texts: list[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tk.train_from_iterator(texts, trainer)
-    model = json.loads(tk.to_str())["model"]
+    return tk
+
+
+def train_qwen2_bpe(texts: list[str], vocab_size: int):
+    """:func:`qwen2_bpe`'s (vocab, merges)."""
+    import json
+
+    model = json.loads(qwen2_bpe(texts, vocab_size).to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return model["vocab"], merges
 
