@@ -64,19 +64,20 @@ def _cfg(**kw):
     return get_preset("toy").stage2.with_(**{**base, **kw})
 
 
-def _dataset(ckpt, data, folder):
-    """The dataset stage 2 builds: the checkpoint family's image path, up to its largest picture's positions."""
+def stage2_dataset(ckpt, data, folder, mode: str = "vicuna_v1", max_length: int = 2048):
+    """The dataset stage 2 builds: the checkpoint family's image path, up to its largest picture's positions, the
+    records' pictures placed by the mode's code."""
     from llava_edge.templates import get_template
     from llava_edge.tokenizer import Tokenizer
     from llava_edge.train.data import LlavaDataset, load_records
 
-    records, _ = load_records(data, folder)
+    records, _ = load_records(data, folder, origin=get_template(mode).origin)
     family = ckpt.family
     section, per_tile = family.image_section(ckpt), family.tokens_per_tile(ckpt)
     images = family.image_path(section, {}, per_tile, family.side_arrays(ckpt))
     tok = Tokenizer(ckpt.path)
-    return LlavaDataset(records, get_template("vicuna_v1"), tok, ckpt.image_token_id,
-                        family.max_positions(section, per_tile), images, 2048, family), tok
+    return LlavaDataset(records, get_template(mode), tok, ckpt.image_token_id,
+                        family.max_positions(section, per_tile), images, max_length, family), tok
 
 
 def _runs(labels):
@@ -93,7 +94,7 @@ def test_each_picture_takes_its_own_positions_and_none_is_learned(next_toy, pict
     from llava_edge.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(next_toy)
-    ds, tok = _dataset(ckpt, pictures / "data.json", pictures)
+    ds, tok = stage2_dataset(ckpt, pictures / "data.json", pictures)
     counts = []
     for i, rec in enumerate(ds.records):
         item = ds[i]
@@ -121,7 +122,7 @@ def test_the_batch_and_the_first_loss_equal_transformers(next_toy, pictures, tmp
     from llava_edge.train.labels import label
 
     ckpt = open_checkpoint(next_toy)
-    ds, tok = _dataset(ckpt, pictures / "data.json", pictures)
+    ds, tok = stage2_dataset(ckpt, pictures / "data.json", pictures)
     ims = [Image.open(r.image) for r in ds.records]
     ref = LlavaNextImageProcessorPil.from_pretrained(next_toy)(images=ims, return_tensors="np")
     ours = collate([ds[i] for i in range(len(ds))], tok.pad_id, ckpt.family)

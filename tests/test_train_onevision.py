@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from cli_run import assert_one_line_error  # tests/ is on sys.path under pytest
-from next_helpers import assert_logits_close, hf_answer, picture
+from next_helpers import hf_answer, picture
 from test_qwen_labels import IMAGE_INDEX, qwen, reference_source  # noqa: F401 - qwen is a fixture
 from test_several_images import _ids, _last_slots
+from test_train_next import stage2_dataset
 
 from llava_edge.errors import UserError
 from llava_edge.templates import IMAGE_PLACEHOLDER, TEMPLATES, flat, message_parts
@@ -150,20 +151,6 @@ def data(tmp_path_factory):
     return root
 
 
-def _dataset(ckpt, folder):
-    from llava_edge.templates import get_template
-    from llava_edge.tokenizer import Tokenizer
-    from llava_edge.train.data import LlavaDataset
-
-    records, _ = load_records(folder / "data.json", folder, origin="llava-next")
-    family = ckpt.family
-    section, per_tile = family.image_section(ckpt), family.tokens_per_tile(ckpt)
-    images = family.image_path(section, {}, per_tile, family.side_arrays(ckpt))
-    tok = Tokenizer(ckpt.path)
-    return LlavaDataset(records, get_template("qwen_1_5"), tok, ckpt.image_token_id,
-                        family.max_positions(section, per_tile), images, 4096, family), tok
-
-
 def _reference_inputs(model_dir, folder):
     """The image processor's inputs for the records with pictures, each record's pictures nested as one sample."""
     from PIL import Image
@@ -190,7 +177,7 @@ def test_the_batch_and_the_first_loss_equal_transformers(onevision, data, tmp_pa
     from llava_edge.train.presets import get_preset
 
     ckpt = open_checkpoint(onevision)
-    ds, tok = _dataset(ckpt, data)
+    ds, tok = stage2_dataset(ckpt, data / "data.json", data, "qwen_1_5", 4096)
     ref = _reference_inputs(onevision, data)
     items = [ds[i] for i in range(len(ds))]
     ours = collate(items, tok.pad_id, ckpt.family)
