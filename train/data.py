@@ -32,13 +32,13 @@ from .labels import IGNORE_INDEX, Labeled, label
 @dataclass
 class Record:
     id: str
-    image: Path | None  # the record's picture, the first of several
     turns: list[Turn]
     images: tuple[Path, ...] = ()  # every picture, in the order of the ``<image>`` markers
 
-    def __post_init__(self):
-        if not self.images and self.image is not None:
-            self.images = (self.image,)
+    @property
+    def image(self) -> Path | None:
+        """The record's picture, the first of several."""
+        return self.images[0] if self.images else None
 
 
 def _placed(rid: str, turns: list[Turn], n: int, origin: str) -> list[Turn]:
@@ -119,12 +119,12 @@ def _record(r: dict, n: int, root: Path | None, origin: str = "llava") -> Record
     if names is None or names == []:
         if any(IMAGE_PLACEHOLDER in t.text for t in turns):
             raise UserError(f"record {rid}: text has {IMAGE_PLACEHOLDER} but the record names no image")
-        return Record(rid, None, turns)
+        return Record(rid, turns)
     if root is None:
         raise UserError(f"record {rid} has an image but no --image-folder was given")
     names = names if isinstance(names, list) else [names]  # LLaVA-NeXT's several pictures: a list of paths
     images = tuple(_image_file(rid, root, name) for name in names)
-    return Record(rid, images[0], _placed(rid, turns, len(images), origin), images)
+    return Record(rid, _placed(rid, turns, len(images), origin), images)
 
 
 def _image_file(rid: str, root: Path, name) -> Path:

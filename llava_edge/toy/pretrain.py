@@ -190,7 +190,7 @@ def pretrain_language(model, tokenizer, steps: int = 300, batch: int = 32, lr: f
         if isinstance(x, str):
             ids = tokenizer.encode(x)
             return {"input_ids": ids, "labels": ids, "images": []}  # no picture
-        e = encode(Record("pretrain", None, x), template, tokenizer, -1, 0, 2048)
+        e = encode(Record("pretrain", x), template, tokenizer, -1, 0, 2048)
         return {"input_ids": e.input_ids, "labels": e.labels, "images": []}
 
     examples = language_examples(steps * batch, seed, detail, several)
