@@ -41,24 +41,12 @@ class BuildSize:
     stage2_epochs: float = 3.0
 
 
-def several_pictures(ckpt_dir: Path) -> bool:
-    """Whether the checkpoint's family was trained with several pictures a conversation (then the toy data asks
-    about two pictures too)."""
-    from ..checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(ckpt_dir)
-    return ckpt.family.several_images(ckpt)
-
-
 TEXT_ROOM = 512  # tokens: more than the longest toy conversation's text
 
 
-def max_length(ckpt_dir: Path, preset_length: int) -> int:
+def max_length(ckpt, preset_length: int) -> int:
     """The training preset's max length, raised where the family's largest picture and the text would not fit
     (OneVision's 36 grids reach 6x6 tiles)."""
-    from ..checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(ckpt_dir)
     family = ckpt.family
     most = family.max_positions(family.image_section(ckpt), family.tokens_per_tile(ckpt))
     return max(preset_length, most + TEXT_ROOM)
@@ -113,20 +101,21 @@ def build(out: str | Path, seed: int = 0, size: BuildSize = BuildSize(), log=pri
     # the base first: its family says whether the data shows two pictures at once
     log("base model: pretraining the vision tower and the language model")
     base = build_base(out / "base", seed, size, log, preset, detail)
-    several = several_pictures(base)
+    ckpt = open_checkpoint(base)
+    several = ckpt.family.several_images(ckpt)  # then the toy data asks about two pictures too
     data = out / "data"
     if not (data / FILES["eval"]).is_file():
         log("toy data" + (" (with the two-picture question)" if several else ""))
         write_dataset(data, seed, size.n_stage1, size.n_stage2, size.n_eval, several=several,
                       **(dict(image_size=DETAIL_IMAGE_SIZE, detail_world=True) if detail else {}))
     training = get_preset("toy")
-    length = max_length(base, training.stage2.max_length)
+    length = max_length(ckpt, training.stage2.max_length)
     if not (out / "stage1" / "mm_projector.safetensors").is_file():
         log("stage 1: feature alignment (projector only, plain template)")
         stages.stage1(str(base), data / FILES["stage1"], data, out / "stage1",
                       replace(training.stage1, epochs=size.stage1_epochs, seed=seed, max_length=length),
                       pad="square", log=log)
-    mode = open_checkpoint(base).conv_mode  # the mode the toy's language model was pretrained to chat in
+    mode = ckpt.conv_mode  # the mode the toy's language model was pretrained to chat in
     if not (out / "stage2" / "model.safetensors").is_file():
         log(f"stage 2: visual instruction tuning (projector + language model, {mode})")
         stages.stage2(str(base), data / FILES["stage2"], data, out / "stage2",
