@@ -27,12 +27,33 @@ SPM_VOCABS  := llama-spm qwen2 llama-bpe phi-3
 SPM_STAMP   := $(SPM_DIR)/.fetched-$(subst $(space),+,$(SPM_VOCABS))
 SPM_FILES   := $(foreach v,$(SPM_VOCABS),ggml-vocab-$(v).gguf ggml-vocab-$(v).gguf.inp ggml-vocab-$(v).gguf.out)
 
+# llama-cpp-python's version (pyproject pins the same) and the compiler flags it is built with (see below)
+LLAMA_VERSION := 0.3.36
+LLAMA_FLAGS   := -fno-tree-dse -fno-dse
+LLAMA_WHEELS  := .cache/llama-wheel
+LLAMA_STAMP   := $(LLAMA_WHEELS)/.built-$(LLAMA_VERSION)$(subst $(space),,$(LLAMA_FLAGS))
+
 .PHONY: setup llava-ref test test-slow test-browser demo clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned in pyproject (CPU wheel on disk); llama-cpp-python builds from source once, then pip caches it
+
+# llama-cpp-python, built here from its sdist (about 5 minutes on 2 cores, once per clone) with GCC's
+# dead-store elimination off: GCC 12 drops the stores that fill the AMX tile configuration, and every batch
+# through llama.cpp's AMX buffer then crashes (llama.cpp#20824); built this way, the AMX buffer prefills
+# 3.5x faster than plain weights on an AMX Xeon (docs/BENCHMARKS.md). runtimes/llama_amx.py probes which
+# kind of build is installed. pip's cache is bypassed: it would hand back a wheel built without the flags.
+$(LLAMA_STAMP): | $(PY)
+	rm -rf $(LLAMA_WHEELS) && mkdir -p $(LLAMA_WHEELS)
+	CMAKE_ARGS="-DCMAKE_C_FLAGS='$(LLAMA_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_FLAGS)'" $(PY) -m pip wheel --quiet \
+		--no-cache-dir --no-deps --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS)
+	touch $@
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP) | $(PY)
+	# that build first, replacing any other build of the same version; then the rest (torch is pinned in
+	# pyproject: the CPU wheel on disk)
+	$(PY) -m pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -63,6 +63,9 @@ class Hardware:
     tensorrt_python: bool  # TensorRT's Python package is importable (not imported here)
     ort_packages: tuple[str, ...] | None = None  # installed onnxruntime distributions (None: not looked at)
     llama_cpu_features: tuple[str, ...] = ()  # what llama.cpp's CPU backend was built to use ("AVX2", "AVX512_BF16")
+    # where that includes AMX_INT8: whether its AMX buffer multiplies batches correctly in this build, and why
+    # (llama_amx.amx_batches_work); None: not asked
+    llama_amx_batches: tuple[bool, str] | None = None
 
     def describe(self) -> str:
         parts = []
@@ -79,7 +82,9 @@ class Hardware:
                 parts.append("onnxruntime packages: " + ", ".join(self.ort_packages) + " (conflict)")
         parts.append("llama.cpp backends: " + (", ".join(self.llama_backends) or "?")
                      + ("; GPU offload supported" if self.llama_gpu_offload else "; no GPU offload")
-                     + ("; bf16 dot products (AVX512_BF16)" if BF16_CPU_FEATURE in self.llama_cpu_features else ""))
+                     + ("; bf16 dot products (AVX512_BF16)" if BF16_CPU_FEATURE in self.llama_cpu_features else "")
+                     + (f"; AMX batches {'work' if self.llama_amx_batches[0] else 'broken'}"
+                        if self.llama_amx_batches is not None else ""))
         parts.append("TensorRT Python package " + ("present" if self.tensorrt_python else "absent"))
         return "; ".join(parts)
 
@@ -163,16 +168,17 @@ AMX_CPU_FEATURE = "AMX_INT8"
 EXTRA_BUFFERS_ENV = "LLAVA_EDGE_LLAMA_EXTRA_BUFFERS"
 
 
-def extra_buffers(features: tuple[str, ...], env: dict | None = None) -> tuple[bool, str]:
+def extra_buffers(features: tuple[str, ...], env: dict | None = None,
+                  amx_probe: Callable[[], tuple[bool, str]] | None = None) -> tuple[bool, str]:
     """Whether llama.cpp may load weights into its extra buffer types (``use_extra_bufts``), and why.
 
-    Off where its CPU backend has AMX: llama.cpp then moves Q4_0/Q8_0/K-quant/IQ4_XS weights into AMX
-    buffers, and in llama-cpp-python 0.3.36 on a Xeon with AMX_INT8 every ``llama_decode`` of more than one token
-    that reads one crashed the process (SIGSEGV at ``ldtilecfg`` in ``ggml_backend_amx_mul_mat``: the tile
-    configuration ``ggml_tile_config_init`` fills is left mostly unwritten by the compiler; llama.cpp#20824), at
-    every model size measured (a toy, TinyLLaVA-1.1B, 7B 4-layer). Turning them off also turns off CPU_REPACK's
-    interleaved layouts: measured at TinyLLaVA size, Q4_K_M prefills 1.5-1.6x faster and decodes at 0.76-0.81x
-    (docs/BENCHMARKS.md, "4-bit types on the CPU"). ``$LLAVA_EDGE_LLAMA_EXTRA_BUFFERS`` = 1 or 0 decides instead.
+    Where its CPU backend has AMX, llama.cpp moves Q4_0/Q8_0/K-quant/IQ4_XS weights into AMX buffers, which
+    prefill 3.5x and decode 1.7x faster than the same weights loaded plain on a 2-vCPU Xeon (docs/BENCHMARKS.md)
+    but crash every batch of more than one token in builds that drop the tile configuration (llama.cpp#20824).
+    ``amx_probe`` (default: :func:`llama_amx.amx_batches_work`, run once per build) tells them apart; where it
+    answers no, every extra buffer type is off, CPU_REPACK's interleaved layouts with it (measured at TinyLLaVA
+    size: Q4_K_M prefills 1.5-1.6x faster and decodes at 0.76-0.81x, "4-bit types on the CPU").
+    ``$LLAVA_EDGE_LLAMA_EXTRA_BUFFERS`` = 1 or 0 decides instead.
     """
     env = os.environ if env is None else env
     asked = (env.get(EXTRA_BUFFERS_ENV) or "").strip()
@@ -180,10 +186,15 @@ def extra_buffers(features: tuple[str, ...], env: dict | None = None) -> tuple[b
         return asked == "1", f"${EXTRA_BUFFERS_ENV}={asked}"
     if asked:
         raise UserError(f"${EXTRA_BUFFERS_ENV} must be 0 or 1, not {asked!r}")
-    if AMX_CPU_FEATURE in features:
-        return False, (f"off because llama.cpp's CPU backend has {AMX_CPU_FEATURE}, whose matrix product crashes "
-                       f"on batches of more than one token (llama.cpp#20824); ${EXTRA_BUFFERS_ENV}=1 turns them on")
-    return True, "llama.cpp's default (no AMX in its CPU backend)"
+    if AMX_CPU_FEATURE not in features:
+        return True, "llama.cpp's default (no AMX in its CPU backend)"
+    if amx_probe is None:
+        from .llama_amx import amx_batches_work as amx_probe
+    works, why = amx_probe()
+    if works:
+        return True, f"on, AMX included: {why}"
+    return False, (f"off because llama.cpp's CPU backend has {AMX_CPU_FEATURE} and {why}; "
+                   f"${EXTRA_BUFFERS_ENV}=1 turns them on")
 
 
 def llama_cpu_features(info: str) -> tuple[str, ...]:
@@ -205,6 +216,12 @@ def detect_hardware(root: str | Path = "/") -> Hardware:
         providers, packages = (), ()
     info = llama_system_info()
     offload, backends = llama_capabilities(info)
+    features = llama_cpu_features(info)
+    amx = None
+    if AMX_CPU_FEATURE in features:
+        from .llama_amx import amx_batches_work
+
+        amx = amx_batches_work()
     cpus = usable_cpus()
     return Hardware(
         jetson=read_jetson(root),
@@ -216,7 +233,8 @@ def detect_hardware(root: str | Path = "/") -> Hardware:
         physical_cores=physical_cores(cpus, root),
         tensorrt_python=importlib.util.find_spec("tensorrt") is not None,
         ort_packages=packages,
-        llama_cpu_features=llama_cpu_features(info),
+        llama_cpu_features=features,
+        llama_amx_batches=amx,
     )
 
 
@@ -241,11 +259,14 @@ _LLM_EDGE = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q8_0", "q4_0", "q4
 # docs/BENCHMARKS.md), so the first token comes 1.5-1.65x sooner. Elsewhere the bundle's default.
 BF16_CPU_FEATURE = "AVX512_BF16"
 # 4-bit GGUF types, fastest decode first, measured with llama.cpp's kernels for (CPU feature, whether its extra
-# buffer types are on) by bench/cpu_q4.py (docs/BENCHMARKS.md, "4-bit types on the CPU"). Extra buffers on: Q4_0,
-# IQ4_NL and the K-quants are repacked into interleaved layouts (CPU_REPACK), measured on AMD Zen 4 (AVX-512
-# without AMX); off: llama.cpp's plain vec_dot kernels, measured on an AMX Xeon, where they are off. Where the CPU
-# matches no row, llama.cpp's usual size/quality point, Q4_K_M, leads.
+# buffer types are on) by bench/cpu_q4.py (docs/BENCHMARKS.md, "4-bit types on the CPU"); the first row that
+# matches wins. AMX on: Q4_0, the K-quants and IQ4_XS in llama.cpp's AMX buffer, IQ4_NL in CPU_REPACK, measured
+# on an AMX Xeon at the LLaVA-OneVision-0.5B shape (Q4_0 decodes 1.6x and prefills 3x as fast as Q4_K_M there).
+# AVX-512 on: Q4_0, IQ4_NL and the K-quants are repacked into interleaved layouts (CPU_REPACK), measured on AMD
+# Zen 4 (AVX-512 without AMX); off: llama.cpp's plain vec_dot kernels, measured on an AMX Xeon whose build
+# crashed AMX batches. Where the CPU matches no row, llama.cpp's usual size/quality point, Q4_K_M, leads.
 CPU_Q4_FASTEST: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("AMX_INT8", True): ("q4_0", "iq4_xs", "iq4_nl", "q4_k_s", "q4_k_m"),
     ("AVX512", True): ("q4_k_m", "q4_k_s", "iq4_nl", "q4_0", "iq4_xs"),
     ("AVX512", False): ("q4_k_m", "q4_k_s", "iq4_xs", "q4_0", "iq4_nl"),
 }
@@ -634,7 +655,8 @@ def plan_runtime(m: Manifest, device: str = "auto", *, vision_variant: str | Non
         vision_why += f" (this onnxruntime has no {' or '.join(gpu_providers)}: ONNX variants as for the CPU)"
     lm_on_cpu = n_gpu_layers == 0 if n_gpu_layers is not None else not (profile.gpu_offload and hw.llama_gpu_offload)
     bf16_dots = lm_on_cpu and BF16_CPU_FEATURE in hw.llama_cpu_features
-    extra, extra_why = extra_buffers(hw.llama_cpu_features)
+    amx = hw.llama_amx_batches
+    extra, extra_why = extra_buffers(hw.llama_cpu_features, amx_probe=None if amx is None else lambda: amx)
     llm_order, order_why = profile.llm_preference, ""
     if profile.name == "cpu" and lm_on_cpu:
         llm_order, order_why = cpu_llm_preference(hw.llama_cpu_features, extra)

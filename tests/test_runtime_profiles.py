@@ -562,19 +562,28 @@ def test_the_cpu_profile_orders_4_bit_types_as_measured_for_llama_cpp_s_kernels(
     monkeypatch.delenv(devices.EXTRA_BUFFERS_ENV, raising=False)
     m = four_bit_manifest(bundle)
     avx512 = replace(CPU_BOX, llama_cpu_features=("AVX2", "AVX512"))  # extra buffer types on: CPU_REPACK
-    amx = replace(CPU_BOX, llama_cpu_features=("AVX2", "AVX512", "AMX_INT8"))  # extra buffer types off
-    for hw in (avx512, amx):
-        extra = devices.extra_buffers(hw.llama_cpu_features)[0]
+    amx = ("AVX2", "AVX512", "AMX_INT8")
+    amx_ok = replace(CPU_BOX, llama_cpu_features=amx, llama_amx_batches=(True, "probed: works"))  # AMX on
+    amx_broken = replace(CPU_BOX, llama_cpu_features=amx, llama_amx_batches=(False, "probed: crashed"))  # all off
+    for hw, row in ((avx512, ("AVX512", True)), (amx_ok, ("AMX_INT8", True)), (amx_broken, ("AVX512", False))):
         plan = plan_runtime(m, "cpu", hardware=hw)
-        assert plan.llm.name == devices.CPU_Q4_FASTEST[("AVX512", extra)][0] and "measured fastest" in plan.llm_why
-        assert plan.extra_buffers == extra
+        assert plan.llm.name == devices.CPU_Q4_FASTEST[row][0] and "measured fastest" in plan.llm_why, row
+        assert plan.extra_buffers == row[1], row
+    assert "probed: works" in plan_runtime(m, "cpu", hardware=amx_ok).extra_buffers_why
+    assert "probed: crashed" in plan_runtime(m, "cpu", hardware=amx_broken).extra_buffers_why
     assert plan_runtime(m, "cpu", hardware=replace(CPU_BOX, llama_cpu_features=("NEON",))).llm.name == "q4_k_m"
-    assert not devices.extra_buffers(amx.llama_cpu_features)[0] and devices.extra_buffers(("AVX512",))[0]
+    # without AMX nothing is probed; with it, the probe's answer decides
+    never = lambda: pytest.fail("probed without AMX")  # noqa: E731
+    assert devices.extra_buffers(("AVX512",), amx_probe=never)[0]
+    assert devices.extra_buffers(amx, amx_probe=lambda: (True, "ok"))[0]
+    assert not devices.extra_buffers(amx, amx_probe=lambda: (False, "crashed"))[0]
     monkeypatch.setenv(devices.EXTRA_BUFFERS_ENV, "1")
-    assert devices.extra_buffers(amx.llama_cpu_features) == (True, f"${devices.EXTRA_BUFFERS_ENV}=1")
+    assert devices.extra_buffers(amx, amx_probe=never) == (True, f"${devices.EXTRA_BUFFERS_ENV}=1")
+    monkeypatch.setenv(devices.EXTRA_BUFFERS_ENV, "0")
+    assert devices.extra_buffers(amx, amx_probe=never) == (False, f"${devices.EXTRA_BUFFERS_ENV}=0")
     monkeypatch.setenv(devices.EXTRA_BUFFERS_ENV, "yes")
     with pytest.raises(UserError, match="must be 0 or 1"):
-        devices.extra_buffers(amx.llama_cpu_features)
+        devices.extra_buffers(amx)
 
 
 def test_a_4_bit_type_that_failed_its_drift_gate_is_passed_over(bundle, monkeypatch):

@@ -1,0 +1,140 @@
+"""The probe that decides whether llama.cpp's AMX buffer is used: its model, its verdicts, its cache, and its
+answer for the llama.cpp this suite installed (the Makefile builds it so that AMX batches work)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import gguf
+import numpy as np
+import pytest
+
+from llava_edge.runtimes import devices, llama_amx
+
+
+def test_the_probe_model_is_a_llama_block_with_q8_0_matrices(tmp_path):
+    path = tmp_path / "probe.gguf"
+    llama_amx.write_probe_model(path)
+    r = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    matrices = [n for n in types if n.startswith("blk.") and not n.endswith("norm.weight")]
+    assert len(matrices) == 7 * llama_amx.LAYERS
+    assert all(types[n] == gguf.GGMLQuantizationType.Q8_0 for n in matrices)
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F32
+    arch = r.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+
+
+def test_the_installed_llama_cpp_answers_and_the_runtime_follows_it(tmp_path):
+    """Where llama.cpp's CPU backend has AMX, the build this suite installed must multiply AMX batches
+    correctly: that is what its compiler flags are for. Without AMX the probe says that nothing went to an
+    AMX buffer."""
+    features = devices.llama_cpu_features(devices.llama_system_info())
+    works, why = llama_amx.amx_batches_work(cache_dir=tmp_path)
+    if devices.AMX_CPU_FEATURE in features:
+        assert works, why
+        assert "equals the plain kernels'" in why
+        diff = float(why.split("(")[-1].rstrip(")"))
+        assert 0 <= diff <= llama_amx.TOLERANCE
+        # the runtime's own choice follows the probe
+        assert devices.extra_buffers(features, env={}, amx_probe=lambda: (works, why))[0]
+    else:
+        assert not works and "AMX buffer" in why
+    cached = json.loads((tmp_path / llama_amx.CACHE_NAME).read_text())
+    assert cached == {llama_amx.library_key(): {"works": works, "why": why}}
+
+
+class _Runs:
+    """Stands in for subprocess.run: answers with the given exit status and output, counting calls."""
+
+    def __init__(self, returncode: int, stdout: str = "", stderr: str = ""):
+        self.result = (returncode, stdout, stderr)
+        self.calls = 0
+
+    def __call__(self, cmd, **kw):
+        self.calls += 1
+        assert cmd[1:3] == ["-m", llama_amx.__name__] and cmd[3].endswith(".gguf")
+        return subprocess.CompletedProcess(cmd, self.result[0], self.result[1], self.result[2])
+
+
+@pytest.mark.parametrize("returncode, stdout, works, said", [
+    (-signal.SIGSEGV, "", False, "killed the probe (SIGSEGV)"),
+    (-signal.SIGILL, "", False, "killed the probe (SIGILL)"),
+    (0, '{"relative_difference": 0.0027}', True, "equals the plain kernels' (2.7e-03)"),
+    (3, "llama.cpp put none of the probe's Q8_0 weights in its AMX buffer", False, "none of the probe's"),
+    (4, '{"relative_difference": 0.9}', False, "differs from the plain kernels'"),
+])
+def test_each_way_the_child_ends_is_a_verdict_that_is_kept(tmp_path, monkeypatch, returncode, stdout, works, said):
+    runs = _Runs(returncode, stdout)
+    monkeypatch.setattr(llama_amx.subprocess, "run", runs)
+    first = llama_amx.amx_batches_work(cache_dir=tmp_path)
+    assert first[0] is works and said in first[1]
+    again = llama_amx.amx_batches_work(cache_dir=tmp_path)
+    assert again[0] is works and said in again[1] and "probed once for this build" in again[1]
+    assert runs.calls == 1
+    # another build of the library is probed again
+    monkeypatch.setattr(llama_amx, "library_key", lambda: "another-build")
+    llama_amx.amx_batches_work(cache_dir=tmp_path)
+    assert runs.calls == 2
+    assert len(json.loads((tmp_path / llama_amx.CACHE_NAME).read_text())) == 2
+
+
+def test_a_probe_that_fails_otherwise_answers_no_and_is_tried_again(tmp_path, monkeypatch):
+    runs = _Runs(1, "", "Traceback (most recent call last):\nRuntimeError: llama.cpp could not load")
+    monkeypatch.setattr(llama_amx.subprocess, "run", runs)
+    works, why = llama_amx.amx_batches_work(cache_dir=tmp_path)
+    assert not works and "the probe failed (exit status 1: RuntimeError: llama.cpp could not load)" in why
+    llama_amx.amx_batches_work(cache_dir=tmp_path)
+    assert runs.calls == 2 and not (tmp_path / llama_amx.CACHE_NAME).exists()
+
+    def too_slow(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(llama_amx.subprocess, "run", too_slow)
+    assert llama_amx.amx_batches_work(cache_dir=tmp_path, timeout=7) == (False, "the probe did not finish in 7 s")
+
+
+def test_a_damaged_or_read_only_cache_costs_a_probe_and_nothing_else(tmp_path, monkeypatch):
+    runs = _Runs(0, '{"relative_difference": 0.001}')
+    monkeypatch.setattr(llama_amx.subprocess, "run", runs)
+    (tmp_path / llama_amx.CACHE_NAME).write_text("{not json")
+    assert llama_amx.amx_batches_work(cache_dir=tmp_path)[0]
+    assert json.loads((tmp_path / llama_amx.CACHE_NAME).read_text())[llama_amx.library_key()]["works"] is True
+    (tmp_path / llama_amx.CACHE_NAME).write_text(json.dumps({llama_amx.library_key(): {"works": "yes"}}))
+    assert llama_amx.amx_batches_work(cache_dir=tmp_path)[0] and runs.calls == 2
+
+    def refuse(path, obj):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(llama_amx.atomic, "write_json", refuse)
+    assert llama_amx.amx_batches_work(cache_dir=tmp_path / "elsewhere")[0] and runs.calls == 3
+
+
+def test_the_library_key_changes_with_the_library_files(tmp_path, monkeypatch):
+    import llama_cpp
+
+    key = llama_amx.library_key()
+    assert key == llama_amx.library_key() and len(key) == 32
+    fake = tmp_path / "llama_cpp"
+    (fake / "lib").mkdir(parents=True)
+    (fake / "lib" / "libggml-cpu.so").write_bytes(b"one")
+    monkeypatch.setattr(llama_cpp, "__file__", str(fake / "__init__.py"))
+    a = llama_amx.library_key()
+    (fake / "lib" / "libggml-cpu.so").write_bytes(b"other")
+    assert llama_amx.library_key() != a != key
+
+
+def test_amx_and_plain_weights_agree_on_the_probe_model_whatever_the_cpu(tmp_path):
+    """The child's comparison itself: two loads of the same weights give logits within the tolerance
+    (plain against plain where there is no AMX), and a different model does not."""
+    path = tmp_path / "probe.gguf"
+    llama_amx.write_probe_model(path)
+    plain = llama_amx._batch_logits(path, extra_buffers=False)
+    assert plain.shape == (llama_amx.BATCH, 259) and np.isfinite(plain).all()
+    assert np.abs(plain).max() > 0
+    again = llama_amx._batch_logits(path, extra_buffers=False)
+    np.testing.assert_array_equal(plain, again)
+    shuffled = plain[::-1]
+    assert np.abs(shuffled - plain).max() / np.abs(plain).max() > llama_amx.TOLERANCE
