@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--variants", default="int8:q8_0", help="llava-edge contestants, comma-separated "
-                    "VISION:LLM variant pairs of the bundle")
+                    "VISION:LLM variant pairs of the bundle, each optionally :KV, the KV cache type: f16 (the "
+                    "default; llama.cpp's flash attention on) or f32 (flash attention off)")
     ap.add_argument("--scenes", default=",".join(SCENES), help=f"comma-separated: {', '.join(SCENES)}")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--question", default=DEFAULT_QUESTION)
@@ -256,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 1 or a.threads < 1 or a.new_tokens < 2:
         ap.error("--rounds and --threads must be at least 1, --new-tokens at least 2")
     pairs = [tuple(p.split(":")) for p in a.variants.split(",") if p.strip()]
-    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
-        ap.error("--variants: comma-separated VISION:LLM pairs, e.g. int8:q8_0,fp32:f32")
+    if not pairs or any(len(p) not in (2, 3) or not all(p) or p[2:] not in ((), ("f16",), ("f32",)) for p in pairs):
+        ap.error("--variants: comma-separated VISION:LLM[:KV] (KV f16 or f32), e.g. int8:q8_0,fp32:f32,int8:q4_0:f32")
+    pairs = [(p[0], p[1], p[2] if len(p) == 3 else "f16") for p in pairs]
     if not (a.model / "config.json").is_file():
         ap.error(f"--model {a.model}: no config.json there (a llava-hf checkpoint directory)")
     m = bundle_manifest.read(a.bundle)
@@ -268,15 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     from llava_edge.runtimes.pipeline import EdgeLLaVA
 
     n_ctx = sbs.context_size(family, m)
-    ours = {f"llava-edge ({v}, {llm})": EdgeLLaVA.load(a.bundle, device="cpu", vision_variant=v, llm_variant=llm,
-                                                       threads=a.threads, n_ctx=n_ctx, prefix_cache=False)
-            for v, llm in pairs}
+    ours = {f"llava-edge ({v}, {llm}{', KV f32' if kv == 'f32' else ''})":
+            EdgeLLaVA.load(a.bundle, device="cpu", vision_variant=v, llm_variant=llm, threads=a.threads,
+                           n_ctx=n_ctx, prefix_cache=False, kv_cache=kv)
+            for v, llm, kv in pairs}
     hf = Transformers(a.model, family, a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"machine": machine_info(), "versions": {**versions(), **versions(VERSION_EXTRA)},
                     "model": str(a.model), "bundle": str(a.bundle), "family": family.name, "rounds": a.rounds,
                     "threads": a.threads, "new_tokens": a.new_tokens, "question": a.question, "n_ctx": n_ctx,
-                    "variants": [f"{v}:{llm}" for v, llm in pairs], "goals": GOALS,
+                    "variants": [f"{v}:{llm}:{kv}" for v, llm, kv in pairs], "goals": GOALS,
                     "transformers": {"class": family.hf_class_name, "dtype": str(hf.model.dtype).removeprefix("torch."),
                                      "attention": hf.model.config._attn_implementation},
                     "model_config": json.loads((a.model / "config.json").read_text())["text_config"],

@@ -70,7 +70,8 @@ def test_ratios_and_report(report, vs):
         assert f"Scene `{scene}`" in md and f"| {ours} |" in md
 
 
-@pytest.mark.parametrize("args, says", [(["--scenes", "three"], "--scenes"), (["--variants", "int8"], "--variants")])
+@pytest.mark.parametrize("args, says", [(["--scenes", "three"], "--scenes"), (["--variants", "int8"], "--variants"),
+                                        (["--variants", "int8:q8_0:q4"], "--variants")])
 def test_bad_arguments_are_refused_in_one_line(vs, toy, tmp_path, capsys, args, says):
     model, bundle = toy
     with pytest.raises(SystemExit):
