@@ -138,3 +138,43 @@ def test_amx_and_plain_weights_agree_on_the_probe_model_whatever_the_cpu(tmp_pat
     np.testing.assert_array_equal(plain, again)
     shuffled = plain[::-1]
     assert np.abs(shuffled - plain).max() / np.abs(plain).max() > llama_amx.TOLERANCE
+
+
+def _onnxruntime_int8_matmul() -> None:
+    """One int8 matrix product through onnxruntime on the calling thread, of a size its AMX kernel takes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    m, k, n = 729, 1152, 1024
+    w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "w")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"a": rng.integers(0, 255, (m, k), dtype=np.uint8)})
+
+
+def test_onnxruntime_int8_on_the_caller_s_thread_leaves_llama_cpp_s_logits_alone(tmp_path, monkeypatch):
+    """The runtime encodes a picture with onnxruntime and then decodes with llama.cpp, in one process. With
+    llama.cpp's AMX buffer on, both load AMX tile configurations, llama.cpp once per thread: its decodes run
+    on a thread of their own, so the logits after an onnxruntime int8 product are the logits before it."""
+    from llava_edge.runtimes.llm import LlamaOptions, LlamaText
+
+    monkeypatch.delenv(devices.EXTRA_BUFFERS_ENV, raising=False)
+    path = tmp_path / "probe.gguf"
+    llama_amx.write_probe_model(path)
+    text = LlamaText(path, LlamaOptions(n_ctx=llama_amx.BATCH * 2, n_batch=llama_amx.BATCH))
+    try:
+        ids = [3 + (i * 37) % 256 for i in range(llama_amx.BATCH)]
+        before = text.feed_tokens(ids, logits="all")
+        _onnxruntime_int8_matmul()
+        text.reset()
+        after = text.feed_tokens(ids, logits="all")
+    finally:
+        text.close()
+    np.testing.assert_array_equal(before, after)
