@@ -46,6 +46,7 @@ from llava_edge import atomic
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec, load_image, preprocess
 from llava_edge.quality import token_cosine
+from llava_edge.runtimes.vision import on_onnxruntime_thread
 
 VISION_TYPES = ("fp16", "int8", "int8-static", "int4")
 PRECISION = {"fp16": "fp16", "int8": "int8", "int8-static": "int8", "int4": "int4"}
@@ -311,4 +312,4 @@ def run_graph(path: str | Path, pixels: np.ndarray) -> np.ndarray:
         raise UserError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from None
     inp = sess.get_inputs()[0]
     x = pixels.astype(np.float16 if "float16" in inp.type else np.float32)
-    return sess.run(None, {inp.name: x})[0].astype(np.float32)
+    return on_onnxruntime_thread(sess.run, None, {inp.name: x})[0].astype(np.float32)

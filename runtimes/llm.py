@@ -18,7 +18,6 @@ tokens of all of them (``decode_tokens``). Sequence 0 is what ``chat`` uses.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import os
 from dataclasses import dataclass
@@ -127,7 +126,6 @@ class LlamaText:
         self._tok_batch = llama_cpp.llama_batch_init(o.n_batch, 0, 1)
         self._emb_batch = llama_cpp.llama_batch_init(o.n_batch, self.n_embd, 1)
         self.seqs: list[list[Slot]] = [[] for _ in range(o.n_seq)]  # what each sequence holds, by position
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-decode")
 
     @property
     def slots(self) -> list[Slot]:
@@ -170,18 +168,7 @@ class LlamaText:
 
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
-        # Every llama_decode runs on this context's own thread (and llama.cpp's OpenMP workers under it),
-        # never on the caller's: llama.cpp's AMX kernels load the tile configuration once per thread
-        # (ggml_tile_config_init), and onnxruntime's int8 kernels load their own on the thread that calls
-        # them. A thread shared by both then multiplies with the wrong tile shapes: measured on an AMX
-        # Xeon, a prefill after a vision encode on the same thread gave logits off by twice their own size.
-        done = self._worker.submit(self._c.llama_decode, self.ctx, batch)
-        try:
-            rc = done.result()
-        except BaseException:
-            # interrupted while llama.cpp works: it must finish before anything touches the context again
-            concurrent.futures.wait([done])
-            raise
+        rc = self._c.llama_decode(self.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
 
@@ -319,8 +306,6 @@ class LlamaText:
         return bool(self._c.llama_vocab_is_eog(self.vocab, token))
 
     def close(self) -> None:
-        if getattr(self, "_worker", None):
-            self._worker.shutdown(wait=True)
         if getattr(self, "ctx", None):
             self._c.llama_batch_free(self._tok_batch)
             self._c.llama_batch_free(self._emb_batch)

@@ -15,6 +15,8 @@ installed has overwritten the other's files (typically: no CUDA provider).
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -47,6 +49,32 @@ def ort_conflict_fix(packages: tuple[str, ...]) -> str:
     return (f"{' and '.join(packages)} are installed together: they write the same `onnxruntime` module, so "
             f"whichever was installed last is the one that runs; keep one: pip uninstall -y {' '.join(packages)} "
             f"&& pip install {keep}")
+
+
+_ORT_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
+_ORT_THREAD_LOCK = threading.Lock()
+
+
+def on_onnxruntime_thread(fn, *args):
+    """``fn(*args)`` on a thread that runs onnxruntime and nothing else, and its result.
+
+    On a CPU with AMX, onnxruntime's int8 kernels load their AMX tile configuration on the thread that calls
+    them, and llama.cpp's AMX kernels load theirs once per thread (``ggml_tile_config_init``) and take it as
+    still loaded: where both run on one thread, llama.cpp multiplies with onnxruntime's tile shapes. Measured
+    on an AMX Xeon, a prefill after a vision encode on the same thread gave logits off by twice their own size,
+    at half the speed. llama.cpp keeps the caller's thread (a hop per decoded token costs more than it may);
+    every onnxruntime run here goes through this one thread instead, a hop per picture.
+    """
+    global _ORT_THREAD
+    with _ORT_THREAD_LOCK:
+        if _ORT_THREAD is None:
+            _ORT_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+    done = _ORT_THREAD.submit(fn, *args)
+    try:
+        return done.result()
+    except BaseException:
+        concurrent.futures.wait([done])  # interrupted: onnxruntime finishes before the caller goes on
+        raise
 
 
 def import_onnxruntime():
@@ -91,4 +119,4 @@ class VisionEncoder:
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         """(batch, 3, S, S) float32 -> (batch, image tokens, LM hidden) float32."""
         x = pixel_values.astype(np.float16 if "float16" in self.input_type else np.float32)
-        return self.session.run(None, {self.input: x})[0].astype(np.float32)
+        return on_onnxruntime_thread(self.session.run, None, {self.input: x})[0].astype(np.float32)

@@ -140,41 +140,71 @@ def test_amx_and_plain_weights_agree_on_the_probe_model_whatever_the_cpu(tmp_pat
     assert np.abs(shuffled - plain).max() / np.abs(plain).max() > llama_amx.TOLERANCE
 
 
-def _onnxruntime_int8_matmul() -> None:
-    """One int8 matrix product through onnxruntime on the calling thread, of a size its AMX kernel takes."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+_SAME_THREAD_CHILD = r"""
+import json, sys
+from pathlib import Path
 
-    rng = np.random.default_rng(1)
-    m, k, n = 729, 1152, 1024
-    w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "w")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sess.run(None, {"a": rng.integers(0, 255, (m, k), dtype=np.uint8)})
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper, save
+
+from llava_edge.runtimes import llama_amx
+from llava_edge.runtimes.devices import CPU_EP
+from llava_edge.runtimes.llm import LlamaOptions, LlamaText
+from llava_edge.runtimes.vision import VisionEncoder
+
+tmp = Path(sys.argv[1])
+# an int8 graph of a size onnxruntime's AMX kernel takes: float in, DynamicQuantizeLinear + MatMulInteger, float out
+rng = np.random.default_rng(1)
+m, k, n = 729, 1152, 1024
+w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "w")
+nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+         helper.make_node("MatMulInteger", ["q", "w", "z"], ["y32"]),
+         helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.FLOAT)]
+graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model.ir_version = 8
+save(model, str(tmp / "int8.onnx"))
+pixels = rng.random((m, k), dtype=np.float32)
+
+llama_amx.write_probe_model(tmp / "probe.gguf")
+text = LlamaText(tmp / "probe.gguf", LlamaOptions(n_ctx=llama_amx.BATCH * 2, n_batch=llama_amx.BATCH))
+ids = [3 + (i * 37) % 256 for i in range(llama_amx.BATCH)]
 
 
-def test_onnxruntime_int8_on_the_caller_s_thread_leaves_llama_cpp_s_logits_alone(tmp_path, monkeypatch):
-    """The runtime encodes a picture with onnxruntime and then decodes with llama.cpp, in one process. With
-    llama.cpp's AMX buffer on, both load AMX tile configurations, llama.cpp once per thread: its decodes run
-    on a thread of their own, so the logits after an onnxruntime int8 product are the logits before it."""
-    from llava_edge.runtimes.llm import LlamaOptions, LlamaText
+def logits():
+    text.reset()
+    return text.feed_tokens(ids, logits="all")
+
+
+before = logits()
+VisionEncoder(tmp / "int8.onnx", [CPU_EP], 2).encode(pixels)  # the runtime's way
+through_encoder = logits()
+so = ort.SessionOptions()
+so.intra_op_num_threads = 2
+ort.InferenceSession(str(tmp / "int8.onnx"), so, providers=["CPUExecutionProvider"]).run(None, {"x": pixels})
+on_this_thread = logits()  # onnxruntime run on llama.cpp's thread
+scale = float(np.abs(before).max())
+print(json.dumps({"through_encoder": float(np.abs(through_encoder - before).max()) / scale,
+                  "on_this_thread": float(np.abs(on_this_thread - before).max()) / scale}))
+"""
+
+
+def test_a_vision_encode_leaves_llama_cpp_s_amx_tiles_alone(tmp_path, monkeypatch):
+    """The runtime encodes a picture with onnxruntime and then decodes with llama.cpp, in one process. Both
+    load AMX tile configurations, llama.cpp once per thread, so every onnxruntime run goes through a thread of
+    its own: llama.cpp's logits after a vision encode are its logits before it. Where llama.cpp's AMX batches
+    work, the same onnxruntime run on llama.cpp's thread changes them (what the thread prevents), which shows
+    that the graph reaches onnxruntime's AMX kernel. In a child process: that run leaves its thread broken."""
+    import sys
 
     monkeypatch.delenv(devices.EXTRA_BUFFERS_ENV, raising=False)
-    path = tmp_path / "probe.gguf"
-    llama_amx.write_probe_model(path)
-    text = LlamaText(path, LlamaOptions(n_ctx=llama_amx.BATCH * 2, n_batch=llama_amx.BATCH))
-    try:
-        ids = [3 + (i * 37) % 256 for i in range(llama_amx.BATCH)]
-        before = text.feed_tokens(ids, logits="all")
-        _onnxruntime_int8_matmul()
-        text.reset()
-        after = text.feed_tokens(ids, logits="all")
-    finally:
-        text.close()
-    np.testing.assert_array_equal(before, after)
+    r = subprocess.run([sys.executable, "-c", _SAME_THREAD_CHILD, str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["through_encoder"] == 0.0, got
+    features = devices.llama_cpu_features(devices.llama_system_info())
+    if devices.AMX_CPU_FEATURE in features and llama_amx.amx_batches_work(cache_dir=tmp_path)[0]:
+        assert got["on_this_thread"] > llama_amx.TOLERANCE, got

@@ -21,6 +21,7 @@ from llava_edge.export.vision_onnx import parity_vs_hf
 from llava_edge.preprocess import ImageSpec, preprocess
 from llava_edge.runtimes import tensorrt_vision
 from llava_edge.runtimes.tensorrt_vision import check_engine, engine_mismatch
+from llava_edge.runtimes.vision import on_onnxruntime_thread
 
 FP16_UNIT_ROUNDOFF = 2.0**-11  # relative rounding error of one float16 operation
 
@@ -45,7 +46,9 @@ def fp16_onnx(bundle, tmp_path_factory):
 
 def run(path, px):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"pixel_values": px})[0]
+    # on onnxruntime's own thread, as the runtime runs it: its int8 kernels would leave this thread's AMX tile
+    # configuration to a later llama.cpp decode in this process (runtimes/vision.py)
+    return on_onnxruntime_thread(sess.run, None, {"pixel_values": px})[0]
 
 
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:
