@@ -40,6 +40,15 @@ def _silence_llama_logs() -> None:
     llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
 
 
+KV_CACHE_TYPES = ("f16", "f32")
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    """A one-line error for a KV cache type llava-edge does not run."""
+    if kv_cache not in KV_CACHE_TYPES:
+        raise UserError(f"unknown KV cache type {kv_cache!r} ({' or '.join(KV_CACHE_TYPES)})")
+
+
 @dataclass
 class LlamaOptions:
     n_ctx: int = 2048
@@ -105,8 +114,7 @@ class LlamaText:
         cp.n_ubatch = min(o.n_ubatch or o.n_batch, o.n_batch)
         cp.n_threads = threads
         cp.n_threads_batch = threads
-        if o.kv_cache not in ("f16", "f32"):
-            raise UserError(f"unknown KV cache type {o.kv_cache!r} (f16 or f32)")
+        check_kv_cache(o.kv_cache)
         kv = llama_cpp.GGML_TYPE_F32 if o.kv_cache == "f32" else llama_cpp.GGML_TYPE_F16
         cp.type_k = cp.type_v = kv
         if o.kv_cache == "f32":  # llama.cpp's CPU flash attention rounds Q to f16

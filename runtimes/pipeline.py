@@ -46,7 +46,7 @@ from llava_edge.video import Video, read_frames
 from .answer import AnswerText, seeded_rng
 from .answer import sample as sample_token
 from .devices import Hardware, RuntimePlan, plan_runtime
-from .llm import ImageSlot, LlamaOptions, LlamaText
+from .llm import ImageSlot, LlamaOptions, LlamaText, check_kv_cache
 from .prefix_cache import PrefixCache, Reuse, reuse
 from .vision import VisionEncoder
 
@@ -134,6 +134,7 @@ class EdgeLLaVA:
                  token_method: str | None = None, max_tiles: int | None = None):
         if on_overflow not in OVERFLOW_POLICIES:
             raise UserError(f"unknown context policy {on_overflow!r}; choose one of: {', '.join(OVERFLOW_POLICIES)}")
+        check_kv_cache(kv_cache)
         self.bundle = Path(bundle)
         self.manifest = m = bundle_manifest.read(self.bundle)
         self.plan: RuntimePlan = plan_runtime(

@@ -30,6 +30,15 @@ def test_chat_saves_prompt_beginnings_once_and_answers_the_same(bundle, toy_data
     assert off.stdout == first.stdout == second.stdout and first.stdout.strip()
 
 
+def test_chat_takes_the_kv_cache_type_and_refuses_others_in_one_line(bundle, toy_data):
+    image = sorted((toy_data / "images").glob("eval_*.png"))[0]
+    ask = ("chat", "--bundle", bundle, "--image", image, "What shape is at the top left?", "--max-tokens", "5")
+    r = le(*ask, "--kv-cache", "f32", "--explain", block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert "KV cache f32" in r.stderr and r.stdout.strip()
+    assert_one_line_error(le(*ask, "--kv-cache", "q4_0"), "unknown KV cache type 'q4_0' (f16 or f32)")
+
+
 def test_a_bad_prefix_cache_limit_is_a_one_line_error(bundle, toy_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_EDGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LLAVA_EDGE_PREFIX_CACHE_MB", "2GB")

@@ -35,6 +35,7 @@ def chat(
     seed: o.Seed = None,
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context size in tokens (default: the profile's)"),
     threads: o.Threads = 0,
+    kv_cache: o.KvCache = "f16",
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Neither load nor save KV caches of "
                                          "prompt beginnings and pictures seen before ($LLAVA_EDGE_CACHE/prefix-kv, "
                                          "size limit $LLAVA_EDGE_PREFIX_CACHE_MB; docs/RUNTIME.md)"),
@@ -61,7 +62,7 @@ def chat(
         images.append(Video(video, frames))
     m = EdgeLLaVA.load(bundle, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
                        image_tokens=image_tokens, token_method=token_method, max_tiles=max_tiles,
-                       threads=threads, on_overflow="drop-oldest" if drop_oldest else "error",
+                       threads=threads, kv_cache=kv_cache, on_overflow="drop-oldest" if drop_oldest else "error",
                        prefix_cache=not no_prefix_cache, conv_mode=conv_mode, verify=not no_verify)
     if explain:
         say(m.explain())

@@ -57,6 +57,7 @@ def serve(
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context per conversation in tokens (default: the "
                                       "profile's)"),
     threads: o.Threads = 0,
+    kv_cache: o.KvCache = "f16",
     temperature: o.Temperature = 0.0,
     top_p: o.TopP = 1.0,
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Default answer length limit when a "
@@ -106,7 +107,7 @@ def serve(
     def load():
         return EdgeLLaVA.load(path, device=device, vision_variant=vision_variant, llm_variant=llm_variant, n_ctx=ctx,
                               image_tokens=image_tokens, token_method=token_method, max_tiles=max_tiles,
-                              threads=threads, prefix_cache=not no_prefix_cache, conv_mode=conv_mode,
+                              threads=threads, kv_cache=kv_cache, prefix_cache=not no_prefix_cache, conv_mode=conv_mode,
                               verify=not no_verify, parallel=parallel)
 
     run_server(options, load, host=host, port=port, grace_s=grace, log_requests=not quiet)
