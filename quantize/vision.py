@@ -46,7 +46,7 @@ from llava_edge import atomic
 from llava_edge.errors import UserError
 from llava_edge.preprocess import ImageSpec, load_image, preprocess
 from llava_edge.quality import token_cosine
-from llava_edge.runtimes.vision import on_onnxruntime_thread
+from llava_edge.runtimes.vision import VisionEncoder
 
 VISION_TYPES = ("fp16", "int8", "int8-static", "int4")
 PRECISION = {"fp16": "fp16", "int8": "int8", "int8-static": "int8", "int4": "int4"}
@@ -301,15 +301,6 @@ def compare_to_reference(reference: str | Path, variant: str | Path, pixels: np.
 
 
 def run_graph(path: str | Path, pixels: np.ndarray) -> np.ndarray:
-    """The graph at ``path`` on ``pixels`` in onnxruntime (CPU), float32 out; a graph that does not load is one line."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        raise UserError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from None
-    inp = sess.get_inputs()[0]
-    x = pixels.astype(np.float16 if "float16" in inp.type else np.float32)
-    return on_onnxruntime_thread(sess.run, None, {inp.name: x})[0].astype(np.float32)
+    """The graph at ``path`` on ``pixels`` in onnxruntime (CPU), float32 out, as the runtime runs it; a graph
+    that does not load is one line."""
+    return VisionEncoder(path, ["CPUExecutionProvider"]).encode(pixels)

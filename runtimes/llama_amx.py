@@ -115,19 +115,12 @@ def _batch_logits(gguf_path: Path, extra_buffers: bool) -> np.ndarray:
 def _child(gguf_path: Path) -> int:
     """The probe itself, in a process of its own: exit 0 and print the largest difference where the AMX
     batch equals the plain one; 3 where no weight went to the AMX buffer; 4 where the logits differ."""
-    import ctypes
     import re
 
-    import llama_cpp
+    from llava_edge.quantize.llm import captured_llama_log
 
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):  # noqa: ARG001 - llama.cpp's signature
-        lines.append(text.decode("utf-8", "replace") if text else "")
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    amx = _batch_logits(gguf_path, extra_buffers=True)
+    with captured_llama_log() as lines:  # the load log says which buffer types took the weights
+        amx = _batch_logits(gguf_path, extra_buffers=True)
     if not re.search(r"\bAMX model buffer size =\s*[1-9]", "".join(lines)):
         print("llama.cpp put none of the probe's Q8_0 weights in its AMX buffer")
         return 3
