@@ -149,7 +149,7 @@ class Server:
             data = [Video(image_bytes(src, o.images), o.images.frames) if src.video else image_bytes(src, o.images)
                     for src in conv.images]
             slots, pictures, template = m.conversation_slots(conv.question, data or None, conv.history, conv.system,
-                                                          formats=IMAGE_FORMATS)
+                                                             formats=IMAGE_FORMATS)
         except UserError as e:
             where = (conv.images[-1].where if len(conv.images) > 1 and "picture" in str(e) else
                      conv.images[0].where if conv.images and "image" in str(e) else
