@@ -126,9 +126,9 @@ def test_the_library_key_changes_with_the_library_files(tmp_path, monkeypatch):
     assert llama_amx.library_key() != a != key
 
 
-def test_amx_and_plain_weights_agree_on_the_probe_model_whatever_the_cpu(tmp_path):
-    """The child's comparison itself: two loads of the same weights give logits within the tolerance
-    (plain against plain where there is no AMX), and a different model does not."""
+def test_the_probe_s_logits_are_repeatable_and_its_tolerance_tells_other_logits_apart(tmp_path):
+    """What the child compares: two plain loads of the probe model give the same logits, on any CPU, and
+    logits of other positions are further apart than the tolerance."""
     path = tmp_path / "probe.gguf"
     llama_amx.write_probe_model(path)
     plain = llama_amx._batch_logits(path, extra_buffers=False)
