@@ -175,7 +175,7 @@ class TypeRun(sbs.RawDecode):
                  batches_ok: bool = True, cpu_features: tuple[str, ...] = ()):
         import llama_cpp
 
-        from llava_edge.quantize.llm import captured_llama_log
+        from llava_edge.runtimes.llm import captured_llama_log
 
         self.c = llama_cpp
         self.batches_ok = batches_ok

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from llava_edge import atomic
 from llava_edge.errors import UserError
+from llava_edge.runtimes.llm import captured_llama_log
 
 # Type names users pass -> llama.cpp's ``enum llama_ftype`` (llama.h of the pinned llama-cpp-python).
 LLM_TYPES: dict[str, int] = {
@@ -80,7 +81,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, type_name: str, threads: int
     params.nthread = max(0, int(threads))
     dst.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dst.parent).free
-    with atomic.atomic_path(dst) as tmp, _captured_llama_log() as log:
+    with atomic.atomic_path(dst) as tmp, captured_llama_log() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise UserError(f"llama.cpp could not quantize {src.name} to {type_name}: {_last_error(log)}"
@@ -119,33 +120,3 @@ def _last_error(log: list[str]) -> str:
     return (lines or ["no message"])[-1][:300]
 
 
-class _captured_llama_log:
-    """Collect llama.cpp's log lines for the duration of a block, then restore the previous logger.
-
-    llama.cpp reports per-tensor fallbacks and write errors only through its log
-    callback; the quantizer's return code is just 0 or not.
-    """
-
-    def __enter__(self) -> list[str]:
-        import llama_cpp
-
-        self._c = llama_cpp
-        self.lines: list[str] = []
-        self._prev_cb = llama_cpp.llama_log_callback()
-        self._prev_data = ctypes.c_void_p()
-        llama_cpp.llama_log_get(ctypes.byref(self._prev_cb), ctypes.byref(self._prev_data))
-
-        @llama_cpp.llama_log_callback
-        def collect(level, text, user_data):  # noqa: ARG001 - llama.cpp's signature
-            self.lines.append(text.decode("utf-8", "replace") if text else "")
-
-        self._cb = collect  # keep a reference while llama.cpp holds the pointer
-        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-        return self.lines
-
-    def __exit__(self, *exc) -> None:
-        self._c.llama_log_set(self._prev_cb, self._prev_data)
-
-
-# the public name, for callers outside this module (bench/cpu_q4.py reads llama.cpp's load log with it)
-captured_llama_log = _captured_llama_log

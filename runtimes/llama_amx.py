@@ -117,7 +117,7 @@ def _child(gguf_path: Path) -> int:
     batch equals the plain one; 3 where no weight went to the AMX buffer; 4 where the logits differ."""
     import re
 
-    from llava_edge.quantize.llm import captured_llama_log
+    from .llm import captured_llama_log
 
     with captured_llama_log() as lines:  # the load log says which buffer types took the weights
         amx = _batch_logits(gguf_path, extra_buffers=True)

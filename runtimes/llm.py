@@ -40,6 +40,34 @@ def _silence_llama_logs() -> None:
     llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
 
 
+class captured_llama_log:
+    """Collect llama.cpp's log lines for the duration of a block, then restore the previous logger.
+
+    llama.cpp reports some things only through its log callback: the quantizer's per-tensor fallbacks and
+    write errors, the buffer types the loader put the weights in.
+    """
+
+    def __enter__(self) -> list[str]:
+        import llama_cpp
+
+        self._c = llama_cpp
+        self.lines: list[str] = []
+        self._prev_cb = llama_cpp.llama_log_callback()
+        self._prev_data = ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(self._prev_cb), ctypes.byref(self._prev_data))
+
+        @llama_cpp.llama_log_callback
+        def collect(level, text, user_data):  # noqa: ARG001 - llama.cpp's signature
+            self.lines.append(text.decode("utf-8", "replace") if text else "")
+
+        self._cb = collect  # keep a reference while llama.cpp holds the pointer
+        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+        return self.lines
+
+    def __exit__(self, *exc) -> None:
+        self._c.llama_log_set(self._prev_cb, self._prev_data)
+
+
 KV_CACHE_TYPES = ("f16", "f32")
 
 
