@@ -342,11 +342,11 @@ class _Export:
         self.adds_bos = self.tokenizer.add_bos
         self.conv_mode = self.opts.conv_mode or ckpt.conv_mode
         if self.opts.conv_mode is not None:  # a mode the bundle can prompt with, before any write
-            get_template(self.conv_mode, ckpt.chat_template())
+            get_template(self.conv_mode, ckpt.chat_template(), self.tokenizer.special_tokens_map())
         self.source = source_record(ckpt)
         self.m, stale, fresh = self._previous_state()
         self.maker = VariantMaker(out, self.m, manifest.write_incomplete, self.log)
-        get_template(self.m.conv_mode, self.m.chat_template)
+        get_template(self.m.conv_mode, self.m.chat_template, self.tokenizer.special_tokens_map())
         steps = self._plan()
         if self._needs_model():
             self._model = self._load_model()  # a model that does not load fails here, before any write

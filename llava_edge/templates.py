@@ -52,15 +52,31 @@ class Text:
 class Image:
     """Where the image goes (LLaVA: where ``<image>`` stands in the prompt string)."""
 
+    # True: tokenized as transformers' processor tokenizes a chat template's prompt, the image token inside one
+    # string; False: as LLaVA's ``tokenizer_image_token``, each chunk between pictures tokenized alone (with a
+    # SentencePiece tokenizer the two differ: the chunk after a picture starts a word)
+    joined: bool = False
+
 
 IMAGE = Image()
-Part = Text | Image
+JOINED_IMAGE = Image(joined=True)
+
+
+@dataclass(frozen=True)
+class Break:
+    """Where the code that trains with the mode tokenizes apart: the texts on either side are tokenized alone, as
+    the pieces between pictures are (xtuner tokenizes each question, answer and separator on its own)."""
+
+
+BREAK = Break()
+Part = Text | Image | Break
 Parts = tuple[Part, ...]
 
 
 def flat(parts: Parts) -> str:
     """The string LLaVA's code builds for ``parts``."""
-    return "".join(IMAGE_PLACEHOLDER if isinstance(p, Image) else p.text for p in parts)
+    return "".join(IMAGE_PLACEHOLDER if isinstance(p, Image) else "" if isinstance(p, Break) else p.text
+                   for p in parts)
 
 
 def normalize(parts) -> Parts:
@@ -119,8 +135,12 @@ def split_fixed(parts: Parts, sep: str) -> list[Parts]:
     return [normalize(x) for x in pieces]
 
 
-# LLaVA's SeparatorStyle (CHATML: LLaVA-NeXT's, for its Qwen modes)
+# LLaVA's SeparatorStyle (CHATML, LLAMA_3: LLaVA-NeXT's, for its Qwen and Llama 3 modes; XTUNER: xtuner's
+# prompt templates, which trained llava-phi-3-mini and llava-llama-3-8b)
 SINGLE, TWO, MPT, PLAIN, LLAMA_2, CHATML = "single", "two", "mpt", "plain", "llama_2", "chatml"
+LLAMA_3, XTUNER = "llama_3", "xtuner"
+LLAMA_3_BOS, LLAMA_3_EOT = "<|begin_of_text|>", "<|eot_id|>"
+LLAMA_3_BOS_PART = Text(LLAMA_3_BOS, True)
 Message = tuple[str, Parts | None]  # (role, content); None: the open turn the model answers
 
 
@@ -137,8 +157,12 @@ class Template:
     version: str = "Unknown"  # LLaVA's ``version``: picks the training preprocessor ("v1...", "mpt", ...)
     examples: tuple[tuple[str, str], ...] = ()  # few-shot messages of the conversation object (v0)
     jinja: str | None = field(default=None, compare=False)  # chat_template mode only
-    # whose code trains with the mode: LLaVA's (1.2.2) or LLaVA-NeXT's (its Qwen modes); their
-    # ``preprocess_multimodal`` place a data file's ``<image>`` differently (``train/data.py``)
+    # chat_template mode: the tokenizer's special tokens, as transformers passes them to the template
+    # (``bos_token``, ``eos_token``...: its ``special_tokens_map``)
+    special_tokens: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # whose code trains with the mode: LLaVA's (1.2.2), LLaVA-NeXT's (its Qwen and Llama 3 modes) or xtuner's; a
+    # data file's ``<image>`` is placed by LLaVA-NeXT's ``preprocess_multimodal`` for LLaVA-NeXT's modes, by LLaVA's
+    # for the others (xtuner's ``llava_map_fn`` places it as LLaVA does; ``train/data.py``)
     origin: str = "llava"
 
     # -- what the runtime needs -------------------------------------------------------------
@@ -153,6 +177,15 @@ class Template:
             return ()
         s = self.sep2 if self.style in (TWO, LLAMA_2) else self.sep
         return (s,) if s else ()
+
+    @property
+    def encoding(self) -> dict:
+        """How the code that prompts and trains with the mode tokenizes its prompts (``Tokenizer.encode_prompt``'s
+        options): ``fast``, with transformers' fast tokenizer (xtuner; a chat template through transformers'
+        processor), not LLaVA's slow one; ``bos_written``, no BOS added before one the template wrote (a chat
+        template through transformers' processor; LLaVA-NeXT's Llama 3 mode)."""
+        return {"fast": self.jinja is not None or self.style == XTUNER,
+                "bos_written": self.jinja is not None or self.style == LLAMA_3}
 
     @property
     def single_turn(self) -> bool:
@@ -173,7 +206,7 @@ class Template:
         turns.append(Turn("user", question, image=n, videos=videos))
         _check_alternation(turns)
         if self.jinja is not None:
-            return render_jinja(self.jinja, turns, add_generation_prompt=True)
+            return render_jinja(self.jinja, turns, add_generation_prompt=True, special_tokens=dict(self.special_tokens))
         messages = [(self.roles[i % 2], message_parts(t)) for i, t in enumerate(turns)]
         return self.get_prompt(messages + [(self.roles[1], None)], with_examples=True)
 
@@ -233,6 +266,24 @@ class Template:
                     out += [fixed(role + "\n"), *msg, fixed(self.sep + "\n")]
                 else:
                     add(fixed(role + "\n"))
+        elif self.style == LLAMA_3:
+            # LLaVA-NeXT renders its Llama 3 mode with Llama 3 Instruct's chat template: BOS, the system message,
+            # each message between its role header and <|eot_id|> (``| trim``), an open assistant header. Its
+            # training (preprocess_llama3) starts with one BOS; its evaluation tokenizes this text with
+            # tokenizer_image_token, which adds a second: the prompt here has the one the model learned.
+            out += [LLAMA_3_BOS_PART, *llama3_message("system", (fixed(self.system),), self.sep)]
+            for role, msg in messages:
+                out += llama3_message(role, msg, self.sep) if msg else [fixed(_llama3_header(role))]
+        elif self.style == XTUNER:
+            # xtuner's template_map_fn: INSTRUCTION (roles[0] + input + roles[1]) around each question, SUFFIX
+            # (``sep``) after each answer, then SEP (``sep2``); no system message (xtuner's LLaVA configs set none)
+            # (encode_fn tokenizes each of those pieces alone: BREAK between them)
+            for i, (role, msg) in enumerate(messages):
+                if i % 2 == 0:
+                    out += [fixed(self.roles[0]), *(msg or ()), fixed(self.roles[1]), BREAK]
+                elif msg:
+                    out += [*msg, fixed(self.sep), BREAK]
+                    out += [fixed(self.sep2), BREAK] if self.sep2 else []
         elif self.style == PLAIN:
             seps = (self.sep, self.sep2)
             add(fixed(self.system))
@@ -256,6 +307,25 @@ def _lstrip_chars(parts: Parts, chars: str) -> Parts:
     if stripped or len(parts) == 1:
         return normalize((Text(stripped, first.fixed), *parts[1:]))
     return _lstrip_chars(parts[1:], chars)
+
+
+def strip_parts(parts: Parts) -> Parts:
+    """``str.strip()`` of the flat string (Jinja's ``trim``), pictures left where they are."""
+    parts = list(normalize(parts))
+    if parts and isinstance(parts[0], Text):
+        parts[0] = Text(parts[0].text.lstrip(), parts[0].fixed)
+    if parts and isinstance(parts[-1], Text):
+        parts[-1] = Text(parts[-1].text.rstrip(), parts[-1].fixed)
+    return normalize(parts)
+
+
+def _llama3_header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def llama3_message(role: str, msg: Parts, sep: str = LLAMA_3_EOT) -> Parts:
+    """One message as Llama 3 Instruct's chat template writes it (no BOS): header, trimmed text, ``sep``."""
+    return (fixed(_llama3_header(role)), *strip_parts(msg), fixed(sep))
 
 
 def _check_alternation(turns: list[Turn]) -> None:
@@ -321,6 +391,15 @@ llava_plain = Template("plain", "", ("", ""), PLAIN, "\n")
 qwen_1_5 = Template("qwen_1_5", "<|im_start|>system\nYou are a helpful assistant.",
                     ("<|im_start|>user", "<|im_start|>assistant"), CHATML, "<|im_end|>", version="qwen",
                     origin="llava-next")
+# LLaVA-NeXT's conv_llava_llama_3 (llama3-llava-next-8b; trained by its preprocess_llama3)
+llava_llama_3 = Template("llava_llama_3", _LLAVA_LLAMA_2_SYSTEM, ("user", "assistant"), LLAMA_3, LLAMA_3_EOT,
+                         version="llama_v3", origin="llava-next")
+# xtuner's phi3_chat and llama3_chat (xtuner/utils/templates.py): xtuner's llava-phi-3-mini and llava-llama-3-8b;
+# xtuner places a data file's <image> as LLaVA does (llava_map_fn)
+phi3_chat = Template("phi3_chat", "", ("<|user|>\n", "<|end|>\n<|assistant|>\n"), XTUNER, "<|end|>", "\n",
+                     version="xtuner", origin="xtuner")
+llama3_chat = Template("llama3_chat", "", (_llama3_header("user"), LLAMA_3_EOT + _llama3_header("assistant")),
+                       XTUNER, LLAMA_3_EOT, "", version="xtuner", origin="xtuner")
 llava_v0 = Template("llava_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), SINGLE, "###")
 llava_v1 = Template("llava_v1", _HUMAN_SYSTEM, ("USER", "ASSISTANT"), TWO, " ", "</s>", version="v1")
 
@@ -342,18 +421,23 @@ TEMPLATES: dict[str, Template] = {
     "mpt": mpt,
     "qwen_1_5": qwen_1_5,
     "qwen_2": qwen_1_5,
+    "llava_llama_3": llava_llama_3,
+    "phi3_chat": phi3_chat,
+    "llama3_chat": llama3_chat,
 }
 MODES = (*TEMPLATES, CHAT_TEMPLATE)
 
 
-def get_template(name: str, chat_template: str | None = None) -> Template:
-    """The conversation mode ``name``; ``chat_template`` (the checkpoint's Jinja text) for that mode."""
+def get_template(name: str, chat_template: str | None = None, special_tokens: dict | None = None) -> Template:
+    """The conversation mode ``name``; for the ``chat_template`` mode, the checkpoint's Jinja text and its
+    tokenizer's special tokens (``Settings.special_tokens_map``)."""
     from .errors import UserError
 
     if name == CHAT_TEMPLATE:
         if not chat_template:
             raise UserError("conversation mode 'chat_template' needs the checkpoint's chat template, and it has none")
-        return Template(CHAT_TEMPLATE, "", ("user", "assistant"), TWO, "", jinja=chat_template)
+        return Template(CHAT_TEMPLATE, "", ("user", "assistant"), TWO, "", jinja=chat_template,
+                        special_tokens=tuple(sorted((special_tokens or {}).items())))
     try:
         return TEMPLATES[name]
     except KeyError:
@@ -410,44 +494,79 @@ def turns_from_llava(conversations: list[dict]) -> list[Turn]:
 
 
 # -- the checkpoint's own chat template -------------------------------------------------------------
-_SENTINEL = "\ue000{}\ue001"  # private-use characters around a message number: no template writes them
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+_SENTINEL = "\u3000\ue000{}\ue001\u3000"  # private-use characters around a message number: no template writes them
+# the ideographic spaces around it show whether the template trims a message (``| trim``: Python's ``strip``)
+_SENTINEL_RE = re.compile("(\u3000?)\ue000(\\d+)\ue001(\u3000?)")
 
 
-def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool) -> Parts:
+def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool,
+                 special_tokens: dict | None = None) -> Parts:
     """The checkpoint's Jinja chat template, as transformers renders it, into parts.
 
     Each message's text is rendered as a sentinel first and put back afterwards, so the
     template's own text is ``fixed`` and the messages' text never becomes special tokens.
     A turn with pictures gets an image part for each first; the ``<image>`` the template writes
-    for it is where the image goes.
-    """
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    for it is where the image goes. ``special_tokens`` (``bos_token``...) are passed to the template
+    as transformers passes the tokenizer's.
 
+    A template written for text-only messages (a language model's own: Llama 3's, Phi-3's, Mistral's)
+    reads ``message['content']`` as a string; given transformers' list of parts it fails or writes the
+    list's repr. Such a template gets each message as a string instead, its pictures written first as
+    LLaVA writes them (``<image>\n`` each, ``<video>\n`` for a video), which is what a transformers user
+    of such a checkpoint types.
+    """
     from .errors import UserError
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    env.add_extension(_generation_tag())
-    messages = []
-    for i, t in enumerate(turns):
-        content: list[dict] = [{"type": "image"} for _ in range(int(t.image) - t.videos)]
-        content += [{"type": "video"} for _ in range(t.videos)]
-        content.append({"type": "text", "text": _SENTINEL.format(i)})
-        messages.append({"role": t.role, "content": content})
-    try:
-        text = env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token="<s>", eos_token="</s>")
-    except Exception as e:  # a template error is the checkpoint's problem, said in one line
-        raise UserError(f"the checkpoint's chat template failed to render: {type(e).__name__}: {e}") from None
+    def render(as_string: bool) -> str:
+        messages = []
+        for i, t in enumerate(turns):
+            n_images = int(t.image) - t.videos
+            if as_string:
+                content = (f"{IMAGE_PLACEHOLDER}\n" * n_images + f"{VIDEO_PLACEHOLDER}\n" * t.videos
+                           + _SENTINEL.format(i))
+            else:
+                content = [{"type": "image"} for _ in range(n_images)]
+                content += [{"type": "video"} for _ in range(t.videos)]
+                content.append({"type": "text", "text": _SENTINEL.format(i)})
+            messages.append({"role": t.role, "content": content})
+        return _jinja_env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                          **(special_tokens or {}))
+
+    def complete(text: str) -> bool:
+        return sorted(int(m.group(2)) for m in _SENTINEL_RE.finditer(text)) == list(range(len(turns)))
+
+    def attempt(as_string: bool) -> str | Exception:
+        try:
+            return render(as_string)
+        except Exception as e:  # noqa: BLE001 - reported below, in one line
+            return e
+
+    text = attempt(as_string=False)
+    if isinstance(text, Exception) or not complete(text):  # the text-only reading, when it writes every message
+        alt = attempt(as_string=True)
+        if isinstance(text, Exception) or (not isinstance(alt, Exception) and complete(alt)):
+            text = alt
+    if isinstance(text, Exception):  # a template error is the checkpoint's problem, said in one line
+        raise UserError(f"the checkpoint's chat template failed to render: {type(text).__name__}: {text}")
     out: list[Part] = []
     pos = 0
     for m in _SENTINEL_RE.finditer(text):
         out += _template_text(text[pos:m.start()])
-        out.append(Text(turns[int(m.group(1))].text, False))
+        message = turns[int(m.group(2))].text
+        message = message if m.group(1) else message.lstrip()
+        out.append(Text(message if m.group(3) else message.rstrip(), False))
         pos = m.end()
     out += _template_text(text[pos:])
     return normalize(out)
+
+
+def _jinja_env():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.add_extension(_generation_tag())
+    return env
 
 
 def _template_text(s: str) -> list[Part]:
@@ -456,7 +575,7 @@ def _template_text(s: str) -> list[Part]:
     out: list[Part] = []
     for j, chunk in enumerate(re.split(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}", s)):
         if j:
-            out.append(IMAGE)
+            out.append(JOINED_IMAGE)
         out.append(Text(chunk, True))
     return out
 

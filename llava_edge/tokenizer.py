@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .templates import Image, Parts, Text, normalize
+from .templates import Break, Image, Parts, Text, normalize
 
 SPIECE_UNDERLINE = "\u2581"
 SENTENCEPIECE, TOKENIZER_JSON = "sentencepiece", "tokenizer.json"
@@ -68,6 +68,11 @@ class Settings:
     pad: str | None = None
     special: tuple[str, ...] = ()  # transformers' all_special_tokens
     added: tuple[AddedToken, ...] = field(default_factory=tuple)  # split out of template text
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """transformers' ``special_tokens_map`` (what it passes to a chat template): the tokens that are set."""
+        named = {"bos_token": self.bos, "eos_token": self.eos, "unk_token": self.unk, "pad_token": self.pad}
+        return {k: v for k, v in named.items() if v is not None}
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "file": self.file, "legacy": self.legacy, "add_bos": self.add_bos,
@@ -247,38 +252,58 @@ class Tokenizer:
         return self.settings.add_bos
 
     # -- encoding -------------------------------------------------------------------------------------
-    def encode(self, parts: Parts | str, add_special_tokens: bool = True) -> list[int]:
-        """``tokenizer(text).input_ids`` of transformers' slow tokenizer; a ``str`` is user text."""
+    def encode(self, parts: Parts | str, add_special_tokens: bool = True, fast: bool = False) -> list[int]:
+        """``tokenizer(text).input_ids`` of transformers' slow tokenizer; a ``str`` is user text. ``fast``: of its
+        fast tokenizer (``tokenizers``), for code that tokenizes with it (xtuner, transformers' processors): a
+        SentencePiece text that starts with an added token gets no word-start ``▁`` before it, where the slow one
+        drops it only before its ``all_special_tokens``."""
         if isinstance(parts, str):
             parts = (Text(parts, False),)
-        if any(isinstance(p, Image) for p in parts):
-            raise ValueError("encode takes text only; encode_prompt places images")
-        ids = self._tokenize(normalize(parts))
+        if any(isinstance(p, (Image, Break)) for p in parts):
+            raise ValueError("encode takes text only; encode_prompt places images and tokenizes pieces apart")
+        ids = self._tokenize(normalize(parts), fast)
         if add_special_tokens:
             s = self.settings
             ids = ([self.bos_id] if s.add_bos and self.bos_id is not None else []) + ids + (
                 [self.eos_id] if s.add_eos and self.eos_id is not None else [])
         return ids
 
-    def encode_prompt(self, parts: Parts, image_token_id: int) -> list[int]:
+    def encode_prompt(self, parts: Parts, image_token_id: int, fast: bool = False,
+                      bos_written: bool = False) -> list[int]:
         """LLaVA's ``tokenizer_image_token``: each chunk between images tokenized alone, the BOS of all chunks but
-        the first dropped, ``image_token_id`` where each image goes."""
+        the first dropped, ``image_token_id`` where each image goes. A chat template's prompt (its images
+        ``joined``) is tokenized as transformers' processor does: one string, the image token an added token in it,
+        by the fast tokenizer. ``fast``: see :meth:`encode`.
+
+        ``bos_written``: a prompt whose template wrote the BOS token first gets no second one (transformers' processor
+        tokenizes a prompt that starts with ``bos_token`` with add_special_tokens=False; LLaVA-NeXT's Llama 3 mode
+        trains so). LLaVA's own code adds one anyway (``tokenizer_image_token``), and its label arithmetic counts it.
+        """
+        first = next(iter(parts), None)
+        own_bos = (bos_written and self.settings.bos is not None and isinstance(first, Text) and first.fixed
+                   and first.text.startswith(self.settings.bos))
+        marker = next((a.content for a in self.settings.added if a.id == image_token_id), None)
+        if marker is not None and any(isinstance(p, Image) and p.joined for p in parts):
+            text = tuple(Text(marker, True) if isinstance(p, Image) else p for p in parts)
+            return self.encode(text, add_special_tokens=not own_bos, fast=True)
         chunks: list[list] = [[]]
+        before: list[Image | Break] = []  # what starts each chunk after the first
         for p in parts:
-            if isinstance(p, Image):
+            if isinstance(p, (Image, Break)):
                 chunks.append([])
+                before.append(p)
             else:
                 chunks[-1].append(p)
-        encoded = [self.encode(tuple(c)) for c in chunks]
-        offset = 1 if encoded[0] and self.bos_id is not None and encoded[0][0] == self.bos_id else 0
+        encoded = [self.encode(tuple(c), add_special_tokens=not own_bos, fast=fast) for c in chunks]
+        offset = 1 if not own_bos and encoded[0] and self.bos_id is not None and encoded[0][0] == self.bos_id else 0
         ids = encoded[0][:offset]
         for i, x in enumerate(encoded):
-            if i:
+            if i and isinstance(before[i - 1], Image):
                 ids.append(image_token_id)
             ids += x[offset:]
         return ids
 
-    def _tokenize(self, parts: Parts) -> list[int]:
+    def _tokenize(self, parts: Parts, fast: bool = False) -> list[int]:
         """transformers' ``tokenize`` + ``convert_tokens_to_ids``: [(id, special content or None)]."""
         s = self.settings
         if not parts:
@@ -297,7 +322,7 @@ class Tokenizer:
             else:
                 out += [(i, None) for i in self._engine.encode(f, legacy)]
         if (not legacy and len(out) > 1 and out[0][0] == self._engine.underline_id
-                and out[1][1] is not None and out[1][1] in s.special):
+                and out[1][1] is not None and (fast or out[1][1] in s.special)):
             out = out[1:]
         return [i for i, _ in out]
 

@@ -154,7 +154,7 @@ class EdgeLLaVA:
         self.family = families.by_name(m.family)
         self.spec = ImageSpec.from_dict(m.image)
         self.conv_mode = conv_mode or m.conv_mode
-        self.template = get_template(self.conv_mode, m.chat_template)
+        self.template = get_template(self.conv_mode, m.chat_template, settings.special_tokens_map())
         self.tokenizer = Tokenizer(self.bundle, settings)
         self.image_token_id = _manifest_int(m.llm, "image_token_id", "llm")
         self.eos_id = _manifest_int(m.llm, "eos_id", "llm")
@@ -344,9 +344,9 @@ class EdgeLLaVA:
         if images != len(pictures):
             raise UserError(f"the prompt has {images} place(s) for pictures and {len(pictures)} picture(s) were "
                             "given")
+        ids = self.tokenizer.encode_prompt(parts, self.image_token_id, **self.template.encoding)
         if not pictures:
-            return self.tokenizer.encode(parts)
-        ids = self.tokenizer.encode_prompt(parts, self.image_token_id)
+            return ids
         return expand_images(ids, self.image_token_id, [[ImageSlot(k, j) for j in range(n)] for k, n in pictures])
 
     def conversation_slots(self, question: str, image: ImageInput | list | None = None,

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not ok, reason=why)
 LLAVA_IMAGE = -200  # LLaVA's IMAGE_TOKEN_INDEX: where tokenizer_image_token puts the image
 CHATML_SPECIAL = ["<|im_start|>", "<|im_end|>"]  # Yi/Hermes' chat tokens, special in their tokenizers
 # LLaVA 1.2.2's modes; LLaVA-NeXT's Qwen modes are not in LLaVA's code (tests/test_qwen_labels.py checks them)
-MODES = sorted(m for m, t in TEMPLATES.items() if t.version != "qwen")
+MODES = sorted(m for m, t in TEMPLATES.items() if t.origin == "llava")  # LLaVA 1.2.2's own conv_templates
 IMAGE = "images/pic.png"
 
 

@@ -45,10 +45,11 @@ def _placed(rid: str, turns: list[Turn], n: int, origin: str) -> list[Turn]:
     """``preprocess_multimodal``: where a record's ``n`` pictures go in its turns, by the code of the mode's
     ``origin``.
 
-    LLaVA's (1.2.2): the turn that holds ``<image>`` gets it first (``<image>\n`` + its text stripped), and takes
-    one picture a record. LLaVA-NeXT's: a turn with a lone ``<image>`` that does not open it gets it first
-    likewise; any other turn is left as written, its pictures where its markers stand (several pictures, or one
-    that already opens the turn: ``<image>`` directly followed by text stays so).
+    LLaVA's (1.2.2; xtuner's ``llava_map_fn`` does the same): the turn that holds ``<image>`` gets it first
+    (``<image>\n`` + its text stripped), and takes one picture a record. LLaVA-NeXT's: a turn with a lone
+    ``<image>`` that does not open it gets it first likewise; any other turn is left as written, its pictures
+    where its markers stand (several pictures, or one that already opens the turn: ``<image>`` directly followed
+    by text stays so).
     """
     counts = [t.text.count(IMAGE_PLACEHOLDER) for t in turns]
     if sum(counts) != n:
@@ -56,8 +57,8 @@ def _placed(rid: str, turns: list[Turn], n: int, origin: str) -> list[Turn]:
     if any(c and t.role != "user" for c, t in zip(counts, turns)):
         raise UserError(f"record {rid}: {IMAGE_PLACEHOLDER} is in an answer, not in a question")
     if origin != "llava-next" and n > 1:
-        raise UserError(f"record {rid} has {n} pictures: LLaVA's modes take one a record; train with a mode of "
-                        "LLaVA-NeXT's (qwen_1_5, qwen_2)")
+        raise UserError(f"record {rid} has {n} pictures: LLaVA's and xtuner's modes take one a record; train "
+                        "with a mode of LLaVA-NeXT's (qwen_1_5, qwen_2, llava_llama_3)")
     out = []
     for c, t in zip(counts, turns):
         if c == 1 and (origin != "llava-next" or not t.text.startswith(IMAGE_PLACEHOLDER)):

@@ -10,8 +10,10 @@ positions a model learns, a leading ``▁`` before a digit, a stop token, is
 decided there; a reimplementation by character spans learns slightly different
 positions. So this module follows LLaVA's functions step by step
 (``preprocess_plain``, ``preprocess_v1``, ``preprocess_llama_2``,
-``preprocess_mpt`` and the generic ``_add_speaker_and_signal`` path; and LLaVA-NeXT's
-``preprocess_qwen`` for its Qwen modes, which masks by message instead), on
+``preprocess_mpt`` and the generic ``_add_speaker_and_signal`` path; LLaVA-NeXT's
+``preprocess_qwen`` and ``preprocess_llama3`` for its Qwen and Llama 3 modes, which mask by message
+instead; and xtuner's ``encode_fn`` for its templates, which trained llava-phi-3-mini and
+llava-llama-3-8b), on
 structured prompts (``templates.Parts``) with one difference: the separators
 are looked for only where the template wrote them, so a question that contains
 `` ASSISTANT: `` does not split a round (LLaVA's string split would, and then
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava_edge.templates import (IMAGE, LLAMA_2, PLAIN, Parts, Template, Text, Turn, fixed, flat, normalize,
-                                  message_parts, split_fixed)
+from llava_edge.templates import (IMAGE, LLAMA_2, LLAMA_3_BOS, LLAMA_3_BOS_PART, PLAIN, XTUNER, Image, Parts, Template,
+                                  Text, Turn, fixed, flat, llama3_message, message_parts, normalize, split_fixed)
 from llava_edge.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -58,6 +60,10 @@ def label(turns: list[Turn], template: Template, tok: Tokenizer, image_token_id:
         return _mpt(turns, template, tok, image_token_id, has_image, max_length)
     if template.version == "qwen":
         return _qwen(turns, template, tok, image_token_id, max_length)
+    if template.version == "llama_v3":
+        return _llama3(turns, template, tok, image_token_id, max_length)
+    if template.style == XTUNER:
+        return _xtuner(turns, template, tok, image_token_id)
     return _speaker_signal(turns, template, tok, image_token_id, has_image)
 
 
@@ -154,43 +160,91 @@ def _speaker_signal(turns, template, tok, image_token_id, has_image) -> Labeled:
     return Labeled(ids, labels, False)
 
 
-def _qwen(turns, template, tok, image_token_id, max_length) -> Labeled:
-    # LLaVA-NeXT's preprocess_qwen: the system message, then each message rendered alone as
-    # "<|im_start|>ROLE\n" + text + "<|im_end|>\n" and tokenized alone (apply_chat_template: no BOS, "<image>" a
-    # special token); a user message's tokens ignored, an assistant's learned whole (its role line and
-    # "<|im_end|>\n" too); then every "\n", "<|im_start|>" and "<|im_end|>" token learned wherever it stands,
-    # the user's included. The original unmasks the id 198, which is "\n" in Qwen's vocabulary; here it is the
-    # id this tokenizer gives "\n", the same for Qwen's. A record that opens with an assistant turn loses it.
+def _alone(tok: Tokenizer, parts: Parts, image_token_id: int, fast: bool = False) -> list[int]:
+    """Text tokenized as one string with no special tokens added, the image token where each picture goes (as
+    ``apply_chat_template`` with ``<image>`` added as a special token, and as xtuner's chunks between pictures)."""
+    out: list[int] = []
+    chunk: list[Text] = []
+    for p in (*normalize(parts), None):
+        if isinstance(p, Text):
+            chunk.append(p)
+            continue
+        out += tok.encode(tuple(chunk), add_special_tokens=False, fast=fast) if chunk else []
+        chunk = []
+        if isinstance(p, Image):
+            out.append(image_token_id)
+    return out
+
+
+def _by_message(turns, tok, image_token_id, head: Parts, message, keep: set, max_length: int) -> Labeled:
+    """LLaVA-NeXT's preprocess_qwen and preprocess_llama3: ``head`` (the system message) ignored, then each message
+    rendered (``message(role, turn)``) and tokenized alone, a user's ignored and an assistant's learned whole, then
+    every id in ``keep`` learned wherever it stands, the user's included. A record that opens with an assistant turn
+    loses it."""
     if turns and turns[0].role != "user":
         turns = turns[1:]
-    start, end = template.roles[0].split("user")[0], template.sep  # "<|im_start|>", "<|im_end|>"
-
-    def encode(parts: Parts) -> list[int]:
-        chunks: list[list] = [[]]
-        for p in normalize(parts):
-            if isinstance(p, Text):
-                chunks[-1].append(p)
-            else:
-                chunks.append([])
-        out: list[int] = []
-        for k, c in enumerate(chunks):
-            if k:
-                out.append(image_token_id)
-            out += tok.encode(tuple(c), add_special_tokens=False) if c else []
-        return out
-
-    ids = encode((fixed(template.system + end + "\n"),))
+    ids = _alone(tok, head, image_token_id)
     labels = [IGNORE_INDEX] * len(ids)
     for t in turns:
         role = "user" if t.role == "user" else "assistant"
-        x = encode((fixed(f"{start}{role}\n"), *message_parts(t), fixed(f"{end}\n")))
+        x = _alone(tok, message(role, t), image_token_id)
         ids += x
         labels += [IGNORE_INDEX] * len(x) if role == "user" else x
+    labels = [i if i in keep else lab for i, lab in zip(ids, labels)]
+    return _finish(ids, labels, len(ids), max_length)
+
+
+def _qwen(turns, template, tok, image_token_id, max_length) -> Labeled:
+    # LLaVA-NeXT's preprocess_qwen: each message "<|im_start|>ROLE\n" + text + "<|im_end|>\n" (apply_chat_template:
+    # no BOS, "<image>" a special token); "\n", "<|im_start|>" and "<|im_end|>" learned everywhere. The original
+    # unmasks the id 198, which is "\n" in Qwen's vocabulary; here it is the id this tokenizer gives "\n", the same
+    # for Qwen's.
+    start, end = template.roles[0].split("user")[0], template.sep  # "<|im_start|>", "<|im_end|>"
     newline = tok.encode((fixed("\n"),), add_special_tokens=False)
     keep = {i for i in (tok.token_id(start), tok.token_id(end)) if i is not None}
     keep |= set(newline) if len(newline) == 1 else set()
-    labels = [i if i in keep else lab for i, lab in zip(ids, labels)]
-    return _finish(ids, labels, len(ids), max_length)
+    return _by_message(turns, tok, image_token_id, (fixed(template.system + end + "\n"),),
+                       lambda role, t: (fixed(f"{start}{role}\n"), *message_parts(t), fixed(f"{end}\n")),
+                       keep, max_length)
+
+
+def _llama3(turns, template, tok, image_token_id, max_length) -> Labeled:
+    # LLaVA-NeXT's preprocess_llama3: the system message with Llama 3 Instruct's chat template (BOS first), then
+    # each message with it, its BOS dropped ("| trim" on the text); <|begin_of_text|>, <|start_header_id|>,
+    # <|end_header_id|> and <|eot_id|> learned everywhere. The original also names "\n\n" to learn, by
+    # convert_tokens_to_ids("\n\n"): a byte-level vocabulary spells that token "ĊĊ", so the lookup finds nothing
+    # (Llama 3's tokenizer has no unknown token) and no newline is learned outside the assistant's messages.
+    keep = {tok.token_id(t) for t in (LLAMA_3_BOS, "<|start_header_id|>", "<|end_header_id|>", template.sep)}
+    head = (LLAMA_3_BOS_PART, *llama3_message("system", (fixed(template.system),), template.sep))
+    return _by_message(turns, tok, image_token_id, head,
+                       lambda role, t: llama3_message(role, message_parts(t), template.sep), keep - {None}, max_length)
+
+
+def _xtuner(turns, template, tok, image_token_id) -> Labeled:
+    # xtuner's llava_map_fn + template_map_fn + encode_fn: the tokenizer's BOS (added by id, whatever the tokenizer
+    # says), then per round the INSTRUCTION around the question (ignored; the text between pictures tokenized chunk
+    # by chunk, no special tokens added), the answer + SUFFIX tokenized as one (learned; SUFFIX_AS_EOS: no EOS
+    # after it), then SEP (ignored). xtuner cuts the text at max length before the pictures are expanded; here the
+    # dataset cuts after, counting them (``expand``). Leading assistant turns are dropped.
+    while turns and turns[0].role != "user":
+        turns = turns[1:]
+    ids = [tok.bos_id] if tok.bos_id is not None else []
+    labels = [IGNORE_INDEX] * len(ids)
+    for k in range(0, len(turns), 2):
+        question = _alone(tok, (fixed(template.roles[0]), *message_parts(turns[k]), fixed(template.roles[1])),
+                          image_token_id, fast=True)
+        ids += question
+        labels += [IGNORE_INDEX] * len(question)
+        if k + 1 < len(turns):
+            answer = tok.encode((*message_parts(turns[k + 1]), fixed(template.sep)), add_special_tokens=False,
+                                fast=True)
+            ids += answer
+            labels += answer
+            if template.sep2:
+                sep = tok.encode((fixed(template.sep2),), add_special_tokens=False, fast=True)
+                ids += sep
+                labels += [IGNORE_INDEX] * len(sep)
+    return Labeled(ids, labels, False)
 
 
 def _ignore(labels: list[int], a: int, b: int) -> None:

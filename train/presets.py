@@ -41,7 +41,8 @@ class Preset:
     stage1: StageConfig
     stage2: StageConfig
     notes: str = ""
-    conv_mode: str = "vicuna_v1"  # stage 2's conversation mode (LLaVA's --version); stage 1 trains with plain
+    conv_mode: str = "vicuna_v1"  # stage 2's conversation mode (LLaVA's --version)
+    stage1_mode: str = "plain"  # stage 1's (LLaVA's pretraining: plain)
 
 
 _S1 = StageConfig(lr=1e-3, global_batch=256, per_device_batch=32)
@@ -81,6 +82,16 @@ PRESETS: dict[str, Preset] = {
         _S2.with_(lr=1e-5, vision_lr=2e-6, per_device_batch=1, max_length=32768),
         "LLaVA-OneVision's scripts' numbers (no Interleave script is published)", conv_mode="qwen_1_5",
     ),
+    # xtuner's llava-phi-3-mini and llava-llama-3-8b (xtuner/configs/llava/phi3_mini_4k_instruct_clip_vit_large_p14_336
+    # and llama3_8b_instruct_clip_vit_large_p14_336): both stages in the language model's own format (xtuner's
+    # phi3_chat, llama3_chat), its pretraining included, where LLaVA's is plain. Stage 1: the projector alone at
+    # 1e-3, 32 a GPU on 8 (256); stage 2: the language model too at 2e-5, 8 a GPU with 2 accumulated on 8 (128);
+    # 1 epoch, warm-up 0.03, no weight decay; max length 2048 with the picture's 576 positions (xtuner counts
+    # 2048 - 576 text ids before the picture goes in).
+    "llava-phi-3-mini": Preset(_S1, _S2.with_(per_device_batch=8), "xtuner's recipe for llava-phi-3-mini",
+                               conv_mode="phi3_chat", stage1_mode="phi3_chat"),
+    "llava-llama-3-8b": Preset(_S1, _S2.with_(per_device_batch=8), "xtuner's recipe for llava-llama-3-8b",
+                               conv_mode="llama3_chat", stage1_mode="llama3_chat"),
     "toy": Preset(
         # Stage 1: LLaVA-1.5's 1e-3 at batch 256, scaled to the toy's batch of 32 by the square-root
         # rule (1e-3 / sqrt(8)). Faster, the projector inflates what the frozen toy language model can

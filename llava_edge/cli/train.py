@@ -58,8 +58,9 @@ def train_stage1(
     save_steps: o.SaveSteps = None, seed: o.TrainSeed = None,
     image_aspect: str = typer.Option("square", help="square | pad"),
     resume: o.Resume = False, skip_bad: o.SkipBad = False, stop_after: o.StopAfter = 0,
-    conv_mode: str = typer.Option("plain", "--conv-mode", help="LLaVA's --version: the conversation mode the "
-                                  "records are rendered and masked with (stage 1: plain)"),
+    conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="LLaVA's --version: the conversation mode "
+                                            "the records are rendered and masked with; default: the preset's "
+                                            "(LLaVA: plain; xtuner's recipes: the language model's format)"),
 ):
     """Stage 1, feature alignment: only the projector learns, on image-caption pairs."""
     from ..train import stages
@@ -67,6 +68,10 @@ def train_stage1(
     cfg = _stage_config("stage1", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
                         epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed)
     m = _model_arg(model, vision, llm, projector_type, output)
+    if conv_mode is None:
+        from ..train.presets import get_preset
+
+        conv_mode = get_preset(preset).stage1_mode
     _check_train_mode(conv_mode)
     done = stages.stage1(m, data, image_folder, output, cfg, projector_type=projector_type, pad=image_aspect,
                          resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode, log=say)
@@ -99,7 +104,7 @@ def train_stage2(
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="LLaVA's --version: the conversation mode "
                                             "the records are rendered and masked with; recorded in the output for "
                                             "export and chat; default: the preset's (LLaVA-1.5: v1 = vicuna_v1, "
-                                            "OneVision: qwen_1_5)"),
+                                            "OneVision: qwen_1_5, llava-phi-3-mini: phi3_chat)"),
     image_tokens: Optional[int] = typer.Option(None, "--image-tokens", help="Train with each image reduced to this "
                                                "many tokens (see quantize --image-tokens)"),
     token_method: str = typer.Option("pool", "--token-method", help="With --image-tokens: pool | dominant"),

@@ -101,7 +101,7 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     ckpt = resolve_model(model, log=log)
     hf = load_hf_model(ckpt, dtype=dtype).to(dev)
     tok = Tokenizer(ckpt.path)
-    template = get_template(conv_mode, chat_template)
+    template = get_template(conv_mode, chat_template, tok.settings.special_tokens_map())
     images, img_id, family = ckpt.family.checkpoint_image_path(ckpt), ckpt.image_token_id, ckpt.family
     eos = tok.eos_id
     tuned = {}  # reduction -> [(key, a copy of the projector holding the tuned weights)]
@@ -119,7 +119,8 @@ def compute_reference(model: str | Path, items: list[EvalItem], conv_mode: str, 
     log(f"reference: {ckpt.path} in {dtype} on {dev}, conversation mode {conv_mode} ({len(items)} questions)")
     for item in items:
         pictures = item.pictures
-        ids = tok.encode_prompt(template.prompt(item.question, image=len(pictures)), img_id)
+        ids = tok.encode_prompt(template.prompt(item.question, image=len(pictures)), img_id,
+                                **template.encoding)
         feats, reduced = [], {}
         full = ids
         kwargs = {"input_ids": torch.tensor([full], device=dev)}

@@ -145,7 +145,8 @@ def measure_pair(bundle: Path, pair: Pair, eval_set: EvalSet, ref: Reference, *,
                                "cos_min": float(cosines[-1].min()), "worst_token": int(cosines[-1].argmin()),
                                "rel_error": rel_errors[-1]})
             parts = m.template.prompt(item.question, image=len(pictures))
-            prompt_mismatch += m.tokenizer.encode_prompt(parts, m.image_token_id) != r.prompt_ids
+            prompt_mismatch += m.tokenizer.encode_prompt(parts, m.image_token_id,
+                                                       **m.template.encoding) != r.prompt_ids
             slots = m.picture_slots(parts, [(key, len(emb)) for key, emb in pictures])
             embeds = dict(pictures)
             n = len(r.answer_ids)

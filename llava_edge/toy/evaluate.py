@@ -58,7 +58,7 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
     ckpt = open_checkpoint(model_dir)
     model = load_hf_model(ckpt).to("cuda" if torch.cuda.is_available() else "cpu")
     tok = Tokenizer(ckpt.path)
-    template = get_template(ckpt.conv_mode, ckpt.chat_template())
+    template = get_template(ckpt.conv_mode, ckpt.chat_template(), tok.settings.special_tokens_map())
     family, images = ckpt.family, ckpt.family.checkpoint_image_path(ckpt)  # one tile, or anyres tiles
     eval_file = Path(eval_file)
     records = json.loads(eval_file.read_text())
@@ -71,8 +71,9 @@ def evaluate_hf(model_dir: str | Path, eval_file: str | Path, max_new_tokens: in
                             "checkpoints take one picture a conversation")
         alone = len(names) == 1
         pictures = [images.prepare(eval_file.parent / n, alone=alone) for n in names]
-        ids = expand_images(tok.encode_prompt(template.prompt(question_of(r), image=len(names)), img_id), img_id,
-                            [[img_id] * p.positions for p in pictures])
+        prompt = tok.encode_prompt(template.prompt(question_of(r), image=len(names)), img_id,
+                                   **template.encoding)
+        ids = expand_images(prompt, img_id, [[img_id] * p.positions for p in pictures])
         inputs = generation_inputs(model, family, ids, pictures, images)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_id,
