@@ -95,6 +95,13 @@ class Checkpoint:
         c = self.config
         return int(c.get("image_token_index", c.get("image_token_id", 32000)))
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The token a video's positions hold in transformers' model (LLaVA-OneVision's); None: no video."""
+        c = self.config
+        v = c.get("video_token_index", c.get("video_token_id"))
+        return int(v) if v is not None and self.family.takes_video else None
+
     def image_spec(self) -> ImageSpec:
         # transformers < 5 writes preprocessor_config.json; 5 nests it in processor_config.json
         cfg = {}

@@ -43,9 +43,9 @@ class Video:
         return "video" if isinstance(self.source, bytes) else str(self.source)
 
 
-def check_frames(n) -> int:
+def check_frames(n, option: str = "--frames") -> int:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FRAMES:
-        raise UserError(f"--frames must be a whole number from 1 to {MAX_FRAMES}, not {n!r}")
+        raise UserError(f"{option} must be a whole number from 1 to {MAX_FRAMES}, not {n!r}")
     return n
 
 
@@ -74,8 +74,21 @@ def _open(video: Video):
     return av, container
 
 
-def read_frames(video: Video) -> list[Image.Image]:
-    """``video.frames`` RGB frames, sampled uniformly over the file's frames (the first and the last included)."""
+def llava_next_training_frames(total: int, fps: float, video_fps: float = 1.0, upbound: int = 32) -> list[int]:
+    """The frames LLaVA-NeXT's training takes (``process_video_with_decord``): every ``round(fps / video_fps)``-th
+    frame from the first (about ``video_fps`` a second), and when that is more than ``upbound`` frames, ``upbound``
+    taken uniformly instead (``np.linspace``, the first and the last included). The original's step is 0 for a
+    file under half a frame a second (``range`` then fails); here it is at least 1."""
+    step = max(1, round(fps / video_fps))
+    idx = list(range(0, total, step))
+    if upbound > 0 and len(idx) > upbound:
+        idx = np.linspace(0, total - 1, upbound, dtype=int).tolist()
+    return idx
+
+
+def read_frames(video: Video, pick=None) -> list[Image.Image]:
+    """``video.frames`` RGB frames, sampled uniformly over the file's frames (the first and the last included);
+    ``pick(total, fps)``: the frame numbers to take instead (at most :data:`MAX_FRAMES`)."""
     av, container = _open(video)
     try:
         try:
@@ -87,7 +100,16 @@ def read_frames(video: Video) -> list[Image.Image]:
                         raise UserError(f"{video.name} has more than {MAX_FILE_FRAMES:,} frames: cut it first")
             if total == 0:
                 raise UserError(f"{video.name} has no frames")
-            wanted = np.linspace(0, total - 1, video.frames, dtype=int)
+            if pick is None:
+                wanted = np.linspace(0, total - 1, video.frames, dtype=int)
+            else:
+                rate = container.streams.video[0].average_rate
+                if not rate:
+                    raise UserError(f"{video.name} states no frame rate")
+                wanted = np.asarray(pick(total, float(rate)), dtype=int)
+                if not 1 <= len(wanted) <= MAX_FRAMES or wanted.min() < 0 or wanted.max() >= total:
+                    raise UserError(f"{video.name}: {len(wanted)} frames picked of {total}, "
+                                    f"1 to {MAX_FRAMES} needed")
             container.seek(0)
             out: dict[int, Image.Image] = {}
             last, keep = int(wanted[-1]), set(wanted.tolist())

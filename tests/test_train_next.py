@@ -77,7 +77,8 @@ def stage2_dataset(ckpt, data, folder, mode: str = "vicuna_v1", max_length: int 
     images = family.image_path(section, {}, per_tile, family.side_arrays(ckpt))
     tok = Tokenizer(ckpt.path)
     return LlavaDataset(records, get_template(mode), tok, ckpt.image_token_id,
-                        family.max_positions(section, per_tile), images, max_length, family), tok
+                        family.max_positions(section, per_tile), images, max_length, family,
+                        video_token_id=ckpt.video_token_id), tok
 
 
 def _runs(labels):

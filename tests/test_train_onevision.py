@@ -109,7 +109,9 @@ def test_several_pictures_are_labeled_as_llava_next_does(qwen, tmp_path):  # noq
     (_record("<image>\n<image>\nWhich?"), "llava", ["2 pictures", "qwen_1_5"]),
     (dict(_record("<image>\n<image>\nWhich?"), image=["p0.png", 3]), "llava-next", ["3", "not a file name"]),
     (dict(_record("<image>\n<image>\nWhich?"), image=["p0.png", "../x.png"]), "llava-next", ["escapes"]),
-    (dict(_record("<image>\nWhat happens?"), video="clip.mp4"), "llava-next", ["video", "pictures only"]),
+    (dict(_record("<image>\nWhat happens?"), video="clip.mp4"), "llava-next", ["an image and a video"]),
+    ({**_record("<image>\nWhat happens?"), "image": None, "video": "gone.mp4"}, "llava-next", ["video not found"]),
+    ({**_record("<image>\nWhat happens?"), "image": None, "video": "../x.mp4"}, "llava-next", ["escapes"]),
 ])
 def test_bad_several_picture_records_are_one_line_errors(record, origin, words, tmp_path):
     for name in ("p0.png", "p1.png"):
@@ -304,3 +306,91 @@ def test_the_onevision_preset_trains_in_its_qwen_mode_with_the_tower(onevision, 
     before, after = load_file(str(onevision / "model.safetensors")), load_file(str(out / "model.safetensors"))
     tower = [k for k in before if "vision_tower" in k]
     assert tower and any(not torch.equal(before[k], after[k]) for k in tower)
+
+
+def llava_next_frame_numbers(total: int, avg_fps: float, video_fps: int = 1, frames_upbound: int = 32) -> list[int]:
+    """LLaVA-NeXT's process_video_with_decord (llava/utils.py), its choice of frames, transcribed."""
+    avg = round(avg_fps / video_fps)
+    frame_idx = [i for i in range(0, total, avg)]
+    if frames_upbound > 0 and len(frame_idx) > frames_upbound:
+        frame_idx = np.linspace(0, total - 1, frames_upbound, dtype=int).tolist()
+    return frame_idx
+
+
+@pytest.mark.parametrize("upbound, frames", [(32, [0, 10, 20]), (2, [0, 24])])
+def test_a_video_record_trains_as_llava_next_samples_it_and_transformers_scores_it(onevision, upbound, frames,
+                                                                                   tmp_path):
+    """A LLaVA-NeXT video record (``"video": file``, ``<image>`` where it goes): its frames as LLaVA-NeXT's training
+    takes them (one a second, at most --frames-upbound: 3 of a 2.5 s clip at 10 frames a second, or 2 spread over
+    it), each resized to the tile; its positions hold the model's video token, as many as transformers' model gives
+    the video (each frame pooled 2x2, one newline); the first step's loss equals the model's on
+    ``pixel_values_videos`` built from the decoded frames independently."""
+    import av
+    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers.image_transforms import normalize, resize
+    from transformers.image_utils import PILImageResampling
+
+    from test_video import write_video
+    from llava_edge.checkpoint import open_checkpoint
+    from llava_edge.train import stages
+    from llava_edge.train.presets import get_preset
+
+    write_video(tmp_path / "clip.mp4", 25)  # 25 frames at 10 a second
+    records = [{"id": "v", "video": "clip.mp4",
+                "conversations": [{"from": "human", "value": "What happens? <image>"},
+                                  {"from": "gpt", "value": "The picture gets brighter."}]}]
+    (tmp_path / "video.json").write_text(json.dumps(records))
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+        rate = float(c.streams.video[0].average_rate)
+    assert llava_next_frame_numbers(len(decoded), rate, frames_upbound=upbound) == frames
+
+    ckpt = open_checkpoint(onevision)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(onevision, attn_implementation="eager").eval()
+    cfg = model.config
+    size = cfg.vision_config.image_size
+    want_pixels = np.stack([np.stack([normalize(resize(decoded[i], (size, size), resample=PILImageResampling.BICUBIC,
+                                                       input_data_format="channels_last") / 255.0,
+                                                mean=[0.5] * 3, std=[0.5] * 3, input_data_format="channels_last"
+                                                ).transpose(2, 0, 1) for i in frames])]).astype(np.float32)
+
+    ds, tok = stage2_dataset(ckpt, tmp_path / "video.json", tmp_path, "qwen_1_5", 4096)
+    ds.frames_upbound = upbound
+    item = ds[0]
+    batch = collate([item], tok.pad_id, ckpt.family)
+    assert "pixel_values" not in batch
+    np.testing.assert_allclose(batch["pixel_values_videos"].numpy(), want_pixels, atol=1e-5)
+    with torch.no_grad():
+        feats = model.model.get_video_features(
+            pixel_values_videos=torch.from_numpy(want_pixels), vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+    positions = feats[0].shape[0]  # the pooled frames and one newline
+    assert positions == len(frames) * (-(-(size // cfg.vision_config.patch_size) // 2)) ** 2 + 1
+    ids, labels = item["input_ids"], item["labels"]
+    assert ids.count(cfg.video_token_id) == positions and ids.count(cfg.image_token_id) == 0
+    lab = label(ds.records[0].turns, TEMPLATES["qwen_1_5"], tok, ckpt.image_token_id, True, 4096)
+    at = lab.input_ids.index(ckpt.image_token_id)
+    assert ids == lab.input_ids[:at] + [cfg.video_token_id] * positions + lab.input_ids[at + 1:]
+    assert labels == lab.labels[:at] + [IGNORE_INDEX] * positions + lab.labels[at + 1:]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                     labels=torch.tensor([labels]), pixel_values_videos=torch.from_numpy(want_pixels)).loss.item()
+
+    run = get_preset("toy").stage2.with_(max_steps=1, global_batch=1, per_device_batch=1, lr=1e-3,
+                                         group_by_modality=False, max_length=4096, frames_upbound=upbound)
+    out = stages.stage2(str(onevision), tmp_path / "video.json", tmp_path, tmp_path / "s2", run,
+                        conv_mode="qwen_1_5", log=lambda _: None)
+    first = float(next(csv.DictReader(open(out / "loss.csv")))["loss"])
+    assert abs(first - want) < 1e-5, (first, want)
+
+
+def test_a_video_record_on_a_family_without_video_is_one_line(toy_model, tmp_path):
+    from cli_run import le
+    from test_video import write_video
+
+    write_video(tmp_path / "clip.mp4", 5)
+    path = _write(tmp_path, [{"id": "clip", "video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "Nothing."}]}])
+    r = le("train", "stage2", "--model", toy_model, "--data", path, "--image-folder", tmp_path, "--output",
+           tmp_path / "out", "--preset", "toy", "--max-steps", "1")
+    assert_one_line_error(r, "clip", "video", "take no video", progress=True)

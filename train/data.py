@@ -3,7 +3,10 @@
 The file format is LLaVA's own (``blip_laion_cc_sbu_558k.json``,
 ``llava_v1_5_mix665k.json``): records with ``id``, optional ``image`` and
 ``conversations`` of ``human``/``gpt`` turns, ``<image>`` in the turn that
-shows the image, text-only records allowed.
+shows the image, text-only records allowed; LLaVA-NeXT's ``image`` lists
+(several pictures) and ``video`` (a file whose frames LLaVA-NeXT's training
+samples: about one a second, at most ``frames_upbound``, with ``<image>`` where
+the video goes), for families that take them.
 
 Ids and labels are LLaVA's own (``labels.py`` follows LLaVA's ``preprocess``
 for the conversation mode); the image token is then expanded to the positions
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from llava_edge.errors import UserError
@@ -25,6 +29,7 @@ from llava_edge.families.llava15 import OneTile
 from llava_edge.preprocess import ImageSpec
 from llava_edge.templates import IMAGE_PLACEHOLDER, Template, Turn, expand_images, turns_from_llava
 from llava_edge.tokenizer import Tokenizer
+from llava_edge.video import Video, llava_next_training_frames, read_frames
 
 from .labels import IGNORE_INDEX, Labeled, label
 
@@ -34,6 +39,7 @@ class Record:
     id: str
     turns: list[Turn]
     images: tuple[Path, ...] = ()  # every picture, in the order of the ``<image>`` markers
+    video: bool = False  # the one picture is a video file
 
     @property
     def image(self) -> Path | None:
@@ -70,9 +76,10 @@ def _placed(rid: str, turns: list[Turn], n: int, origin: str) -> list[Turn]:
 
 
 def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bool = False,
-                 origin: str = "llava") -> tuple[list[Record], int]:
+                 origin: str = "llava", video_folder: str | Path | None = None) -> tuple[list[Record], int]:
     """Validated records and the number skipped (only with ``skip_bad``; otherwise the first problem raises).
-    ``origin``: whose ``preprocess_multimodal`` places the pictures (``Template.origin`` of the training mode)."""
+    ``origin``: whose ``preprocess_multimodal`` places the pictures (``Template.origin`` of the training mode);
+    ``video_folder``: where video records' files are (LLaVA-NeXT's ``--video_folder``; default ``image_folder``)."""
     data = Path(data)
     if not data.is_file():
         raise UserError(f"data file not found: {data}")
@@ -85,10 +92,11 @@ def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bo
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{data} holds no records")
     root = Path(image_folder).resolve() if image_folder else None
+    video_root = Path(video_folder).resolve() if video_folder else root
     records, skipped = [], 0
     for n, r in enumerate(raw):
         try:
-            records.append(_record(r, n, root, origin))
+            records.append(_record(r, n, root, origin, video_root))
         except UserError:
             if not skip_bad:
                 raise
@@ -98,7 +106,7 @@ def load_records(data: str | Path, image_folder: str | Path | None, skip_bad: bo
     return records, skipped
 
 
-def _record(r: dict, n: int, root: Path | None, origin: str = "llava") -> Record:
+def _record(r: dict, n: int, root: Path | None, origin: str = "llava", video_root: Path | None = None) -> Record:
     rid = str(r.get("id", f"#{n}")) if isinstance(r, dict) else f"#{n}"
     if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
         raise UserError(f"record {rid}: no 'conversations' list")
@@ -115,7 +123,15 @@ def _record(r: dict, n: int, root: Path | None, origin: str = "llava") -> Record
         if t.role != ("user" if i % 2 == 0 else "assistant"):
             raise UserError(f"record {rid}: turns do not alternate human/gpt")
     if r.get("video") is not None:
-        raise UserError(f"record {rid} holds a video: training takes pictures only (--skip-bad leaves it out)")
+        if r.get("image") not in (None, []):
+            raise UserError(f"record {rid} names both an image and a video: LLaVA-NeXT's records take one or the "
+                            "other")
+        if video_root is None:
+            raise UserError(f"record {rid} has a video but no --video-folder or --image-folder was given")
+        video = _image_file(rid, video_root, r["video"], "video")
+        turns = [Turn(t.role, t.text, t.image, videos=int(bool(t.image)), inline=t.inline)
+                 for t in _placed(rid, turns, 1, origin)]
+        return Record(rid, turns, (video,), video=True)
     names = r.get("image")
     if names is None or names == []:
         if any(IMAGE_PLACEHOLDER in t.text for t in turns):
@@ -128,14 +144,14 @@ def _record(r: dict, n: int, root: Path | None, origin: str = "llava") -> Record
     return Record(rid, _placed(rid, turns, len(images), origin), images)
 
 
-def _image_file(rid: str, root: Path, name) -> Path:
+def _image_file(rid: str, root: Path, name, what: str = "image") -> Path:
     if not isinstance(name, str) or not name:
-        raise UserError(f"record {rid}: image {name!r} is not a file name")
+        raise UserError(f"record {rid}: {what} {name!r} is not a file name")
     image = (root / name).resolve()
     if root not in image.parents:
-        raise UserError(f"record {rid}: image path {name!r} escapes --image-folder")
+        raise UserError(f"record {rid}: {what} path {name!r} escapes --{what}-folder")
     if not image.is_file():
-        raise UserError(f"record {rid}: image not found: {image}")
+        raise UserError(f"record {rid}: {what} not found: {image}")
     return image
 
 
@@ -155,10 +171,11 @@ def _label(record: Record, template: Template, tokenizer: Tokenizer, image_token
         raise UserError(f"record {record.id}: {e}") from None
 
 
-def expand(rid: str, lab: Labeled, image_token_id: int, positions: list[int], max_length: int
-           ) -> tuple[list[int], list[int]]:
+def expand(rid: str, lab: Labeled, image_token_id: int, positions: list[int], max_length: int,
+           tokens: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Ids and labels with each image token, in order, as that picture's ``positions`` positions the loss ignores
-    (none: no picture), cut at ``max_length``."""
+    (none: no picture), cut at ``max_length``; ``tokens``: the id each picture's positions hold (the model's video
+    token for a video; by default the image token)."""
     ids, labels = lab.input_ids, lab.labels
     if positions:
         where = [i for i, t in enumerate(ids) if t == image_token_id]
@@ -168,7 +185,8 @@ def expand(rid: str, lab: Labeled, image_token_id: int, positions: list[int], ma
             what = f"the image ({positions[0]} positions)" if len(positions) == 1 else \
                 f"its {len(positions)} pictures ({sum(positions)} positions)"
             raise UserError(f"record {rid}: {what} does not fit in max length {max_length} (--max-length)")
-        ids = expand_images(ids, image_token_id, [[image_token_id] * p for p in positions])
+        tokens = tokens or [image_token_id] * len(positions)
+        ids = expand_images(ids, image_token_id, [[t] * p for t, p in zip(tokens, positions)])
         out, at = [], 0
         for i, p in zip(where, positions):
             out += labels[at:i] + [IGNORE_INDEX] * p
@@ -206,19 +224,26 @@ class LlavaDataset:
     """
 
     def __init__(self, records: list[Record], template: Template, tokenizer, image_token_id: int, positions: int,
-                 images: ImagePath | ImageSpec, max_length: int, family: Family | None = None):
+                 images: ImagePath | ImageSpec, max_length: int, family: Family | None = None,
+                 video_token_id: int | None = None, frames_upbound: int = 32, video_fps: float = 1.0):
         self.records = records
         self.images = OneTile(images, positions) if isinstance(images, ImageSpec) else images
         self.family = family or FAMILIES[DEFAULT]
         self.image_token_id, self.max_length = image_token_id, max_length
+        self.video_token_id, self.frames_upbound, self.video_fps = video_token_id, frames_upbound, video_fps
         for r in records:
             if len(r.images) > 1 and not self.images.several:
                 raise UserError(f"record {r.id} has {len(r.images)} pictures: {self.family.title} checkpoints like "
                                 "this one were trained with one picture a conversation")
+            if r.video and not (getattr(self.images, "video", False) and video_token_id is not None):
+                raise UserError(f"record {r.id} holds a video: {self.family.title} checkpoints like this one take "
+                                "no video (LLaVA-OneVision does; --skip-bad leaves it out)")
         self.items = [_label(r, template, tokenizer, image_token_id, max_length) for r in records]
         self._lengths = []
         for r, lab in zip(records, self.items):
             most = [positions] if len(r.images) == 1 else [self.images.several_positions] * len(r.images)
+            if r.video:
+                most = [self.images.video_positions(frames_upbound)]
             ids, labels = expand(r.id, lab, image_token_id, most if r.images else [], max_length)
             _check_answer(r.id, labels, lab.mismatch, max_length)
             self._lengths.append(len(ids) if r.images else -len(ids))
@@ -238,10 +263,16 @@ class LlavaDataset:
         lab, r = self.items[i], self.records[i]
         alone = len(r.images) == 1
         try:
-            prepared = [self.images.prepare(path, alone=alone) for path in r.images]
+            if r.video:
+                pick = partial(llava_next_training_frames, video_fps=self.video_fps, upbound=self.frames_upbound)
+                prepared = [self.images.prepare_video(read_frames(Video(r.images[0]), pick), str(r.images[0]))]
+            else:
+                prepared = [self.images.prepare(path, alone=alone) for path in r.images]
         except UserError as e:
             raise UserError(f"record {r.id}: {e}") from None
-        ids, labels = expand(r.id, lab, self.image_token_id, [p.positions for p in prepared], self.max_length)
+        tokens = [self.video_token_id if p.video else self.image_token_id for p in prepared]
+        ids, labels = expand(r.id, lab, self.image_token_id, [p.positions for p in prepared], self.max_length,
+                             tokens)
         return {"input_ids": ids, "labels": labels, "images": prepared}
 
 

@@ -28,6 +28,10 @@ class StageConfig:
     lora_dropout: float = 0.05
     projector_lr: float | None = None  # LoRA runs: the projector's own rate
     vision_lr: float | None = None  # the vision tower learns at this rate (mm_vision_tower_lr); None: frozen
+    # a video record's frames, as LLaVA-NeXT's training samples them: about video_fps a second, at most
+    # frames_upbound (its --frames_upbound: 32 in finetune_ov.sh)
+    frames_upbound: int = 32
+    video_fps: float = 1.0
     save_steps: int = 500
     seed: int = 42
     dataloader_workers: int = 4

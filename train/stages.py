@@ -46,10 +46,12 @@ def _load(model: str, dtype: str = "float32"):
 
 
 def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_length: int, skip_bad: bool, log,
-             image_tokens: int | None = None, images_only: bool = False):
+             image_tokens: int | None = None, images_only: bool = False, frames_upbound: int = 32,
+             video_fps: float = 1.0, video_folder=None):
     from dataclasses import replace
 
-    records, skipped = load_records(data, image_folder, skip_bad=skip_bad, origin=get_template(template).origin)
+    records, skipped = load_records(data, image_folder, skip_bad=skip_bad, origin=get_template(template).origin,
+                                    video_folder=video_folder)
     if skipped:
         log(f"skipped {skipped} bad record(s) of {skipped + len(records)}")
     if images_only:  # a text-only record gives the projector no gradient
@@ -73,7 +75,8 @@ def _dataset(ckpt, model, tok, template: str, data, image_folder, pad: str, max_
         images = family.image_path(section, {}, per_tile, family.side_arrays(ckpt))
         most = family.max_positions(section, per_tile)
     ds = LlavaDataset(records, get_template(template), tok, model.config.image_token_index, most, images,
-                      max_length, family)
+                      max_length, family, video_token_id=ckpt.video_token_id,
+                      frames_upbound=frames_upbound, video_fps=video_fps)
     if ds.mismatched:
         log(f"{len(ds.mismatched)} record(s) teach nothing: LLaVA's label rule finds their rounds do not add up "
             f"(\"tokenization mismatch\") and ignores every label, as LLaVA does; first: "
@@ -99,12 +102,13 @@ def _save_full(acc, model, ckpt, out: Path, template: str, pad: str) -> None:
 
 def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_type: str | None = None,
            pad: str = "square", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
-           conv_mode: str = "plain", log=print) -> Path | None:
+           conv_mode: str = "plain", video_folder=None, log=print) -> Path | None:
     output = Path(output)
     ckpt, m, tok = _load(model, load_dtype(cfg))
     if projector_type == "linear" and model_setup.projector_type(m) != "linear":
         model_setup.make_linear_projector(m)
-    ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log)
+    ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log,
+                  frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, video_folder=video_folder)
     groups = model_setup.setup_stage1(m)
     _log_precision(m, cfg, upcast_trainable(m, cfg), log)
     for g in groups:
@@ -119,7 +123,7 @@ def stage1(model: str, data, image_folder, output, cfg: StageConfig, projector_t
 def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: str | None = None,
            pad: str = "pad", resume: bool = False, skip_bad: bool = False, stop_after: int = 0,
            conv_mode: str = "vicuna_v1", image_tokens: int | None = None, token_method: str = "pool",
-           tune: str = "all", family: str | None = None, log=print) -> Path | None:
+           tune: str = "all", family: str | None = None, video_folder=None, log=print) -> Path | None:
     """``image_tokens``: train with the image reduced to that many tokens by ``token_method``
     (``llava_edge/image_tokens.py``); ``tune="projector"``: only the projector learns, the recovery fine-tune of
     a reduced-token variant (``quantize --image-tokens K --projector OUTPUT``). ``cfg.vision_lr``: the vision
@@ -147,7 +151,8 @@ def stage2(model: str, data, image_folder, output, cfg: StageConfig, projector: 
     if projector:  # before accelerate.prepare: under ZeRO-3 the parameters are still whole here
         model_setup.load_projector(m, projector)
     ds = _dataset(ckpt, m, tok, conv_mode, data, image_folder, pad, cfg.max_length, skip_bad, log,
-                  image_tokens=reduction.tokens if reduction else None, images_only=tune == "projector")
+                  image_tokens=reduction.tokens if reduction else None, images_only=tune == "projector",
+                  frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, video_folder=video_folder)
     if tune == "projector":
         groups = model_setup.setup_stage1(m)  # everything frozen but the projector, as in stage 1
         for g in groups:

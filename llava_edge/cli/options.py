@@ -51,6 +51,11 @@ Epochs = Annotated[Optional[float], typer.Option("--epochs")]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length")]
 SaveSteps = Annotated[Optional[int], typer.Option("--save-steps")]
+VideoFolder = Annotated[Optional[Path], typer.Option(
+    "--video-folder", help="Where video records' files are (LLaVA-NeXT's --video_folder); default: --image-folder")]
+FramesUpbound = Annotated[Optional[int], typer.Option(
+    "--frames-upbound", help="A video record's most frames (LLaVA-NeXT's --frames_upbound: one a second up to this; "
+    "default 32)")]
 TrainSeed = Annotated[Optional[int], typer.Option("--seed")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint-last")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip bad records (and count them) instead of stopping")]

@@ -14,7 +14,10 @@ from ._app import say, train_app
 
 def _stage_config(stage: str, preset: str, **overrides):
     from ..train.presets import get_preset
+    from ..video import check_frames
 
+    if overrides.get("frames_upbound") is not None:
+        check_frames(overrides["frames_upbound"], "--frames-upbound")
     return getattr(get_preset(preset), stage).with_(**overrides)
 
 
@@ -55,7 +58,8 @@ def train_stage1(
     preset: o.Preset = "llava-1.5-7b",
     lr: o.Lr = None, global_batch: o.GlobalBatch = None, per_device_batch: o.PerDeviceBatch = None,
     epochs: o.Epochs = None, max_steps: o.MaxSteps = None, max_length: o.MaxLength = None,
-    save_steps: o.SaveSteps = None, seed: o.TrainSeed = None,
+    save_steps: o.SaveSteps = None, seed: o.TrainSeed = None, frames_upbound: o.FramesUpbound = None,
+    video_folder: o.VideoFolder = None,
     image_aspect: str = typer.Option("square", help="square | pad"),
     resume: o.Resume = False, skip_bad: o.SkipBad = False, stop_after: o.StopAfter = 0,
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="LLaVA's --version: the conversation mode "
@@ -66,7 +70,8 @@ def train_stage1(
     from ..train import stages
 
     cfg = _stage_config("stage1", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
-                        epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed)
+                        epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed,
+                        frames_upbound=frames_upbound)
     m = _model_arg(model, vision, llm, projector_type, output)
     if conv_mode is None:
         from ..train.presets import get_preset
@@ -74,7 +79,8 @@ def train_stage1(
         conv_mode = get_preset(preset).stage1_mode
     _check_train_mode(conv_mode)
     done = stages.stage1(m, data, image_folder, output, cfg, projector_type=projector_type, pad=image_aspect,
-                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode, log=say)
+                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode,
+                         video_folder=video_folder, log=say)
     if done:
         say(f"stage 1 done: {output} (projector: {output / 'mm_projector.safetensors'})")
 
@@ -98,7 +104,8 @@ def train_stage2(
                                          "image_newline), assembled in OUTPUT/base; default: the checkpoint's"),
     lr: o.Lr = None, global_batch: o.GlobalBatch = None, per_device_batch: o.PerDeviceBatch = None,
     epochs: o.Epochs = None, max_steps: o.MaxSteps = None, max_length: o.MaxLength = None,
-    save_steps: o.SaveSteps = None, seed: o.TrainSeed = None,
+    save_steps: o.SaveSteps = None, seed: o.TrainSeed = None, frames_upbound: o.FramesUpbound = None,
+    video_folder: o.VideoFolder = None,
     image_aspect: str = typer.Option("pad", help="pad (LLaVA-1.5) | square"),
     resume: o.Resume = False, skip_bad: o.SkipBad = False, stop_after: o.StopAfter = 0,
     conv_mode: Optional[str] = typer.Option(None, "--conv-mode", help="LLaVA's --version: the conversation mode "
@@ -118,8 +125,8 @@ def train_stage2(
 
     cfg = _stage_config("stage2", preset, lr=lr, global_batch=global_batch, per_device_batch=per_device_batch,
                         epochs=epochs, max_steps=max_steps, max_length=max_length, save_steps=save_steps, seed=seed,
-                        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, projector_lr=projector_lr,
-                        vision_lr=vision_lr)
+                        frames_upbound=frames_upbound, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+                        projector_lr=projector_lr, vision_lr=vision_lr)
     if conv_mode is None:
         from ..train.presets import get_preset
 
@@ -127,7 +134,8 @@ def train_stage2(
     _check_train_mode(conv_mode)
     out = stages.stage2(model, data, image_folder, output, cfg, projector=projector, pad=image_aspect,
                         resume=resume, skip_bad=skip_bad, stop_after=stop_after, conv_mode=conv_mode,
-                        image_tokens=image_tokens, token_method=token_method, tune=tune, family=family, log=say)
+                        image_tokens=image_tokens, token_method=token_method, tune=tune, family=family,
+                        video_folder=video_folder, log=say)
     if out:
         say(f"stage 2 done: {out}" + (f" (projector: {out / 'mm_projector.safetensors'})" if tune == "projector"
                                       else ""))

@@ -103,6 +103,7 @@ class Family:
     vision_models: ClassVar[tuple[str, ...]] = ("clip_vision_model", "clip")
     reduces_tokens: ClassVar[bool] = False  # whether `quantize --image-tokens` variants apply to it
     tiled: ClassVar[bool] = False  # a picture may take several tiles (``--max-tiles`` bounds them)
+    takes_video: ClassVar[bool] = False  # answers (and trains) on videos: frames through the image path
     # ``--image-tokens K`` caps a picture's positions in the packing, at run time, with every vision variant
     caps_positions: ClassVar[bool] = False
     # why llava-edge writes no llama.cpp mmproj for this family (None: it writes one)

@@ -69,12 +69,16 @@ class AnyresTiles(ImagePath):
         """A video frame's patch grid side once pooled: halved, rounded up (get_video_features' ``apply_pooling``)."""
         return -(-self.grid.side // 2)
 
+    def video_positions(self, frames: int) -> int:
+        """A video's positions: each frame's pooled grid, then one newline."""
+        return frames * self.frame_side ** 2 + 1
+
     def prepare_video(self, frames: list, name: str = "video") -> PreparedImage:
         if not self.video:
             return super().prepare_video(frames, name)
         # each frame resized to the tile as it is, through the tower's normalization (the video processor's steps)
         pixels = np.stack([clip_pixels(f if f.mode == "RGB" else f.convert("RGB"), self.spec) for f in frames])
-        return PreparedImage(pixels_key(pixels, "video"), pixels, len(frames) * self.frame_side ** 2 + 1,
+        return PreparedImage(pixels_key(pixels, "video"), pixels, self.video_positions(len(frames)),
                              frames[0].size, video=True)
 
     def pack(self, features: np.ndarray, prepared: PreparedImage) -> np.ndarray:

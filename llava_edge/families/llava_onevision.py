@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import anyres
+from ..errors import UserError
 from ..templates import CHAT_TEMPLATE
 from .base import PreparedImage
 from .llava_next import LlavaNext
@@ -41,12 +42,14 @@ class LlavaOnevision(LlavaNext):
     def check(self, config: dict, path) -> None:
         super(LlavaNext, self).check(config, path)  # the pinpoints have transformers' default when absent
 
+    takes_video = True
+
     def several_images(self, ckpt: Checkpoint) -> bool:
         return True
 
     def image_section(self, ckpt: Checkpoint, max_tiles: int | None = None) -> dict:
         """LLaVA-NeXT's, and ``video``: OneVision answers about videos (frames pooled 2x2, one newline)."""
-        return {**super().image_section(ckpt, max_tiles), "video": True}
+        return {**super().image_section(ckpt, max_tiles), "video": self.takes_video}
 
     def anyres_spec(self, ckpt: Checkpoint, max_tiles: int | None = None):
         """Always transformers' reading: OneVision checkpoints come from transformers' conversion, and the cap
@@ -107,10 +110,24 @@ class LlavaOnevision(LlavaNext):
 
     def hf_inputs(self, prepared: list[PreparedImage], per_sample: list[int] | None = None) -> dict:
         """LLaVA-NeXT's, and ``batch_num_images``: the model tiles a sample's only picture and takes each of a
-        sample's several as one tile."""
+        sample's several as one tile; videos as ``pixel_values_videos`` (videos, frames, 3, S, S)."""
+        import numpy as np
         import torch
 
         counts = per_sample or [1] * len(prepared)
         if sum(counts) != len(prepared):
             raise ValueError(f"{len(prepared)} pictures for samples of {counts}")
-        return {**super().hf_inputs(prepared), "batch_num_images": torch.tensor(counts)}
+        out, at, images = {}, 0, []
+        for n in counts:  # a sample's pictures, its videos left out
+            images.append(sum(not p.video for p in prepared[at: at + n]))
+            at += n
+        pictures, videos = [p for p in prepared if not p.video], [p for p in prepared if p.video]
+        if pictures:
+            out = {**super().hf_inputs(pictures), "batch_num_images": torch.tensor([n for n in images if n])}
+        if videos:
+            frames = sorted({p.tiles for p in videos})
+            if len(frames) > 1:
+                raise UserError(f"videos of {' and '.join(map(str, frames))} frames in one batch: transformers' "
+                                "model takes one frame count a batch (--per-device-batch 1)")
+            out["pixel_values_videos"] = torch.from_numpy(np.stack([p.pixels for p in videos]))
+        return out

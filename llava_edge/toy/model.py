@@ -176,7 +176,13 @@ def _tokenizer_and_config(tmp: Path, p: dict):
         ids = {}
     vocab = -(-len(tok) // 64) * 64  # llava-hf pads the embedding to a multiple of 64 (32064)
     vocab = max(vocab, p.get("vocab", 0))
-    return tok, build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, **ids)
+    config = build_config(p, vocab, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, **ids)
+    family = FAMILIES[p.get("family", DEFAULT)]
+    if family.takes_video:  # the video token of this vocabulary, where transformers' default is Qwen2's id
+        video = tok.convert_tokens_to_ids(family_markers(family)[1])
+        if video is not None and video != tok.unk_token_id:
+            config.video_token_id = video
+    return tok, config
 
 
 def _write_processor(tmp: Path, p: dict, tok, config) -> None:
