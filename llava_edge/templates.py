@@ -517,6 +517,11 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool,
     """
     from .errors import UserError
 
+    try:
+        compiled = _jinja_env().from_string(template)
+    except Exception as e:  # a template error is the checkpoint's problem, said in one line
+        raise UserError(f"the checkpoint's chat template failed to render: {type(e).__name__}: {e}") from None
+
     def render(as_string: bool) -> str:
         messages = []
         for i, t in enumerate(turns):
@@ -529,8 +534,8 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool,
                 content += [{"type": "video"} for _ in range(t.videos)]
                 content.append({"type": "text", "text": _SENTINEL.format(i)})
             messages.append({"role": t.role, "content": content})
-        return _jinja_env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          **(special_tokens or {}))
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **(special_tokens or {}))
 
     def complete(text: str) -> bool:
         return sorted(int(m.group(2)) for m in _SENTINEL_RE.finditer(text)) == list(range(len(turns)))

@@ -22,7 +22,7 @@ from llava_edge.templates import TEMPLATES, Turn, flat
 from llava_edge.tokenizer import Tokenizer
 from llava_edge.train.labels import IGNORE_INDEX, label
 
-IMAGE_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX
+from test_qwen_labels import IMAGE_INDEX, RECORDS as QWEN_RECORDS, _ids
 # Meta-Llama-3-8B-Instruct's chat template, which conv_llava_llama_3 names as its tokenizer's
 LLAMA3_INSTRUCT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
@@ -43,11 +43,7 @@ XTUNER = {
 VOCAB = {"phi3_chat": "phi-3", "llama3_chat": "llama-bpe", "llava_llama_3": "llama-bpe"}
 
 RECORDS = {
-    "one image, two rounds": [Turn("user", "What is in the picture?", image=True), Turn("assistant", "A red circle."),
-                              Turn("user", "Is it large?\nAnswer briefly."), Turn("assistant", "No, small.")],
-    "text only": [Turn("user", "Say hi."), Turn("assistant", "Hi!")],
-    "an assistant first": [Turn("assistant", "Hello."), Turn("user", "Count: 1 2 3", image=True),
-                           Turn("assistant", "4")],
+    **{k: QWEN_RECORDS[k] for k in ("one image, two rounds", "text only", "an assistant first")},
     # no answer starts with a space: there, transformers 5's fast tokenizer of a SentencePiece model (the reference
     # here for Phi-3) writes one word-start "▁" where SentencePiece and transformers' slow tokenizer, which
     # llava-edge follows, write two (docs/TRAINING.md)
@@ -55,10 +51,6 @@ RECORDS = {
                               Turn("user", " and now? "), Turn("assistant", "Done ")],
     "unicode": [Turn("user", "Ünïcode text", image=True), Turn("assistant", "日本語 ok, café")],
 }
-
-
-def _ids(out) -> list[int]:
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def _value(t: Turn) -> str:

@@ -235,7 +235,7 @@ class LlavaDataset:
             if len(r.images) > 1 and not self.images.several:
                 raise UserError(f"record {r.id} has {len(r.images)} pictures: {self.family.title} checkpoints like "
                                 "this one were trained with one picture a conversation")
-            if r.video and not (getattr(self.images, "video", False) and video_token_id is not None):
+            if r.video and video_token_id is None:  # the checkpoint's family takes no video (Family.takes_video)
                 raise UserError(f"record {r.id} holds a video: {self.family.title} checkpoints like this one take "
                                 "no video (LLaVA-OneVision does; --skip-bad leaves it out)")
         self.items = [_label(r, template, tokenizer, image_token_id, max_length) for r in records]
