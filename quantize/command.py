@@ -83,7 +83,7 @@ def quantize_bundle(
     calib_count: int = vision_quant.DEFAULT_CALIB_COUNT,
     threads: int = 0,
     block_size: int = vision_quant.DEFAULT_BLOCK_SIZE,
-    optimize: bool = False,
+    optimize: bool | None = None,
     trt_calib_cache: bool = False,
     image_tokens: str | None = None,
     token_method: str = "pool",
@@ -98,6 +98,8 @@ def quantize_bundle(
     (``int8-pool144``; the type ``fp32`` is the reduced float graph itself, the default type); a count equal
     to the full grid is the ordinary variant. ``projector``: a projector fine-tuned for the reduction
     (``train stage2 --image-tokens K --tune projector``) replaces the graph's; the names end in ``-tuned``.
+    ``optimize``: fuse the vision graph for onnxruntime before quantizing (None: int8 and int4 fused, the
+    others not; see :func:`llava_edge.quantize.vision.fuses`).
     """
     bundle = Path(bundle)
     llm_types = parse_types(llm, tuple(llm_quant.LLM_TYPES), "--llm")
@@ -282,21 +284,21 @@ class _Job:
             model = onnx.load(str(manifest.bundle_file(self.bundle, self.vision_base.file)))
             stats = {}
             if optimize:
-                model, stats = vision_quant.optimize_clip(model)
-                self.log(f"vision: fused with onnxruntime's transformer optimizer: {stats}")
+                model, stats = vision_quant.optimize_tower(model)
+                self.log(f"vision: fused for onnxruntime: {stats}")
             self._graphs[optimize] = (model, stats)
         model, stats = self._graphs[optimize]
         return onnx.ModelProto.FromString(model.SerializeToString()), stats
 
     def vision_variant(self, name: str, base: manifest.Variant, block_size: int, optimize: bool) -> None:
         src = manifest.bundle_file(self.bundle, base.file)
-        fused = optimize and name != "fp16"  # fp16 is the GPU/TensorRT path: standard ops only
+        fused = vision_quant.fuses(name, optimize)
         if name == "fp16":  # the same file `export --dtype fp16` makes, with the same options
             from llava_edge.export.vision_fp16 import fp16_options
 
             options = fp16_options(base)
         else:
-            options = {"type": name, "base_sha256": base.sha256, "optimize": "clip" if fused else None}
+            options = {"type": name, "base_sha256": base.sha256, "optimize": vision_quant.FUSION if fused else None}
         if name == "int4":
             options["block_size"] = block_size
         if name == "int8-static":
@@ -364,9 +366,9 @@ class _Job:
         from llava_edge.export.vision_fp16 import save_onnx, to_fp16
 
         full_name = f"{name}-{r.label}" + ("-tuned" if projector is not None else "")
-        fused = optimize and name not in ("fp16", "fp32")
+        fused = vision_quant.fuses(name, optimize)
         made, _ = self.reduction_options(r, projector)
-        options = {**made, "type": name, "optimize": "clip" if fused else None}
+        options = {**made, "type": name, "optimize": vision_quant.FUSION if fused else None}
         if name == "int4":
             options["block_size"] = block_size
         if name == "int8-static":
@@ -386,7 +388,7 @@ class _Job:
             else:
                 stats = {}
                 if fused:
-                    model, stats = vision_quant.optimize_clip(model)
+                    model, stats = vision_quant.optimize_tower(model)
                 if name == "int8":
                     record.update(vision_quant.quantize_int8_dynamic(model, path))
                 elif name == "int8-static":

@@ -24,9 +24,11 @@ ops are the weight matmuls only (the Linear layers); these stay fp32:
   both sides have outliers; int8 there collapsed the worst token's cosine),
 - the projector's last matmul (its output is what the language model reads).
 
-Optional ``optimize``: onnxruntime's transformer optimizer (``model_type
-"clip"``) fuses attention, SkipLayerNorm and QuickGelu before quantizing; the
-fused graph holds ``com.microsoft`` ops, so it runs in onnxruntime only.
+Fusion (``optimize``; on by default for int8 and int4, which only
+onnxruntime runs): each attention becomes onnxruntime's ``MultiHeadAttention``
+(:mod:`.fuse_attention`), then onnxruntime's transformer optimizer
+(``model_type "clip"``) fuses SkipLayerNorm and the GELUs, before quantizing.
+The fused graph holds ``com.microsoft`` ops, so it runs in onnxruntime only.
 """
 
 from __future__ import annotations
@@ -145,14 +147,37 @@ def tower_shape(model) -> tuple[int, int]:
     raise UserError("--optimize: could not find the attention head count in the vision graph")
 
 
-def optimize_clip(model) -> tuple[object, dict]:
-    """Fuse the CLIP tower with onnxruntime's transformer optimizer; returns (model, fused op counts)."""
+FUSION = "multihead-attention+ort-clip"  # what ``optimize_tower`` does, as recorded in a variant's options
+# The types only onnxruntime runs (its int8 and 4-bit matmul ops are not TensorRT layers): fused unless told not to.
+# fp16 and int8-static (QDQ) are the forms TensorRT and other accelerators read: standard ops unless told to fuse.
+FUSED_BY_DEFAULT = ("int8", "int4")
+
+
+def fuses(name: str, optimize: bool | None) -> bool:
+    """Whether the vision type ``name`` is made from the fused graph; ``optimize`` None: the type's default."""
+    if name in ("fp16", "fp32"):  # the GPU/TensorRT paths and the reference: standard ops only
+        return False
+    return name in FUSED_BY_DEFAULT if optimize is None else optimize
+
+
+def optimize_tower(model) -> tuple[object, dict]:
+    """Fuse the vision tower for onnxruntime; returns (model, fused op counts).
+
+    Attention first, by :func:`fuse_attention` (onnxruntime's optimizer does not
+    fuse SigLIP's), then onnxruntime's transformer optimizer (``clip``) for
+    SkipLayerNorm and the GELUs.
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    hidden, heads = tower_shape(model)
+    from .fuse_attention import fuse_attention
+
+    hidden, heads = tower_shape(model)  # read before the fusion removes the head-splitting Reshapes
+    attentions = fuse_attention(model)
     with _quiet():
         opt = optimize_model(model, model_type="clip", num_heads=heads, hidden_size=hidden, opt_level=0)
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    if attentions:
+        stats["MultiHeadAttention"] = attentions
     model = opt.model
     # The optimizer declares the contrib-op domain only when it saves a file; declare it here.
     if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(

@@ -188,10 +188,11 @@ def test_quantized_graphs_keep_the_fragile_ops_in_float(quantized):
     assert len(keep.patch_embedding) == 1 and len(keep.projector_out) == 1
     assert len(keep.attention_matmuls) == 2 * 3  # Q.K^T and attn.V in each of the 3 kept encoder layers
 
-    dyn = onnx.load(str(qb / "vision.int8.onnx"))
+    dyn = onnx.load(str(qb / "vision.int8.onnx"))  # fused by default: attention is one float op a layer
     ops = [n.op_type for n in dyn.graph.node]
-    assert "MatMulInteger" in ops and "ConvInteger" not in ops and "Conv" in ops
-    assert {n.name for n in dyn.graph.node if n.op_type == "MatMul"} >= set(keep.attention_matmuls + keep.projector_out)
+    assert "ConvInteger" not in ops and "Conv" in ops and ops.count("MultiHeadAttention") == 3
+    assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops) == 6 * 3 + 1
+    assert {n.name for n in dyn.graph.node if n.op_type == "MatMul"} == set(keep.projector_out)
 
     qdq = onnx.load(str(qb / "vision.int8-static.onnx"))
     produced_by = {o: n for n in qdq.graph.node for o in n.output}
@@ -208,7 +209,7 @@ def test_quantized_graphs_keep_the_fragile_ops_in_float(quantized):
 
     int4 = onnx.load(str(qb / "vision.int4.onnx"))
     nbits = [n for n in int4.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 6 * 3 + 1
+    assert len(nbits) == 6 * 3 + 1 and sum(n.op_type == "MultiHeadAttention" for n in int4.graph.node) == 3
     assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "block_size"} == {
         vq.DEFAULT_BLOCK_SIZE}
     assert {n.name for n in int4.graph.node if n.op_type == "MatMul"} >= set(keep.projector_out)
@@ -280,15 +281,23 @@ def test_calibration_images_from_a_folder(bundle, tmp_path):
     assert not (qb / "llm.q4_0.gguf").exists()  # refused before any work
 
 
-def test_optimize_fuses_clip_attention_before_quantizing(bundle, tmp_path, pixels):
+def test_int8_and_int4_are_fused_by_default_and_optimize_decides_otherwise(bundle, tmp_path, pixels):
     qb = copy_bundle(bundle, tmp_path / "b")
-    quantize_bundle(qb, vision="int8", optimize=True, log=lambda _: None)
-    v = manifest.read(qb).variant("vision", "int8")
-    assert v.extra["options"]["optimize"] == "clip" and v.extra["fused"]["Attention"] == 3
+    quantize_bundle(qb, vision="int8,int8-static", log=lambda _: None)
+    m = manifest.read(qb)
+    v, static = m.variant("vision", "int8"), m.variant("vision", "int8-static")
+    assert v.extra["options"]["optimize"] == vq.FUSION and v.extra["fused"]["MultiHeadAttention"] == 3
+    assert static.extra["options"]["optimize"] is None and "fused" not in static.extra  # TensorRT's form
     g = onnx.load(str(qb / v.file))
     assert any(n.domain == "com.microsoft" for n in g.graph.node)
     assert vq.compare_to_reference(bundle / "vision.fp32.onnx", qb / v.file, pixels)["min_cosine"] > 0.99
-    assert quantize_bundle(qb, vision="int8", log=lambda _: None)[0].made  # without --optimize: another graph
+    assert not quantize_bundle(qb, vision="int8", optimize=True, log=lambda _: None)[0].made  # the same graph
+    assert quantize_bundle(qb, vision="int8", optimize=False, log=lambda _: None)[0].made  # another graph
+    plain = manifest.read(qb).variant("vision", "int8")
+    assert plain.extra["options"]["optimize"] is None
+    assert not any(n.domain == "com.microsoft" for n in onnx.load(str(qb / plain.file)).graph.node)
+    assert quantize_bundle(qb, vision="int8-static", optimize=True, log=lambda _: None)[0].made
+    assert manifest.read(qb).variant("vision", "int8-static").extra["fused"]["MultiHeadAttention"] == 3
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------

@@ -77,8 +77,9 @@ def quantize(
     calib_count: int = typer.Option(32, "--calib-count", help="Calibration images to use (the first N by name)"),
     threads: int = typer.Option(0, "--threads", help="llama.cpp quantizer threads; 0: all cores"),
     block_size: int = typer.Option(32, "--block-size", help="int4 block size: 16 | 32 | 64 | 128 | 256"),
-    optimize: bool = typer.Option(False, "--optimize", help="Fuse the CLIP graph (onnxruntime's transformer "
-                                  "optimizer) before int8/int4; the result runs in onnxruntime only"),
+    optimize: Optional[bool] = typer.Option(None, "--optimize/--no-optimize", help="Fuse the vision graph for "
+                                            "onnxruntime (attention, LayerNorms, GELUs) before quantizing; default: "
+                                            "int8 and int4 fused, fp16 and int8-static (TensorRT's forms) not"),
     trt_calib_cache: bool = typer.Option(False, "--trt-calib-cache", help="Also write TensorRT's INT8 calibration "
                                          "cache for `export --target tensorrt --int8` (needs TensorRT)"),
     image_tokens: Optional[str] = typer.Option(None, "--image-tokens", help="Reduced-token vision variants: token "
