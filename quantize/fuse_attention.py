@@ -33,7 +33,7 @@ CONTRIB = "com.microsoft"
 
 @dataclass
 class _Match:
-    nodes: list  # the nodes the fused one replaces, in graph order of discovery
+    nodes: list  # the nodes the fused one replaces; the last (the merging Reshape) is where it goes
     q: str
     k: str
     v: str
@@ -45,22 +45,27 @@ class _Match:
 class _Graph:
     """Producer/consumer lookups and constants of an ONNX graph."""
 
-    def __init__(self, graph):
-        from onnx import numpy_helper
-
+    def __init__(self, graph, nodes: list):
         self.graph = graph
-        self.producer = {o: n for n in graph.node for o in n.output}
+        self.producer = {o: n for n in nodes for o in n.output}
         self.consumers: dict[str, list] = {}
-        for n in graph.node:
+        for n in nodes:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for n in graph.node:
+        # the tensors, not arrays: a tower's weights are read as arrays only if asked for (shapes and scales are)
+        self._constants = {t.name: t for t in graph.initializer}
+        for n in nodes:
             if n.op_type == "Constant":
                 for a in n.attribute:
                     if a.name == "value":
-                        self.constants[n.output[0]] = numpy_helper.to_array(a.t)
+                        self._constants[n.output[0]] = a.t
         self.outputs = {o.name for o in graph.output}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        t = self._constants.get(name)
+        return None if t is None else numpy_helper.to_array(t)
 
     def made_by(self, name: str, op: str):
         n = self.producer.get(name)
@@ -95,16 +100,17 @@ def _split_heads(g: _Graph, name: str, perm: list[int]):
     if t is None or _perm(t) != perm or not g.private(t.output[0]):
         return None
     r = g.made_by(t.input[0], "Reshape")
-    if r is None or r.input[1] not in g.constants or not g.private(r.output[0]):
+    shape = None if r is None else g.constant(r.input[1])
+    if shape is None or not g.private(r.output[0]):
         return None
-    shape = g.constants[r.input[1]].tolist()
+    shape = shape.tolist()
     if len(shape) != 4 or shape[2] <= 0 or shape[3] <= 0:
         return None
     return r.input[0], r, t, int(shape[2]), int(shape[3])
 
 
 def _scalar(g: _Graph, name: str) -> float | None:
-    value = g.constants.get(name)
+    value = g.constant(name)
     if value is None or value.size != 1:
         return None
     return float(np.asarray(value).reshape(()))
@@ -136,12 +142,13 @@ def _match(g: _Graph, softmax) -> _Match | None:
     if v is None or merge_t is None or merge_t.op_type != "Transpose" or _perm(merge_t) != [0, 2, 1, 3]:
         return None
     merge_r = g.only_consumer(merge_t.output[0])
-    if merge_r is None or merge_r.op_type != "Reshape" or merge_r.input[1] not in g.constants:
+    merged = None if merge_r is None or merge_r.op_type != "Reshape" else g.constant(merge_r.input[1])
+    if merged is None:
         return None
     heads, width = q[3], q[4]
     if (k[3], k[4]) != (heads, width) or (v[3], v[4]) != (heads, width):
         return None
-    merged = g.constants[merge_r.input[1]].tolist()
+    merged = merged.tolist()
     if len(merged) != 3 or merged[2] != heads * width:
         return None
     nodes = [q[1], q[2], k[1], k[2], v[1], v[2], qk, mul, softmax, av, merge_t, merge_r]
@@ -152,8 +159,10 @@ def fuse_attention(model) -> int:
     """Replace each matched attention in ``model`` (in place) by ``MultiHeadAttention``; returns how many."""
     from onnx import helper
 
-    g = _Graph(model.graph)
-    matches = [m for m in (_match(g, n) for n in model.graph.node if n.op_type == "Softmax") if m is not None]
+    # One list of the node objects for every lookup below: the matches are told apart by identity.
+    nodes = list(model.graph.node)
+    g = _Graph(model.graph, nodes)
+    matches = [m for m in (_match(g, n) for n in nodes if n.op_type == "Softmax") if m is not None]
     if not matches:
         return 0
     replaced: dict[int, object] = {}  # id of each match's last node -> the fused node standing in its place
@@ -163,12 +172,9 @@ def fuse_attention(model) -> int:
                                  domain=CONTRIB, num_heads=m.heads, scale=m.scale)
         replaced[id(m.nodes[-1])] = fused
         dropped.update(id(n) for n in m.nodes[:-1])
-    kept = []
-    for n in model.graph.node:
-        if id(n) in dropped:
-            continue
-        kept.append(replaced.get(id(n), n))
+    kept = [replaced.get(id(n), n) for n in nodes if id(n) not in dropped]
     gone = {o for m in matches for n in m.nodes[:-1] for o in n.output}
+    kept = [type(n).FromString(n.SerializeToString()) for n in kept]  # copies: the originals go with the field
     del model.graph.node[:]
     model.graph.node.extend(kept)
     _drop_unused(model, gone)
@@ -183,7 +189,7 @@ def _drop_unused(model, gone: set[str]) -> None:
     keep_info = [vi for vi in g.value_info if vi.name not in gone]
     del g.value_info[:]
     g.value_info.extend(keep_info)
-    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input}
     keep_init = [t for t in g.initializer if t.name in read]
     del g.initializer[:]
     g.initializer.extend(keep_init)
