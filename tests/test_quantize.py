@@ -445,6 +445,8 @@ def test_cli_quantize_and_info(quantized, capsys):
     assert main(["quantize", str(qb), "--llm", "q4_k_m", "--vision", "int8"]) == 0
     err = capsys.readouterr().err
     assert "q4_k_m" in err and "up to date" in err
+    assert main(["quantize", str(qb), "--vision", "int8", "--optimize"]) == 0  # the default for int8: no change
+    assert "up to date" in capsys.readouterr().err
     assert main(["quantize", str(qb), "--llm", "q4_k_m,iq9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown --llm type 'iq9'; valid: q8_0")
