@@ -546,20 +546,25 @@ def render_jinja(template: str, turns: list[Turn], add_generation_prompt: bool,
         except Exception as e:  # noqa: BLE001 - reported below, in one line
             return e
 
-    text = attempt(as_string=False)
+    text, as_string = attempt(as_string=False), False
     if isinstance(text, Exception) or not complete(text):  # the text-only reading, when it writes every message
         alt = attempt(as_string=True)
         if isinstance(text, Exception) or (not isinstance(alt, Exception) and complete(alt)):
-            text = alt
+            text, as_string = alt, True
     if isinstance(text, Exception):  # a template error is the checkpoint's problem, said in one line
         raise UserError(f"the checkpoint's chat template failed to render: {type(text).__name__}: {text}")
     out: list[Part] = []
     pos = 0
     for m in _SENTINEL_RE.finditer(text):
-        out += _template_text(text[pos:m.start()])
-        message = turns[int(m.group(2))].text
-        message = message if m.group(1) else message.lstrip()
-        out.append(Text(message if m.group(3) else message.rstrip(), False))
+        before = text[pos:m.start()]
+        turn = turns[int(m.group(2))]
+        message = turn.text if m.group(1) else turn.text.lstrip()
+        message = message if m.group(3) else message.rstrip()
+        if as_string and turn.image and not m.group(3) and not message and before.endswith("\n"):
+            # a trimmed string "<image>\n" + nothing ends at the picture: the newline after it goes too
+            before = before[:-1]
+        out += _template_text(before)
+        out.append(Text(message, False))
         pos = m.end()
     out += _template_text(text[pos:])
     return normalize(out)

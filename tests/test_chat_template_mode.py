@@ -42,6 +42,9 @@ CASES = {
     "a newline after the question": ([], "Describe it.\n", 1),
     "a follow-up": ([Turn("user", "What is it?", image=1), Turn("assistant", "A circle.")], "Is it red?", 0),
     "two pictures": ([], "Compare them.", 2),
+    # a picture sent with no words (an OpenAI message of one image_url part): Llama 3's trim takes the newline too
+    "a picture and no question": ([], "", 1),
+    "a picture and only a newline": ([], "\n", 1),
 }
 
 
