@@ -170,3 +170,17 @@ def test_other_language_models_answer_as_transformers(shape, tmp_path_factory):
         assert m.last_ids[: len(new)] == new
     finally:
         m.close()
+
+
+def test_the_siglip_graphs_for_tensorrt_hold_only_ops_its_parser_takes(toy, tmp_path):
+    """The fp32 graph and its fp16 form (what `export --target tensorrt` builds from) pass TensorRT's op check: the
+    tanh GELU written out, no class token. Building an engine needs a GPU."""
+    from llava_edge.export.tensorrt_ops import check_tensorrt_ops
+    from llava_edge.export.vision_fp16 import convert_vision_fp16
+
+    fp16 = tmp_path / "vision.fp16.onnx"
+    convert_vision_fp16(toy[1] / "vision.fp32.onnx", fp16)
+    for path in (toy[1] / "vision.fp32.onnx", fp16):
+        r = check_tensorrt_ops(path)
+        assert {"Tanh", "Pow", "LayerNormalization", "Softmax", "Conv"} <= set(r.ops), r.ops  # SigLIP's own ops
+        assert r.ok, r.message()
