@@ -127,8 +127,10 @@ def markdown(report: dict) -> str:
     share = report["other_cpu_share"]
     lines = [f"{report['tiles']} tiles of {report['tile_shape']}, {report['threads']} threads, {report['rounds']} "
              f"rounds (medians); other processes {'?' if share is None else f'{share:.0%}'} of the CPU",
-             "", "| type | standard s | fused s | fused speed-up | fused vs standard: min / mean cosine | "
-             "fused vs fp32 (standard vs fp32): min cosine | fused graph's ops |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "",
+             "| type | standard s | fused s | fused speed-up | fused vs standard: min / mean cosine | "
+             "fused vs fp32 (standard vs fp32): min cosine | fused graph's ops |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for t, r in report["results"].items():
         vs_fp32 = f"{r['fused_vs_fp32']['min']:.5f}" + (f" ({r['standard_vs_fp32']['min']:.5f})"
                                                         if r["standard_vs_fp32"] else "")

@@ -137,14 +137,14 @@ def tower_shape(model) -> tuple[int, int]:
     init = {t.name: t for t in g.initializer}
     convs = [n for n in g.node if n.op_type == "Conv" and n.input[1] in init]
     if not convs:
-        raise UserError("--optimize: no patch embedding Conv in the vision graph")
+        raise UserError("fusing the vision graph: no patch embedding Conv in it (--no-optimize quantizes it unfused)")
     hidden = int(init[convs[0].input[1]].dims[0])
     for n in g.node:
         if n.op_type == "Reshape" and n.input[1] in init:
             shape = numpy_helper.to_array(init[n.input[1]]).tolist()
             if len(shape) == 4 and shape[2] > 0 and shape[2] * shape[3] == hidden:
                 return hidden, int(shape[2])
-    raise UserError("--optimize: could not find the attention head count in the vision graph")
+    raise UserError("fusing the vision graph: no attention head count found in it (--no-optimize quantizes it unfused)")
 
 
 FUSION = "multihead-attention+ort-clip"  # what ``optimize_tower`` does, as recorded in a variant's options
