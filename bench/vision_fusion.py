@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from collections import Counter
@@ -43,12 +42,10 @@ COUNTED_OPS = ("MultiHeadAttention", "Softmax", "SkipLayerNormalization", "FastG
 
 def tiles(bundle: Path, count: int) -> np.ndarray:
     """``count`` synthetic scenes preprocessed to one tile each by the runtime's preprocessing."""
-    from llava_edge.preprocess import ImageSpec, preprocess
-    from llava_edge.scenes import random_scene, render
+    from llava_edge.preprocess import ImageSpec
+    from llava_edge.quantize.vision import calibration_pixels
 
-    spec = ImageSpec.from_dict(manifest.read(bundle).image)
-    rng = random.Random(7)
-    return np.stack([preprocess(render(random_scene(rng), rng=rng), spec) for _ in range(count)])
+    return calibration_pixels(ImageSpec.from_dict(manifest.read(bundle).image), None, count, seed=7)[0]
 
 
 def make_graphs(fp32: Path, types: list[str], block_size: int, tmp: Path) -> dict[str, dict]:
@@ -63,21 +60,21 @@ def make_graphs(fp32: Path, types: list[str], block_size: int, tmp: Path) -> dic
     graphs: dict[str, dict] = {}
     for t in types:
         paths = {}
+        if t not in TYPES:
+            raise SystemExit(f"--types: unknown type {t!r}; valid: {', '.join(TYPES)}")
         for form, model in (("standard", standard), ("fused", fused)):
-            path = tmp / f"{t}.{form}.onnx"
-            copy = onnx.ModelProto.FromString(model.SerializeToString())
+            if t == "fp32" and form == "standard":
+                paths[form] = fp32  # the bundle's own graph
+                continue
+            path = paths[form] = tmp / f"{t}.{form}.onnx"
             if t == "fp32":
-                if form == "standard":
-                    path = fp32
+                save_onnx(model, path)
+            else:  # the quantizers name nodes in place: each gets its own copy
+                copy = onnx.ModelProto.FromString(model.SerializeToString())
+                if t == "int8":
+                    vq.quantize_int8_dynamic(copy, path)
                 else:
-                    save_onnx(copy, path)
-            elif t == "int8":
-                vq.quantize_int8_dynamic(copy, path)
-            elif t == "int4":
-                vq.quantize_int4(copy, path, block_size)
-            else:
-                raise SystemExit(f"--types: unknown type {t!r}; valid: {', '.join(TYPES)}")
-            paths[form] = path
+                    vq.quantize_int4(copy, path, block_size)
         ops = Counter(n.op_type for n in onnx.load(str(paths["fused"]), load_external_data=False).graph.node)
         graphs[t] = {**paths, "fused_ops": {k: ops[k] for k in COUNTED_OPS if ops[k]}}
     graphs["_fusion"] = {"stats": stats}

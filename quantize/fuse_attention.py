@@ -46,7 +46,6 @@ class _Graph:
     """Producer/consumer lookups and constants of an ONNX graph."""
 
     def __init__(self, graph, nodes: list):
-        self.graph = graph
         self.producer = {o: n for n in nodes for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in nodes:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from next_helpers import toy_bundle
 
 from llava_edge import manifest
-from llava_edge.preprocess import ImageSpec, preprocess
+from llava_edge.preprocess import ImageSpec
 from llava_edge.quantize import vision as vq
 from llava_edge.quantize.fuse_attention import fuse_attention
 
@@ -89,12 +89,7 @@ def tower(request, tmp_path_factory):
     """(fp32 vision graph, preprocessed pixels, layers) of a SigLIP toy and of the session's CLIP toy."""
     bundle = (toy_bundle(tmp_path_factory, "toy-siglip", seed=0)[1] if request.param == "toy-siglip"
               else request.getfixturevalue("bundle"))
-    from llava_edge.scenes import random_scene, render
-    import random
-
-    spec = ImageSpec.from_dict(manifest.read(bundle).image)
-    rng = random.Random(3)
-    pixels = np.stack([preprocess(render(random_scene(rng), rng=rng), spec) for _ in range(2)])
+    pixels, _ = vq.calibration_pixels(ImageSpec.from_dict(manifest.read(bundle).image), None, 2, seed=3)
     model = onnx.load(str(bundle / "vision.fp32.onnx"))
     return model, pixels, sum(n.op_type == "Softmax" for n in model.graph.node)
 
